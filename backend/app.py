@@ -1,0 +1,184 @@
+"""The WSGI app Label Studio talks to: /health, /setup, /predict, /webhook, /versions, /metrics.
+
+`create_app(settings)` builds it; nothing is loaded at import time. gunicorn, the tests and
+the command line all build it the same way (`backend.wsgi:app`).
+
+/health and /setup must answer in milliseconds: Label Studio calls both before every predict
+batch, with 1 s and 3 s timeouts. They never load a model nor call Label Studio.
+/webhook only enqueues (Label Studio gives it 1 s and never retries).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from backend import metrics
+from backend.job_queue import JobQueue, redis_connection
+from backend.label_config import UnsupportedConfig, parse_label_config
+from backend.ml_backend import UNTRAINED, ActiveLearningBackend, BadRequest, project_id_from_ls
+from backend.model_store import ModelStore
+from backend.settings import Settings
+from model.encoding_cache import EncodingCache
+
+log = logging.getLogger(__name__)
+
+# Events that change the annotations a model learns from.
+TRAIN_EVENTS = {
+    "ANNOTATION_CREATED",
+    "ANNOTATIONS_CREATED",
+    "ANNOTATION_UPDATED",
+    "ANNOTATIONS_DELETED",
+    "START_TRAINING",
+}
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = 50 * 1024 * 1024
+    store = ModelStore(settings.models_dir)
+    state: dict = {}
+
+    def cache() -> EncodingCache:
+        if "cache" not in state:
+            state["cache"] = EncodingCache(settings.encoding_cache_path)
+        return state["cache"]
+
+    def queue() -> JobQueue:
+        if "queue" not in state:
+            if not settings.redis_url:
+                raise ServiceUnavailable("REDIS_URL is not set; start the backend with `make serve`")
+            state["queue"] = JobQueue(redis_connection(settings.redis_url, fast_fail=True), settings)
+        return state["queue"]
+
+    def body() -> dict:
+        payload = request.get_json(silent=True, force=True)
+        if payload is None:
+            raise BadRequest("the request body must be JSON")
+        if not isinstance(payload, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return payload
+
+    @app.get("/health")
+    def health():
+        return jsonify(status="UP", model_class="ActiveTransferLearning")
+
+    @app.post("/setup")
+    def setup():
+        payload = body()
+        project_id = project_id_from_ls(payload.get("project"))
+        schema = payload.get("schema")
+        if schema is not None:
+            try:
+                parse_label_config(schema)
+            except UnsupportedConfig as exc:
+                raise BadRequest(str(exc)) from None
+        return jsonify(model_version=store.current_version(project_id) or UNTRAINED)
+
+    @app.post("/predict")
+    def predict():
+        started = time.perf_counter()
+        payload = body()
+        tasks = payload.get("tasks")
+        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+            raise BadRequest("'tasks' must be a list of task objects")
+        project_id = project_id_from_ls(payload.get("project"))
+        backend = ActiveLearningBackend(settings, project_id, store=store, cache=cache())
+        results = backend.predict(tasks, context=(payload.get("params") or {}).get("context"))
+        metrics.observe_predict(time.perf_counter() - started)
+        return jsonify(results=results)
+
+    @app.post("/webhook")
+    def webhook():
+        payload = body()
+        action = payload.get("action")
+        if not isinstance(action, str) or not action:
+            raise BadRequest("missing 'action': a Label Studio webhook names its event in 'action'")
+        if action not in TRAIN_EVENTS:
+            return jsonify(status="ignored", action=action)
+        project_id = project_id_from_ls(_webhook_project(payload))
+        try:
+            status, job_id = queue().request_retrain(project_id, action)
+        except ServiceUnavailable:
+            raise
+        except Exception as exc:  # Redis down or timing out
+            log.error("project=%s webhook %s could not be queued: %s", project_id, action, exc)
+            raise ServiceUnavailable("the job queue (Redis) is unavailable; the event was not queued") from None
+        log.info("project=%s webhook %s -> %s job=%s", project_id, action, status, job_id)
+        return jsonify(status=status, job_id=job_id, project=project_id), 201 if status == "queued" else 200
+
+    @app.get("/versions")
+    def versions():
+        payload = request.get_json(silent=True, force=True) or {}
+        project = request.args.get("project") or (payload.get("project") if isinstance(payload, dict) else None)
+        project_id = project_id_from_ls(project)
+        return jsonify(versions=store.versions(project_id),
+                       current=store.current_version(project_id))
+
+    @app.get("/jobs")
+    def jobs():
+        q = _queue_or_503(queue)
+        ids = sorted(set(q.project_ids()) | set(store.projects()))
+        return jsonify(projects=[q.project_status(pid) for pid in ids])
+
+    @app.get("/jobs/<int:project_id>")
+    def project_jobs(project_id: int):
+        q = _queue_or_503(queue)
+        return jsonify(q.project_status(project_id) | {"model_version": store.current_version(project_id)})
+
+    @app.get("/metrics")
+    def metrics_route():
+        try:
+            q = queue()
+        except ServiceUnavailable:
+            q = None
+        text = metrics.render(store, q)
+        return Response(text, mimetype="text/plain; version=0.0.4")
+
+    @app.errorhandler(BadRequest)
+    def bad_request(exc):
+        log.warning("400 %s %s: %s", request.method, request.path, exc)
+        return jsonify(error=str(exc)), 400
+
+    @app.errorhandler(ServiceUnavailable)
+    def unavailable(exc):
+        return jsonify(error=str(exc)), 503
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        return jsonify(error=exc.description or exc.name), exc.code
+
+    @app.errorhandler(Exception)
+    def unexpected(exc):
+        log.exception("500 %s %s", request.method, request.path)
+        return jsonify(error="internal error; see the backend's log"), 500
+
+    return app
+
+
+class ServiceUnavailable(RuntimeError):
+    pass
+
+
+def _queue_or_503(factory):
+    try:
+        q = factory()
+        q.redis.ping()
+        return q
+    except ServiceUnavailable:
+        raise
+    except Exception:
+        raise ServiceUnavailable("the job queue (Redis) is unavailable") from None
+
+
+def _webhook_project(payload: dict):
+    project = payload.get("project")
+    if project is None:
+        annotation = payload.get("annotation")
+        if isinstance(annotation, dict):
+            project = annotation.get("project")
+    return project

@@ -1,0 +1,171 @@
+"""The retraining queue: at most one job per project waiting and one running.
+
+Label Studio sends a webhook for every annotation, often several a second. Each retrain
+reads the whole truth from Label Studio, so one job that starts after an annotation was
+saved covers it. Hence per project:
+
+* while a retrain **waits** in the queue, new events add nothing (they are "coalesced");
+* once it **starts**, it first clears the waiting mark and only then reads Label Studio, so
+  the next event queues exactly one follow-up, which runs after the current one;
+* a per-project training lock with a heartbeat keeps two workers from training the same
+  project at once, and expires by itself if a worker dies mid-job.
+
+Jobs are plain importable functions with JSON arguments (`backend.jobs.retrain(project_id,
+reason)`), serialised as JSON rather than pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+
+from redis import Redis
+from rq import Queue, Retry
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from backend.settings import Settings
+
+PREFIX = "atl"
+WAITING_STATES = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+LOCK_TTL = 60  # seconds; refreshed every LOCK_TTL / 3 while a job runs
+
+
+def redis_connection(url: str, fast_fail: bool = False) -> Redis:
+    """A client; `fast_fail` gives the web app short timeouts so a dead Redis costs ms."""
+    if fast_fail:
+        return Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.25)
+    return Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30)
+
+
+def key(project_id: int, what: str) -> str:
+    return f"{PREFIX}:project:{int(project_id)}:{what}"
+
+
+class JobQueue:
+    def __init__(self, connection: Redis, settings: Settings):
+        self.redis = connection
+        self.settings = settings
+        self.queue = Queue(
+            settings.queue_name,
+            connection=connection,
+            serializer=JSONSerializer,
+            default_timeout=settings.job_timeout,
+        )
+
+    # -- called by the web app ---------------------------------------------------------
+    def request_retrain(self, project_id: int, reason: str) -> tuple[str, str]:
+        """Queue a retrain unless one is already waiting. Returns (status, job id)."""
+        with self.redis.lock(key(project_id, "enqueue"), timeout=10, blocking_timeout=5):
+            waiting = self.redis.get(key(project_id, "waiting"))
+            if waiting is not None:
+                waiting_id = waiting.decode()
+                if self._status(waiting_id) in WAITING_STATES:
+                    return "coalesced", waiting_id
+            job_id = f"retrain-{int(project_id)}-{uuid.uuid4().hex[:12]}"
+            self.redis.set(key(project_id, "waiting"), job_id, ex=self.settings.job_timeout * 2)
+            self.queue.enqueue(
+                "backend.jobs.retrain",
+                int(project_id),
+                reason,
+                job_id=job_id,
+                retry=Retry(max=3, interval=[5, 20, 60]),
+                result_ttl=24 * 3600,
+                failure_ttl=7 * 24 * 3600,
+                description=f"retrain project {int(project_id)} ({reason})",
+            )
+            self.redis.incr(key(project_id, "requested"))
+            return "queued", job_id
+
+    def _status(self, job_id: str):
+        try:
+            return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer).get_status()
+        except Exception:  # the job expired or never existed
+            return None
+
+    # -- called inside the job ---------------------------------------------------------
+    def mark_started(self, project_id: int, job_id: str) -> None:
+        """Clear the waiting mark so later events queue a follow-up (before reading LS)."""
+        with self.redis.lock(key(project_id, "enqueue"), timeout=10, blocking_timeout=5):
+            current = self.redis.get(key(project_id, "waiting"))
+            if current is not None and current.decode() == job_id:
+                self.redis.delete(key(project_id, "waiting"))
+
+    @contextlib.contextmanager
+    def training_lock(self, project_id: int, job_id: str):
+        """Hold the project's training lock for the duration; refreshed by a heartbeat."""
+        lock = self.redis.lock(key(project_id, "training"), timeout=LOCK_TTL,
+                               blocking_timeout=self.settings.job_timeout)
+        if not lock.acquire(token=job_id.encode()):
+            raise TimeoutError(f"project {project_id} stayed locked by another retrain")
+        stop = threading.Event()
+
+        def heartbeat():
+            while not stop.wait(LOCK_TTL / 3):
+                with contextlib.suppress(Exception):
+                    lock.extend(LOCK_TTL, replace_ttl=True)
+                    self.redis.expire(key(project_id, "state"), LOCK_TTL)
+
+        beat = threading.Thread(target=heartbeat, name=f"lock-{project_id}", daemon=True)
+        beat.start()
+        self.redis.hset(key(project_id, "state"), mapping={"running": job_id, "started_at": time.time()})
+        # Expires with the lock, so a worker killed mid-job does not show as running forever.
+        self.redis.expire(key(project_id, "state"), LOCK_TTL)
+        try:
+            yield
+        finally:
+            stop.set()
+            beat.join(timeout=5)
+            self.redis.hdel(key(project_id, "state"), "running", "started_at")
+            with contextlib.suppress(Exception):
+                lock.release()
+
+    def record_result(self, project_id: int, result: dict) -> None:
+        self.redis.set(key(project_id, "last"), json.dumps(result))
+        counter = "failed" if result.get("status") == "failed" else "succeeded"
+        self.redis.incr(key(project_id, counter))
+
+    # -- state for /jobs, /health and /metrics ----------------------------------------
+    def project_ids(self) -> list[int]:
+        ids = set()
+        for raw in self.redis.scan_iter(match=f"{PREFIX}:project:*", count=500):
+            part = raw.decode().split(":")[2]
+            if part.isdigit():
+                ids.add(int(part))
+        return sorted(ids)
+
+    def project_status(self, project_id: int) -> dict:
+        pipe = self.redis.pipeline()
+        pipe.get(key(project_id, "waiting"))
+        pipe.hgetall(key(project_id, "state"))
+        pipe.get(key(project_id, "last"))
+        for counter in ("requested", "succeeded", "failed"):
+            pipe.get(key(project_id, counter))
+        waiting, state, last, requested, succeeded, failed = pipe.execute()
+        running_id = state.get(b"running", b"").decode() or None
+        waiting_id = waiting.decode() if waiting else None
+        if waiting_id and self._status(waiting_id) not in WAITING_STATES:
+            waiting_id = None
+        status = {
+            "project_id": int(project_id),
+            "waiting": waiting_id,
+            "running": None,
+            "last": json.loads(last) if last else None,
+            "requested": int(requested or 0),
+            "succeeded": int(succeeded or 0),
+            "failed": int(failed or 0),
+        }
+        if running_id:
+            progress = {}
+            with contextlib.suppress(Exception):
+                job = Job.fetch(running_id, connection=self.redis, serializer=JSONSerializer)
+                progress = job.get_meta(refresh=True).get("progress", {})
+            status["running"] = {
+                "job_id": running_id,
+                "started_at": float(state.get(b"started_at", 0) or 0),
+                "progress": progress,
+            }
+        return status

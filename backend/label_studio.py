@@ -1,0 +1,153 @@
+"""Everything the backend reads from and writes to Label Studio, through label-studio-sdk.
+
+Webhooks are only hints; a retraining job reads the truth here: the project's label config,
+all its tasks and their annotations. It writes predictions back in chunks and switches the
+project's `model_version` so the Data Manager's "Prediction score" column shows our scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class LabelStudioError(RuntimeError):
+    """Label Studio could not be reached or refused a call; the message says what to check.
+
+    `retryable` is true for faults that may pass (connection errors, 5xx, 429), false for
+    ones a retry cannot fix (no API key, a rejected token, a missing project).
+    """
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def _plain(obj: Any) -> Any:
+    """SDK objects are pydantic models; we work with plain dicts."""
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    if hasattr(obj, "dict"):
+        return obj.dict()
+    return obj
+
+
+class LabelStudioProject:
+    """One Label Studio project, seen by the backend's own API key."""
+
+    def __init__(self, settings: Settings, project_id: int, client=None):
+        self.settings = settings
+        self.project_id = int(project_id)
+        self._client = client
+
+    @property
+    def client(self):
+        if self._client is None:
+            if not self.settings.label_studio_api_key:
+                raise LabelStudioError(
+                    "LABEL_STUDIO_API_KEY is not set: create a personal access token in Label "
+                    "Studio (Account & Settings > Personal Access Token) and set it, together "
+                    "with LABEL_STUDIO_URL, in the backend's environment"
+                )
+            from label_studio_sdk.client import LabelStudio
+
+            self._client = LabelStudio(
+                base_url=self.settings.label_studio_url,
+                api_key=self.settings.label_studio_api_key,
+                timeout=60,
+            )
+        return self._client
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except LabelStudioError:
+            raise
+        except Exception as exc:  # the SDK raises httpx and ApiError types
+            status = getattr(exc, "status_code", None)
+            hint = ""
+            if status in (401, 403):
+                hint = " (check LABEL_STUDIO_API_KEY: it must be a valid personal access token)"
+            elif status == 404:
+                hint = f" (project {self.project_id} does not exist in Label Studio)"
+            elif status is None:
+                hint = f" (is Label Studio reachable at LABEL_STUDIO_URL={self.settings.label_studio_url}?)"
+            raise LabelStudioError(
+                f"Label Studio call '{what}' for project {self.project_id} failed: "
+                f"{type(exc).__name__} {status or ''}{hint}",
+                retryable=status is None or status >= 500 or status == 429,
+            ) from exc
+
+    def project(self) -> dict:
+        return _plain(self._call("get project", lambda: self.client.projects.get(id=self.project_id)))
+
+    def ml_extra_params(self) -> dict:
+        """The extra params (JSON) of this project's ML backend connection, if any."""
+        backends = self._call("list ML backends", lambda: self.client.ml.list(project=self.project_id))
+        for backend in backends or []:
+            params = _plain(backend).get("extra_params")
+            if isinstance(params, dict) and params:
+                return params
+        return {}
+
+    def tasks(self, page_size: int = 1000, progress: Callable[[int], None] | None = None) -> list[dict]:
+        """All tasks with their data and annotations, as plain dicts."""
+        tasks: list[dict] = []
+
+        def fetch():
+            pager = self.client.tasks.list(
+                project=self.project_id, fields="all", page_size=page_size
+            )
+            for task in pager:
+                tasks.append(_plain(task))
+                if progress is not None and len(tasks) % page_size == 0:
+                    progress(len(tasks))
+            return tasks
+
+        return self._call("list tasks", fetch)
+
+    def upload_predictions(
+        self,
+        predictions: list[dict],
+        chunk: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Bulk-import predictions, `chunk` at a time, so no single request is large."""
+        total = len(predictions)
+        for start in range(0, total, chunk):
+            part = predictions[start : start + chunk]
+            self._call(
+                "import predictions",
+                lambda part=part: self.client.projects.import_predictions(
+                    id=self.project_id, request=part
+                ),
+            )
+            if progress is not None:
+                progress(min(start + chunk, total), total)
+
+    def set_model_version(self, version: str) -> None:
+        self._call(
+            "update project model_version",
+            lambda: self.client.projects.update(id=self.project_id, model_version=version),
+        )
+
+
+def with_retries(fn: Callable[[], Any], attempts: int = 4, first_delay: float = 1.0,
+                 on_retry: Callable[[int, Exception], None] | None = None) -> Any:
+    """Call `fn`, retrying LabelStudioError with exponential backoff."""
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except LabelStudioError as exc:
+            if attempt == attempts or not exc.retryable:
+                raise
+            if on_retry is not None:
+                on_retry(attempt, exc)
+            time.sleep(delay)
+            delay *= 3

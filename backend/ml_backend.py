@@ -1,0 +1,217 @@
+"""The model as Label Studio sees it: `predict(tasks, context)` and `fit(event, data)`.
+
+This keeps the shape of label-studio-ml-backend's `LabelStudioMLBase`, so a Label Studio
+user finds the familiar two methods: `/predict` calls `predict`, a retraining job calls
+`fit`. `fit` reads the truth from Label Studio (the webhook body is only a hint), trains a
+new head on cached encodings, scores every task, publishes a new model version and pushes
+the scores back so the queue sorted by prediction score shows the most useful task first.
+
+Score convention: **lower = label sooner** (Label Studio serves ascending scores first).
+With the plain ordering the score is the classifier's confidence in its predicted class.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from backend.label_config import LabelConfig, parse_label_config
+from backend.label_studio import LabelStudioProject, with_retries
+from backend.model_store import LoadedModel, ModelStore
+from backend.settings import Settings
+from backend.training_data import project_data, task_text
+from model.classifier import ClassifierHead, HeadConfig
+from model.encoding_cache import EncodingCache, encode_with_cache
+
+log = logging.getLogger(__name__)
+
+UNTRAINED = "untrained"
+Progress = Callable[[str, int, int], None]
+
+_encoders: dict[tuple, object] = {}
+_encoders_lock = threading.Lock()
+
+
+def get_encoder(settings: Settings):
+    """One encoder per process, loaded on first use (never at import or per request)."""
+    from model.encoder import Encoder
+
+    cache_key = (settings.encoder, settings.device, settings.max_length, settings.encode_batch_size)
+    with _encoders_lock:
+        if cache_key not in _encoders:
+            started = time.perf_counter()
+            _encoders[cache_key] = Encoder(
+                settings.encoder, device=settings.device, max_length=settings.max_length,
+                batch_size=settings.encode_batch_size,
+            )
+            log.info("loaded encoder %s in %.1fs", _encoders[cache_key].id, time.perf_counter() - started)
+        return _encoders[cache_key]
+
+
+class BadRequest(ValueError):
+    """Input the caller must fix; the web app answers 4xx with this message."""
+
+
+class ActiveLearningBackend:
+    def __init__(self, settings: Settings, project_id: int, store: ModelStore | None = None,
+                 cache: EncodingCache | None = None):
+        self.settings = settings
+        self.project_id = int(project_id)
+        self.store = store or ModelStore(settings.models_dir)
+        self.cache = cache or EncodingCache(settings.encoding_cache_path)
+
+    # -- /predict ----------------------------------------------------------------------
+    def predict(self, tasks: list[dict], context: dict | None = None) -> list[dict]:
+        """One prediction per task, in order. Before the first retrain: empty results."""
+        model = self.store.load(self.project_id)
+        if model is None:
+            return [{"result": [], "score": 0.0, "model_version": UNTRAINED} for _ in tasks]
+        config = model.label_config
+        try:
+            texts = [task_text(task, config) for task in tasks]
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        features = self.features(texts)
+        probabilities = model.head.predict_proba(features)
+        return [
+            self._prediction(config, model, row)
+            for row in probabilities
+        ]
+
+    def features(self, texts: list[str]) -> np.ndarray:
+        encoder_id = self._encoder_id()
+        vectors, missing = self.cache.lookup(encoder_id, texts)
+        if not missing:
+            return vectors
+        vectors, _ = encode_with_cache(get_encoder(self.settings), self.cache, texts)
+        return vectors
+
+    def _encoder_id(self) -> str:
+        from model.encoder import encoder_id
+
+        return encoder_id(self.settings.encoder)
+
+    @staticmethod
+    def _prediction(config: LabelConfig, model: LoadedModel, probabilities: np.ndarray) -> dict:
+        best = int(np.argmax(probabilities))
+        return {
+            "result": config.result_for(model.head.labels[best]),
+            "score": float(probabilities[best]),
+            "model_version": model.version,
+        }
+
+    # -- retraining --------------------------------------------------------------------
+    def fit(self, event: str, data: dict | None = None, progress: Progress | None = None) -> dict:
+        """Retrain from Label Studio's current annotations and publish a new version."""
+        progress = progress or (lambda stage, done, total: None)
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[name] = round(now - clock, 3)
+            clock = now
+
+        ls = LabelStudioProject(self.settings, self.project_id)
+        retry_log = lambda attempt, exc: log.warning(  # noqa: E731
+            "project=%s Label Studio call failed (attempt %d), retrying: %s", self.project_id, attempt, exc)
+        progress("reading Label Studio", 0, 0)
+        project = with_retries(ls.project, on_retry=retry_log)
+        config = parse_label_config(project.get("label_config") or "")
+        tasks = with_retries(lambda: ls.tasks(progress=lambda n: progress("reading tasks", n, 0)),
+                             on_retry=retry_log)
+        data_ = project_data(tasks, config)
+        labeled = data_.labeled_index
+        lap("read_label_studio")
+        if not labeled:
+            return {"status": "skipped", "reason": "the project has no usable annotations yet",
+                    "tasks": len(tasks), "timings": timings}
+
+        encoder = get_encoder(self.settings)
+        features, encoded = encode_with_cache(
+            encoder, self.cache, data_.texts,
+            progress=lambda done, total: progress("encoding", done, total),
+        )
+        lap("encode")
+
+        labels = list(config.choices)
+        y = np.array([labels.index(data_.labels[i]) for i in labeled])
+        progress("training", 0, len(labeled))
+        head = ClassifierHead(HeadConfig(labels=labels, input_dim=features.shape[1]),
+                              device=encoder.device).fit(features[labeled], y)
+        lap("train")
+
+        progress("scoring", 0, len(tasks))
+        probabilities = head.predict_proba(features)
+        predicted = probabilities.argmax(axis=1)
+        scores = probabilities.max(axis=1)
+        training_accuracy = float((predicted[labeled] == y).mean())
+        lap("score")
+
+        meta = {
+            "label_config": config.to_dict(),
+            "encoder": encoder.id,
+            "ordering": "confidence",
+            "labeled": len(labeled),
+            "tasks": len(tasks),
+            "label_counts": {label: int((y == i).sum()) for i, label in enumerate(labels)},
+            "training_accuracy": training_accuracy,
+            "event": event,
+        }
+        version = self.store.stage(self.project_id, head, meta)
+        lap("stage")
+
+        predictions = [
+            {
+                "task": task_id,
+                "result": config.result_for(labels[int(predicted[i])]),
+                "score": float(scores[i]),
+                "model_version": version,
+            }
+            for i, task_id in enumerate(data_.task_ids)
+        ]
+        with_retries(
+            lambda: ls.upload_predictions(
+                predictions, self.settings.prediction_chunk,
+                progress=lambda done, total: progress("uploading predictions", done, total)),
+            on_retry=retry_log,
+        )
+        with_retries(lambda: ls.set_model_version(version), on_retry=retry_log)
+        self.store.activate(self.project_id, version)
+        lap("publish")
+        return {
+            "status": "finished",
+            "model_version": version,
+            "tasks": len(tasks),
+            "labeled": len(labeled),
+            "encoded": encoded,
+            "training_accuracy": training_accuracy,
+            "timings": timings,
+        }
+
+
+def project_id_from_ls(value) -> int:
+    """Label Studio sends `project` as "<id>.<created timestamp>" (or an int, or a dict)."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    if isinstance(value, bool) or value is None:
+        raise BadRequest("missing 'project': expected a project id like \"12\" or \"12.1700000000\"")
+    if isinstance(value, int):
+        project_id = value
+    else:
+        head = str(value).split(".", 1)[0].strip()
+        if not head.isdigit():
+            raise BadRequest(f"'project' must be a project id like \"12\" or \"12.1700000000\", got {str(value)[:40]!r}")
+        project_id = int(head)
+    if project_id <= 0 or project_id > 2**53:
+        raise BadRequest(f"'project' id out of range: {project_id}")
+    return project_id
+
+
+__all__ = ["ActiveLearningBackend", "BadRequest", "UNTRAINED", "get_encoder", "project_id_from_ls",
+           "parse_label_config"]

@@ -1,0 +1,163 @@
+"""Versioned model store on disk, shared by the web app and the workers.
+
+Layout, per project::
+
+    <DATA_DIR>/models/<project_id>/
+        v0003-20261121-231502/      one directory per model version, complete or absent
+            classifier.safetensors
+            classifier.json
+            meta.json               label config, encoder id, labels used, metrics
+        CURRENT                     the name of the version /predict serves
+
+A version is written into a hidden staging directory and renamed into place in one step,
+and CURRENT is replaced atomically, so a reader sees either the old model or the new one,
+never half of one. A job publishes CURRENT only after Label Studio accepted the version's
+predictions, so a failed upload leaves the project on its previous model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from backend.label_config import LabelConfig
+from model.classifier import ClassifierHead
+
+META_FILE = "meta.json"
+VERSION_RE = re.compile(r"^v(\d{4,})-\d{8}-\d{6}$")
+
+
+@dataclass
+class LoadedModel:
+    project_id: int
+    version: str
+    head: ClassifierHead
+    meta: dict
+
+    @property
+    def label_config(self) -> LabelConfig:
+        return LabelConfig.from_dict(self.meta["label_config"])
+
+
+def version_number(version: str) -> int:
+    match = VERSION_RE.match(version or "")
+    return int(match.group(1)) if match else -1
+
+
+class ModelStore:
+    def __init__(self, root: str | Path, keep: int = 5, cache_size: int = 16):
+        self.root = Path(root)
+        self.keep = keep
+        self._cache: OrderedDict[tuple[int, str], LoadedModel] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def project_dir(self, project_id: int) -> Path:
+        return self.root / str(int(project_id))
+
+    def versions(self, project_id: int) -> list[str]:
+        """Complete versions of a project, oldest first."""
+        directory = self.project_dir(project_id)
+        if not directory.is_dir():
+            return []
+        found = [p.name for p in directory.iterdir() if p.is_dir() and VERSION_RE.match(p.name)]
+        return sorted(found, key=version_number)
+
+    def current_version(self, project_id: int) -> str | None:
+        try:
+            version = (self.project_dir(project_id) / "CURRENT").read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return version or None
+
+    def projects(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.root.iterdir() if p.name.isdigit())
+
+    def stage(self, project_id: int, head: ClassifierHead, meta: dict) -> str:
+        """Write a complete new version (not yet served) and return its name."""
+        directory = self.project_dir(project_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        existing = [version_number(v) for v in self.versions(project_id)]
+        number = max(existing, default=0) + 1
+        version = f"v{number:04d}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
+        try:
+            head.save(staging)
+            meta = dict(meta, model_version=version, project_id=int(project_id),
+                        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            (staging / META_FILE).write_text(json.dumps(meta, indent=2))
+            _fsync_dir(staging)
+            os.rename(staging, directory / version)
+            _fsync_dir(directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return version
+
+    def activate(self, project_id: int, version: str) -> None:
+        """Make `version` the one /predict serves; prune old versions."""
+        directory = self.project_dir(project_id)
+        if not (directory / version / META_FILE).is_file():
+            raise FileNotFoundError(f"model version {version} of project {project_id} does not exist")
+        tmp = directory / f".CURRENT.{os.getpid()}.{threading.get_ident()}"
+        tmp.write_text(version + "\n")
+        os.replace(tmp, directory / "CURRENT")
+        _fsync_dir(directory)
+        self._prune(project_id, version)
+
+    def _prune(self, project_id: int, current: str) -> None:
+        versions = self.versions(project_id)
+        for old in versions[: max(0, len(versions) - self.keep)]:
+            if old != current:
+                shutil.rmtree(self.project_dir(project_id) / old, ignore_errors=True)
+        for leftover in self.project_dir(project_id).glob(".staging-*"):
+            # A staging directory older than an hour belongs to a job that died.
+            if time.time() - leftover.stat().st_mtime > 3600:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def read_meta(self, project_id: int, version: str) -> dict:
+        return json.loads((self.project_dir(project_id) / version / META_FILE).read_text())
+
+    def load(self, project_id: int, version: str | None = None) -> LoadedModel | None:
+        """The given (default: current) version, from an in-process cache after first load."""
+        version = version or self.current_version(project_id)
+        if version is None:
+            return None
+        key = (int(project_id), version)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        directory = self.project_dir(project_id) / version
+        try:
+            loaded = LoadedModel(
+                project_id=int(project_id),
+                version=version,
+                head=ClassifierHead.load(directory),
+                meta=json.loads((directory / META_FILE).read_text()),
+            )
+        except FileNotFoundError:
+            return None
+        with self._lock:
+            self._cache[key] = loaded
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return loaded
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,77 @@
+"""All configuration, read from environment variables with defaults (README: "Settings")."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"Setting {name}={raw!r} must be an integer") from None
+
+
+@dataclass
+class Settings:
+    port: int = 9090
+    host: str = "0.0.0.0"
+    redis_url: str = ""  # empty: `make serve` starts an embedded redis-server
+    label_studio_url: str = "http://localhost:8080"
+    label_studio_api_key: str = ""
+    data_dir: Path = Path("data")
+    encoder: str = "default"
+    device: str = "auto"
+    fine_tune_layers: int = 0
+    web_workers: int = 2
+    rq_workers: int = 1
+    job_timeout: int = 3600
+    prediction_chunk: int = 1000
+    max_length: int = 128
+    encode_batch_size: int = 64
+    log_level: str = "INFO"
+    queue_name: str = "atl"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        env = os.environ
+        settings = cls(
+            port=_env_int("PORT", 9090),
+            host=env.get("HOST", "0.0.0.0"),
+            redis_url=env.get("REDIS_URL", ""),
+            label_studio_url=env.get("LABEL_STUDIO_URL", "http://localhost:8080").rstrip("/"),
+            label_studio_api_key=env.get("LABEL_STUDIO_API_KEY", ""),
+            data_dir=Path(env.get("DATA_DIR", "data")).resolve(),
+            encoder=env.get("ENCODER", "default"),
+            device=env.get("DEVICE", "auto"),
+            fine_tune_layers=_env_int("FINE_TUNE_LAYERS", 0),
+            web_workers=_env_int("WEB_WORKERS", 2),
+            rq_workers=_env_int("RQ_WORKERS", 1),
+            job_timeout=_env_int("JOB_TIMEOUT", 3600),
+            prediction_chunk=_env_int("PREDICTION_CHUNK", 1000),
+            max_length=_env_int("MAX_LENGTH", 128),
+            encode_batch_size=_env_int("ENCODE_BATCH_SIZE", 64),
+            log_level=env.get("LOG_LEVEL", "INFO").upper(),
+            queue_name=env.get("RQ_QUEUE", "atl"),
+        )
+        names = {f.name for f in fields(cls)}
+        for key, value in overrides.items():
+            if key not in names:
+                raise TypeError(f"unknown setting {key}")
+            setattr(settings, key, value)
+        settings.data_dir = Path(settings.data_dir)
+        return settings
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def encoding_cache_path(self) -> Path:
+        return self.data_dir / "encodings.sqlite3"

@@ -1,0 +1,134 @@
+"""Encoding cache: each text is encoded once per encoder and kept on disk.
+
+Keys are (encoder id, SHA-256 of the text), so a retrain after one new annotation reads
+the project's vectors back instead of re-encoding them, and a task whose text changed gets
+a new key and is encoded again. Vectors are stored as float16 (384 dims = 768 bytes a
+task, ~77 MB for 100,000 tasks) in one SQLite file: web and worker processes can read it
+concurrently and a crashed writer never leaves a torn vector behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+_CHUNK = 900  # stays under SQLite's limit on bound parameters per statement
+
+
+def text_key(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:16]
+
+
+class EncodingCache:
+    """Float16 vectors keyed by (encoder id, text)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._connect() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS encodings ("
+                " encoder TEXT NOT NULL, key BLOB NOT NULL, dim INTEGER NOT NULL,"
+                " vector BLOB NOT NULL, PRIMARY KEY (encoder, key)) WITHOUT ROWID"
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        return db
+
+    def lookup(self, encoder: str, texts: Sequence[str]) -> tuple[np.ndarray | None, list[int]]:
+        """Return (vectors, missing): rows for texts not in the cache are zeros.
+
+        `vectors` is None when nothing at all is cached for these texts.
+        """
+        keys = [text_key(t) for t in texts]
+        found: dict[bytes, bytes] = {}
+        db = self._connect()
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), _CHUNK):
+            chunk = unique[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = db.execute(
+                f"SELECT key, vector FROM encodings WHERE encoder = ? AND key IN ({marks})",
+                [encoder, *chunk],
+            )
+            found.update(rows)
+        missing = [i for i, k in enumerate(keys) if k not in found]
+        if not found:
+            return None, missing
+        dim = len(next(iter(found.values()))) // 2
+        out = np.zeros((len(texts), dim), dtype=np.float32)
+        for i, k in enumerate(keys):
+            blob = found.get(k)
+            if blob is not None:
+                out[i] = np.frombuffer(blob, dtype=np.float16)
+        return out, missing
+
+    def store(self, encoder: str, texts: Sequence[str], vectors: np.ndarray) -> None:
+        vectors = np.asarray(vectors, dtype=np.float16)
+        rows = [
+            (encoder, text_key(t), vectors.shape[1], vectors[i].tobytes())
+            for i, t in enumerate(texts)
+        ]
+        db = self._connect()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT OR REPLACE INTO encodings (encoder, key, dim, vector) VALUES (?,?,?,?)",
+                rows,
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def count(self, encoder: str | None = None) -> int:
+        db = self._connect()
+        if encoder is None:
+            return db.execute("SELECT COUNT(*) FROM encodings").fetchone()[0]
+        return db.execute("SELECT COUNT(*) FROM encodings WHERE encoder = ?", [encoder]).fetchone()[0]
+
+
+def encode_with_cache(
+    encoder,
+    cache: EncodingCache,
+    texts: Sequence[str],
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, int]:
+    """Vectors for `texts`, encoding (and storing) only those not cached yet.
+
+    Returns (vectors float32, number of texts that had to be encoded).
+    """
+    vectors, missing = cache.lookup(encoder.id, texts)
+    if vectors is None:
+        vectors = np.zeros((len(texts), encoder.dim), dtype=np.float32)
+    if missing:
+        # Encode each distinct missing text once, in chunks so progress and storage advance
+        # together and a crash mid-way keeps what was already encoded.
+        distinct = list(dict.fromkeys(texts[i] for i in missing))
+        position = {t: j for j, t in enumerate(distinct)}
+        encoded = np.zeros((len(distinct), encoder.dim), dtype=np.float32)
+        step = max(encoder.batch_size * 16, 256)
+        for start in range(0, len(distinct), step):
+            part = distinct[start : start + step]
+            encoded[start : start + len(part)] = encoder.encode(part)
+            cache.store(encoder.id, part, encoded[start : start + len(part)])
+            if progress is not None:
+                progress(start + len(part), len(distinct))
+        # Round through float16 so fresh and cached vectors are identical.
+        encoded = encoded.astype(np.float16).astype(np.float32)
+        for i in missing:
+            vectors[i] = encoded[position[texts[i]]]
+        return vectors, len(distinct)
+    return vectors, 0
