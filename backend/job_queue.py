@@ -72,7 +72,8 @@ class JobQueue:
                 int(project_id),
                 reason,
                 job_id=job_id,
-                retry=Retry(max=3, interval=[5, 20, 60]),
+                retry=Retry(max=self.settings.job_retries, interval=[10, 30, 90])
+                if self.settings.job_retries > 0 else None,
                 result_ttl=24 * 3600,
                 failure_ttl=7 * 24 * 3600,
                 description=f"retrain project {int(project_id)} ({reason})",

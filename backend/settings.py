@@ -31,6 +31,7 @@ class Settings:
     web_workers: int = 2
     rq_workers: int = 1
     job_timeout: int = 3600
+    job_retries: int = 3
     prediction_chunk: int = 1000
     max_length: int = 128
     encode_batch_size: int = 64
@@ -54,6 +55,7 @@ class Settings:
             web_workers=_env_int("WEB_WORKERS", 2),
             rq_workers=_env_int("RQ_WORKERS", 1),
             job_timeout=_env_int("JOB_TIMEOUT", 3600),
+            job_retries=_env_int("JOB_RETRIES", 3),
             prediction_chunk=_env_int("PREDICTION_CHUNK", 1000),
             max_length=_env_int("MAX_LENGTH", 128),
             encode_batch_size=_env_int("ENCODE_BATCH_SIZE", 64),
