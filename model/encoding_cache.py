@@ -105,30 +105,41 @@ def encode_with_cache(
     cache: EncodingCache,
     texts: Sequence[str],
     progress: Callable[[int, int], None] | None = None,
+    all_layers: bool = False,
 ) -> tuple[np.ndarray, int]:
     """Vectors for `texts`, encoding (and storing) only those not cached yet.
 
-    Returns (vectors float32, number of texts that had to be encoded).
+    With `all_layers`, the pooled output of every encoder layer (embedding layer included),
+    shape (n, layers + 1, dim), cached under its own key. Returns (vectors float32, number
+    of texts that had to be encoded).
     """
-    vectors, missing = cache.lookup(encoder.id, texts)
+    if all_layers:
+        key, width = f"{encoder.id}/all-layers", (encoder.num_layers + 1) * encoder.dim
+        run = lambda part: encoder.encode_all_layers(part).reshape(len(part), width)  # noqa: E731
+    else:
+        key, width, run = encoder.id, encoder.dim, encoder.encode
+    vectors, missing = cache.lookup(key, texts)
     if vectors is None:
-        vectors = np.zeros((len(texts), encoder.dim), dtype=np.float32)
+        vectors = np.zeros((len(texts), width), dtype=np.float32)
+    encoded_count = 0
     if missing:
         # Encode each distinct missing text once, in chunks so progress and storage advance
         # together and a crash mid-way keeps what was already encoded.
         distinct = list(dict.fromkeys(texts[i] for i in missing))
         position = {t: j for j, t in enumerate(distinct)}
-        encoded = np.zeros((len(distinct), encoder.dim), dtype=np.float32)
+        encoded = np.zeros((len(distinct), width), dtype=np.float32)
         step = max(encoder.batch_size * 16, 256)
         for start in range(0, len(distinct), step):
             part = distinct[start : start + step]
-            encoded[start : start + len(part)] = encoder.encode(part)
-            cache.store(encoder.id, part, encoded[start : start + len(part)])
+            encoded[start : start + len(part)] = run(part)
+            cache.store(key, part, encoded[start : start + len(part)])
             if progress is not None:
                 progress(start + len(part), len(distinct))
         # Round through float16 so fresh and cached vectors are identical.
         encoded = encoded.astype(np.float16).astype(np.float32)
         for i in missing:
             vectors[i] = encoded[position[texts[i]]]
-        return vectors, len(distinct)
-    return vectors, 0
+        encoded_count = len(distinct)
+    if all_layers:
+        vectors = vectors.reshape(len(texts), encoder.num_layers + 1, encoder.dim)
+    return vectors, encoded_count
