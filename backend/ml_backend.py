@@ -36,17 +36,27 @@ _encoders: dict[tuple, object] = {}
 _encoders_lock = threading.Lock()
 
 
-def get_encoder(settings: Settings):
-    """One encoder per process, loaded on first use (never at import or per request)."""
+def get_encoder(settings: Settings, model: LoadedModel | None = None):
+    """One encoder per process (and per fine-tuned model), loaded on first use.
+
+    Never at import time nor per request: gunicorn workers and RQ workers keep it.
+    """
     from model.encoder import Encoder
 
-    cache_key = (settings.encoder, settings.device, settings.max_length, settings.encode_batch_size)
+    fine_tuned = model.encoder_dir if model is not None else None
+    name = str(fine_tuned) if fine_tuned else settings.encoder
+    cache_key = (name, settings.device, settings.max_length, settings.encode_batch_size)
     with _encoders_lock:
         if cache_key not in _encoders:
+            if fine_tuned:
+                # Keep only the newest fine-tuned encoder per process: each is ~100 MB.
+                for old in [k for k in _encoders if k[0] != settings.encoder]:
+                    del _encoders[old]
             started = time.perf_counter()
             _encoders[cache_key] = Encoder(
-                settings.encoder, device=settings.device, max_length=settings.max_length,
+                name, device=settings.device, max_length=settings.max_length,
                 batch_size=settings.encode_batch_size,
+                cache_id=model.meta["encoder"] if fine_tuned else None,
             )
             log.info("loaded encoder %s in %.1fs", _encoders[cache_key].id, time.perf_counter() - started)
         return _encoders[cache_key]
@@ -75,25 +85,20 @@ class ActiveLearningBackend:
             texts = [task_text(task, config) for task in tasks]
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        features = self.features(texts)
+        features = self.features(texts, model)
         probabilities = model.head.predict_proba(features)
         return [
             self._prediction(config, model, row)
             for row in probabilities
         ]
 
-    def features(self, texts: list[str]) -> np.ndarray:
-        encoder_id = self._encoder_id()
-        vectors, missing = self.cache.lookup(encoder_id, texts)
+    def features(self, texts: list[str], model: LoadedModel) -> np.ndarray:
+        """Cached encodings under the model's encoder; only unseen texts run the encoder."""
+        vectors, missing = self.cache.lookup(model.meta["encoder"], texts)
         if not missing:
             return vectors
-        vectors, _ = encode_with_cache(get_encoder(self.settings), self.cache, texts)
+        vectors, _ = encode_with_cache(get_encoder(self.settings, model), self.cache, texts)
         return vectors
-
-    def _encoder_id(self) -> str:
-        from model.encoder import encoder_id
-
-        return encoder_id(self.settings.encoder)
 
     @staticmethod
     def _prediction(config: LabelConfig, model: LoadedModel, probabilities: np.ndarray) -> dict:
@@ -133,18 +138,27 @@ class ActiveLearningBackend:
                     "tasks": len(tasks), "timings": timings}
 
         encoder = get_encoder(self.settings)
-        features, encoded = encode_with_cache(
-            encoder, self.cache, data_.texts,
-            progress=lambda done, total: progress("encoding", done, total),
-        )
-        lap("encode")
-
         labels = list(config.choices)
         y = np.array([labels.index(data_.labels[i]) for i in labeled])
         progress("training", 0, len(labeled))
-        head = ClassifierHead(HeadConfig(labels=labels, input_dim=features.shape[1]),
-                              device=encoder.device).fit(features[labeled], y)
-        lap("train")
+        encoder_dir = None
+        if self.settings.fine_tune_layers > 0:
+            encoder, head, encoder_dir = self._fine_tune(encoder, data_, labeled, y, labels, progress)
+            lap("train")
+            features, encoded = encode_with_cache(
+                encoder, self.cache, data_.texts,
+                progress=lambda done, total: progress("encoding with the fine-tuned encoder", done, total),
+            )
+            lap("encode_fine_tuned")
+        else:
+            features, encoded = encode_with_cache(
+                encoder, self.cache, data_.texts,
+                progress=lambda done, total: progress("encoding", done, total),
+            )
+            lap("encode")
+            head = ClassifierHead(HeadConfig(labels=labels, input_dim=features.shape[1]),
+                                  device=encoder.device).fit(features[labeled], y)
+            lap("train")
 
         progress("scoring", 0, len(tasks))
         probabilities = head.predict_proba(features)
@@ -156,6 +170,7 @@ class ActiveLearningBackend:
         meta = {
             "label_config": config.to_dict(),
             "encoder": encoder.id,
+            "fine_tune_layers": self.settings.fine_tune_layers,
             "ordering": "confidence",
             "labeled": len(labeled),
             "tasks": len(tasks),
@@ -163,7 +178,7 @@ class ActiveLearningBackend:
             "training_accuracy": training_accuracy,
             "event": event,
         }
-        version = self.store.stage(self.project_id, head, meta)
+        version = self.store.stage(self.project_id, head, meta, encoder_dir=encoder_dir)
         lap("stage")
 
         predictions = [
@@ -193,6 +208,24 @@ class ActiveLearningBackend:
             "training_accuracy": training_accuracy,
             "timings": timings,
         }
+
+    def _fine_tune(self, encoder, data_, labeled, y, labels, progress):
+        import tempfile
+        import uuid
+        from pathlib import Path
+
+        from model.finetune import fine_tune
+
+        project_dir = self.store.project_dir(self.project_id)
+        project_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = Path(tempfile.mkdtemp(prefix=".finetune-", dir=project_dir))
+        tuned, head = fine_tune(
+            encoder, [data_.texts[i] for i in labeled], y, labels,
+            top_layers=self.settings.fine_tune_layers, out_dir=out_dir,
+            cache_id=f"{encoder.id}+ft-{uuid.uuid4().hex[:12]}",
+            progress=lambda done, total: progress("fine-tuning the encoder", done, total),
+        )
+        return tuned, head, out_dir
 
 
 def project_id_from_ls(value) -> int:

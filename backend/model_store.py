@@ -32,6 +32,7 @@ from backend.label_config import LabelConfig
 from model.classifier import ClassifierHead
 
 META_FILE = "meta.json"
+ENCODER_DIR = "encoder"  # a fine-tuned encoder, when FINE_TUNE_LAYERS > 0
 VERSION_RE = re.compile(r"^v(\d{4,})-\d{8}-\d{6}$")
 
 
@@ -42,9 +43,17 @@ class LoadedModel:
     head: ClassifierHead
     meta: dict
 
+    directory: Path
+
     @property
     def label_config(self) -> LabelConfig:
         return LabelConfig.from_dict(self.meta["label_config"])
+
+    @property
+    def encoder_dir(self) -> Path | None:
+        """The fine-tuned encoder of this version, or None when it uses the base encoder."""
+        path = self.directory / ENCODER_DIR
+        return path if path.is_dir() else None
 
 
 def version_number(version: str) -> int:
@@ -83,8 +92,12 @@ class ModelStore:
             return []
         return sorted(int(p.name) for p in self.root.iterdir() if p.name.isdigit())
 
-    def stage(self, project_id: int, head: ClassifierHead, meta: dict) -> str:
-        """Write a complete new version (not yet served) and return its name."""
+    def stage(self, project_id: int, head: ClassifierHead, meta: dict,
+              encoder_dir: Path | None = None) -> str:
+        """Write a complete new version (not yet served) and return its name.
+
+        `encoder_dir`, a fine-tuned encoder saved under the project directory, is moved in.
+        """
         directory = self.project_dir(project_id)
         directory.mkdir(parents=True, exist_ok=True)
         existing = [version_number(v) for v in self.versions(project_id)]
@@ -93,6 +106,8 @@ class ModelStore:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
         try:
             head.save(staging)
+            if encoder_dir is not None:
+                os.rename(encoder_dir, staging / ENCODER_DIR)
             meta = dict(meta, model_version=version, project_id=int(project_id),
                         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             (staging / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -120,7 +135,9 @@ class ModelStore:
         for old in versions[: max(0, len(versions) - self.keep)]:
             if old != current:
                 shutil.rmtree(self.project_dir(project_id) / old, ignore_errors=True)
-        for leftover in self.project_dir(project_id).glob(".staging-*"):
+        leftovers = list(self.project_dir(project_id).glob(".staging-*"))
+        leftovers += self.project_dir(project_id).glob(".finetune-*")
+        for leftover in leftovers:
             # A staging directory older than an hour belongs to a job that died.
             if time.time() - leftover.stat().st_mtime > 3600:
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -145,6 +162,7 @@ class ModelStore:
                 version=version,
                 head=ClassifierHead.load(directory),
                 meta=json.loads((directory / META_FILE).read_text()),
+                directory=directory,
             )
         except FileNotFoundError:
             return None

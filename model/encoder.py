@@ -78,6 +78,7 @@ class Encoder:
     device: str = "auto"
     max_length: int = 128
     batch_size: int = 64
+    cache_id: str | None = None  # overrides the derived id (fine-tuned copies of an encoder)
 
     def __post_init__(self) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -89,7 +90,7 @@ class Encoder:
         self.model = AutoModel.from_pretrained(self.path).to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
         self.num_layers = int(self.model.config.num_hidden_layers)
-        self.id = encoder_id(self.name)
+        self.id = self.cache_id or encoder_id(self.name)
 
     def encode(
         self, texts: Sequence[str], progress: Callable[[int, int], None] | None = None
