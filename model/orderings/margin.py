@@ -1,0 +1,30 @@
+"""Margin-of-confidence uncertainty sampling.
+
+Source: Munro, *Human-in-the-Loop Machine Learning*, ch. 3 (margin of confidence).
+
+Score = p_first - p_second, the gap between the two most probable classes, in [0, 1].
+Lower = the classifier hesitates between two classes = label sooner.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from model.orderings.base import Ordering, OrderingInput, OrderingResult
+
+
+def margin_score(probabilities: np.ndarray) -> np.ndarray:
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.shape[1] < 2:
+        return np.ones(len(probabilities))
+    top_two = np.sort(probabilities, axis=1)[:, -2:]
+    return top_two[:, 1] - top_two[:, 0]
+
+
+class Margin(Ordering):
+    name = "margin"
+    defaults: dict = {}
+
+    def score(self, data: OrderingInput) -> OrderingResult:
+        probabilities = self.probabilities(data)
+        return self.finish(data, margin_score(probabilities), probabilities)
