@@ -110,6 +110,9 @@ def test_annotations_retrain_and_reorder_the_queue(label_studio, services):
     second = client.projects.get(id=project.id).model_version
     assert second == final["last"]["model_version"] == final["model_version"]
     assert version_number(second) > version_number(first)
+    # The encoding cache: the first retrain encoded the project, later ones encoded nothing.
+    assert final["last"]["encoded"] == 0
+    assert final["last"]["tasks"] == 300
 
 
 def _wait_until_idle(services, project_id: int, timeout: float = 300) -> dict:

@@ -1,0 +1,54 @@
+"""Queue semantics on a real redis-server: one waiting, one running, per project."""
+
+import pytest
+from rq.serializers import JSONSerializer
+from rq.job import Job
+
+from backend.job_queue import JobQueue, redis_connection
+from backend.settings import Settings
+
+
+@pytest.fixture
+def job_queue(services):
+    settings = Settings.from_env(redis_url=services.redis_url, data_dir=services.data_dir, job_retries=0)
+    return JobQueue(redis_connection(services.redis_url), settings)
+
+
+def test_one_waiting_and_one_running_per_project(job_queue):
+    status, first = job_queue.request_retrain(1, "ANNOTATION_CREATED")
+    assert status == "queued"
+    assert job_queue.request_retrain(1, "ANNOTATION_CREATED") == ("coalesced", first)
+    # Another project has its own queue slot.
+    assert job_queue.request_retrain(2, "ANNOTATION_CREATED")[0] == "queued"
+
+    # The job starts (what backend.jobs.retrain does before reading Label Studio) ...
+    job_queue.mark_started(1, first)
+    with job_queue.training_lock(1, first):
+        assert job_queue.project_status(1)["running"]["job_id"] == first
+        # ... so the next event queues exactly one follow-up, and later ones coalesce into it.
+        status, follow_up = job_queue.request_retrain(1, "ANNOTATION_CREATED")
+        assert status == "queued" and follow_up != first
+        for _ in range(5):
+            assert job_queue.request_retrain(1, "ANNOTATION_UPDATED") == ("coalesced", follow_up)
+        state = job_queue.project_status(1)
+        assert state["waiting"] == follow_up and state["requested"] == 2
+    assert job_queue.project_status(1)["running"] is None
+    job = Job.fetch(follow_up, connection=job_queue.redis, serializer=JSONSerializer)
+    assert job.args == [1, "ANNOTATION_CREATED"]
+    assert job.func_name == "backend.jobs.retrain"
+
+
+def test_a_lost_waiting_job_does_not_block_new_events(job_queue):
+    _, job_id = job_queue.request_retrain(3, "START_TRAINING")
+    # The queued job vanishes (e.g. someone emptied the queue); the mark must not block us.
+    Job.fetch(job_id, connection=job_queue.redis, serializer=JSONSerializer).delete()
+    status, new_id = job_queue.request_retrain(3, "START_TRAINING")
+    assert status == "queued" and new_id != job_id
+
+
+def test_training_lock_excludes_a_second_trainer(job_queue):
+    job_queue.settings.job_timeout = 1
+    with job_queue.training_lock(4, "job-a"):
+        with pytest.raises(TimeoutError):
+            with job_queue.training_lock(4, "job-b"):
+                pass
