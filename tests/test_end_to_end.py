@@ -116,10 +116,13 @@ def test_annotations_retrain_and_reorder_the_queue(label_studio, services):
 
 
 def _wait_until_idle(services, project_id: int, timeout: float = 300) -> dict:
+    """No job waiting or running for 3 s in a row (a webhook may still be in flight)."""
     deadline = time.monotonic() + timeout
+    idle_polls = 0
     while time.monotonic() < deadline:
         jobs = requests.get(f"{services.url}/jobs/{project_id}", timeout=5).json()
-        if not jobs["waiting"] and not jobs["running"]:
+        idle_polls = idle_polls + 1 if not jobs["waiting"] and not jobs["running"] else 0
+        if idle_polls >= 3:
             return jobs
         time.sleep(1)
     raise AssertionError(f"project {project_id} never went idle: {jobs}")
