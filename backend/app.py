@@ -10,6 +10,7 @@ batch, with 1 s and 3 s timeouts. They never load a model nor call Label Studio.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 
@@ -39,7 +40,7 @@ TRAIN_EVENTS = {
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = 50 * 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_mb * 1024 * 1024
     store = ModelStore(settings.models_dir)
     state: dict = {}
 
@@ -53,7 +54,39 @@ def create_app(settings: Settings | None = None) -> Flask:
             if not settings.redis_url:
                 raise ServiceUnavailable("REDIS_URL is not set; start the backend with `make serve`")
             state["queue"] = JobQueue(redis_connection(settings.redis_url, fast_fail=True), settings)
+        # After a failure, skip Redis for a second: a dead Redis costs no time per request.
+        if time.monotonic() < state.get("redis_down_until", 0):
+            raise ServiceUnavailable("the job queue (Redis) is unavailable; the event was not queued")
         return state["queue"]
+
+    def redis_failed() -> None:
+        state["redis_down_until"] = time.monotonic() + 1.0
+
+    @app.before_request
+    def authenticate():
+        if request.path == "/health":
+            return None
+        if request.path == "/webhook" and settings.webhook_secret:
+            # Label Studio's auto-created webhook sends no auth header: the secret rides in
+            # its URL (/webhook?secret=...). Label Studio's own START_TRAINING call to
+            # /webhook carries Basic auth instead, so either is accepted.
+            given = request.args.get("secret", "")
+            if given and hmac.compare_digest(given.encode(), settings.webhook_secret.encode()):
+                return None
+            if not settings.basic_auth_user:
+                return jsonify(error="this webhook URL needs ?secret=<WEBHOOK_SECRET>"), 401
+        if settings.basic_auth_user:
+            auth = request.authorization
+            ok = (auth is not None and auth.type == "basic"
+                  and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+                  and hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode()))
+            if not ok:
+                response = jsonify(error="authentication required (HTTP Basic, the backend's "
+                                         "BASIC_AUTH_USER / BASIC_AUTH_PASS)")
+                response.status_code = 401
+                response.headers["WWW-Authenticate"] = 'Basic realm="atl-backend"'
+                return response
+        return None
 
     def body() -> dict:
         payload = request.get_json(silent=True, force=True)
@@ -106,6 +139,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         except ServiceUnavailable:
             raise
         except Exception as exc:  # Redis down or timing out
+            redis_failed()
             log.error("project=%s webhook %s could not be queued: %s", project_id, action, exc)
             raise ServiceUnavailable("the job queue (Redis) is unavailable; the event was not queued") from None
         log.info("project=%s webhook %s -> %s job=%s", project_id, action, status, job_id)

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -162,10 +163,27 @@ def worker(settings: Settings, burst: bool = False) -> int:
     if not settings.redis_url:
         raise SystemExit("REDIS_URL is not set; a worker needs the Redis server the web app uses")
     connection = redis_connection(settings.redis_url)
-    queue = JobQueue(connection, settings).queue
-    rq_worker = SimpleWorker([queue], connection=connection, serializer=JSONSerializer)
+    job_queue = JobQueue(connection, settings)
+    if not burst and settings.reconcile_interval > 0:
+        threading.Thread(target=_reconcile_ticker, args=(job_queue,), name="reconcile", daemon=True).start()
+    rq_worker = SimpleWorker([job_queue.queue], connection=connection, serializer=JSONSerializer)
     ok = rq_worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
     return 0 if ok or burst else 1
+
+
+def _reconcile_ticker(job_queue) -> None:
+    """Every RECONCILE_INTERVAL seconds, queue a reconcile job (one across all workers).
+
+    While Redis is down this keeps failing quietly; the first tick after it is back queues
+    the reconcile that catches the annotations whose webhooks got 503.
+    """
+    interval = max(1, job_queue.settings.reconcile_interval)
+    while True:
+        try:
+            job_queue.request_reconcile()
+        except Exception as exc:  # Redis down: try again next tick
+            log.debug("reconcile tick skipped: %s", exc)
+        time.sleep(min(interval, 30) if interval > 30 else interval / 2)
 
 
 def retrain_now(settings: Settings, project_id: int) -> int:

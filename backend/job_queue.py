@@ -21,6 +21,7 @@ import json
 import threading
 import time
 import uuid
+from datetime import timedelta
 
 from redis import Redis
 from rq import Queue, Retry
@@ -33,11 +34,29 @@ PREFIX = "atl"
 WAITING_STATES = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
 LOCK_TTL = 60  # seconds; refreshed every LOCK_TTL / 3 while a job runs
 
+# The fast path of every webhook, one round trip: if a retrain of the project is still
+# waiting, count the event as coalesced and return that job's id.
+COALESCE_SCRIPT = """
+local waiting = redis.call('GET', KEYS[1])
+if not waiting then return false end
+local status = redis.call('HGET', ARGV[1] .. waiting, 'status')
+if status == 'queued' or status == 'deferred' or status == 'scheduled' then
+  redis.call('INCR', KEYS[2])
+  return waiting
+end
+return false
+"""
+
 
 def redis_connection(url: str, fast_fail: bool = False) -> Redis:
     """A client; `fast_fail` gives the web app short timeouts so a dead Redis costs ms."""
     if fast_fail:
-        return Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.25)
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry as RedisRetry
+
+        # No retries: the web app answers 503 at once and Label Studio's next event retries.
+        return Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.25,
+                              retry=RedisRetry(NoBackoff(), 0))
     return Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30)
 
 
@@ -55,19 +74,36 @@ class JobQueue:
             serializer=JSONSerializer,
             default_timeout=settings.job_timeout,
         )
+        self._coalesce = connection.register_script(COALESCE_SCRIPT)
 
     # -- called by the web app ---------------------------------------------------------
     def request_retrain(self, project_id: int, reason: str) -> tuple[str, str]:
-        """Queue a retrain unless one is already waiting. Returns (status, job id)."""
+        """Queue a retrain unless one is already waiting. Returns (status, job id).
+
+        Webhooks are hints and may be forged or floods: at most one retrain per project
+        waits, and a follow-up starts no sooner than RETRAIN_MIN_INTERVAL seconds after the
+        previous one was queued (it is scheduled for then instead; nothing is dropped).
+        """
+        waiting = self._coalesce(keys=[key(project_id, "waiting"), key(project_id, "coalesced")],
+                                 args=[Job.redis_job_namespace_prefix])
+        if waiting:
+            return "coalesced", waiting.decode()
         with self.redis.lock(key(project_id, "enqueue"), timeout=10, blocking_timeout=5):
             waiting = self.redis.get(key(project_id, "waiting"))
             if waiting is not None:
                 waiting_id = waiting.decode()
                 if self._status(waiting_id) in WAITING_STATES:
+                    self.redis.incr(key(project_id, "coalesced"))
                     return "coalesced", waiting_id
             job_id = f"retrain-{int(project_id)}-{uuid.uuid4().hex[:12]}"
+            now = time.time()
+            last = float(self.redis.get(key(project_id, "last_queued")) or 0)
+            delay = self.settings.retrain_min_interval - (now - last)
             self.redis.set(key(project_id, "waiting"), job_id, ex=self.settings.job_timeout * 2)
-            self.queue.enqueue(
+            self.redis.set(key(project_id, "last_queued"), now + max(delay, 0))
+            enqueue = (self.queue.enqueue if delay <= 0 else
+                       lambda *a, **kw: self.queue.enqueue_in(timedelta(seconds=delay), *a, **kw))
+            enqueue(
                 "backend.jobs.retrain",
                 int(project_id),
                 reason,
@@ -80,6 +116,15 @@ class JobQueue:
             )
             self.redis.incr(key(project_id, "requested"))
             return "queued", job_id
+
+    def request_reconcile(self) -> str | None:
+        """Queue one reconcile job per interval, however many workers ask (NX key)."""
+        interval = max(1, int(self.settings.reconcile_interval))
+        if not self.redis.set(f"{PREFIX}:reconcile:tick", time.time(), nx=True, ex=interval):
+            return None
+        job = self.queue.enqueue("backend.jobs.reconcile", result_ttl=3600, failure_ttl=24 * 3600,
+                                 description="reconcile projects with Label Studio")
+        return job.id
 
     def _status(self, job_id: str):
         try:
@@ -143,9 +188,9 @@ class JobQueue:
         pipe.get(key(project_id, "waiting"))
         pipe.hgetall(key(project_id, "state"))
         pipe.get(key(project_id, "last"))
-        for counter in ("requested", "succeeded", "failed"):
+        for counter in ("requested", "succeeded", "failed", "coalesced"):
             pipe.get(key(project_id, counter))
-        waiting, state, last, requested, succeeded, failed = pipe.execute()
+        waiting, state, last, requested, succeeded, failed, coalesced = pipe.execute()
         running_id = state.get(b"running", b"").decode() or None
         waiting_id = waiting.decode() if waiting else None
         if waiting_id and self._status(waiting_id) not in WAITING_STATES:
@@ -158,6 +203,7 @@ class JobQueue:
             "requested": int(requested or 0),
             "succeeded": int(succeeded or 0),
             "failed": int(failed or 0),
+            "coalesced": int(coalesced or 0),
         }
         if running_id:
             progress = {}

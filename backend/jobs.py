@@ -8,7 +8,9 @@ import time
 from rq import get_current_job
 
 from backend.job_queue import JobQueue, redis_connection
-from backend.ml_backend import ActiveLearningBackend
+from backend.label_studio import LabelStudioError, LabelStudioProject
+from backend.ml_backend import ActiveLearningBackend, annotation_counts
+from backend.model_store import ModelStore
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,3 +60,35 @@ def retrain(project_id: int, reason: str = "") -> dict:
     log.info("project=%s job=%s retrain %s version=%s in %.1fs", project_id, job_id,
              result["status"], result.get("model_version"), result["duration"])
     return result
+
+
+def reconcile() -> dict:
+    """Queue a retrain for every known project whose annotations changed since its model.
+
+    Runs periodically (see `backend.cli.worker`). It catches what webhooks missed, e.g.
+    annotations made while Redis was down and /webhook answered 503. It compares Label
+    Studio's annotation counters with those the current model was trained on; an edit that
+    keeps every count equal is caught by the next webhook instead.
+    """
+    settings = Settings.from_env()
+    job = get_current_job()
+    connection = job.connection if job is not None else redis_connection(settings.redis_url)
+    queue = JobQueue(connection, settings)
+    store = ModelStore(settings.models_dir)
+    queued, unchanged, unreachable = [], [], []
+    for project_id in sorted(set(store.projects()) | set(queue.project_ids())):
+        version = store.current_version(project_id)
+        trained_on = store.read_meta(project_id, version).get("annotation_counts") if version else None
+        try:
+            counts = annotation_counts(LabelStudioProject(settings, project_id).project())
+        except LabelStudioError as exc:
+            log.warning("project=%s reconcile: %s", project_id, exc)
+            unreachable.append(project_id)
+            continue
+        if counts == trained_on or not any(counts.values()):
+            unchanged.append(project_id)
+            continue
+        status, job_id = queue.request_retrain(project_id, "reconcile")
+        log.info("project=%s reconcile: annotations changed, retrain %s job=%s", project_id, status, job_id)
+        queued.append(project_id)
+    return {"queued": queued, "unchanged": unchanged, "unreachable": unreachable}

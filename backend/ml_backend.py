@@ -168,6 +168,7 @@ class ActiveLearningBackend:
         lap("score")
 
         meta = {
+            "annotation_counts": annotation_counts(project),
             "label_config": config.to_dict(),
             "encoder": encoder.id,
             "fine_tune_layers": self.settings.fine_tune_layers,
@@ -226,6 +227,12 @@ class ActiveLearningBackend:
             progress=lambda done, total: progress("fine-tuning the encoder", done, total),
         )
         return tuned, head, out_dir
+
+
+def annotation_counts(project: dict) -> dict:
+    """Label Studio's annotation counters of a project: a cheap "did anything change" check."""
+    names = ("total_annotations_number", "skipped_annotations_number", "num_tasks_with_annotations")
+    return {name: project.get(name) for name in names}
 
 
 def project_id_from_ls(value) -> int:

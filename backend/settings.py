@@ -37,6 +37,12 @@ class Settings:
     encode_batch_size: int = 64
     log_level: str = "INFO"
     queue_name: str = "atl"
+    basic_auth_user: str = ""
+    basic_auth_pass: str = ""
+    webhook_secret: str = ""
+    max_body_mb: int = 20
+    retrain_min_interval: int = 2
+    reconcile_interval: int = 300
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -61,6 +67,12 @@ class Settings:
             encode_batch_size=_env_int("ENCODE_BATCH_SIZE", 64),
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
             queue_name=env.get("RQ_QUEUE", "atl"),
+            basic_auth_user=env.get("BASIC_AUTH_USER", ""),
+            basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
+            webhook_secret=env.get("WEBHOOK_SECRET", ""),
+            max_body_mb=_env_int("MAX_BODY_MB", 20),
+            retrain_min_interval=_env_int("RETRAIN_MIN_INTERVAL", 2),
+            reconcile_interval=_env_int("RECONCILE_INTERVAL", 300),
         )
         names = {f.name for f in fields(cls)}
         for key, value in overrides.items():
@@ -68,7 +80,15 @@ class Settings:
                 raise TypeError(f"unknown setting {key}")
             setattr(settings, key, value)
         settings.data_dir = Path(settings.data_dir)
+        if bool(settings.basic_auth_user) != bool(settings.basic_auth_pass):
+            raise SystemExit("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         return settings
+
+    def __repr__(self) -> str:  # never print secrets
+        hidden = {"label_studio_api_key", "basic_auth_pass", "webhook_secret"}
+        parts = [f"{f.name}={'***' if f.name in hidden and getattr(self, f.name) else getattr(self, f.name)!r}"
+                 for f in fields(self)]
+        return f"Settings({', '.join(parts)})"
 
     @property
     def models_dir(self) -> Path:
