@@ -166,7 +166,9 @@ def worker(settings: Settings, burst: bool = False) -> int:
     job_queue = JobQueue(connection, settings)
     if not burst and settings.reconcile_interval > 0:
         threading.Thread(target=_reconcile_ticker, args=(job_queue,), name="reconcile", daemon=True).start()
-    rq_worker = SimpleWorker([job_queue.queue], connection=connection, serializer=JSONSerializer)
+    # Maintenance every minute: RQ then re-queues a job whose worker was killed mid-run.
+    rq_worker = SimpleWorker([job_queue.queue], connection=connection, serializer=JSONSerializer,
+                             maintenance_interval=60)
     ok = rq_worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
     return 0 if ok or burst else 1
 

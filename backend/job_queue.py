@@ -32,7 +32,7 @@ from backend.settings import Settings
 
 PREFIX = "atl"
 WAITING_STATES = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
-LOCK_TTL = 60  # seconds; refreshed every LOCK_TTL / 3 while a job runs
+LOCK_TTL = 15  # seconds; refreshed every LOCK_TTL / 3 while a job runs, so a killed worker frees it fast
 
 # The fast path of every webhook, one round trip: if a retrain of the project is still
 # waiting, count the event as coalesced and return that job's id.

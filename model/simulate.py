@@ -239,15 +239,16 @@ def encode_table(table: TextTable, plans: list[SeedPlan], config: SimulationConf
     trained_on = np.unique(np.concatenate([np.concatenate([p.pool, p.seed_rows]) for p in plans]))
     texts = [table.texts[i] for i in needed]
     enc_id = encoder_id(config.encoder)
-    cached, missing = cache.lookup(enc_id, texts)
-    al_texts = [table.texts[i] for i in trained_on]
-    al_missing = cache.lookup(f"{enc_id}/all-layers", al_texts)[1] if all_layers else []
-
+    all_layers_key = f"{enc_id}/all-layers"
     encoder = None
-    if missing or al_missing:
-        from model.encoder import Encoder
 
-        encoder = Encoder(config.encoder)
+    def loaded_encoder():
+        nonlocal encoder
+        if encoder is None:
+            from model.encoder import Encoder
+
+            encoder = Encoder(config.encoder)
+        return encoder
 
     def bar(description: str, total: int):
         from tqdm import tqdm
@@ -255,25 +256,44 @@ def encode_table(table: TextTable, plans: list[SeedPlan], config: SimulationConf
         return tqdm(total=total, desc=description, unit="text", disable=not progress or not total,
                     leave=False)
 
+    layers = None
+    if all_layers:
+        # Only pool and initial-set rows: the orderings never see the test set.
+        al_texts = [table.texts[i] for i in trained_on]
+        al_missing = cache.lookup(all_layers_key, al_texts)[1]
+        if al_missing:
+            with bar("encoding all layers", len(set(al_texts[i] for i in al_missing))) as pbar:
+                vectors, _ = encode_with_cache(loaded_encoder(), cache, al_texts, all_layers=True,
+                                               progress=lambda done, total: pbar.update(done - pbar.n))
+        else:
+            vectors, _ = cache.lookup(all_layers_key, al_texts)
+            vectors = vectors.reshape(len(al_texts), *_layer_shape(config.encoder))
+        # The pooled last layer is the sentence embedding: fill those cache entries from it
+        # instead of running the encoder a second time over the same texts.
+        last_missing = cache.lookup(enc_id, al_texts)[1]
+        if last_missing:
+            cache.store(enc_id, [al_texts[i] for i in last_missing], vectors[last_missing, -1, :])
+        layers = np.zeros((len(table.texts),) + vectors.shape[1:], dtype=np.float32)
+        layers[trained_on] = vectors
+
+    cached, missing = cache.lookup(enc_id, texts)
     if missing:
         with bar("encoding", len(set(texts[i] for i in missing))) as pbar:
-            cached, _ = encode_with_cache(encoder, cache, texts,
+            cached, _ = encode_with_cache(loaded_encoder(), cache, texts,
                                           progress=lambda done, total: pbar.update(done - pbar.n))
     features = np.zeros((len(table.texts), cached.shape[1]), dtype=np.float32)
     features[needed] = cached
-
-    layers = None
-    if all_layers:
-        if al_missing:
-            with bar("encoding all layers", len(set(al_texts[i] for i in al_missing))) as pbar:
-                vectors, _ = encode_with_cache(encoder, cache, al_texts, all_layers=True,
-                                               progress=lambda done, total: pbar.update(done - pbar.n))
-        else:
-            vectors, _ = cache.lookup(f"{enc_id}/all-layers", al_texts)
-            vectors = vectors.reshape(len(al_texts), -1, features.shape[1])
-        layers = np.zeros((len(table.texts),) + vectors.shape[1:], dtype=np.float32)
-        layers[trained_on] = vectors
     return features, layers, enc_id
+
+
+def _layer_shape(name: str) -> tuple[int, int]:
+    """(layers + 1, dim) of an encoder, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from model.encoder import resolve_encoder
+
+    config = AutoConfig.from_pretrained(resolve_encoder(name))
+    return int(config.num_hidden_layers) + 1, int(config.hidden_size)
 
 
 # -- one run: one ordering, one seed ------------------------------------------------------
@@ -600,10 +620,30 @@ def write_summary(path: Path, results: dict, report_at: list[int] | None) -> Non
         + ", ".join(f"{n} {agg[n]['seconds_ordering_per_run']:.1f} ordering + "
                     f"{agg[n]['seconds_train_per_run']:.1f} training" for n in names) + ".",
     ]
+    same = [" = ".join(g) for g in identical_groups(results) if len(g) > 1]
+    if same:
+        lines.append(f"Identical runs (same labels picked in every seed): {'; '.join(same)}.")
     filled = {n: agg[n]["filled_by_simulator"] for n in names if agg[n]["filled_by_simulator"]}
     if filled:
         lines.append(f"Batches the simulator had to complete (ordering returned fewer distinct tasks): {filled}.")
     path.write_text("\n".join(lines) + "\n")
+
+
+def identical_groups(results: dict) -> list[list[str]]:
+    """Orderings whose runs picked the same labels in every seed (e.g. least confidence,
+    margin and entropy with two classes): one line on the plot, noted in the summary."""
+    groups: list[list[str]] = []
+    for name in results["orderings"]:
+        runs = results["runs"].get(name)
+        if not runs:
+            continue
+        for group in groups:
+            if results["runs"][group[0]] == runs:
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return groups
 
 
 def _shares(share: list[float], labels: list[str]) -> str:
@@ -617,7 +657,9 @@ def plot_curves(path: Path, results: dict) -> None:
     import matplotlib.pyplot as plt
 
     agg = results["aggregate"]
-    names = [n for n in results["orderings"] if n in agg]
+    groups = [g for g in identical_groups(results) if g[0] in agg]
+    names = [g[0] for g in groups]
+    legend = {g[0]: " = ".join(g) for g in groups}
     has_random = "random" in agg
     n_seeds = len(results["config"]["seeds"])
     panels = 3 if has_random else 2
@@ -632,7 +674,7 @@ def plot_curves(path: Path, results: dict) -> None:
             e = agg[n]
             x = np.asarray(e["labels_used"])
             mean, std = np.asarray(e[f"{metric}_mean"]), np.asarray(e[f"{metric}_std"])
-            ax.plot(x, mean, label=n, marker="o", markersize=3, **style[n])
+            ax.plot(x, mean, label=legend[n], marker="o", markersize=3, **style[n])
             ax.fill_between(x, mean - std, mean + std, color=style[n]["color"], alpha=0.12, linewidth=0)
         if "_ceiling" in agg:
             c = agg["_ceiling"][f"{metric}_mean"]
@@ -650,7 +692,7 @@ def plot_curves(path: Path, results: dict) -> None:
             x = np.asarray(e["labels_used"])
             mean = np.asarray(e["accuracy_diff_vs_random_mean"])
             half = np.asarray(e["accuracy_diff_vs_random_ci95_half"])
-            ax.plot(x, mean, label=n, marker="o", markersize=3, **style[n])
+            ax.plot(x, mean, label=legend[n], marker="o", markersize=3, **style[n])
             ax.fill_between(x, mean - half, mean + half, color=style[n]["color"], alpha=0.12, linewidth=0)
         ax.set_title("Accuracy minus random, same seed (points), band = 95% CI")
         ax.set_xlabel("labels used (pool)")

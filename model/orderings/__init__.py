@@ -15,14 +15,26 @@ Learning*, ch. 5).
 
 from __future__ import annotations
 
+from model.orderings.atlas import Atlas
 from model.orderings.base import Ordering, OrderingInput, OrderingResult
+from model.orderings.domain_likeness import DomainLikeness
 from model.orderings.entropy import Entropy
 from model.orderings.least_confidence import LeastConfidence
 from model.orderings.margin import Margin
+from model.orderings.predicted_incorrect import PredictedIncorrect
 from model.orderings.random_order import RandomOrder
 
 ORDERINGS: dict[str, type[Ordering]] = {
-    cls.name: cls for cls in (RandomOrder, LeastConfidence, Margin, Entropy)
+    cls.name: cls
+    for cls in (
+        RandomOrder,
+        LeastConfidence,
+        Margin,
+        Entropy,
+        PredictedIncorrect,
+        DomainLikeness,
+        Atlas,
+    )
 }
 
 

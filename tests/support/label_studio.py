@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -278,7 +279,11 @@ class LabelStudioServer:
                 stdout=self._log_fh,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # own process group: stop() kills the whole group
-                preexec_fn=_die_with_parent,
+                # PR_SET_PDEATHSIG fires when the *thread* that forked exits, so only use it
+                # from the main thread; otherwise rely on stop()/atexit/stale-server reaping.
+                preexec_fn=(
+                    _die_with_parent if threading.current_thread() is threading.main_thread() else None
+                ),
             )
             (self.data_dir / PID_NAME).write_text(str(self.proc.pid))
             atexit.register(self.stop)
