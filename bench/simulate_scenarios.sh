@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The three simulator scenarios of BENCHMARKS.md (issue 6, point 5), 20 paired seeds each:
+#
+#   in_domain_binary       airline tweets Positive/Negative: 50 random pool labels to start
+#   in_domain_three_class  airline tweets Positive/Negative/Neutral: 50 random pool labels
+#   domain_shift           1,000 movie snippets as the initial labeled set (free),
+#                          airline tweets (Positive/Negative) as pool and test
+#
+# Each: a pool of 3,000 tasks and a held-out test set of 2,000 drawn per seed, batches of 50
+# up to 500 pool labels, every registered ordering against random. Writes
+# bench/results/<scenario>/{results.json,learning_curves.png,summary.md}.
+#
+# Usage: bench/simulate_scenarios.sh [scenario ...]      (default: all three)
+# Environment: SEEDS (20), WORKERS (2 processes), ORDERINGS (all), RESUME=1 to reuse the
+# finished runs of an interrupted benchmark (only if the orderings' code did not change),
+# PY (.venv/bin/python). Encodings come from the shared cache (~/.cache/atl-backend), so
+# only the first run of a machine encodes the corpora.
+#
+# Random is run with the class guard off: the control is what a team gets by labeling
+# tasks in a uniformly random order, without any help from the model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PY:-.venv/bin/python}
+SEEDS=${SEEDS:-20}
+WORKERS=${WORKERS:-2}
+ORDERINGS=${ORDERINGS:-all}
+export HF_HUB_OFFLINE=1
+
+common=(--seeds "$SEEDS" --pool-size 3000 --test-size 2000 --batch-size 50 --budget 500
+        --orderings "$ORDERINGS" --workers "$WORKERS" --report-at 100,200,300,500
+        --ordering-params '{"random": {"class_guard": false}}')
+if [[ "${RESUME:-0}" == 1 ]]; then common+=(--resume); fi
+
+run() {
+    local scenario=$1; shift
+    local out=bench/results/$scenario
+    echo "== $scenario: $PY -m model.simulate $* ${common[*]} --out $out"
+    local started=$SECONDS
+    "$PY" -m model.simulate "$@" "${common[@]}" --out "$out" >/dev/null
+    echo "== $scenario: $((SECONDS - started)) s; summary in $out/summary.md"
+}
+
+scenarios=("$@")
+if [[ ${#scenarios[@]} -eq 0 ]]; then
+    scenarios=(in_domain_binary in_domain_three_class domain_shift)
+fi
+for scenario in "${scenarios[@]}"; do
+    case $scenario in
+        in_domain_binary)      run "$scenario" --data builtin:airline --initial 50 ;;
+        in_domain_three_class) run "$scenario" --data builtin:airline3 --initial 50 ;;
+        domain_shift)          run "$scenario" --data builtin:airline --seed-data builtin:movies --initial 1000 ;;
+        *) echo "unknown scenario $scenario (in_domain_binary, in_domain_three_class, domain_shift)" >&2; exit 2 ;;
+    esac
+done

@@ -1,0 +1,176 @@
+"""The simulator end to end on real data (airline tweets, movie snippets), small and fast.
+
+One run goes through the command line exactly as a user types it (CSV data, a process pool
+of two, every registered ordering); a second one replays a domain shift from files in the
+other two input formats (JSONL seed data, a Label Studio export as the test set).
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.datasets import airline_tweets, movie_snippets
+from model.orderings import ORDERINGS
+from model.orderings.base import OrderingResult
+from model.simulate import _exact_batch, aulc, main
+
+REPO = Path(__file__).resolve().parents[1]
+POOL, TEST, INITIAL, BATCH, BUDGET = 120, 150, 20, 20, 60
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Small labeled files cut from the offline corpora, and one encoding cache for both runs."""
+    root = tmp_path_factory.mktemp("simulate")
+    tweets = airline_tweets().sample(400, seed=1)
+    with open(root / "tweets.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(zip(tweets.texts, tweets.labels))
+    movies = movie_snippets().sample(120, seed=1)
+    (root / "movies.jsonl").write_text(
+        "".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in zip(movies.texts, movies.labels)))
+    # A Label Studio export: the test set of the domain-shift run, drawn from the tweets file
+    # itself (the first 100), as a user exporting a separately labeled test project would.
+    export = [
+        {"id": i, "data": {"text": t},
+         "annotations": [{"id": i, "result": [{"type": "choices", "from_name": "sentiment", "to_name": "text",
+                                                "value": {"choices": [l]}}]}]}
+        for i, (t, l) in enumerate(zip(tweets.texts[:100], tweets.labels[:100]))
+    ]
+    (root / "test_export.json").write_text(json.dumps(export))
+    return root
+
+
+@pytest.fixture(scope="module")
+def in_domain(workdir):
+    """`python -m model.simulate` on a CSV: every ordering, 2 seeds, a pool of 2 processes."""
+    out = workdir / "in_domain"
+    command = [
+        sys.executable, "-m", "model.simulate", "--data", str(workdir / "tweets.csv"), "--out", str(out),
+        "--seeds", "2", "--pool-size", str(POOL), "--test-size", str(TEST), "--initial", str(INITIAL),
+        "--batch-size", str(BATCH), "--budget", str(BUDGET), "--cache", str(workdir / "enc.sqlite3"),
+        "--workers", "2",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return out, finished, json.loads((out / "results.json").read_text())
+
+
+def test_writes_the_three_outputs_and_shows_progress(in_domain):
+    out, finished, _ = in_domain
+    assert (out / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "learning_curves.png").stat().st_size > 20_000
+    assert "simulating" in finished.stderr and "100%" in finished.stderr
+    # Every (ordering, seed) run and the two ceilings were logged for --resume.
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 2 * len(ORDERINGS) + 2
+
+
+def test_every_ordering_spends_exactly_the_budget_on_new_pool_tasks(in_domain):
+    _, _, results = in_domain
+    assert results["orderings"][0] == "random" and set(results["orderings"]) == set(ORDERINGS)
+    assert results["pool_size"] == POOL and results["test_size"] == TEST
+    for name in ORDERINGS:
+        for seed in ("0", "1"):
+            run = results["runs"][name][seed]
+            assert run["labels_used"] == [20, 40, 60]
+            assert len(run["picked"]) == BUDGET - INITIAL == len(set(run["picked"]))
+            assert sum(map(sum, run["batch_label_counts"])) == BUDGET - INITIAL
+            assert [sum(c) for c in run["batch_label_counts"]] == [BATCH] * 2
+            assert run["filled_by_simulator"] == 0, f"{name} returned a short or repeated batch"
+            assert all(0 <= a <= 1 for a in run["accuracy"] + run["macro_f1"])
+
+
+def test_seeds_are_paired_and_differ(in_domain):
+    _, _, results = in_domain
+    runs = results["runs"]
+    for seed in ("0", "1"):
+        # Same initial set, test set and head initialisation: identical first point.
+        starts = {runs[name][seed]["accuracy"][0] for name in ORDERINGS}
+        assert len(starts) == 1
+        picked = {name: runs[name][seed]["picked"] for name in ORDERINGS}
+        assert picked["random"] != picked["least_confidence"]
+    # Different seeds draw different pools and test sets.
+    assert runs["random"]["0"]["picked"] != runs["random"]["1"]["picked"]
+
+
+def test_random_learns_and_the_ceiling_is_above_the_start(in_domain):
+    _, _, results = in_domain
+    random = results["aggregate"]["random"]
+    accuracy = random["accuracy_mean"]
+    assert accuracy[-1] > accuracy[0] + 1  # points
+    assert random["macro_f1_mean"][-1] > random["macro_f1_mean"][0]
+    ceiling = results["aggregate"]["_ceiling"]
+    assert ceiling["labels_used"] == POOL
+    assert ceiling["accuracy_mean"] > accuracy[0]
+    # Paired differences are consistent with the per-seed AULCs.
+    lc = results["aggregate"]["least_confidence"]
+    per_seed = [
+        aulc(results["runs"]["least_confidence"][s]["labels_used"], results["runs"]["least_confidence"][s]["accuracy"])
+        - aulc(results["runs"]["random"][s]["labels_used"], results["runs"]["random"][s]["accuracy"])
+        for s in ("0", "1")
+    ]
+    assert lc["aulc_diff_vs_random_mean"] == pytest.approx(np.mean(per_seed))
+    assert lc["seeds_beating_random"] == sum(d > 0 for d in per_seed)
+
+
+def test_summary_has_the_table(in_domain):
+    out, finished, results = in_domain
+    summary = (out / "summary.md").read_text()
+    assert summary in finished.stdout  # printed at the end too
+    rows = [line for line in summary.splitlines() if line.startswith("| ")]
+    header = rows[0]
+    for column in ("@40", "@60", "AULC", "ΔAULC vs random", "seeds won", "labels to reach random@60"):
+        assert column in header
+    table = rows[: 1 + len(ORDERINGS)]
+    assert [row.split("|")[1].strip() for row in table[1:]] == results["orderings"]
+    column = [c.strip() for c in header.split("|")].index(f"@{BUDGET}")
+    assert table[1].split("|")[column].strip() == f"{results['aggregate']['random']['accuracy_mean'][-1]:.1f}"
+    assert "**Ceiling**" in summary and "macro-F1" in summary
+
+
+def test_domain_shift_from_other_file_formats(workdir, capsys):
+    out = workdir / "shift"
+    main([
+        "--data", str(workdir / "tweets.csv"), "--seed-data", str(workdir / "movies.jsonl"),
+        "--test", str(workdir / "test_export.json"), "--out", str(out), "--seeds", "2",
+        "--orderings", "least_confidence", "--pool-size", "100", "--initial", "40",
+        "--batch-size", "20", "--budget", "40", "--cache", str(workdir / "enc.sqlite3"), "--quiet",
+    ])
+    results = json.loads((out / "results.json").read_text())
+    assert results["orderings"] == ["random", "least_confidence"]  # random is always the control
+    assert results["test_size"] == 100
+    for name in results["orderings"]:
+        for seed in ("0", "1"):
+            run = results["runs"][name][seed]
+            # The movie snippets are free: the curve starts at 0 pool labels.
+            assert run["labels_used"] == [0, 20, 40]
+            assert len(set(run["picked"])) == 40
+    for seed in ("0", "1"):
+        assert sum(results["seeds"][seed]["initial_label_counts"]) == 40
+    assert "Start** (initial labeled set only, 0 pool labels)" in (out / "summary.md").read_text()
+
+
+def test_user_errors_say_what_to_do(workdir):
+    with pytest.raises(SystemExit, match="lower --budget"):
+        main(["--data", str(workdir / "tweets.csv"), "--out", str(workdir / "x"), "--pool-size", "50",
+              "--budget", "100", "--quiet"])
+    with pytest.raises(SystemExit, match="unknown ordering"):
+        main(["--data", "builtin:airline", "--out", str(workdir / "x"), "--orderings", "psychic"])
+    with pytest.raises(SystemExit, match="builtin:airline"):
+        main(["--data", "builtin:tweets", "--out", str(workdir / "x")])
+
+
+def test_aulc_and_exact_batches_on_plain_arrays():
+    assert aulc([0, 50, 100], [0.8, 0.9, 0.9]) == pytest.approx(87.5)
+    # An ordering that repeats a task is completed from its own score order, and counted.
+    result = OrderingResult(scores=np.array([0.5, 0.1, 0.9, 0.2]), batch=np.array([3, 3, 1]))
+    picked, filled = _exact_batch(result, 3)
+    assert sorted(picked.tolist()) == [0, 1, 3] and filled == 1
