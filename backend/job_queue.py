@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 import uuid
@@ -29,6 +30,8 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from backend.settings import Settings
+
+log = logging.getLogger(__name__)
 
 PREFIX = "atl"
 WAITING_STATES = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
@@ -143,23 +146,26 @@ class JobQueue:
     @contextlib.contextmanager
     def training_lock(self, project_id: int, job_id: str):
         """Hold the project's training lock for the duration; refreshed by a heartbeat."""
+        # thread_local=False: the heartbeat thread must see the token to extend the lock.
         lock = self.redis.lock(key(project_id, "training"), timeout=LOCK_TTL,
-                               blocking_timeout=self.settings.job_timeout)
+                               blocking_timeout=self.settings.job_timeout, thread_local=False)
         if not lock.acquire(token=job_id.encode()):
             raise TimeoutError(f"project {project_id} stayed locked by another retrain")
         stop = threading.Event()
 
         def heartbeat():
             while not stop.wait(LOCK_TTL / 3):
-                with contextlib.suppress(Exception):
+                try:
                     lock.extend(LOCK_TTL, replace_ttl=True)
-                    self.redis.expire(key(project_id, "state"), LOCK_TTL)
+                    self.redis.pexpire(key(project_id, "state"), int(LOCK_TTL * 1000))
+                except Exception as exc:  # Redis briefly down: try again next beat
+                    log.warning("project=%s could not refresh the training lock: %s", project_id, exc)
 
         beat = threading.Thread(target=heartbeat, name=f"lock-{project_id}", daemon=True)
         beat.start()
         self.redis.hset(key(project_id, "state"), mapping={"running": job_id, "started_at": time.time()})
         # Expires with the lock, so a worker killed mid-job does not show as running forever.
-        self.redis.expire(key(project_id, "state"), LOCK_TTL)
+        self.redis.pexpire(key(project_id, "state"), int(LOCK_TTL * 1000))
         try:
             yield
         finally:

@@ -77,6 +77,8 @@ class ActiveLearningBackend:
     # -- /predict ----------------------------------------------------------------------
     def predict(self, tasks: list[dict], context: dict | None = None) -> list[dict]:
         """One prediction per task, in order. Before the first retrain: empty results."""
+        if not tasks:
+            return []
         model = self.store.load(self.project_id)
         if model is None:
             return [{"result": [], "score": 0.0, "model_version": UNTRAINED} for _ in tasks]
@@ -95,7 +97,7 @@ class ActiveLearningBackend:
     def features(self, texts: list[str], model: LoadedModel) -> np.ndarray:
         """Cached encodings under the model's encoder; only unseen texts run the encoder."""
         vectors, missing = self.cache.lookup(model.meta["encoder"], texts)
-        if not missing:
+        if vectors is not None and not missing:
             return vectors
         vectors, _ = encode_with_cache(get_encoder(self.settings, model), self.cache, texts)
         return vectors
@@ -140,7 +142,6 @@ class ActiveLearningBackend:
         encoder = get_encoder(self.settings)
         labels = list(config.choices)
         y = np.array([labels.index(data_.labels[i]) for i in labeled])
-        progress("training", 0, len(labeled))
         encoder_dir = None
         if self.settings.fine_tune_layers > 0:
             encoder, head, encoder_dir = self._fine_tune(encoder, data_, labeled, y, labels, progress)
@@ -151,11 +152,13 @@ class ActiveLearningBackend:
             )
             lap("encode_fine_tuned")
         else:
+            progress("encoding", 0, len(data_.texts))
             features, encoded = encode_with_cache(
                 encoder, self.cache, data_.texts,
                 progress=lambda done, total: progress("encoding", done, total),
             )
             lap("encode")
+            progress("training", 0, len(labeled))
             head = ClassifierHead(HeadConfig(labels=labels, input_dim=features.shape[1]),
                                   device=encoder.device).fit(features[labeled], y)
             lap("train")
@@ -245,8 +248,12 @@ def project_id_from_ls(value) -> int:
         project_id = value
     else:
         head = str(value).split(".", 1)[0].strip()
-        if not head.isdigit():
+        # ASCII only: str.isdigit() accepts digits int() rejects ("²"); and a bounded length,
+        # since int() refuses strings of more than 4300 digits.
+        if not (head.isascii() and head.isdigit()):
             raise BadRequest(f"'project' must be a project id like \"12\" or \"12.1700000000\", got {str(value)[:40]!r}")
+        if len(head) > 20:
+            raise BadRequest(f"'project' id out of range: {head[:40]}...")
         project_id = int(head)
     if project_id <= 0 or project_id > 2**53:
         raise BadRequest(f"'project' id out of range: {project_id}")

@@ -15,43 +15,9 @@ import pytest
 import requests
 
 from backend.model_store import version_number
-from model.datasets import movie_snippets
-
-CONFIG = """<View>
-  <Text name="text" value="$text"/>
-  <Choices name="sentiment" toName="text" choice="single">
-    <Choice value="Positive"/>
-    <Choice value="Negative"/>
-  </Choices>
-</View>"""
+from tests.support.ls_project import CONFIG, SnippetProject, jobs_of, wait_until_idle
 
 pytestmark = pytest.mark.e2e
-
-
-def _annotate(client, task_id: int, choice: str) -> None:
-    client.annotations.create(
-        id=task_id,
-        result=[{"from_name": "sentiment", "to_name": "text", "type": "choices",
-                 "value": {"choices": [choice]}}],
-    )
-
-
-def _wait_for_version(client, project_id: int, newer_than: int, services, timeout: float = 300) -> str:
-    deadline = time.monotonic() + timeout
-    version = None
-    while time.monotonic() < deadline:
-        version = client.projects.get(id=project_id).model_version
-        if version_number(version or "") > newer_than:
-            return version
-        time.sleep(1)
-    jobs = requests.get(f"{services.url}/jobs/{project_id}", timeout=5).json()
-    raise AssertionError(f"no model version newer than {newer_than} (project has {version!r}); "
-                         f"jobs: {jobs}\nworker log:\n{services.log_tail('worker.log')}")
-
-
-def _all_tasks(client, project_id: int) -> list[dict]:
-    return [t.model_dump(mode="json") for t in
-            client.tasks.list(project=project_id, fields="all", page_size=500)]
 
 
 def test_annotations_retrain_and_reorder_the_queue(label_studio, services):
@@ -62,27 +28,21 @@ def test_annotations_retrain_and_reorder_the_queue(label_studio, services):
     services.start_worker()
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.api_key)
 
-    snippets = movie_snippets().sample(300, seed=7)
-    project = client.projects.create(title=f"e2e {time.time():.0f}", label_config=CONFIG)
-    client.projects.import_tasks(id=project.id, request=[{"text": t} for t in snippets.texts])
-    truth = dict(zip(snippets.texts, snippets.labels))
-    tasks = _all_tasks(client, project.id)
+    project = SnippetProject(client, n_tasks=300, title="e2e")
+    tasks = project.tasks()
     assert len(tasks) == 300
-
     client.ml.create(url=services.url, project=project.id, title="Active Transfer Learning",
                      is_interactive=False)
 
     # Round one: 24 annotations, balanced, submitted one by one like an annotator.
-    first_round = _pick_balanced(tasks, truth, 12)
-    for task in first_round:
-        _annotate(client, task["id"], truth[task["data"]["text"]])
-    first = _wait_for_version(client, project.id, newer_than=0, services=services)
+    first_round = project.annotate_balanced(12, tasks)
+    first = project.wait_for_version(0, services)
 
-    jobs = requests.get(f"{services.url}/jobs/{project.id}", timeout=5).json()
+    jobs = jobs_of(services, project.id)
     assert jobs["succeeded"] >= 1 and jobs["last"]["status"] == "finished"
     assert jobs["model_version"] == first
 
-    tasks = _all_tasks(client, project.id)
+    tasks = project.tasks()
     for task in tasks:
         versions = {p["model_version"] for p in task["predictions"]}
         assert first in versions, f"task {task['id']} has no prediction of {first}: {versions}"
@@ -98,41 +58,15 @@ def test_annotations_retrain_and_reorder_the_queue(label_studio, services):
     assert [r["model_version"] for r in predict.json()["results"]] == [first] * 3
 
     # Round two: more annotations give a newer version.
-    annotated = {t["id"] for t in first_round}
-    second_round = _pick_balanced([t for t in tasks if t["id"] not in annotated], truth, 5)
-    for task in second_round:
-        _annotate(client, task["id"], truth[task["data"]["text"]])
-    _wait_for_version(client, project.id, newer_than=version_number(first), services=services)
-    final = _wait_until_idle(services, project.id)
+    second_round = project.annotate_balanced(5, tasks)
+    project.wait_for_version(version_number(first), services)
+    final = wait_until_idle(services, project.id)
     # Nothing lost: the last retrain saw every annotation of both rounds, and it is live.
     assert final["last"]["status"] == "finished"
     assert final["last"]["labeled"] == len(first_round) + len(second_round)
-    second = client.projects.get(id=project.id).model_version
+    second = project.model_version()
     assert second == final["last"]["model_version"] == final["model_version"]
     assert version_number(second) > version_number(first)
     # The encoding cache: the first retrain encoded the project, later ones encoded nothing.
     assert final["last"]["encoded"] == 0
     assert final["last"]["tasks"] == 300
-
-
-def _wait_until_idle(services, project_id: int, timeout: float = 300) -> dict:
-    """No job waiting or running for 3 s in a row (a webhook may still be in flight)."""
-    deadline = time.monotonic() + timeout
-    idle_polls = 0
-    while time.monotonic() < deadline:
-        jobs = requests.get(f"{services.url}/jobs/{project_id}", timeout=5).json()
-        idle_polls = idle_polls + 1 if not jobs["waiting"] and not jobs["running"] else 0
-        if idle_polls >= 3:
-            return jobs
-        time.sleep(1)
-    raise AssertionError(f"project {project_id} never went idle: {jobs}")
-
-
-def _pick_balanced(tasks, truth, per_class):
-    picked, counts = [], {"Positive": 0, "Negative": 0}
-    for task in tasks:
-        label = truth[task["data"]["text"]]
-        if counts[label] < per_class:
-            counts[label] += 1
-            picked.append(task)
-    return picked

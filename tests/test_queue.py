@@ -52,3 +52,17 @@ def test_training_lock_excludes_a_second_trainer(job_queue):
         with pytest.raises(TimeoutError):
             with job_queue.training_lock(4, "job-b"):
                 pass
+
+
+def test_training_lock_outlives_its_ttl_while_the_job_runs(job_queue, monkeypatch):
+    import time
+
+    import backend.job_queue as job_queue_module
+
+    monkeypatch.setattr(job_queue_module, "LOCK_TTL", 1.5)  # heartbeat every 0.5 s
+    with job_queue.training_lock(6, "job-long"):
+        time.sleep(4)  # well past the TTL: only the heartbeat keeps lock and state alive
+        assert job_queue.project_status(6)["running"]["job_id"] == "job-long"
+        assert job_queue.redis.get("atl:project:6:training") == b"job-long"
+    assert job_queue.project_status(6)["running"] is None
+    assert job_queue.redis.get("atl:project:6:training") is None
