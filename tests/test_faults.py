@@ -1,0 +1,200 @@
+"""Faults caused for real: a worker killed mid-retrain, Redis down, Label Studio unreachable
+mid-job, a webhook burst. Each runs against a real Label Studio, Redis, gunicorn and rq."""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+import pytest
+import requests
+
+from backend.model_store import ModelStore, version_number
+from model.datasets import airline_tweets
+from tests.support.ls_project import SnippetProject, jobs_of, wait_until_idle
+from tests.support.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.e2e
+
+
+def _client(label_studio):
+    from label_studio_sdk.client import LabelStudio
+
+    return LabelStudio(base_url=label_studio.url, api_key=label_studio.api_key)
+
+
+def _start(services, label_studio, ls_url=None, **env):
+    services.env.update(LABEL_STUDIO_URL=ls_url or label_studio.url,
+                        LABEL_STUDIO_API_KEY=label_studio.api_key, RECONCILE_INTERVAL="0", **env)
+    services.start_web()
+    services.start_worker()
+
+
+def _first_model(services, label_studio, n_tasks=300):
+    client = _client(label_studio)
+    project = SnippetProject(client, n_tasks=n_tasks, title="faults")
+    client.ml.create(url=services.url, project=project.id, title="ATL", is_interactive=False)
+    project.annotate_balanced(5)
+    project.wait_for_version(0, services)
+    idle = wait_until_idle(services, project.id)
+    first = project.model_version()
+    assert first == idle["model_version"]
+    return client, project, first
+
+
+def _import_slow_batch(client, project, n=800):
+    """New texts the encoder has never seen: the next retrain spends seconds encoding them."""
+    texts = airline_tweets().sample(n, seed=11).texts
+    client.projects.import_tasks(id=project.id, request=[{"text": t} for t in texts])
+    for text in texts:
+        project.truth[text] = "Negative"  # only used if a test annotates one of them
+
+
+def _wait_for_stage(services, project_id, stages, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = jobs_of(services, project_id)["running"]
+        if running and running["progress"].get("stage") in stages:
+            return running
+        time.sleep(0.05)
+    raise AssertionError(f"the retrain never reached {stages}: {jobs_of(services, project_id)}")
+
+
+def _predict_versions(services, project, tasks):
+    response = requests.post(f"{services.url}/predict", timeout=60,
+                             json={"tasks": tasks, "project": f"{project.id}.1"})
+    assert response.status_code == 200, response.text
+    return {r["model_version"] for r in response.json()["results"]}
+
+
+def test_worker_killed_mid_retrain_keeps_the_published_model(label_studio, services):
+    _start(services, label_studio)
+    client, project, first = _first_model(services, label_studio)
+    _import_slow_batch(client, project)
+    project.annotate(next(t for t in project.tasks() if t["id"] not in project.annotated))
+    running = _wait_for_stage(services, project.id, {"encoding"})
+
+    os.killpg(services.workers[0].pid, signal.SIGKILL)
+    services.workers[0].wait()
+
+    store = ModelStore(services.data_dir / "models")
+    assert store.current_version(project.id) == first
+    assert store.load(project.id).version == first  # whole and loadable
+    assert project.model_version() == first
+    sample = project.tasks()[:5]
+    assert _predict_versions(services, project, sample) == {first}
+
+    # A new worker; the next event queues a retrain that finishes what the killed one began.
+    services.start_worker()
+    response = requests.post(f"{services.url}/webhook", timeout=5,
+                             json={"action": "ANNOTATION_CREATED", "project": {"id": project.id}})
+    assert response.status_code in (200, 201)
+    assert response.json()["job_id"] != running["job_id"]
+    second = project.wait_for_version(version_number(first), services, timeout=400)
+    final = wait_until_idle(services, project.id, timeout=400)
+    assert final["last"]["labeled"] == len(project.annotated)
+    assert final["model_version"] == second == project.model_version()
+    # Every task, old and new, got a prediction of the new version.
+    assert all(any(p["model_version"] == second for p in t["predictions"]) for t in project.tasks())
+
+
+def test_redis_down_predict_serves_webhook_503_and_reconcile_catches_up(label_studio, services):
+    _start(services, label_studio)
+    services.env["RECONCILE_INTERVAL"] = "3"
+    services.workers[0].terminate()
+    services.workers[0].wait()
+    services.workers.clear()
+    services.start_worker()  # with the periodic reconcile on
+    client, project, first = _first_model(services, label_studio)
+    sample = project.tasks()[:20]
+    port = urlparse(services.redis_url).port
+
+    services.redis_process.kill()
+    services.redis_process.wait()
+
+    assert _predict_versions(services, project, sample) == {first}
+    timings = []
+    for _ in range(10):
+        started = time.perf_counter()
+        response = requests.post(f"{services.url}/webhook", timeout=5,
+                                 json={"action": "ANNOTATION_CREATED", "project": {"id": project.id}})
+        timings.append((time.perf_counter() - started) * 1000)
+        assert response.status_code == 503
+        assert "Redis" in response.json()["error"]
+    assert statistics.median(timings) < 50, timings
+    assert requests.get(f"{services.url}/health", timeout=5).json()["status"] == "UP"
+
+    # Annotations made while Redis is down: their webhooks got 503 and are gone.
+    project.annotate_balanced(2, sample)
+    time.sleep(2)
+    services.start_redis(port=port)
+
+    second = project.wait_for_version(version_number(first), services, timeout=300)
+    final = wait_until_idle(services, project.id)
+    assert final["last"]["labeled"] == len(project.annotated)
+    assert final["model_version"] == second
+
+
+def test_label_studio_unreachable_mid_job_fails_visibly_without_partial_publish(label_studio, services):
+    host, port = urlparse(label_studio.url).hostname, urlparse(label_studio.url).port
+    proxy = TcpProxy(host, port)
+    _start(services, label_studio, ls_url=proxy.url, JOB_RETRIES="0")
+    client, project, first = _first_model(services, label_studio)
+    _import_slow_batch(client, project)
+    project.annotate(next(t for t in project.tasks() if t["id"] not in project.annotated))
+    _wait_for_stage(services, project.id, {"encoding"})
+    proxy.cut()
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        jobs = jobs_of(services, project.id)
+        if jobs["failed"]:
+            break
+        time.sleep(0.5)
+    assert jobs["failed"] == 1, services.log_tail("worker.log")
+    assert "Label Studio" in jobs["last"]["error"]
+    # The worker retried with backoff before giving up.
+    assert "retrying" in services.log_tail("worker.log", 20000)
+    # No partial publish: the backend serves, and Label Studio shows, the previous version.
+    assert ModelStore(services.data_dir / "models").current_version(project.id) == first
+    assert project.model_version() == first
+    assert _predict_versions(services, project, project.tasks()[:5]) == {first}
+
+
+def test_webhook_burst_all_acknowledged_nothing_lost(label_studio, services):
+    _start(services, label_studio)
+    client, project, first = _first_model(services, label_studio)
+    payload = {"action": "ANNOTATION_CREATED", "project": {"id": project.id},
+               "annotation": {"id": 1, "project": project.id}}
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def send(i):
+        # 1,000 webhooks spread over 10 s.
+        time.sleep(max(0.0, i * 0.01 - (time.monotonic() - started)))
+        code = requests.post(f"{services.url}/webhook", json=payload, timeout=10).status_code
+        with lock:
+            statuses.append(code)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        futures = [pool.submit(send, i) for i in range(1000)]
+        # Real annotations land in the middle of the burst.
+        time.sleep(3)
+        project.annotate_balanced(4)
+        for future in futures:
+            future.result()
+    elapsed = time.monotonic() - started
+    assert len(statuses) == 1000 and all(code in (200, 201) for code in statuses), \
+        {code: statuses.count(code) for code in set(statuses)}
+    assert elapsed < 30
+    final = wait_until_idle(services, project.id)
+    assert final["last"]["status"] == "finished"
+    assert final["last"]["labeled"] == len(project.annotated)
+    assert final["model_version"] == project.model_version()
+    assert final["coalesced"] > 900
