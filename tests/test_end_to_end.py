@@ -70,3 +70,9 @@ def test_annotations_retrain_and_reorder_the_queue(label_studio, services):
     # The encoding cache: the first retrain encoded the project, later ones encoded nothing.
     assert final["last"]["encoded"] == 0
     assert final["last"]["tasks"] == 300
+
+    # Logs at INFO carry project and job ids, but no secret and no task text.
+    logs = services.log_tail("web.log", 10**7) + services.log_tail("worker.log", 10**7)
+    assert f"project={project.id} job=" in logs
+    assert label_studio.api_key not in logs and label_studio.api_key[-16:] not in logs
+    assert not [text for text in project.truth if text in logs]
