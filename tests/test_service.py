@@ -115,3 +115,30 @@ def test_versions_route(web):
     response = requests.get(web.url + "/versions", json={"project": "5.123"}, timeout=5)
     assert response.status_code == 200
     assert response.json()["versions"] == []
+
+
+def test_basic_auth_and_webhook_secret(services):
+    services.env.update(BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="s3cret-pass", WEBHOOK_SECRET="hook-token",
+                        MAX_BODY_MB="1")
+    services.start_web()
+    url = services.url
+    assert requests.get(url + "/health", timeout=5).status_code == 200  # always open
+    setup = {"project": "1.1"}
+    assert requests.post(url + "/setup", json=setup, timeout=5).status_code == 401
+    assert requests.post(url + "/setup", json=setup, auth=("ls", "wrong"), timeout=5).status_code == 401
+    assert requests.post(url + "/setup", json=setup, auth=("ls", "s3cret-pass"), timeout=5).status_code == 200
+    assert requests.get(url + "/metrics", timeout=5).status_code == 401
+    event = {"action": "ANNOTATION_CREATED", "project": {"id": 2}}
+    # Label Studio's auto-created webhook: no auth header, the secret in its URL.
+    assert requests.post(url + "/webhook", json=event, timeout=5).status_code == 401
+    assert requests.post(url + "/webhook?secret=nope", json=event, timeout=5).status_code == 401
+    assert requests.post(url + "/webhook?secret=hook-token", json=event, timeout=5).status_code == 201
+    # Label Studio's START_TRAINING call uses the connection's Basic auth.
+    start = {"action": "START_TRAINING", "project": {"id": 2}}
+    assert requests.post(url + "/webhook", json=start, auth=("ls", "s3cret-pass"), timeout=5).ok
+    # Oversized bodies: 413 with a JSON message.
+    big = requests.post(url + "/predict", data=b"x" * (2 * 1024 * 1024), auth=("ls", "s3cret-pass"),
+                        headers={"Content-Type": "application/json"}, timeout=10)
+    assert big.status_code == 413 and "error" in big.json()
+    # The password never reaches the log.
+    assert "s3cret-pass" not in services.log_tail("web.log", 10**6)
