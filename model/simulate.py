@@ -622,7 +622,7 @@ def write_summary(path: Path, results: dict, report_at: list[int] | None) -> Non
     ]
     same = [" = ".join(g) for g in identical_groups(results) if len(g) > 1]
     if same:
-        lines.append(f"Identical runs (same labels picked in every seed): {'; '.join(same)}.")
+        lines.append(f"Identical runs (same labels bought, same scores, in every seed): {'; '.join(same)}.")
     filled = {n: agg[n]["filled_by_simulator"] for n in names if agg[n]["filled_by_simulator"]}
     if filled:
         lines.append(f"Batches the simulator had to complete (ordering returned fewer distinct tasks): {filled}.")
@@ -630,15 +630,20 @@ def write_summary(path: Path, results: dict, report_at: list[int] | None) -> Non
 
 
 def identical_groups(results: dict) -> list[list[str]]:
-    """Orderings whose runs picked the same labels in every seed (e.g. least confidence,
-    margin and entropy with two classes): one line on the plot, noted in the summary."""
+    """Orderings whose runs bought the same labels and scored the same in every seed (e.g.
+    least confidence, margin and entropy with two classes): one line on the plot, noted in
+    the summary."""
+    def picks(name: str) -> dict:
+        # The order within a batch does not change what the head learns.
+        return {seed: (sorted(run["picked"]), run["accuracy"], run["macro_f1"])
+                for seed, run in results["runs"].get(name, {}).items()}
+
     groups: list[list[str]] = []
     for name in results["orderings"]:
-        runs = results["runs"].get(name)
-        if not runs:
+        if not picks(name):
             continue
         for group in groups:
-            if results["runs"][group[0]] == runs:
+            if picks(group[0]) == picks(name):
                 group.append(name)
                 break
         else:
