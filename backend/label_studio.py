@@ -7,6 +7,7 @@ project's `model_version` so the Data Manager's "Prediction score" column shows 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any, Callable
@@ -95,13 +96,23 @@ class LabelStudioProject:
                 return params
         return {}
 
-    def tasks(self, page_size: int = 1000, progress: Callable[[int], None] | None = None) -> list[dict]:
-        """All tasks with their data and annotations, as plain dicts."""
+    def tasks(self, page_size: int = 1000, progress: Callable[[int], None] | None = None,
+              updated_after: str | None = None) -> list[dict]:
+        """Tasks with their data and annotations, as plain dicts.
+
+        `updated_after` (an ISO timestamp) reads only tasks Label Studio changed since then.
+        """
         tasks: list[dict] = []
+        query = None
+        if updated_after:
+            query = json.dumps({"filters": {"conjunction": "and", "items": [
+                {"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime",
+                 "value": updated_after}]}})
 
         def fetch():
+            tasks.clear()
             pager = self.client.tasks.list(
-                project=self.project_id, fields="all", page_size=page_size
+                project=self.project_id, fields="all", page_size=page_size, query=query
             )
             for task in pager:
                 tasks.append(_plain(task))
@@ -110,6 +121,14 @@ class LabelStudioProject:
             return tasks
 
         return self._call("list tasks", fetch)
+
+    def task_ids(self) -> list[int]:
+        """Ids of all tasks (cheap: no annotations, no predictions)."""
+        def fetch():
+            pager = self.client.tasks.list(project=self.project_id, include="id", page_size=10000)
+            return [int(_plain(task)["id"]) for task in pager]
+
+        return self._call("list task ids", fetch)
 
     def upload_predictions(
         self,

@@ -23,6 +23,7 @@ from backend.label_config import LabelConfig, parse_label_config
 from backend.label_studio import LabelStudioProject, with_retries
 from backend.model_store import LoadedModel, ModelStore
 from backend.settings import Settings
+from backend.task_store import TaskStore
 from backend.training_data import project_data, task_text
 from model.classifier import ClassifierHead, HeadConfig
 from model.encoding_cache import EncodingCache, encode_with_cache
@@ -130,8 +131,13 @@ class ActiveLearningBackend:
         progress("reading Label Studio", 0, 0)
         project = with_retries(ls.project, on_retry=retry_log)
         config = parse_label_config(project.get("label_config") or "")
-        tasks = with_retries(lambda: ls.tasks(progress=lambda n: progress("reading tasks", n, 0)),
-                             on_retry=retry_log)
+        store = TaskStore(self.settings.data_dir, self.project_id)
+        tasks, sync = with_retries(
+            lambda: store.sync(ls, project.get("task_number"),
+                               progress=lambda n: progress("reading tasks", n, 0)),
+            on_retry=retry_log)
+        log.info("project=%s read %d changed tasks from Label Studio (%s sync), %d in all",
+                 self.project_id, sync["read"], sync["mode"], len(tasks))
         data_ = project_data(tasks, config)
         labeled = data_.labeled_index
         lap("read_label_studio")
@@ -209,6 +215,7 @@ class ActiveLearningBackend:
             "tasks": len(tasks),
             "labeled": len(labeled),
             "encoded": encoded,
+            "sync": sync,
             "training_accuracy": training_accuracy,
             "timings": timings,
         }

@@ -70,6 +70,20 @@ def test_annotations_retrain_and_reorder_the_queue(label_studio, services):
     # The encoding cache: the first retrain encoded the project, later ones encoded nothing.
     assert final["last"]["encoded"] == 0
     assert final["last"]["tasks"] == 300
+    # Only the tasks that changed since the previous retrain were read from Label Studio.
+    assert final["last"]["sync"]["mode"] == "incremental"
+    assert final["last"]["sync"]["read"] < 50
+
+    # Tasks deleted in Label Studio leave the local copy too ("Start Training" button).
+    gone = [t["id"] for t in tasks if t["id"] not in project.annotated][:2]
+    for task_id in gone:
+        client.tasks.delete(id=task_id)
+    client.ml.train(id=client.ml.list(project=project.id)[0].id)
+    newer = project.wait_for_version(version_number(second), services)
+    after_delete = wait_until_idle(services, project.id)
+    assert after_delete["last"]["model_version"] == newer
+    assert after_delete["last"]["tasks"] == 298
+    assert after_delete["last"]["sync"]["deleted"] == 2
 
     # Logs at INFO carry project and job ids, but no secret and no task text.
     logs = services.log_tail("web.log", 10**7) + services.log_tail("worker.log", 10**7)
