@@ -15,7 +15,7 @@ import logging
 import time
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend import metrics
 from backend.job_queue import JobQueue, redis_connection
@@ -35,6 +35,8 @@ TRAIN_EVENTS = {
     "ANNOTATIONS_DELETED",
     "START_TRAINING",
 }
+# New tasks: encode them in the background before anyone labels them.
+ENCODE_EVENTS = {"TASKS_CREATED"}
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -89,7 +91,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         return None
 
     def body() -> dict:
-        payload = request.get_json(silent=True, force=True)
+        payload = _json_or_none()
         if payload is None:
             raise BadRequest("the request body must be JSON")
         if not isinstance(payload, dict):
@@ -121,7 +123,9 @@ def create_app(settings: Settings | None = None) -> Flask:
             raise BadRequest("'tasks' must be a list of task objects")
         project_id = project_id_from_ls(payload.get("project"))
         backend = ActiveLearningBackend(settings, project_id, store=store, cache=cache())
-        results = backend.predict(tasks, context=(payload.get("params") or {}).get("context"))
+        params = payload.get("params")
+        context = params.get("context") if isinstance(params, dict) else None
+        results = backend.predict(tasks, context=context)
         metrics.observe_predict(time.perf_counter() - started)
         return jsonify(results=results)
 
@@ -131,11 +135,14 @@ def create_app(settings: Settings | None = None) -> Flask:
         action = payload.get("action")
         if not isinstance(action, str) or not action:
             raise BadRequest("missing 'action': a Label Studio webhook names its event in 'action'")
-        if action not in TRAIN_EVENTS:
+        if action not in TRAIN_EVENTS | ENCODE_EVENTS:
             return jsonify(status="ignored", action=action)
         project_id = project_id_from_ls(_webhook_project(payload))
         try:
-            status, job_id = queue().request_retrain(project_id, action)
+            if action in ENCODE_EVENTS:
+                status, job_id = queue().request_encode(project_id)
+            else:
+                status, job_id = queue().request_retrain(project_id, action)
         except ServiceUnavailable:
             raise
         except Exception as exc:  # Redis down or timing out
@@ -147,7 +154,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.get("/versions")
     def versions():
-        payload = request.get_json(silent=True, force=True) or {}
+        payload = _json_or_none() or {}
         project = request.args.get("project") or (payload.get("project") if isinstance(payload, dict) else None)
         project_id = project_id_from_ls(project)
         return jsonify(versions=store.versions(project_id),
@@ -161,6 +168,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.get("/jobs/<int:project_id>")
     def project_jobs(project_id: int):
+        project_id = project_id_from_ls(project_id)  # the same range as everywhere: a huge id is no file name
         q = _queue_or_503(queue)
         return jsonify(q.project_status(project_id) | {"model_version": store.current_version(project_id)})
 
@@ -207,6 +215,24 @@ def _queue_or_503(factory):
         raise
     except Exception:
         raise ServiceUnavailable("the job queue (Redis) is unavailable") from None
+
+
+def _json_or_none():
+    """The request body as JSON, None when it is not JSON.
+
+    Python's decoder raises RecursionError (not ValueError) on nesting deeper than the
+    recursion limit, which Flask's `silent` does not cover: that is a client error too.
+    """
+    data = request.get_data(cache=True)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(data) >= limit:
+        # A streamed (chunked) body is cut at the limit without an error; werkzeug would
+        # raise 413 only on a further read, so without this it surfaced as "not JSON".
+        raise RequestEntityTooLarge()
+    try:
+        return request.get_json(silent=True, force=True)
+    except RecursionError:
+        raise BadRequest("the request body is JSON nested too deeply") from None
 
 
 def _webhook_project(payload: dict):

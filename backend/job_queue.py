@@ -120,6 +120,25 @@ class JobQueue:
             self.redis.incr(key(project_id, "requested"))
             return "queued", job_id
 
+    def request_encode(self, project_id: int) -> tuple[str, str | None]:
+        """Queue encoding of a project's new tasks, unless such a job already waits.
+
+        Imports come in bursts of TASKS_CREATED events; one job reads every new task.
+        """
+        job_id = f"encode-{int(project_id)}-{uuid.uuid4().hex[:12]}"
+        if not self.redis.set(key(project_id, "encode-waiting"), job_id, nx=True, ex=600):
+            return "coalesced", None
+        self.queue.enqueue("backend.jobs.encode_tasks", int(project_id), job_id=job_id,
+                           result_ttl=3600, failure_ttl=24 * 3600,
+                           description=f"encode new tasks of project {int(project_id)}")
+        return "queued", job_id
+
+    def mark_encode_started(self, project_id: int) -> None:
+        self.redis.delete(key(project_id, "encode-waiting"))
+
+    def record_encode(self, project_id: int, result: dict) -> None:
+        self.redis.set(key(project_id, "last_encode"), json.dumps(result))
+
     def request_reconcile(self) -> str | None:
         """Queue one reconcile job per interval, however many workers ask (NX key)."""
         interval = max(1, int(self.settings.reconcile_interval))
@@ -196,7 +215,8 @@ class JobQueue:
         pipe.get(key(project_id, "last"))
         for counter in ("requested", "succeeded", "failed", "coalesced"):
             pipe.get(key(project_id, counter))
-        waiting, state, last, requested, succeeded, failed, coalesced = pipe.execute()
+        pipe.get(key(project_id, "last_encode"))
+        waiting, state, last, requested, succeeded, failed, coalesced, last_encode = pipe.execute()
         running_id = state.get(b"running", b"").decode() or None
         waiting_id = waiting.decode() if waiting else None
         if waiting_id and self._status(waiting_id) not in WAITING_STATES:
@@ -210,6 +230,7 @@ class JobQueue:
             "succeeded": int(succeeded or 0),
             "failed": int(failed or 0),
             "coalesced": int(coalesced or 0),
+            "last_encode": json.loads(last_encode) if last_encode else None,
         }
         if running_id:
             progress = {}

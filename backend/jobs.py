@@ -62,6 +62,25 @@ def retrain(project_id: int, reason: str = "") -> dict:
     return result
 
 
+def encode_tasks(project_id: int) -> dict:
+    """Encode a project's new tasks in the background (on TASKS_CREATED), before anyone labels
+    them, so the retrain after their first annotation finds every vector cached."""
+    settings = Settings.from_env()
+    job = get_current_job()
+    job_id = job.id if job is not None else "inline"
+    connection = job.connection if job is not None else redis_connection(settings.redis_url)
+    queue = JobQueue(connection, settings)
+    queue.mark_encode_started(project_id)
+    with queue.training_lock(project_id, job_id):  # the task copy has one writer at a time
+        result = ActiveLearningBackend(settings, project_id).encode_new_tasks(
+            progress=_progress_reporter(job, project_id))
+    result.update(job_id=job_id, finished_at=time.time())
+    queue.record_encode(project_id, result)
+    log.info("project=%s job=%s encoded %d new of %d tasks in %.1fs", project_id, job_id,
+             result["encoded"], result["tasks"], result["duration"])
+    return result
+
+
 def reconcile() -> dict:
     """Queue a retrain for every known project whose annotations changed since its model.
 

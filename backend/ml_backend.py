@@ -125,21 +125,9 @@ class ActiveLearningBackend:
             timings[name] = round(now - clock, 3)
             clock = now
 
-        ls = LabelStudioProject(self.settings, self.project_id)
-        retry_log = lambda attempt, exc: log.warning(  # noqa: E731
-            "project=%s Label Studio call failed (attempt %d), retrying: %s", self.project_id, attempt, exc)
-        progress("reading Label Studio", 0, 0)
-        project = with_retries(ls.project, on_retry=retry_log)
-        config = parse_label_config(project.get("label_config") or "")
-        store = TaskStore(self.settings.data_dir, self.project_id)
-        tasks, sync = with_retries(
-            lambda: store.sync(ls, project.get("task_number"),
-                               progress=lambda n: progress("reading tasks", n, 0)),
-            on_retry=retry_log)
-        log.info("project=%s read %d changed tasks from Label Studio (%s sync), %d in all",
-                 self.project_id, sync["read"], sync["mode"], len(tasks))
-        data_ = project_data(tasks, config)
+        ls, project, config, data_, sync = self._read_project(progress)
         labeled = data_.labeled_index
+        tasks = data_.task_ids
         lap("read_label_studio")
         if not labeled:
             return {"status": "skipped", "reason": "the project has no usable annotations yet",
@@ -170,6 +158,7 @@ class ActiveLearningBackend:
             lap("train")
 
         progress("scoring", 0, len(tasks))
+        retry_log = self._retry_log
         probabilities = head.predict_proba(features)
         predicted = probabilities.argmax(axis=1)
         scores = probabilities.max(axis=1)
@@ -219,6 +208,37 @@ class ActiveLearningBackend:
             "training_accuracy": training_accuracy,
             "timings": timings,
         }
+
+    def _read_project(self, progress: Progress):
+        """Label config and tasks from Label Studio (tasks through the local incremental copy)."""
+        ls = LabelStudioProject(self.settings, self.project_id)
+        retry_log = self._retry_log
+        progress("reading Label Studio", 0, 0)
+        project = with_retries(ls.project, on_retry=retry_log)
+        config = parse_label_config(project.get("label_config") or "")
+        store = TaskStore(self.settings.data_dir, self.project_id)
+        tasks, sync = with_retries(
+            lambda: store.sync(ls, project.get("task_number"),
+                               progress=lambda n: progress("reading tasks", n, 0)),
+            on_retry=retry_log)
+        log.info("project=%s read %d changed tasks from Label Studio (%s sync), %d in all",
+                 self.project_id, sync["read"], sync["mode"], len(tasks))
+        return ls, project, config, project_data(tasks, config), sync
+
+    def _retry_log(self, attempt: int, exc: Exception) -> None:
+        log.warning("project=%s Label Studio call failed (attempt %d), retrying: %s",
+                    self.project_id, attempt, exc)
+
+    def encode_new_tasks(self, progress: Progress | None = None) -> dict:
+        """Encode tasks nobody labeled yet (TASKS_CREATED), so the next retrain finds them cached."""
+        progress = progress or (lambda stage, done, total: None)
+        started = time.perf_counter()
+        _, _, _, data_, sync = self._read_project(progress)
+        encoder = get_encoder(self.settings)
+        _, encoded = encode_with_cache(encoder, self.cache, data_.texts,
+                                       progress=lambda done, total: progress("encoding", done, total))
+        return {"status": "finished", "tasks": len(data_.texts), "encoded": encoded, "sync": sync,
+                "duration": round(time.perf_counter() - started, 3)}
 
     def _fine_tune(self, encoder, data_, labeled, y, labels, progress):
         import tempfile

@@ -57,6 +57,20 @@ def test_annotations_retrain_and_reorder_the_queue(label_studio, services):
         "tasks": tasks[:3], "project": f"{project.id}.{int(time.time())}", "label_config": CONFIG})
     assert [r["model_version"] for r in predict.json()["results"]] == [first] * 3
 
+    # New tasks are encoded in the background (TASKS_CREATED) before anyone labels them.
+    new_texts = [f"{text} (re-release)" for text in list(project.truth)[:40]]
+    client.projects.import_tasks(id=project.id, request=[{"text": t} for t in new_texts])
+    for text, original in zip(new_texts, list(project.truth)[:40]):
+        project.truth[text] = project.truth[original]
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        encode = jobs_of(services, project.id)["last_encode"]
+        if encode and encode["tasks"] == 340:
+            break
+        time.sleep(1)
+    assert encode and encode["encoded"] == 40 and encode["tasks"] == 340, encode
+    tasks = project.tasks()
+
     # Round two: more annotations give a newer version.
     second_round = project.annotate_balanced(5, tasks)
     project.wait_for_version(version_number(first), services)
@@ -69,7 +83,7 @@ def test_annotations_retrain_and_reorder_the_queue(label_studio, services):
     assert version_number(second) > version_number(first)
     # The encoding cache: the first retrain encoded the project, later ones encoded nothing.
     assert final["last"]["encoded"] == 0
-    assert final["last"]["tasks"] == 300
+    assert final["last"]["tasks"] == 340
     # Only the tasks that changed since the previous retrain were read from Label Studio.
     assert final["last"]["sync"]["mode"] == "incremental"
     assert final["last"]["sync"]["read"] < 50
@@ -82,7 +96,7 @@ def test_annotations_retrain_and_reorder_the_queue(label_studio, services):
     newer = project.wait_for_version(version_number(second), services)
     after_delete = wait_until_idle(services, project.id)
     assert after_delete["last"]["model_version"] == newer
-    assert after_delete["last"]["tasks"] == 298
+    assert after_delete["last"]["tasks"] == 338
     assert after_delete["last"]["sync"]["deleted"] == 2
 
     # Logs at INFO carry project and job ids, but no secret and no task text.

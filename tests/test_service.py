@@ -69,11 +69,21 @@ def test_bad_input_gets_a_4xx_json_message(web, path, body, fragment):
 
 
 def test_events_that_do_not_change_annotations_are_ignored(web):
-    for action in ("TASKS_CREATED", "PROJECT_UPDATED", "TASKS_DELETED"):
+    for action in ("PROJECT_UPDATED", "TASKS_DELETED", "LABEL_LINK_CREATED"):
         response = requests.post(web.url + "/webhook", json={"action": action, "project": {"id": 4}}, timeout=5)
         assert response.status_code == 200
         assert response.json()["status"] == "ignored"
     assert requests.get(web.url + "/jobs/4", timeout=5).json()["requested"] == 0
+
+
+def test_tasks_created_queues_one_encoding_job(web):
+    event = {"action": "TASKS_CREATED", "project": {"id": 12}, "tasks": [{"id": 1}]}
+    first = requests.post(web.url + "/webhook", json=event, timeout=5).json()
+    second = requests.post(web.url + "/webhook", json=event, timeout=5).json()
+    assert first["status"] == "queued" and first["job_id"].startswith("encode-12-")
+    assert second["status"] == "coalesced"
+    # Encoding is not a retrain.
+    assert requests.get(web.url + "/jobs/12", timeout=5).json()["requested"] == 0
 
 
 def test_webhooks_coalesce_into_one_waiting_job_and_acknowledge_fast(web):
