@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timezone
 
 from rq import get_current_job
 
@@ -35,6 +36,16 @@ def _progress_reporter(job, project_id: int):
     return report
 
 
+def _queue_wait(job, started: float) -> float | None:
+    """Seconds the job waited between being created (the webhook) and starting."""
+    created = getattr(job, "created_at", None) if job is not None else None
+    if created is None:
+        return None
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=timezone.utc)
+    return round(started - created.timestamp(), 3)
+
+
 def retrain(project_id: int, reason: str = "") -> dict:
     """Retrain one project's model from Label Studio and publish its predictions."""
     settings = Settings.from_env()
@@ -55,7 +66,8 @@ def retrain(project_id: int, reason: str = "") -> dict:
                                          "finished_at": time.time(), "duration": time.time() - started})
         log.error("project=%s job=%s retrain failed: %s", project_id, job_id, exc)
         raise
-    result.update(job_id=job_id, finished_at=time.time(), duration=round(time.time() - started, 3))
+    result.update(job_id=job_id, finished_at=time.time(), duration=round(time.time() - started, 3),
+                  queue_wait=_queue_wait(job, started))
     queue.record_result(project_id, result)
     log.info("project=%s job=%s retrain %s version=%s in %.1fs", project_id, job_id,
              result["status"], result.get("model_version"), result["duration"])
