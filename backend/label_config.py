@@ -70,7 +70,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         raise UnsupportedConfig(f"the label config is empty; {SUPPORTED}")
     try:
         root = ET.fromstring(xml)
-    except ET.ParseError as exc:
+    except (ET.ParseError, UnicodeEncodeError) as exc:  # lone surrogates cannot be UTF-8
         raise UnsupportedConfig(f"the label config is not valid XML ({exc}); {SUPPORTED}") from None
 
     objects = [el for el in root.iter() if el.tag in ("Text", "HyperText")]

@@ -16,11 +16,17 @@ def task_text(task: dict, config: LabelConfig) -> str:
     if not isinstance(data, dict) or config.data_key not in data:
         task_id = task.get("id") if isinstance(task, dict) else None
         raise MissingTextField(
-            f"task {task_id} has no data field '{config.data_key}' "
+            f"task {str(task_id)[:40]} has no data field '{config.data_key}' "
             f"(the label config reads ${config.data_key})"
         )
     value = data[config.data_key]
-    return value if isinstance(value, str) else str(value)
+    text = value if isinstance(value, str) else str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON may carry lone surrogates ("\ud800"), which no tokenizer accepts.
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
 
 
 def _annotation_order(annotation: dict) -> tuple:
