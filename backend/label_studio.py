@@ -135,19 +135,42 @@ class LabelStudioProject:
         predictions: list[dict],
         chunk: int,
         progress: Callable[[int, int], None] | None = None,
+        on_retry: Callable[[int, Exception], None] | None = None,
     ) -> None:
-        """Bulk-import predictions, `chunk` at a time, so no single request is large."""
+        """Bulk-import predictions, `chunk` at a time, so no single request is large.
+
+        Each chunk is retried on its own: Label Studio duplicates a re-imported prediction,
+        so a failure never re-sends the chunks it already accepted.
+        """
         total = len(predictions)
         for start in range(0, total, chunk):
             part = predictions[start : start + chunk]
-            self._call(
-                "import predictions",
-                lambda part=part: self.client.projects.import_predictions(
-                    id=self.project_id, request=part
-                ),
+            response = with_retries(
+                lambda part=part: self._call(
+                    "import predictions",
+                    lambda: self.client.projects.import_predictions(id=self.project_id, request=part)),
+                on_retry=on_retry,
             )
+            created = getattr(response, "created", None)
+            if created is not None and created != len(part):
+                # Label Studio answers 201 even when it drops predictions it finds invalid.
+                raise LabelStudioError(
+                    f"Label Studio stored {created} of {len(part)} predictions for project "
+                    f"{self.project_id}; check that the label config still matches the model")
             if progress is not None:
                 progress(min(start + chunk, total), total)
+
+    def upload_predictions_one_by_one(self, predictions: list[dict],
+                                      on_retry: Callable[[int, Exception], None] | None = None) -> None:
+        """Create predictions through the single-prediction API.
+
+        Label Studio 1.23's bulk import keeps only task, result, score and model_version;
+        `mislabeling` and `cluster` survive only this way, one request per prediction, so it
+        is used for the few labeled tasks whose label the model disputes.
+        """
+        for prediction in predictions:
+            with_retries(lambda p=prediction: self._call(
+                "create prediction", lambda: self.client.predictions.create(**p)), on_retry=on_retry)
 
     def set_model_version(self, version: str) -> None:
         self._call(

@@ -27,6 +27,8 @@ from backend.task_store import TaskStore
 from backend.training_data import project_data, task_text
 from model.classifier import ClassifierHead, HeadConfig
 from model.encoding_cache import EncodingCache, encode_with_cache
+from model.orderings import get_ordering
+from model.queue_scores import queue_scores
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +161,18 @@ class ActiveLearningBackend:
 
         progress("scoring", 0, len(tasks))
         retry_log = self._retry_log
-        probabilities = head.predict_proba(features)
-        predicted = probabilities.argmax(axis=1)
-        scores = probabilities.max(axis=1)
+        choice = self._ordering_choice(ls)
+        all_layers = None
+        if get_ordering(choice["ordering"]).needs_all_layers:
+            progress("encoding all layers", 0, len(tasks))
+            all_layers, _ = encode_with_cache(
+                encoder, self.cache, data_.texts, all_layers=True,
+                progress=lambda done, total: progress("encoding all layers", done, total))
+        label_index = [labels.index(label) if label is not None else None for label in data_.labels]
+        queue = queue_scores(features, label_index, head, ordering=choice["ordering"],
+                             batch_size=choice["batch_size"], params=choice["params"],
+                             all_layers=all_layers)
+        predicted = queue.predicted
         training_accuracy = float((predicted[labeled] == y).mean())
         lap("score")
 
@@ -170,11 +181,13 @@ class ActiveLearningBackend:
             "label_config": config.to_dict(),
             "encoder": encoder.id,
             "fine_tune_layers": self.settings.fine_tune_layers,
-            "ordering": "confidence",
+            "ordering": choice,
+            "ordering_info": _jsonable(queue.info),
             "labeled": len(labeled),
             "tasks": len(tasks),
             "label_counts": {label: int((y == i).sum()) for i, label in enumerate(labels)},
             "training_accuracy": training_accuracy,
+            "mislabeled": int((queue.mislabeling > 0).sum()),
             "event": event,
         }
         version = self.store.stage(self.project_id, head, meta, encoder_dir=encoder_dir)
@@ -184,17 +197,21 @@ class ActiveLearningBackend:
             {
                 "task": task_id,
                 "result": config.result_for(labels[int(predicted[i])]),
-                "score": float(scores[i]),
+                "score": float(queue.scores[i]),
                 "model_version": version,
+                "cluster": int(queue.clusters[i]),
+                "mislabeling": float(queue.mislabeling[i]),
             }
             for i, task_id in enumerate(data_.task_ids)
         ]
-        with_retries(
-            lambda: ls.upload_predictions(
-                predictions, self.settings.prediction_chunk,
-                progress=lambda done, total: progress("uploading predictions", done, total)),
-            on_retry=retry_log,
-        )
+        disputed = [p for p in predictions if p["mislabeling"] > 0]
+        # The bulk import keeps only these four fields (Label Studio 1.23).
+        bulk = [{k: p[k] for k in ("task", "result", "score", "model_version")}
+                for p in predictions if p["mislabeling"] == 0]
+        ls.upload_predictions_one_by_one(disputed, on_retry=retry_log)
+        ls.upload_predictions(
+            bulk, self.settings.prediction_chunk, on_retry=retry_log,
+            progress=lambda done, total: progress("uploading predictions", done, total))
         with_retries(lambda: ls.set_model_version(version), on_retry=retry_log)
         self.store.activate(self.project_id, version)
         lap("publish")
@@ -206,6 +223,8 @@ class ActiveLearningBackend:
             "encoded": encoded,
             "sync": sync,
             "training_accuracy": training_accuracy,
+            "ordering": choice,
+            "mislabeled": meta["mislabeled"],
             "timings": timings,
         }
 
@@ -224,6 +243,33 @@ class ActiveLearningBackend:
         log.info("project=%s read %d changed tasks from Label Studio (%s sync), %d in all",
                  self.project_id, sync["read"], sync["mode"], len(tasks))
         return ls, project, config, project_data(tasks, config), sync
+
+    def _ordering_choice(self, ls: LabelStudioProject) -> dict:
+        """Ordering, batch size and parameters: the ML backend's extra params in Label Studio
+        (JSON, e.g. {"ordering": "atlas", "batch_size": 50, "params": {...}}), else ORDERING
+        and BATCH_SIZE from the environment. A bad choice falls back to the default, loudly."""
+        choice = {"ordering": self.settings.ordering, "batch_size": self.settings.batch_size,
+                  "params": {}, "source": "environment"}
+        try:
+            extra = with_retries(ls.ml_extra_params, on_retry=self._retry_log)
+        except Exception as exc:  # extra params are optional; training goes on without them
+            log.warning("project=%s could not read the ML backend's extra params: %s", self.project_id, exc)
+            extra = {}
+        if not extra:
+            return choice
+        wanted = {"ordering": extra.get("ordering", choice["ordering"]),
+                  "batch_size": extra.get("batch_size", choice["batch_size"]),
+                  "params": extra.get("params") or {}, "source": "extra_params"}
+        try:
+            if not isinstance(wanted["batch_size"], int) or wanted["batch_size"] < 1:
+                raise ValueError(f"batch_size must be a positive integer, got {wanted['batch_size']!r}")
+            if not isinstance(wanted["params"], dict):
+                raise ValueError("params must be a JSON object")
+            get_ordering(str(wanted["ordering"]), **wanted["params"])
+        except (ValueError, TypeError) as exc:
+            log.warning("project=%s ignoring the ML backend's extra params: %s", self.project_id, exc)
+            return dict(choice, error=f"extra params ignored: {exc}")
+        return wanted
 
     def _retry_log(self, attempt: int, exc: Exception) -> None:
         log.warning("project=%s Label Studio call failed (attempt %d), retrying: %s",
@@ -257,6 +303,19 @@ class ActiveLearningBackend:
             progress=lambda done, total: progress("fine-tuning the encoder", done, total),
         )
         return tuned, head, out_dir
+
+
+def _jsonable(value):
+    """Ordering info for meta.json: numpy scalars and arrays become plain JSON."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist()) if value.size <= 100 else f"array{value.shape}"
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def annotation_counts(project: dict) -> dict:

@@ -42,6 +42,8 @@ class Settings:
     webhook_secret: str = ""
     max_body_mb: int = 20
     retrain_min_interval: int = 2
+    ordering: str = "least_confidence"
+    batch_size: int = 50
     reconcile_interval: int = 300
     extra: dict = field(default_factory=dict)
 
@@ -72,6 +74,8 @@ class Settings:
             webhook_secret=env.get("WEBHOOK_SECRET", ""),
             max_body_mb=_env_int("MAX_BODY_MB", 20),
             retrain_min_interval=_env_int("RETRAIN_MIN_INTERVAL", 2),
+            ordering=env.get("ORDERING", "least_confidence"),
+            batch_size=_env_int("BATCH_SIZE", 50),
             reconcile_interval=_env_int("RECONCILE_INTERVAL", 300),
         )
         names = {f.name for f in fields(cls)}

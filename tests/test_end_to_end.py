@@ -9,6 +9,7 @@ a newer version after a second round of annotations.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -31,16 +32,26 @@ def test_annotations_retrain_and_reorder_the_queue(label_studio, services):
     project = SnippetProject(client, n_tasks=300, title="e2e")
     tasks = project.tasks()
     assert len(tasks) == 300
+    # The ordering is chosen per project in the connection's extra params.
     client.ml.create(url=services.url, project=project.id, title="Active Transfer Learning",
-                     is_interactive=False)
+                     is_interactive=False, extra_params={"ordering": "margin", "batch_size": 10})
 
-    # Round one: 24 annotations, balanced, submitted one by one like an annotator.
+    # Round one: 24 annotations, balanced, submitted one by one like an annotator; one of them
+    # deliberately wrong.
     first_round = project.annotate_balanced(12, tasks)
+    wrong = first_round[0]
+    project.truth[wrong["data"]["text"]] = {"Positive": "Negative", "Negative": "Positive"}[
+        project.truth[wrong["data"]["text"]]]
+    project.annotate(wrong)
     first = project.wait_for_version(0, services)
+    wait_until_idle(services, project.id)
+    first = project.model_version()
 
     jobs = jobs_of(services, project.id)
     assert jobs["succeeded"] >= 1 and jobs["last"]["status"] == "finished"
     assert jobs["model_version"] == first
+    assert jobs["last"]["ordering"] == {"ordering": "margin", "batch_size": 10, "params": {},
+                                        "source": "extra_params"}
 
     tasks = project.tasks()
     for task in tasks:
@@ -51,6 +62,17 @@ def test_annotations_retrain_and_reorder_the_queue(label_studio, services):
     by_score = sorted(scores, key=lambda task_id: (scores[task_id], task_id))
     assert by_score != sorted(scores), "ordering by prediction score is just the task id order"
     assert len(set(scores.values())) > 100  # real scores, not a constant
+    # Unlabeled tasks come before labeled ones; Label Studio's own sort agrees.
+    labeled_ids = {t["id"] for t in tasks if t["annotations"]}
+    assert all(0 <= scores[i] < 0.9 for i in scores if i not in labeled_ids)
+    assert all(0.9 <= scores[i] <= 1 for i in labeled_ids)
+    ls_order = [t.id for t in client.tasks.list(project=project.id, page_size=500, query=json.dumps(
+        {"ordering": ["tasks:predictions_score"]}))]
+    assert ls_order[:20] == by_score[:20]
+    # The deliberately wrong label is flagged for review (Label Studio's mislabeling value).
+    flagged = {t["id"] for t in tasks for p in t["predictions"]
+               if p["model_version"] == first and (p.get("mislabeling") or 0) > 0}
+    assert wrong["id"] in flagged, (flagged, jobs["last"])
 
     # The backend's /predict answers with the same model version Label Studio shows.
     predict = requests.post(f"{services.url}/predict", timeout=30, json={

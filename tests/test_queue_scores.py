@@ -1,0 +1,46 @@
+"""Queue scores on plain arrays: ranks, labeled after unlabeled, batch first, mislabeling."""
+
+import numpy as np
+
+from model.classifier import ClassifierHead, HeadConfig
+from model.queue_scores import LABELED_FLOOR, out_of_fold_disagreement, queue_scores, rank_scores
+
+
+def _data(seed=0, n=200, dim=8):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.normal(0, 1, (n, dim)).astype(np.float32)
+    x[:, 0] += np.where(y == 1, 2.5, -2.5)
+    return x, y
+
+
+def test_rank_scores_sort_exactly_as_the_order():
+    order = np.array([3, 0, 2, 1])
+    scores = rank_scores(order, 4)
+    assert list(np.argsort(scores)) == [3, 0, 2, 1]
+    assert scores.min() == 0 and scores.max() < 1
+
+
+def test_unlabeled_first_least_confident_first_and_all_scores_in_unit_interval():
+    x, y = _data()
+    labels = [int(v) if i < 40 else None for i, v in enumerate(y)]
+    head = ClassifierHead(HeadConfig(labels=["a", "b"], input_dim=8)).fit(x[:40], y[:40])
+    result = queue_scores(x, labels, head, ordering="least_confidence", batch_size=10)
+    assert result.scores.min() >= 0 and result.scores.max() <= 1
+    assert result.scores[:40].min() >= LABELED_FLOOR > result.scores[40:].max()
+    # Least confidence: the first served task is much less certain than the last one.
+    confidence = head.predict_proba(x[40:]).max(axis=1)
+    served = np.argsort(result.scores[40:])
+    assert confidence[served[:10]].mean() < confidence[served[-10:]].mean()
+    assert result.clusters.shape == (200,) and result.clusters.max() >= 1
+    assert result.info["ordering"] == "least_confidence"
+
+
+def test_a_flipped_label_gets_a_mislabeling_value():
+    x, y = _data(seed=1, n=120)
+    flipped = y.copy()
+    flipped[5] = 1 - flipped[5]
+    config = HeadConfig(labels=["a", "b"], input_dim=8)
+    disagreement = out_of_fold_disagreement(x, flipped, config)
+    assert disagreement[5] > 0.5
+    assert (disagreement > 0).mean() < 0.2  # clean labels are mostly left alone
