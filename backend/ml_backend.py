@@ -28,6 +28,7 @@ from backend.training_data import project_data, task_text
 from model.classifier import ClassifierHead, HeadConfig
 from model.encoding_cache import EncodingCache, encode_with_cache
 from model.orderings import get_ordering
+from model.orderings.base import jsonable
 from model.queue_scores import queue_scores
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ class ActiveLearningBackend:
             "encoder": encoder.id,
             "fine_tune_layers": self.settings.fine_tune_layers,
             "ordering": choice,
-            "ordering_info": _jsonable(queue.info),
+            "ordering_info": jsonable(queue.info),
             "labeled": len(labeled),
             "tasks": len(tasks),
             "label_counts": {label: int((y == i).sum()) for i, label in enumerate(labels)},
@@ -303,19 +304,6 @@ class ActiveLearningBackend:
             progress=lambda done, total: progress("fine-tuning the encoder", done, total),
         )
         return tuned, head, out_dir
-
-
-def _jsonable(value):
-    """Ordering info for meta.json: numpy scalars and arrays become plain JSON."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist()) if value.size <= 100 else f"array{value.shape}"
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def annotation_counts(project: dict) -> dict:

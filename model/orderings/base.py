@@ -130,3 +130,19 @@ class Ordering(ABC):
     @abstractmethod
     def score(self, data: OrderingInput) -> OrderingResult:
         ...
+
+
+def jsonable(value):
+    """Ordering info as plain JSON (model metadata, simulator results): numpy scalars become
+    numbers, small arrays lists, large arrays a short description."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist()) if value.size <= 64 else f"<array {value.shape}>"
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
