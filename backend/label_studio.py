@@ -145,6 +145,8 @@ class LabelStudioProject:
         total = len(predictions)
         for start in range(0, total, chunk):
             part = predictions[start : start + chunk]
+            if progress is not None:
+                progress(start, total)
             response = with_retries(
                 lambda part=part: self._call(
                     "import predictions",
