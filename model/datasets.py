@@ -16,6 +16,7 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -85,19 +86,24 @@ def airline_tweets(classes: tuple[str, ...] = ("Positive", "Negative")) -> Label
 def load_labeled_file(path: str | Path) -> LabeledTexts:
     """CSV / JSONL with `text` and `label`, or a Label Studio JSON export (newest annotation)."""
     path = Path(path)
-    raw = path.read_text(encoding="utf-8")
+    # newline="": a "\r" inside a quoted field is text, not a line end; "utf-8-sig": a
+    # spreadsheet's byte-order mark is not part of the first column's name.
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        raw = handle.read()
     stripped = raw.lstrip()
     if path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(raw.splitlines()))
+        # Quoted fields may hold line breaks (tweets do): let the csv module split the rows.
+        rows = list(csv.DictReader(io.StringIO(raw, newline="")))
     elif stripped.startswith("["):
         return _label_studio_export(json.loads(raw), path)
     else:
-        rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        # Only "\n" ends a JSON line; str.splitlines() would also split on U+2028 and the like.
+        rows = [json.loads(line) for line in raw.split("\n") if line.strip()]
     if not rows or "text" not in rows[0] or "label" not in rows[0]:
         raise ValueError(f"{path}: expected columns 'text' and 'label' (or a Label Studio JSON export)")
-    texts = [str(r["text"]) for r in rows if str(r.get("label", "")).strip()]
-    labels = [str(r["label"]).strip() for r in rows if str(r.get("label", "")).strip()]
-    return LabeledTexts(texts, labels)
+    # Rows without a label (or a text) are unlabeled tasks, not examples of a class "None".
+    kept = [r for r in rows if r.get("text") is not None and str(r.get("label") or "").strip()]
+    return LabeledTexts([str(r["text"]) for r in kept], [str(r["label"]).strip() for r in kept])
 
 
 def _label_studio_export(tasks: list, path: Path) -> LabeledTexts:

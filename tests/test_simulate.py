@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.datasets import airline_tweets, movie_snippets
+from model.datasets import airline_tweets, load_labeled_file, movie_snippets
 from model.orderings import ORDERINGS
 from model.orderings.base import OrderingResult
 from model.simulate import _exact_batch, aulc, main
@@ -77,6 +77,7 @@ def test_every_ordering_spends_exactly_the_budget_on_new_pool_tasks(in_domain):
     _, _, results = in_domain
     assert results["orderings"][0] == "random" and set(results["orderings"]) == set(ORDERINGS)
     assert results["pool_size"] == POOL and results["test_size"] == TEST
+    assert results["labels"] == ["Negative", "Positive"]
     for name in ORDERINGS:
         for seed in ("0", "1"):
             run = results["runs"][name][seed]
@@ -156,6 +157,23 @@ def test_domain_shift_from_other_file_formats(workdir, capsys):
     for seed in ("0", "1"):
         assert sum(results["seeds"][seed]["initial_label_counts"]) == 40
     assert "Start** (initial labeled set only, 0 pool labels)" in (out / "summary.md").read_text()
+
+
+def test_labeled_files_keep_line_breaks_and_skip_unlabeled_rows(workdir, tmp_path):
+    # Some tweets contain line breaks inside their (quoted) CSV field.
+    tweets = airline_tweets().sample(400, seed=1)
+    assert any("\n" in t or "\r" in t for t in tweets.texts)
+    loaded = load_labeled_file(workdir / "tweets.csv")
+    assert loaded.texts == tweets.texts and loaded.labels == tweets.labels
+    rows = [{"text": "line\u2028separator inside", "label": "Positive"}, {"text": "no label yet", "label": None},
+            {"text": "empty label", "label": ""}, {"text": "ok", "label": " Negative "}]
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    loaded = load_labeled_file(jsonl)
+    assert loaded.texts == ["line\u2028separator inside", "ok"] and loaded.labels == ["Positive", "Negative"]
+    csv_with_bom = tmp_path / "excel.csv"
+    csv_with_bom.write_text("text,label\nhello,Positive\n", encoding="utf-8-sig")
+    assert load_labeled_file(csv_with_bom).labels == ["Positive"]
 
 
 def test_user_errors_say_what_to_do(workdir):
