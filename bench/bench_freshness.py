@@ -55,7 +55,8 @@ def main() -> int:
     texts = (pool.texts + movies.texts)[: args.tasks]
     truth = dict(zip(pool.texts + movies.texts, pool.labels + movies.labels))
     ls_env = {FLAG: "true"} if args.ls_memory_efficient_import else {}
-    run_dir = args.work / time.strftime("%Y%m%d-%H%M%S")
+    # One backend data dir across runs: the encoding cache is reused (projects get new ids).
+    run_dir = args.work / "backend-data"
     extra = {"PREDICTION_CHUNK": str(args.chunk)} if args.chunk else {}
     with LabelStudioServer(args.work / "ls-data", extra_env=ls_env) as ls, \
             Services(run_dir, extra_env=extra) as services:
