@@ -421,6 +421,16 @@ def _job(kind: str, plan: SeedPlan, name: str, config: SimulationConfig) -> tupl
     return name, plan.seed, result, time.perf_counter() - started
 
 
+def _finite(value):
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _jsonable(value):
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -558,7 +568,7 @@ def write_summary(path: Path, results: dict, report_at: list[int] | None) -> Non
         f"- classes: {', '.join(results['labels'])}; pool {results['pool_size']} tasks "
         f"({_shares(results['pool_label_share'], results['labels'])}), test {results['test_size']} tasks",
         f"- batches of {meta['batch_size']} up to {meta['budget']} pool labels; "
-        f"{len(meta['seeds'])} paired seeds; every ordering trains the service's class-weighted head",
+        f"{len(meta['seeds'])} paired seed{'s' if len(meta['seeds']) != 1 else ''}; every ordering trains the service's class-weighted head",
         f"- encoder `{results['encoder_id']}`; {results['seconds_total']:.0f} s in all",
         "",
         "## Accuracy (%), mean over seeds",
@@ -574,12 +584,14 @@ def write_summary(path: Path, results: dict, report_at: list[int] | None) -> Non
         cells = [name] + [f"{entry['accuracy_mean'][grid.index(p)]:.1f}" for p in points]
         cells.append(f"{entry['aulc_mean']:.2f} ± {entry['aulc_std']:.2f}")
         if has_random:
-            if name == "random":
+            if name == "random" or entry.get("aulc_diff_vs_random_mean") is None:
                 cells += ["—", "—"]
             else:
                 lo, hi = entry["aulc_diff_vs_random_ci95"]
-                ci = f" [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else ""
-                cells.append(f"{entry['aulc_diff_vs_random_mean']:+.2f} ± {entry['aulc_diff_vs_random_std']:.2f}{ci}")
+                ci = f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None else ""
+                sd = entry["aulc_diff_vs_random_std"]
+                spread = f" ± {sd:.2f}" if sd is not None else " (one seed: no spread)"
+                cells.append(f"{entry['aulc_diff_vs_random_mean']:+.2f}{spread}{ci}")
                 cells.append(f"{entry['seeds_beating_random']}/{entry['seeds_paired_with_random']}")
             reach = entry.get("labels_to_reach_random_full_budget")
             cells.append(str(reach) if reach is not None else f"not within {grid[-1]}")
@@ -802,7 +814,8 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
         "seconds_per_run": {n: float(np.mean(v)) for n, v in seconds.items() if v},
         "seconds_total": time.perf_counter() - started,
     }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    results = _finite(results)  # strict JSON: an undefined spread (one seed) is null
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))
     write_summary(out_dir / "summary.md", results, report_at)
     plot_curves(out_dir / "learning_curves.png", results)
     return results
