@@ -21,8 +21,19 @@ def least_confidence_score(probabilities: np.ndarray) -> np.ndarray:
     k = probabilities.shape[1]
     if k < 2:
         return np.ones(len(probabilities))
-    uncertainty = (1.0 - probabilities.max(axis=1)) * k / (k - 1)
+    # 1 - p_max computed as the sum of the other classes: a float32 softmax rounds p_max to
+    # exactly 1.0 long before the others reach 0, and ties would hide the ranking.
+    uncertainty = other_classes_probability(probabilities) * k / (k - 1)
     return 1.0 - uncertainty
+
+
+def other_classes_probability(probabilities: np.ndarray) -> np.ndarray:
+    """1 - p_max, computed without cancellation."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    top = probabilities.argmax(axis=1)
+    rest = probabilities.copy()
+    rest[np.arange(len(rest)), top] = 0.0
+    return rest.sum(axis=1)
 
 
 class LeastConfidence(Ordering):

@@ -1,0 +1,119 @@
+"""Domain-likeness: active transfer learning for representative sampling.
+
+Source: Munro, *Human-in-the-Loop Machine Learning*, ch. 5 ("Active transfer learning for
+representative sampling") and its cheatsheet. A new head learns to tell tasks that look like
+the current training data (labeled: "training") from tasks of the application domain
+(unlabeled: "application"). It sees **all layers**: the pooled hidden state of every encoder
+layer, the embedding layer included, because words new to the application domain may never
+reach the top layer, let alone the classifier's hidden layer. (The book describes this
+strategy but its code does not implement it.)
+
+Score = P(training), **lower = more like the application domain and unlike anything labeled
+= label sooner**. Every unlabeled task is scored by a head that did not train on it: k-fold
+over the tasks the heads train on, and the average of the fold heads for pool tasks left out
+of training (large pools are subsampled to `max_per_side` to keep this fast).
+
+The book warns this is the strategy most sensitive to noise (garbage text, other languages):
+such tasks look like nothing labeled and come first. Combine it with others.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from model.orderings.base import Ordering, OrderingInput, OrderingResult
+from model.orderings.predicted_incorrect import BinaryHead, balanced_weights
+
+DOMAIN_DEFAULTS: dict = {
+    "domain_folds": 3,
+    "domain_regularization": 0.01,  # inverse L2 strength (C) of the logistic head
+    "max_per_side": 1500,  # training and application tasks the head trains on, at most
+}
+
+
+def layer_features(all_layers: np.ndarray | None, features: np.ndarray) -> np.ndarray:
+    """All encoder layers side by side, (n, layers * dim); the top layer if none given."""
+    if all_layers is None:
+        return np.asarray(features, dtype=np.float32)
+    all_layers = np.asarray(all_layers, dtype=np.float32)
+    return all_layers.reshape(len(all_layers), -1)
+
+
+def training_probabilities(
+    labeled: np.ndarray,
+    unlabeled: np.ndarray,
+    folds: int = DOMAIN_DEFAULTS["domain_folds"],
+    seed: int = 0,
+    regularization: float = DOMAIN_DEFAULTS["domain_regularization"],
+    max_per_side: int = DOMAIN_DEFAULTS["max_per_side"],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold P(training) of every labeled and every unlabeled task (rows of features)."""
+    labeled = np.asarray(labeled, dtype=np.float32)
+    unlabeled = np.asarray(unlabeled, dtype=np.float32)
+    n_labeled, n_unlabeled = len(labeled), len(unlabeled)
+    rng = np.random.default_rng(seed)
+    chosen_labeled = np.sort(rng.permutation(n_labeled)[:max_per_side])
+    chosen_unlabeled = np.sort(rng.permutation(n_unlabeled)[:max_per_side])
+    x = np.concatenate([labeled[chosen_labeled], unlabeled[chosen_unlabeled]])
+    is_training = np.concatenate([np.ones(len(chosen_labeled), bool), np.zeros(len(chosen_unlabeled), bool)])
+    # Seeded folds, stratified by side, so both sides are in every fold.
+    fold_of = np.empty(len(x), dtype=np.int64)
+    folds = int(max(2, min(folds, len(chosen_labeled), len(chosen_unlabeled))))
+    for side in (True, False):
+        members = np.flatnonzero(is_training == side)
+        fold_of[rng.permutation(members)] = np.arange(len(members)) % folds
+
+    out_of_fold = np.zeros(len(x))
+    left_out_labeled = np.setdiff1d(np.arange(n_labeled), chosen_labeled)
+    left_out_unlabeled = np.setdiff1d(np.arange(n_unlabeled), chosen_unlabeled)
+    ensemble_labeled = np.zeros(len(left_out_labeled))
+    ensemble_unlabeled = np.zeros(len(left_out_unlabeled))
+    for fold in range(folds):
+        train, held_out = fold_of != fold, fold_of == fold
+        head = BinaryHead(regularization).fit(
+            x[train], is_training[train], balanced_weights(is_training[train], np.ones(train.sum()))
+        )
+        out_of_fold[held_out] = head.positive_probability(x[held_out])
+        if len(left_out_labeled):
+            ensemble_labeled += head.positive_probability(labeled[left_out_labeled]) / folds
+        if len(left_out_unlabeled):
+            ensemble_unlabeled += head.positive_probability(unlabeled[left_out_unlabeled]) / folds
+
+    p_labeled = np.zeros(n_labeled)
+    p_unlabeled = np.zeros(n_unlabeled)
+    p_labeled[chosen_labeled] = out_of_fold[: len(chosen_labeled)]
+    p_unlabeled[chosen_unlabeled] = out_of_fold[len(chosen_labeled) :]
+    p_labeled[left_out_labeled] = ensemble_labeled
+    p_unlabeled[left_out_unlabeled] = ensemble_unlabeled
+    return p_labeled, p_unlabeled
+
+
+class DomainLikeness(Ordering):
+    """Score = P(training) from a training-vs-application head on all layers; lower = sooner."""
+
+    name = "domain_likeness"
+    needs_all_layers = True
+    defaults = dict(DOMAIN_DEFAULTS)
+
+    def score(self, data: OrderingInput) -> OrderingResult:
+        settings = self.settings(data)
+        probabilities = self.probabilities(data)
+        if data.all_layers_unlabeled is None or data.all_layers_labeled is None:
+            raise ValueError(
+                "domain_likeness needs the pooled hidden states of every encoder layer: pass "
+                "all_layers_labeled and all_layers_unlabeled (encode_with_cache(..., all_layers=True))"
+            )
+        if len(data.labels) == 0 or len(data.features_unlabeled) < 2:
+            info = {"fallback": "random", "fallback_reason": "nothing labeled or nothing to order"}
+            scores = np.random.default_rng(data.seed).random(len(data.features_unlabeled))
+            return self.finish(data, scores, probabilities, info)
+        _, p_training = training_probabilities(
+            layer_features(data.all_layers_labeled, data.features_labeled),
+            layer_features(data.all_layers_unlabeled, data.features_unlabeled),
+            folds=settings["domain_folds"],
+            seed=data.seed,
+            regularization=settings["domain_regularization"],
+            max_per_side=settings["max_per_side"],
+        )
+        info = {"fallback": None, "layers": int(np.asarray(data.all_layers_unlabeled).shape[1])}
+        return self.finish(data, p_training, probabilities, info)
