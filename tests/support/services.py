@@ -50,11 +50,18 @@ class Services:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start_web(self, workers: int = 2) -> str:
+    def start_web(self, workers: int = 2, threads: int | None = None,
+                  worker_class: str | None = None) -> str:
+        """gunicorn with the app; `threads` / `worker_class` pass through (benchmarks try them)."""
         self.port = free_port()
         log = open(self.data_dir / "web.log", "ab")
+        extra = []
+        if worker_class:
+            extra += ["--worker-class", worker_class]
+        if threads:
+            extra += ["--threads", str(threads)]
         self.web = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--bind",
+            [sys.executable, "-m", "gunicorn", "--workers", str(workers), *extra, "--bind",
              f"127.0.0.1:{self.port}", "--timeout", "120", "backend.wsgi:app"],
             env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -69,6 +76,17 @@ class Services:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"gunicorn did not answer /health:\n{self.log_tail('web.log')}")
+
+    def stop_web(self) -> None:
+        """Stop gunicorn only (Redis and workers keep running), e.g. to restart it differently."""
+        if self.web and self.web.poll() is None:
+            os.killpg(self.web.pid, signal.SIGTERM)
+            try:
+                self.web.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.web.pid, signal.SIGKILL)
+                self.web.wait()
+        self.web = None
 
     def start_worker(self) -> subprocess.Popen:
         log = open(self.data_dir / "worker.log", "ab")

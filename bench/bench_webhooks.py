@@ -1,0 +1,351 @@
+"""Issue 3, point 4: 200 concurrent webhooks for one project: acknowledgment latency, retrains queued.
+
+Starts the real parts (redis-server, gunicorn with the app) on a temporary DATA_DIR and fires
+bursts of 200 `ANNOTATION_CREATED` webhooks for one project at once: 200 connections opened
+together by an asyncio client that speaks raw HTTP/1.1 (one new connection per webhook, as
+Label Studio sends them; a lighter client than httpx, so the latency measured is the
+server's queueing, not the client's). Each burst uses a new project id, so each starts with
+nothing waiting, as after a quiet period.
+
+Part A, latency (no RQ worker): for each gunicorn setting (sync workers, gthread threads),
+sequential webhooks for the per-request cost, then bursts: p50/p99/max of the time from a
+webhook's connect to its response, status codes, and the retrain jobs queued in Redis for
+the project (with no worker nothing starts, so the target is exactly one). Also the server's
+CPU time per webhook (gunicorn + redis-server), which bounds how soon the last of a burst can
+be answered on this many cores; one burst spread evenly over --paced-ms; and bursts of GET
+/health, the floor of gunicorn + Flask on this machine with no work in the request.
+
+Part B, retrains (with a real RQ worker): Label Studio is absent (LABEL_STUDIO_URL points at a
+closed port), so a retrain cannot finish, but the worker does start the first job during the
+burst, which clears the project's waiting mark exactly as in production; the following
+webhooks then queue one follow-up and coalesce into it. Counted: retrain jobs created for the
+project (target: at most two). Whether the final model includes every annotation needs Label
+Studio; that is point 1's benchmark.
+
+    .venv/bin/python bench/bench_webhooks.py [--burst 200] [--bursts 5] [--configs sync:2,gthread:2x8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from run_record import Run, load, percentile, table  # also puts the repository on sys.path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import psutil  # noqa: E402
+from redis import Redis  # noqa: E402
+from rq import Queue, Worker  # noqa: E402
+from rq.job import Job  # noqa: E402
+from rq.registry import (DeferredJobRegistry, FailedJobRegistry, FinishedJobRegistry,  # noqa: E402
+                         ScheduledJobRegistry, StartedJobRegistry)
+from rq.serializers import JSONSerializer  # noqa: E402
+
+from backend.cli import free_port  # noqa: E402
+from backend.job_queue import key  # noqa: E402
+from backend.settings import Settings  # noqa: E402
+from tests.support.services import Services  # noqa: E402
+
+DEFAULT_CONFIGS = "sync:2,sync:4,gthread:2x4,gthread:2x8,gthread:4x8"
+
+
+def webhook_request(port: int, project_id: int, n: int) -> bytes:
+    body = json.dumps({
+        "action": "ANNOTATION_CREATED",
+        "project": {"id": project_id, "title": "bench"},
+        "annotation": {"id": n, "project": project_id, "task": n,
+                       "result": [{"from_name": "sentiment", "to_name": "text", "type": "choices",
+                                   "value": {"choices": ["Positive"]}}]},
+        "task": {"id": n, "project": project_id, "data": {"text": f"task {n}"}},
+    }).encode()
+    head = (f"POST /webhook HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    return head + body
+
+
+def health_request(port: int) -> bytes:
+    return f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
+
+
+async def _send(port: int, request: bytes) -> tuple[float, float, int]:
+    """(start, milliseconds, status) of one webhook on its own connection; status 0 on error."""
+    started = time.perf_counter()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), timeout=30)  # the server closes
+        writer.close()
+        status = int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/") else 0
+    except (OSError, asyncio.TimeoutError, ValueError, IndexError):
+        status = 0
+    return started, (time.perf_counter() - started) * 1000, status
+
+
+async def _burst(port: int, requests: list[bytes]) -> list[tuple[float, float, int]]:
+    return await asyncio.gather(*(_send(port, r) for r in requests))
+
+
+async def _paced(port: int, requests: list[bytes], spread_ms: float) -> list[tuple[float, float, int]]:
+    async def later(i: int, request: bytes):
+        await asyncio.sleep(spread_ms / 1000 * i / len(requests))
+        return await _send(port, request)
+
+    return await asyncio.gather(*(later(i, r) for i, r in enumerate(requests)))
+
+
+def burst(port: int, project_id: int, size: int, spread_ms: float = 0.0) -> dict:
+    """`size` webhooks at once, or evenly spread over `spread_ms`."""
+    requests = [webhook_request(port, project_id, n) for n in range(size)]
+    started = time.perf_counter()
+    results = asyncio.run(_paced(port, requests, spread_ms) if spread_ms else _burst(port, requests))
+    wall = (time.perf_counter() - started) * 1000
+    latencies = [ms for _, ms, _ in results]
+    return {
+        "latencies": latencies,
+        "statuses": Counter(status for _, _, status in results),
+        "wall_ms": wall,
+        "send_spread_ms": (max(s for s, _, _ in results) - min(s for s, _, _ in results)) * 1000,
+    }
+
+
+def sequential(port: int, project_id: int, count: int) -> list[float]:
+    return [asyncio.run(_send(port, webhook_request(port, project_id, n)))[1] for n in range(count)]
+
+
+def retrain_jobs(redis: Redis, queue_name: str, project_id: int) -> dict:
+    """Retrain jobs of one project, by where RQ keeps them."""
+    queue = Queue(queue_name, connection=redis, serializer=JSONSerializer)
+    places = {
+        "queued": queue.get_job_ids(),
+        "scheduled": ScheduledJobRegistry(queue=queue).get_job_ids(),
+        "deferred": DeferredJobRegistry(queue=queue).get_job_ids(),
+        "started": StartedJobRegistry(queue=queue).get_job_ids(),
+        "finished": FinishedJobRegistry(queue=queue).get_job_ids(),
+        "failed": FailedJobRegistry(queue=queue).get_job_ids(),
+    }
+    prefix = f"retrain-{project_id}-"
+    found = {place: sorted(j for j in ids if j.startswith(prefix)) for place, ids in places.items()}
+    found["requested_counter"] = int(redis.get(key(project_id, "requested")) or 0)
+    found["coalesced_counter"] = int(redis.get(key(project_id, "coalesced")) or 0)
+    return found
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def server_processes(services: Services) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """(gunicorn master and workers, redis-server)."""
+    master = psutil.Process(services.web.pid)
+    return [master, *master.children()], [psutil.Process(services.redis_process.pid)]
+
+
+def parse_config(text: str) -> dict:
+    kind, _, size = text.partition(":")
+    if kind == "sync":
+        return {"label": f"sync, {size} workers", "workers": int(size), "threads": None, "worker_class": None}
+    if kind == "gthread":
+        workers, _, threads = size.partition("x")
+        return {"label": f"gthread, {workers} workers x {threads} threads", "workers": int(workers),
+                "threads": int(threads), "worker_class": "gthread"}
+    raise SystemExit(f"unknown config {text!r}: use sync:<workers> or gthread:<workers>x<threads>")
+
+
+def warm_up(port: int, workers: int, project_id: int) -> None:
+    """Every worker (thread) opens its Redis connection and loads the Lua script first."""
+    for _ in range(3):
+        burst(port, project_id, workers * 8)
+    sequential(port, project_id, 10)
+
+
+def part_a(args, run: Run) -> list[dict]:
+    rows = []
+    data_dir = Path(tempfile.mkdtemp(prefix="atl-bench-webhooks-"))
+    project_id = 100
+    try:
+        with Services(data_dir) as services:
+            services.start_redis()
+            redis = Redis.from_url(services.redis_url)
+            for text in args.configs.split(","):
+                config = parse_config(text)
+                services.start_web(workers=config["workers"], threads=config["threads"],
+                                   worker_class=config["worker_class"])
+                port = services.port
+                project_id += 1
+                warm_up(port, config["workers"] * (config["threads"] or 1), project_id)
+                project_id += 1
+                seq = sequential(port, project_id, args.sequential)
+                bursts = []
+                web_processes, redis_processes = server_processes(services)
+                for _ in range(args.bursts):
+                    project_id += 1
+                    before = load()
+                    cpu_before = cpu_seconds(web_processes), cpu_seconds(redis_processes)
+                    result = burst(port, project_id, args.burst)
+                    cpu_web = (cpu_seconds(web_processes) - cpu_before[0]) * 1000 / args.burst
+                    cpu_redis = (cpu_seconds(redis_processes) - cpu_before[1]) * 1000 / args.burst
+                    time.sleep(0.2)
+                    jobs = retrain_jobs(redis, Settings().queue_name, project_id)
+                    bursts.append({
+                        "project_id": project_id,
+                        "p50_ms": round(percentile(result["latencies"], 50), 1),
+                        "p99_ms": round(percentile(result["latencies"], 99), 1),
+                        "max_ms": round(max(result["latencies"]), 1),
+                        "wall_ms": round(result["wall_ms"], 1),
+                        "client_send_spread_ms": round(result["send_spread_ms"], 1),
+                        "gunicorn_cpu_ms_per_webhook": round(cpu_web, 2),
+                        "redis_cpu_ms_per_webhook": round(cpu_redis, 2),
+                        "statuses": dict(result["statuses"]),
+                        "retrain_jobs": sum(len(v) for k, v in jobs.items() if not k.endswith("counter")),
+                        "jobs": jobs,
+                        "load_before": before,
+                        "load_after": load(),
+                    })
+                    print(f"  {config['label']}: burst p50 {bursts[-1]['p50_ms']} ms, p99 {bursts[-1]['p99_ms']} ms, "
+                          f"statuses {bursts[-1]['statuses']}, retrain jobs {bursts[-1]['retrain_jobs']}, "
+                          f"load {bursts[-1]['load_after']}", flush=True)
+                project_id += 1
+                paced = burst(port, project_id, args.burst, spread_ms=args.paced_ms)
+                # The stack's own floor: the same burst of GET /health (no JSON, no Redis).
+                health = []
+                for _ in range(args.bursts):
+                    result = asyncio.run(_burst(port, [health_request(port)] * args.burst))
+                    health.append(percentile([ms for _, ms, _ in result], 99))
+                p99s = [b["p99_ms"] for b in bursts]
+                cpu_ms = statistics.median(b["gunicorn_cpu_ms_per_webhook"] + b["redis_cpu_ms_per_webhook"]
+                                           for b in bursts)
+                statuses = Counter()
+                for b in bursts:
+                    statuses.update(b["statuses"])
+                row = {
+                    "gunicorn": config["label"],
+                    "sequential p50 ms": round(percentile(seq, 50), 1),
+                    "burst p50 ms (median)": statistics.median(b["p50_ms"] for b in bursts),
+                    "burst p99 ms (median)": statistics.median(p99s),
+                    "burst p99 ms (range)": f"{min(p99s):.0f}-{max(p99s):.0f}",
+                    "acknowledged": f"{sum(v for s, v in statuses.items() if s in (200, 201))}/{args.burst * len(bursts)}",
+                    "statuses": " ".join(f"{s}x{v}" for s, v in sorted(statuses.items())),
+                    "retrain jobs per burst": "/".join(str(b["retrain_jobs"]) for b in bursts),
+                    "server CPU ms/webhook": round(cpu_ms, 2),
+                    # If the server used both cores fully for nothing else, the last of the
+                    # burst could not be answered sooner than this.
+                    "CPU floor for last ack ms": round(cpu_ms * args.burst / len(os.sched_getaffinity(0)), 0),
+                    f"paced over {args.paced_ms:g} ms: p99 ms": round(percentile(paced["latencies"], 99), 1),
+                    "GET /health burst p99 ms (median)": round(statistics.median(health), 1),
+                    "p99 < 50 ms": "yes" if statistics.median(p99s) < 50 else
+                                   f"NO (+{statistics.median(p99s) - 50:.0f} ms)",
+                    "load": load(),
+                    "bursts": bursts,
+                    "sequential_ms": [round(x, 2) for x in seq],
+                    "paced": {"spread_ms": args.paced_ms, "p50_ms": round(percentile(paced["latencies"], 50), 1),
+                              "p99_ms": round(percentile(paced["latencies"], 99), 1),
+                              "statuses": dict(paced["statuses"])},
+                }
+                rows.append(row)
+                services.stop_web()
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return rows
+
+
+def part_b(args) -> list[dict]:
+    rows = []
+    for text in args.retrain_configs.split(","):
+        config = parse_config(text)
+        data_dir = Path(tempfile.mkdtemp(prefix="atl-bench-webhooks-b-"))
+        project_id = 7
+        env = {"LABEL_STUDIO_URL": f"http://127.0.0.1:{free_port()}", "LABEL_STUDIO_API_KEY": "absent",
+               "JOB_RETRIES": "0", "RECONCILE_INTERVAL": "0"}
+        try:
+            with Services(data_dir, extra_env=env) as services:
+                services.start_redis()
+                redis = Redis.from_url(services.redis_url)
+                services.start_web(workers=config["workers"], threads=config["threads"],
+                                   worker_class=config["worker_class"])
+                warm_up(services.port, config["workers"] * (config["threads"] or 1), 1)
+                redis.flushdb()  # the warm-up's job must not keep the worker busy during the burst
+                services.start_worker()
+                deadline = time.monotonic() + 120
+                while not Worker.all(connection=redis) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                time.sleep(1.0)  # the worker is in its blocking dequeue
+                burst_started = time.time()
+                result = burst(services.port, project_id, args.burst)
+                time.sleep(args.retrain_wait)
+                jobs = retrain_jobs(redis, Settings().queue_name, project_id)
+                all_ids = sorted({j for k, v in jobs.items() if not k.endswith("counter") for j in v})
+                started_at = []
+                for job_id in all_ids:
+                    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+                    if job.started_at is not None:
+                        started_at.append(round((job.started_at.timestamp() - burst_started) * 1000))
+                rows.append({
+                    "gunicorn": config["label"],
+                    "webhooks": args.burst,
+                    "acknowledged": sum(v for s, v in result["statuses"].items() if s in (200, 201)),
+                    "statuses": " ".join(f"{s}x{v}" for s, v in sorted(result["statuses"].items())),
+                    "p99 ms": round(percentile(result["latencies"], 99), 1),
+                    "retrain jobs": len(all_ids),
+                    "201 queued": result["statuses"].get(201, 0),
+                    "coalesced (counter)": jobs["coalesced_counter"],
+                    "first job started (ms after burst start)": started_at[0] if started_at else "not yet",
+                    "at most two": "yes" if len(all_ids) <= 2 else "NO",
+                    "load": load(),
+                    "jobs": jobs,
+                })
+                print(table([{k: v for k, v in rows[-1].items() if k != "jobs"}]), flush=True)
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--burst", type=int, default=200, help="webhooks sent at once")
+    parser.add_argument("--bursts", type=int, default=5, help="bursts per gunicorn setting")
+    parser.add_argument("--sequential", type=int, default=100, help="one-at-a-time webhooks per setting")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS,
+                        help="gunicorn settings for part A: sync:<workers> or gthread:<workers>x<threads>")
+    parser.add_argument("--paced-ms", type=float, default=1000.0,
+                        help="also send one burst evenly spread over this many ms, per setting")
+    parser.add_argument("--retrain-configs", default="sync:2,gthread:2x8", help="gunicorn settings for part B")
+    parser.add_argument("--retrain-wait", type=float, default=3.0,
+                        help="seconds after the burst before counting jobs (> RETRAIN_MIN_INTERVAL)")
+    args = parser.parse_args()
+
+    run = Run("bench_webhooks")
+    run["burst"] = args.burst
+    a = part_a(args, run)
+    b = part_b(args)
+    run["latency"] = a
+    run["retrains"] = b
+    print()
+    print(table(a, ["gunicorn", "sequential p50 ms", "burst p50 ms (median)", "burst p99 ms (median)",
+                    "burst p99 ms (range)", "acknowledged", "statuses", "retrain jobs per burst",
+                    "p99 < 50 ms", "server CPU ms/webhook", "CPU floor for last ack ms",
+                    f"paced over {args.paced_ms:g} ms: p99 ms", "GET /health burst p99 ms (median)", "load"]))
+    print()
+    print(table(b, ["gunicorn", "webhooks", "acknowledged", "statuses", "p99 ms", "retrain jobs", "201 queued",
+                    "coalesced (counter)", "first job started (ms after burst start)", "at most two", "load"]))
+    run.write()
+
+
+if __name__ == "__main__":
+    main()
