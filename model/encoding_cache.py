@@ -42,6 +42,9 @@ class EncodingCache:
         db = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            # Large pages: 100,000 float16 vectors take 92 MB instead of 121 MB with the
+            # default 4 KiB pages (bench/bench_scale.py). Applies when the file is created.
+            db.execute("PRAGMA page_size=65536")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db
