@@ -282,6 +282,7 @@ class ActiveLearningBackend:
         started = time.perf_counter()
         _, _, _, data_, sync = self._read_project(progress)
         encoder = get_encoder(self.settings)
+        progress("encoding", 0, len(data_.texts))
         _, encoded = encode_with_cache(encoder, self.cache, data_.texts,
                                        progress=lambda done, total: progress("encoding", done, total))
         return {"status": "finished", "tasks": len(data_.texts), "encoded": encoded, "sync": sync,
