@@ -46,16 +46,11 @@ from backend.settings import Settings  # noqa: E402
 from model.classifier import ClassifierHead, HeadConfig  # noqa: E402
 from model.datasets import airline_tweets  # noqa: E402
 from model.encoding_cache import EncodingCache, encode_with_cache  # noqa: E402
+from tests.support.ls_project import CONFIG  # noqa: E402
 from tests.support.services import Services  # noqa: E402
 
 PROJECT = 1
-LABEL_CONFIG = """<View>
-  <Text name="text" value="$text"/>
-  <Choices name="sentiment" toName="text" choice="single">
-    <Choice value="Positive"/>
-    <Choice value="Negative"/>
-  </Choices>
-</View>"""
+LABEL_CONFIG = CONFIG
 
 
 def publish_model(settings: Settings, texts: list[str], labels: list[str]) -> tuple[str, object]:

@@ -337,6 +337,7 @@ def _evaluate(head, test_rows: np.ndarray) -> tuple[float, float]:
 def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
     """Replay the labeling loop for one ordering on one seed's paired setup."""
     from model.orderings import OrderingInput, get_ordering
+    from model.orderings.base import jsonable
 
     features, layers, y = _CONTEXT["features"], _CONTEXT["layers"], _CONTEXT["y"]
     ordering = get_ordering(name, **config.ordering_params.get(name, {}))
@@ -367,7 +368,7 @@ def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
             out["seconds_ordering"] += time.perf_counter() - started
             picked, filled = _exact_batch(result, need)
             out["filled_by_simulator"] += filled
-            out["info"].append(_jsonable(result.info))
+            out["info"].append(jsonable(result.info))
             chosen = unlabeled[picked]
             is_labeled[chosen] = True
             labeled.extend(int(i) for i in chosen)
@@ -429,20 +430,6 @@ def _finite(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist()) if value.size <= 64 else f"<array {value.shape}>"
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
 
 
 # -- statistics -----------------------------------------------------------------------------
