@@ -9,12 +9,19 @@ several kinds of error instead of many copies of one: uncertainty and diversity 
 
 How the head is retrained: round 1 uses predicted-incorrect's head (the classifier's
 uncertainty, corrected where the labeled tasks support it). Every later round keeps that
-head's logit as a fixed offset and refits a penalised correction on the last hidden layer
-and confidence features (`adaptive_regularization`) from the labeled tasks plus the picked
-ones, which join the Correct side with their own inputs ("a task like this, as uncertain as
-this, will be predicted correctly once labeled") and the weight of one in-domain labeled task
-(`picked_weight`). The fixed offset keeps the correction local: the head cannot simply stop
-trusting uncertainty everywhere, it learns where the picked tasks' neighbours are.
+head's logit as a fixed offset and refits a correction from the labeled tasks plus the picked
+ones, which join the Correct side with the weight of one in-domain labeled task
+(`picked_weight`). By default the correction's inputs are kernel similarities, in the
+classifier's last hidden layer, to each picked task, with weights kept <= 0: a task close to
+one assumed handled looks safer, a task far from all of them keeps its score, and labeled
+Incorrect tasks near a picked one limit how much safer. The fixed offset keeps the head from
+simply ceasing to trust uncertainty everywhere.
+
+What was measured while building it (bench/explore_orderings.py, 3 paired seeds; see the
+report of issue 5): adaptations strong enough to make batches clearly more diverse (a linear
+correction on the hidden layer) also made them find fewer errors and lost label efficiency
+to least confidence, most after a domain shift; the kernel version stays close to
+predicted-incorrect.
 
 The loop stops early when no remaining task is confidently incorrect (P(Incorrect) below
 `min_incorrect_probability` for all of them); the batch is then shorter than `batch_size`.
@@ -49,8 +56,31 @@ ATLAS_DEFAULTS: dict = {
     "per_round": 5,  # tasks picked between two retrains of the Correct/Incorrect head
     "min_incorrect_probability": 0.5,  # "confidently incorrect": stop when nobody is above
     "picked_weight": 1.0,  # weight of a picked task, relative to an in-domain labeled task
-    "adaptive_regularization": 0.05,  # C of the correction retrained every round
+    "adaptive_regularization": 1.0,  # C of the correction retrained every round
+    # What the per-round correction sees: "similarity" (a kernel on the closeness of a task
+    # to each picked task, weights <= 0: only the picked tasks' neighbours stop looking
+    # risky) or "hidden" (the last hidden layer itself: a linear correction, which moves
+    # whole half-spaces of the pool at once).
+    "adaptive_features": "similarity",
+    "locality": 0.3,  # width of the kernel exp((cos - 1) / locality); cos of centred vectors
+    "similarity_space": "hidden",  # "hidden" (the classifier's last hidden layer) or "encoder"
+    # Pool tasks that keep the base head's P(Incorrect) as a soft target in every refit, and
+    # the weight of each. Off by default: the kernel is local by construction. A linear
+    # correction ("hidden") needs them (~0.1), or after a domain shift, where the labeled
+    # tasks weigh almost nothing, the picked tasks teach it "every tweet is correct".
+    "anchor_size": 2000,
+    "anchor_weight": 0.0,
 }
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def nearness(units: np.ndarray, picked_units: np.ndarray, locality: float) -> np.ndarray:
+    """Kernel similarity of every task to every picked task, (n, picked), in (0, 1]."""
+    return np.exp((units @ picked_units.T - 1.0) / locality)
 
 
 class Atlas(Ordering):
@@ -86,6 +116,25 @@ class Atlas(Ordering):
         # own inputs: "a task like this, as uncertain as this, will be predicted correctly".
         picked_weight = float(settings["picked_weight"])
         adaptive = float(settings["adaptive_regularization"])
+        locality = float(settings["locality"])
+        if settings["adaptive_features"] == "similarity":
+            # Unit vectors, centred on the pool (ReLU activations are all positive: uncentred,
+            # every pair of tasks looks alike).
+            if settings["similarity_space"] == "hidden":
+                labeled_space, pool_space = training.labeled_hidden, training.pool_hidden
+            else:
+                labeled_space, pool_space = data.features_labeled, data.features_unlabeled
+            centre = np.asarray(pool_space, dtype=np.float64).mean(axis=0)
+            labeled_unit = unit_rows(labeled_space - centre)
+            pool_unit = unit_rows(pool_space - centre)
+        elif settings["adaptive_features"] == "hidden":
+            labeled_inputs, pool_inputs = training.labeled_hidden, training.pool_hidden
+        else:
+            raise ValueError("adaptive_features must be 'similarity' or 'hidden'")
+        anchor = np.zeros(0, dtype=np.int64)
+        if float(settings["anchor_weight"]) > 0:
+            rng = np.random.default_rng(data.seed)
+            anchor = np.sort(rng.permutation(len(training.pool))[: int(settings["anchor_size"])])
 
         batch: list[int] = []
         available = np.ones(len(training.pool), dtype=bool)
@@ -95,14 +144,30 @@ class Atlas(Ordering):
         while len(batch) < min(data.batch_size, len(training.pool)):
             if batch:
                 picked = np.asarray(batch)
+                anchored = anchor[available[anchor]]
+                if settings["adaptive_features"] == "similarity":
+                    labeled_inputs = nearness(labeled_unit, pool_unit[picked], locality)
+                    pool_inputs = nearness(pool_unit, pool_unit[picked], locality)
                 head = BinaryHead(adaptive).fit(
-                    np.vstack([training.labeled, training.pool[picked]]),
-                    np.concatenate([training.incorrect, np.zeros(len(picked), dtype=bool)]),
-                    np.concatenate([labeled_weights, np.full(len(picked), picked_weight)]),
-                    offset=np.concatenate([base_labeled, base_pool[picked]]),
+                    np.vstack([labeled_inputs, pool_inputs[anchored], pool_inputs[picked]]),
+                    np.concatenate(
+                        [training.incorrect, expit(base_pool[anchored]), np.zeros(len(picked))]
+                    ),
+                    np.concatenate(
+                        [
+                            labeled_weights,
+                            np.full(len(anchored), float(settings["anchor_weight"])),
+                            np.full(len(picked), picked_weight),
+                        ]
+                    ),
+                    offset=np.concatenate([base_labeled, base_pool[anchored], base_pool[picked]]),
                     fixed_offset=True,
+                    # Kernel features are 0 far from every picked task: keep them so.
+                    standardize=settings["adaptive_features"] != "similarity",
+                    # Being near a task assumed correct can only make a task look safer.
+                    nonpositive=settings["adaptive_features"] == "similarity",
                 )
-                p_incorrect = head.positive_probability(training.pool, base_pool)
+                p_incorrect = head.positive_probability(pool_inputs, base_pool)
             rounds += 1
             candidates = np.flatnonzero(available & (p_incorrect >= threshold))
             if len(candidates) == 0:

@@ -66,6 +66,9 @@ ERROR_HEAD_DEFAULTS: dict = {
     "head_regularization": "auto",
     "regularization_grid": [0.0, 0.003, 0.01, 0.03, 0.1],
     "correction_min_gain": 0.01,
+    # Below this many (effective, importance-weighted) Incorrect examples, no correction is
+    # tried at all: cross-validation on a handful of errors picks noise.
+    "min_effective_incorrect": 30,
     # Weight labeled tasks by how much they look like the unlabeled pool.
     "domain_weighting": True,
     "max_domain_weight": 10.0,  # clip of the density ratio
@@ -180,19 +183,23 @@ class BinaryHead:
         weights: np.ndarray,
         offset: np.ndarray | None = None,
         fixed_offset: bool = False,
+        standardize: bool = True,
+        nonpositive: bool = False,
     ) -> "BinaryHead":
         """Fit on (features, target) with sample weights.
 
         With `fixed_offset`, logit = offset + w . features: the offset's slope stays 1 and
         there is no intercept, so the data can only move the score through the penalised
-        weights (ATLAS's local, per-round corrections).
+        weights (ATLAS's local, per-round corrections). Without `standardize` a feature that
+        is 0 leaves the score alone (kernel features: far-away tasks stay where they are).
+        With `nonpositive` the weights are kept <= 0: a feature can only lower the score.
         """
         from scipy.optimize import minimize
         from scipy.special import expit
 
         features = np.asarray(features, dtype=np.float64)
-        self.mean = features.mean(axis=0)
-        self.scale = features.std(axis=0)
+        self.mean = features.mean(axis=0) if standardize else np.zeros(features.shape[1])
+        self.scale = features.std(axis=0) if standardize else np.ones(features.shape[1])
         self.scale[self.scale < 1e-8] = 1.0
         # C = 0: no correction at all, only the slope of the offset and the intercept.
         learn_weights = self.regularization > 0
@@ -221,8 +228,17 @@ class BinaryHead:
         if u is not None:
             start[-1] = 1.0  # start from the offset as it is: the plain uncertainty score
         bounds = None
+        weight_bounds = [(None, 0.0) if nonpositive else (None, None)] * d
         if fixed_offset:
-            bounds = [(None, None)] * d + [(0.0, 0.0), (1.0, 1.0)]
+            bounds = weight_bounds + [(0.0, 0.0), (1.0, 1.0)]
+        elif nonpositive:
+            bounds = weight_bounds + [(None, None)] * (1 + (u is not None))
+        elif u is not None:
+            # The offset's slope stays positive: more uncertain never means less likely
+            # wrong. Weighted labeled tasks unlike the pool can make a negative slope fit
+            # best, and it would serve the tasks least likely to be wrong first (the
+            # reference code's inversion, by another road).
+            bounds = [(None, None)] * (d + 1) + [(1e-3, None)]
         theta = minimize(
             objective, start, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": 500}
         ).x
@@ -247,9 +263,10 @@ class BinaryHead:
 
 def uncertainty_logit(probabilities: np.ndarray) -> np.ndarray:
     """log((1 - p_max) / p_max): the log-odds that the argmax is wrong, if calibrated."""
-    rest = np.clip(other_classes_probability(probabilities), 1e-30, 1.0)
-    top = np.clip(np.asarray(probabilities, dtype=np.float64).max(axis=1), 1e-30, 1.0)
-    return np.log(rest) - np.log(top)
+    # From 1 - p_max alone, so the ranking is exactly least confidence's (p_max read back
+    # from float32 probabilities would not sum with the rest to exactly 1).
+    rest = np.clip(other_classes_probability(probabilities), 1e-30, 1.0 - 1e-12)
+    return np.log(rest) - np.log1p(-rest)
 
 
 @dataclass
@@ -266,6 +283,9 @@ class ErrorTrainingSet:
     # least confidence ("correction"); None otherwise.
     labeled_offset: np.ndarray | None = None
     pool_offset: np.ndarray | None = None
+    # The last hidden layer alone (ATLAS's per-round corrections look only at it).
+    labeled_hidden: np.ndarray | None = None
+    pool_hidden: np.ndarray | None = None
 
     def fit_head(self, regularization: float) -> BinaryHead:
         return BinaryHead(regularization).fit(
@@ -341,6 +361,8 @@ def error_training_set(data: OrderingInput, settings: dict, probabilities: np.nd
         info=info,
         labeled_offset=uncertainty_logit(oof_probabilities) if correction else None,
         pool_offset=uncertainty_logit(probabilities) if correction else None,
+        labeled_hidden=oof_hidden,
+        pool_hidden=pool_hidden,
     )
 
 
@@ -358,6 +380,14 @@ def choose_regularization(training: ErrorTrainingSet, settings: dict, seed: int)
     grid = sorted(float(c) for c in settings["regularization_grid"])
     if training.labeled_offset is None:
         grid = [c for c in grid if c > 0] or [0.05]
+    wrong_weights = training.weights[training.incorrect]
+    effective = float(wrong_weights.sum() ** 2 / max((wrong_weights**2).sum(), 1e-300))
+    if training.labeled_offset is not None and effective < settings["min_effective_incorrect"]:
+        return 0.0, {
+            "head_regularization": 0.0,
+            "effective_incorrect": round(effective, 1),
+            "correction": "none: too few (pool-like) Incorrect examples to back one up",
+        }
     target = training.incorrect
     folds = int(max(2, min(settings["folds"], target.sum(), (~target).sum())))
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
@@ -380,7 +410,11 @@ def choose_regularization(training: ErrorTrainingSet, settings: dict, seed: int)
     for c in grid[1:]:
         if auc[c] >= auc[chosen] + float(settings["correction_min_gain"]):
             chosen = c
-    return chosen, {"head_regularization": chosen, "cv_auc": {str(c): round(a, 4) for c, a in auc.items()}}
+    return chosen, {
+        "head_regularization": chosen,
+        "effective_incorrect": round(effective, 1),
+        "cv_auc": {str(c): round(a, 4) for c, a in auc.items()},
+    }
 
 
 def head_regularization(training: ErrorTrainingSet, settings: dict, seed: int) -> tuple[float, dict]:

@@ -1,0 +1,411 @@
+"""The orderings of the labeling queue (issue 5): on plain arrays, then on real text.
+
+Unit tests use small numpy arrays and the real ClassifierHead. The real-data tests encode
+movie snippets (the training domain) and airline tweets (the application domain) with the
+offline MiniLM encoder once, through the encoding cache, and check that each ordering does
+its job: predicted-incorrect finds the current model's pool errors at least as well as
+least confidence, domain-likeness separates tweets from held-out movie snippets, an ATLAS
+batch is more diverse than the top of predicted-incorrect, and no batch collapses onto one
+predicted class.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.classifier import ClassifierHead, HeadConfig
+from model.orderings import ORDERINGS, OrderingInput, get_ordering
+from model.orderings.class_balance import balanced_batch, guard_batch, put_batch_first
+from model.orderings.entropy import entropy_score
+from model.orderings.least_confidence import least_confidence_score
+from model.orderings.margin import margin_score
+
+NAMES = ["random", "least_confidence", "margin", "entropy", "predicted_incorrect", "domain_likeness", "atlas"]
+
+
+# ---------------------------------------------------------------- plain arrays
+
+
+class FixedProbabilities:
+    """A stand-in classifier for the baselines: probabilities given per task."""
+
+    def __init__(self, probabilities):
+        self.probabilities = np.asarray(probabilities, dtype=np.float32)
+
+    def predict_proba(self, features):
+        return self.probabilities[np.asarray(features[:, 0], dtype=int)]
+
+
+def _baseline_input(probabilities, batch_size=2, **params):
+    n = len(probabilities)
+    return OrderingInput(
+        features_labeled=np.zeros((2, 1)),
+        labels=np.array([0, 1]),
+        features_unlabeled=np.arange(n, dtype=float)[:, None],
+        classifier=FixedProbabilities(probabilities),
+        batch_size=batch_size,
+        params=params,
+    )
+
+
+def test_registry_has_exactly_the_issue_names():
+    assert list(ORDERINGS) == NAMES
+    for name in NAMES:
+        assert get_ordering(name).name == name
+    with pytest.raises(ValueError, match="choose one of"):
+        get_ordering("most_interesting")
+    with pytest.raises(ValueError, match="known parameters"):
+        get_ordering("atlas", rounds_per_batch=3)
+
+
+def test_uncertainty_baselines_serve_the_least_certain_first():
+    probabilities = [[0.99, 0.01], [0.5, 0.5], [0.8, 0.2], [0.3, 0.7]]
+    for score in (least_confidence_score, margin_score, entropy_score):
+        values = score(np.array(probabilities))
+        assert list(np.argsort(values)) == [1, 3, 2, 0]
+        assert values.min() >= 0 and values.max() <= 1
+    # A float32 softmax saturates: p_max rounds to 1.0 while the other class does not.
+    saturated = np.array([[1.0, 1e-9], [1.0, 1e-12]], dtype=np.float32)
+    assert least_confidence_score(saturated)[0] < least_confidence_score(saturated)[1]
+    for name in ("least_confidence", "margin", "entropy"):
+        result = get_ordering(name).score(_baseline_input(probabilities))
+        assert list(result.top(2)) == [1, 3]
+
+
+def test_random_order_is_seeded():
+    data = _baseline_input([[0.6, 0.4]] * 30, batch_size=5)
+    first = get_ordering("random").score(data).scores
+    assert np.array_equal(first, get_ordering("random").score(data).scores)
+    data.seed = 1
+    assert not np.array_equal(first, get_ordering("random").score(data).scores)
+
+
+def test_params_come_from_the_constructor_and_the_call():
+    probabilities = [[0.9, 0.1]] * 8 + [[0.4, 0.6]] * 2
+    unguarded = get_ordering("least_confidence", class_guard=False).score(
+        _baseline_input(probabilities, batch_size=4)
+    )
+    assert unguarded.info["class_guard"] is False
+    # Per-call extra params win over the constructor's.
+    guarded = get_ordering("least_confidence", class_guard=False).score(
+        _baseline_input(probabilities, batch_size=4, class_guard=True)
+    )
+    assert guarded.info["class_guard"] is True
+    with pytest.raises(ValueError, match="known parameters"):
+        get_ordering("margin").score(_baseline_input(probabilities, batch_size=4, folds="many"))
+
+
+# ---------------------------------------------------------------- class guard
+
+
+def test_guard_keeps_a_batch_from_collapsing_onto_one_class():
+    # The 60 lowest scores are all predicted class 0; class 1 exists further down.
+    scores = np.linspace(0.0, 1.0, 100)
+    predicted = np.array([0] * 60 + [1] * 40)
+    batch = balanced_batch(np.argsort(scores), predicted, 20, min_class_fraction=0.3)
+    assert len(batch) == 20 == len(set(batch))
+    assert (predicted[batch] == 1).sum() == 3  # 0.3 * 20 / 2 classes
+    # The ordering's own ranking is kept otherwise: the best 17 of class 0, then the best 3
+    # of class 1.
+    assert list(batch) == list(range(17)) + [60, 61, 62]
+
+    new_scores, guarded, info = guard_batch(scores, predicted, 20)
+    assert info["class_guard_swapped"] == 3
+    assert list(np.argsort(new_scores, kind="stable")[:20]) == list(guarded)
+    # Tasks the guard did not move keep their score.
+    untouched = np.setdiff1d(np.arange(100), guarded[-3:])
+    assert np.array_equal(new_scores[untouched], scores[untouched])
+
+    _, unguarded, info = guard_batch(scores, predicted, 20, enabled=False)
+    assert set(predicted[unguarded]) == {0} and info["class_guard_swapped"] == 0
+
+
+def test_guard_leaves_a_mixed_batch_and_a_one_class_pool_alone():
+    scores = np.linspace(0, 1, 50)
+    mixed = np.arange(50) % 2
+    new_scores, batch, info = guard_batch(scores, mixed, 10)
+    assert info["class_guard_swapped"] == 0 and np.array_equal(new_scores, scores)
+    one_class = np.zeros(50, dtype=int)
+    _, batch, info = guard_batch(scores, one_class, 10)
+    assert list(batch) == list(range(10)) and info["class_guard_swapped"] == 0
+
+
+def test_guard_with_more_classes_than_places_gives_the_best_classes_one_each():
+    order = np.arange(30)
+    predicted = np.array([0] * 10 + [1] * 10 + [2] * 10)
+    batch = balanced_batch(order, predicted, 2, min_class_fraction=0.3)
+    assert sorted(predicted[batch]) == [0, 1]
+
+
+def test_put_batch_first_is_rank_based_below_everything_else():
+    scores = np.array([0.5, 0.1, 0.9, 0.3, 0.7])
+    batch = np.array([2, 0])
+    new = put_batch_first(scores, batch, rank_based=True)
+    assert list(np.argsort(new)[:2]) == [2, 0]
+    assert new[2] < new[0] < scores[[1, 3, 4]].min()
+    assert np.array_equal(new[[1, 3, 4]], scores[[1, 3, 4]])
+
+
+# ---------------------------------------------------------------- active transfer learning on arrays
+
+
+def _hard_region_data(n, seed, dim=12):
+    """Two classes split by x0; where x1 > 1 a third of the labels are flipped.
+
+    The classifier cannot fit the flips, so its errors concentrate where x1 > 1: a region
+    the Correct/Incorrect head can find from the hidden layer, even among confident tasks.
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int)
+    flip = (x[:, 1] > 1.0) & (rng.random(n) < 0.35)
+    y[flip] = 1 - y[flip]
+    return x, y
+
+
+def _head(dim, seed=0):
+    return ClassifierHead(HeadConfig(labels=["a", "b"], input_dim=dim, hidden_dim=32, epochs=120, seed=seed))
+
+
+def test_predicted_incorrect_ranks_likely_errors_first_not_last():
+    # The reference code's inversion bug would serve the tasks most likely correct first.
+    x, y = _hard_region_data(1400, seed=0)
+    labeled, pool = slice(0, 600), slice(600, 1400)
+    classifier = _head(x.shape[1]).fit(x[labeled], y[labeled])
+    wrong = classifier.predict_proba(x[pool]).argmax(1) != y[pool]
+    data = OrderingInput(
+        x[labeled], y[labeled], x[pool], classifier, batch_size=100,
+        params={"domain_weighting": False, "class_guard": False, "head_regularization": 0.05},
+    )
+    # The default head (a correction of least confidence) and the book's head on the hidden
+    # layer alone: both serve a batch with far more errors than the pool has, and than the
+    # tasks they leave for last.
+    for params, factor in (({}, 2.0), ({"head_features": "hidden"}, 1.5)):
+        result = get_ordering("predicted_incorrect", **params).score(data)
+        assert result.info["fallback"] is None
+        order = np.argsort(result.scores, kind="stable")
+        first, last = wrong[order[:100]].mean(), wrong[order[-100:]].mean()
+        assert first > factor * wrong.mean() and first > last + 0.1, (params, first, last, wrong.mean())
+        assert np.array_equal(result.top(100), order[:100])
+
+
+def test_the_correction_head_never_turns_uncertainty_upside_down():
+    # Labeled tasks where, by chance, the more uncertain ones were *less* often wrong: the
+    # best fit has a negative slope on the uncertainty, which would serve the pool's safest
+    # tasks first. The slope is kept positive, so the ranking stays least confidence's.
+    from model.orderings.predicted_incorrect import BinaryHead
+
+    rng = np.random.default_rng(0)
+    offset = rng.normal(size=400)
+    wrong = rng.random(400) < np.where(offset > 0, 0.1, 0.4)
+    head = BinaryHead(0.0).fit(np.zeros((400, 3)), wrong, np.ones(400), offset=offset)
+    assert head.slope > 0
+    pool_offset = np.linspace(-3, 3, 50)
+    logits = head.positive_logit(np.zeros((50, 3)), pool_offset)
+    assert np.all(np.diff(logits) > 0)  # more uncertain = more likely incorrect
+
+
+def test_predicted_incorrect_falls_back_to_least_confidence_without_errors():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    x[:100, 0] += 6  # two far-apart clusters: no out-of-fold mistakes
+    y = np.array([1] * 100 + [0] * 100)
+    classifier = _head(8).fit(x, y)
+    pool = rng.normal(size=(50, 8)).astype(np.float32)
+    pool[:, 0] += rng.uniform(0, 6, size=50)
+    for name in ("predicted_incorrect", "atlas"):
+        result = get_ordering(name, class_guard=False).score(OrderingInput(x, y, pool, classifier, batch_size=10))
+        assert result.info["fallback"] == "least_confidence"
+        assert "incorrectly" in result.info["fallback_reason"]
+        expected = least_confidence_score(classifier.predict_proba(pool))
+        assert np.allclose(result.scores, expected)
+    # Too few labeled tasks to mark at all.
+    result = get_ordering("predicted_incorrect").score(OrderingInput(x[:6], y[:6], pool, classifier))
+    assert result.info["fallback"] == "least_confidence"
+
+
+def test_atlas_serves_its_batch_first_and_stops_when_nothing_looks_incorrect():
+    x, y = _hard_region_data(1400, seed=2)
+    labeled = slice(0, 600)
+    classifier = _head(x.shape[1]).fit(x[labeled], y[labeled])
+    rng = np.random.default_rng(3)
+    # Pool: confident tasks far from the boundary and outside the hard region, plus a few
+    # risky ones near the boundary.
+    easy = rng.normal(size=(300, x.shape[1])).astype(np.float32)
+    easy[:, 0] = rng.choice([-4.0, 4.0], size=300)
+    easy[:, 1] = -1.5
+    risky = rng.normal(size=(6, x.shape[1])).astype(np.float32)
+    risky[:, 0] = rng.normal(0, 0.05, size=6)
+    pool = np.vstack([easy, risky])
+    params = {"domain_weighting": False, "per_round": 2, "min_incorrect_probability": 0.5}
+    result = get_ordering("atlas", **params).score(
+        OrderingInput(x[labeled], y[labeled], pool, classifier, batch_size=40)
+    )
+    assert result.info["fallback"] is None
+    assert result.info["stopped_early"] is True
+    assert 0 < len(result.batch) < 40
+    assert set(range(300, 306)) & set(result.batch)
+    # The batch comes first, in the order it was built; the rest keep last-round P(Correct).
+    assert list(np.argsort(result.scores, kind="stable")[: len(result.batch)]) == list(result.batch)
+    outside = np.setdiff1d(np.arange(len(pool)), result.batch)
+    assert result.scores[outside].min() > result.scores[result.batch].max()
+    assert result.scores[outside].max() <= 1.0
+
+    # Nothing risky at all: the first round finds nothing confidently incorrect.
+    result = get_ordering("atlas", **params).score(
+        OrderingInput(x[labeled], y[labeled], easy, classifier, batch_size=40)
+    )
+    assert result.info["stopped_early"] is True and result.info["rounds"] == 1
+    assert result.info["batch_built"] == 0
+
+
+# ---------------------------------------------------------------- real data
+
+REAL_DATA_CACHE = "~/.cache/atl-backend/orderings-encodings.sqlite3"
+
+
+def _mean_pairwise_cosine(vectors: np.ndarray) -> float:
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    n = len(unit)
+    return float((similarity.sum() - n) / (n * (n - 1)))
+
+
+@pytest.fixture(scope="module")
+def movies_and_tweets():
+    """1,400 real texts encoded once (all layers): 700 movie snippets, 700 airline tweets."""
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from model.datasets import airline_tweets, movie_snippets
+    from model.encoder import Encoder
+    from model.encoding_cache import EncodingCache, encode_with_cache
+
+    torch.set_num_threads(1)
+    try:
+        encoder = Encoder()
+        movies = movie_snippets().sample(700, seed=11)
+        tweets = airline_tweets().sample(700, seed=11)
+    except (OSError, RuntimeError) as exc:  # pragma: no cover - depends on the install
+        pytest.skip(f"offline encoder or data packages missing: {exc}")
+    cache = EncodingCache(Path(os.path.expanduser(REAL_DATA_CACHE)))
+    labels = ["Negative", "Positive"]
+    out = {}
+    for name, texts in (("movies", movies), ("tweets", tweets)):
+        layers, _ = encode_with_cache(encoder, cache, texts.texts, all_layers=True)
+        out[name] = (layers, np.array([labels.index(label) for label in texts.labels]))
+    return out
+
+
+def _state(movies_and_tweets, labeled_tweets: int, seed: int = 0):
+    """Classifier trained on 500 movie snippets (+ some tweets); the other tweets are the pool."""
+    movie_layers, movie_y = movies_and_tweets["movies"]
+    tweet_layers, tweet_y = movies_and_tweets["tweets"]
+    labeled_layers = np.concatenate([movie_layers[:500], tweet_layers[:labeled_tweets]])
+    labeled_y = np.concatenate([movie_y[:500], tweet_y[:labeled_tweets]])
+    pool_layers, pool_y = tweet_layers[labeled_tweets:], tweet_y[labeled_tweets:]
+    classifier = ClassifierHead(HeadConfig(labels=["Negative", "Positive"], input_dim=384, seed=seed))
+    classifier.fit(labeled_layers[:, -1], labeled_y)
+    data = OrderingInput(
+        features_labeled=labeled_layers[:, -1],
+        labels=labeled_y,
+        features_unlabeled=pool_layers[:, -1],
+        classifier=classifier,
+        all_layers_labeled=labeled_layers,
+        all_layers_unlabeled=pool_layers,
+        batch_size=50,
+        seed=seed,
+    )
+    return data, pool_y
+
+
+@pytest.mark.parametrize("labeled_tweets", [0, 100])
+def test_predicted_incorrect_finds_pool_errors_at_least_as_well_as_least_confidence(
+    movies_and_tweets, labeled_tweets
+):
+    from sklearn.metrics import roc_auc_score
+
+    data, pool_y = _state(movies_and_tweets, labeled_tweets)
+    wrong = data.classifier.predict_proba(data.features_unlabeled).argmax(1) != pool_y
+    assert 0.05 < wrong.mean() < 0.6
+    least = get_ordering("least_confidence").score(data)
+    predicted = get_ordering("predicted_incorrect").score(data)
+    assert predicted.info["fallback"] is None
+    least_auc = roc_auc_score(wrong, -least.scores)
+    predicted_auc = roc_auc_score(wrong, -predicted.scores)
+    print(f"error-detection AUC with {labeled_tweets} labeled tweets: predicted_incorrect "
+          f"{predicted_auc:.4f}, least_confidence {least_auc:.4f}, info {predicted.info}")
+    assert least_auc > 0.65  # both actually find errors
+    # "At least as well": equal is fine. The 1e-4 is float resolution, not slack: P(Correct)
+    # rounds to exactly 1.0 for tasks with P(Incorrect) < 1e-16, and those ties among the
+    # most confident tasks move the AUC in the fifth decimal.
+    assert predicted_auc >= least_auc - 1e-4
+    # The batch served first really holds more errors than the pool does.
+    assert wrong[predicted.top(50)].mean() > 1.5 * wrong.mean()
+
+
+def test_domain_likeness_separates_tweets_from_held_out_movie_snippets(movies_and_tweets):
+    from sklearn.metrics import roc_auc_score
+
+    movie_layers, movie_y = movies_and_tweets["movies"]
+    tweet_layers, _ = movies_and_tweets["tweets"]
+    classifier = ClassifierHead(HeadConfig(labels=["Negative", "Positive"], input_dim=384))
+    classifier.fit(movie_layers[:500, -1], movie_y[:500])
+    # The unlabeled set mixes the application domain with movie snippets nobody labeled.
+    unlabeled = np.concatenate([tweet_layers, movie_layers[500:]])
+    is_tweet = np.concatenate([np.ones(len(tweet_layers)), np.zeros(len(movie_layers) - 500)])
+    result = get_ordering("domain_likeness", class_guard=False).score(
+        OrderingInput(
+            movie_layers[:500, -1], movie_y[:500], unlabeled[:, -1], classifier,
+            all_layers_labeled=movie_layers[:500], all_layers_unlabeled=unlabeled,
+        )
+    )
+    auc = roc_auc_score(is_tweet, -result.scores)  # lower score = more application-like
+    print(f"domain-likeness AUC tweets vs held-out movie snippets: {auc:.4f}")
+    assert auc > 0.97
+    assert is_tweet[result.top(50)].all()
+    with pytest.raises(ValueError, match="all_layers"):
+        get_ordering("domain_likeness").score(
+            OrderingInput(movie_layers[:500, -1], movie_y[:500], unlabeled[:, -1], classifier)
+        )
+
+
+@pytest.mark.parametrize("labeled_tweets", [0, 100])
+def test_an_atlas_batch_is_more_diverse_than_the_top_of_predicted_incorrect(
+    movies_and_tweets, labeled_tweets
+):
+    # Three paired seeds (classifier initialisation and the orderings' seed): a single batch
+    # of 50 is a noisy sample of an ordering's diversity.
+    atlas_similarity, predicted_similarity, built = [], [], []
+    for seed in range(3):
+        data, _ = _state(movies_and_tweets, labeled_tweets, seed=seed)
+        atlas = get_ordering("atlas").score(data)
+        predicted = get_ordering("predicted_incorrect").score(data)
+        assert atlas.info["fallback"] is None and atlas.batch is not None
+        built.append(len(atlas.batch))
+        atlas_similarity.append(_mean_pairwise_cosine(data.features_unlabeled[atlas.top(50)]))
+        predicted_similarity.append(_mean_pairwise_cosine(data.features_unlabeled[predicted.top(50)]))
+    print(f"mean pairwise cosine of the first 50, {labeled_tweets} labeled tweets: atlas "
+          f"{np.round(atlas_similarity, 4)} (built in rounds: {built}), predicted_incorrect "
+          f"{np.round(predicted_similarity, 4)}")
+    assert np.mean(atlas_similarity) < np.mean(predicted_similarity)
+    assert sum(a < p for a, p in zip(atlas_similarity, predicted_similarity)) >= 2
+
+
+@pytest.mark.parametrize("labeled_tweets", [0, 100])
+def test_no_batch_is_all_one_predicted_class(movies_and_tweets, labeled_tweets):
+    data, _ = _state(movies_and_tweets, labeled_tweets)
+    predicted = data.classifier.predict_proba(data.features_unlabeled).argmax(1)
+    assert len(np.unique(predicted)) > 1
+    for name in NAMES:
+        result = get_ordering(name).score(data)
+        batch = result.top(data.batch_size)
+        assert len(batch) == data.batch_size
+        classes = np.unique(predicted[batch])
+        print(f"{name}: batch predicted classes {dict(zip(*np.unique(predicted[batch], return_counts=True)))}")
+        assert len(classes) > 1, name
+        # Label Studio serves by ascending score: the batch is what it serves first.
+        assert set(np.argsort(result.scores, kind="stable")[: data.batch_size]) == set(batch)
