@@ -59,8 +59,9 @@ ATLAS_DEFAULTS: dict = {
     "adaptive_regularization": 1.0,  # C of the correction retrained every round
     # What the per-round correction sees: "similarity" (a kernel on the closeness of a task
     # to each picked task, weights <= 0: only the picked tasks' neighbours stop looking
-    # risky) or "hidden" (the last hidden layer itself: a linear correction, which moves
-    # whole half-spaces of the pool at once).
+    # risky), "nearest" (one such kernel feature, to the closest picked task: a bounded,
+    # milder version) or "hidden" (the last hidden layer itself: a linear correction, which
+    # moves whole half-spaces of the pool at once).
     "adaptive_features": "similarity",
     "locality": 0.3,  # width of the kernel exp((cos - 1) / locality); cos of centred vectors
     "similarity_space": "hidden",  # "hidden" (the classifier's last hidden layer) or "encoder"
@@ -117,7 +118,7 @@ class Atlas(Ordering):
         picked_weight = float(settings["picked_weight"])
         adaptive = float(settings["adaptive_regularization"])
         locality = float(settings["locality"])
-        if settings["adaptive_features"] == "similarity":
+        if settings["adaptive_features"] in ("similarity", "nearest"):
             # Unit vectors, centred on the pool (ReLU activations are all positive: uncentred,
             # every pair of tasks looks alike).
             if settings["similarity_space"] == "hidden":
@@ -130,7 +131,7 @@ class Atlas(Ordering):
         elif settings["adaptive_features"] == "hidden":
             labeled_inputs, pool_inputs = training.labeled_hidden, training.pool_hidden
         else:
-            raise ValueError("adaptive_features must be 'similarity' or 'hidden'")
+            raise ValueError("adaptive_features must be 'nearest', 'similarity' or 'hidden'")
         anchor = np.zeros(0, dtype=np.int64)
         if float(settings["anchor_weight"]) > 0:
             rng = np.random.default_rng(data.seed)
@@ -148,6 +149,9 @@ class Atlas(Ordering):
                 if settings["adaptive_features"] == "similarity":
                     labeled_inputs = nearness(labeled_unit, pool_unit[picked], locality)
                     pool_inputs = nearness(pool_unit, pool_unit[picked], locality)
+                elif settings["adaptive_features"] == "nearest":
+                    labeled_inputs = nearness(labeled_unit, pool_unit[picked], locality).max(1, keepdims=True)
+                    pool_inputs = nearness(pool_unit, pool_unit[picked], locality).max(1, keepdims=True)
                 head = BinaryHead(adaptive).fit(
                     np.vstack([labeled_inputs, pool_inputs[anchored], pool_inputs[picked]]),
                     np.concatenate(
@@ -163,9 +167,9 @@ class Atlas(Ordering):
                     offset=np.concatenate([base_labeled, base_pool[anchored], base_pool[picked]]),
                     fixed_offset=True,
                     # Kernel features are 0 far from every picked task: keep them so.
-                    standardize=settings["adaptive_features"] != "similarity",
+                    standardize=settings["adaptive_features"] == "hidden",
                     # Being near a task assumed correct can only make a task look safer.
-                    nonpositive=settings["adaptive_features"] == "similarity",
+                    nonpositive=settings["adaptive_features"] != "hidden",
                 )
                 p_incorrect = head.positive_probability(pool_inputs, base_pool)
             rounds += 1

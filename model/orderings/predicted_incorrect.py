@@ -54,7 +54,8 @@ ERROR_HEAD_DEFAULTS: dict = {
     # What the Correct/Incorrect head sees: "hidden" (the book: last hidden layer only),
     # "confidence" (probabilities, least confidence, margin, entropy), "hidden+confidence",
     # or "correction": hidden+confidence as a penalised correction of the classifier's own
-    # uncertainty (an unpenalised offset), so no information means least confidence.
+    # uncertainty (an offset whose slope is learned, unpenalised and kept positive), so no
+    # information means exactly least confidence's ranking.
     "head_features": "correction",
     # Hidden layer of labeled tasks: "fold" (the fold model that did not see the task) or
     # "final" (the current classifier, the one that describes the pool).
