@@ -26,7 +26,7 @@ from datetime import timedelta
 
 from redis import Redis
 from rq import Queue, Retry
-from rq.job import Job, JobStatus
+from rq.job import Dependency, Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from backend.settings import Settings
@@ -196,8 +196,51 @@ class JobQueue:
 
     def record_result(self, project_id: int, result: dict) -> None:
         self.redis.set(key(project_id, "last"), json.dumps(result))
+        if result.get("status") == "publishing":  # counted when its last job finishes
+            return
         counter = "failed" if result.get("status") == "failed" else "succeeded"
         self.redis.incr(key(project_id, counter))
+
+    def fan_out_publish(self, project_id: int, version: str, slices: list[list[dict]],
+                        result: dict) -> list[str]:
+        """Queue one upload job per slice of predictions, then `finish_publish`.
+
+        The slice jobs carry their predictions (JSON) and need only Label Studio and Redis,
+        so any worker on any machine can take one: more workers, more upload throughput.
+        The finishing job depends on all of them (failures included, so a failed slice is
+        reported instead of leaving the version staged forever) and switches the version.
+        Slice jobs are not retried by RQ: Label Studio duplicates a re-imported prediction,
+        and each chunk inside a slice already retries on its own.
+        """
+        project_id = int(project_id)
+        self.record_result(project_id, dict(result, status="publishing"))
+        jobs = []
+        for number, part in enumerate(slices, 1):
+            jobs.append(self.queue.enqueue(
+                "backend.jobs.publish_slice", project_id, version, part,
+                job_id=f"publish-{project_id}-{version}-{number}of{len(slices)}",
+                result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600,
+                description=f"upload {len(part)} predictions of {version}, project {project_id} "
+                            f"(slice {number} of {len(slices)})",
+            ))
+        ids = [job.id for job in jobs]
+        finish = self.queue.enqueue(
+            "backend.jobs.finish_publish", project_id, version, ids, result,
+            job_id=f"publish-{project_id}-{version}-finish",
+            depends_on=Dependency(jobs=jobs, allow_failure=True),
+            result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600,
+            description=f"switch project {project_id} to {version} once its predictions are in",
+        )
+        self.redis.set(key(project_id, "publishing"),
+                       json.dumps({"model_version": version, "jobs": ids, "finish": finish.id,
+                                   "queued_at": time.time()}),
+                       ex=self.settings.job_timeout * 2)
+        return ids
+
+    def publish_finished(self, project_id: int, version: str) -> None:
+        current = self.redis.get(key(project_id, "publishing"))
+        if current is not None and json.loads(current).get("model_version") == version:
+            self.redis.delete(key(project_id, "publishing"))
 
     # -- state for /jobs, /health and /metrics ----------------------------------------
     def project_ids(self) -> list[int]:
@@ -216,7 +259,9 @@ class JobQueue:
         for counter in ("requested", "succeeded", "failed", "coalesced"):
             pipe.get(key(project_id, counter))
         pipe.get(key(project_id, "last_encode"))
-        waiting, state, last, requested, succeeded, failed, coalesced, last_encode = pipe.execute()
+        pipe.get(key(project_id, "publishing"))
+        (waiting, state, last, requested, succeeded, failed, coalesced, last_encode,
+         publishing) = pipe.execute()
         running_id = state.get(b"running", b"").decode() or None
         waiting_id = waiting.decode() if waiting else None
         if waiting_id and self._status(waiting_id) not in WAITING_STATES:
@@ -231,6 +276,8 @@ class JobQueue:
             "failed": int(failed or 0),
             "coalesced": int(coalesced or 0),
             "last_encode": json.loads(last_encode) if last_encode else None,
+            # A version whose predictions are still being uploaded by slice jobs (fan-out).
+            "publishing": json.loads(publishing) if publishing else None,
         }
         if running_id:
             progress = {}

@@ -7,11 +7,13 @@ import time
 from datetime import timezone
 
 from rq import get_current_job
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
 
 from backend.job_queue import JobQueue, redis_connection
-from backend.label_studio import LabelStudioError, LabelStudioProject
+from backend.label_studio import LabelStudioError, LabelStudioProject, with_retries
 from backend.ml_backend import ActiveLearningBackend, annotation_counts
-from backend.model_store import ModelStore
+from backend.model_store import ModelStore, version_number
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,11 @@ def retrain(project_id: int, reason: str = "") -> dict:
     try:
         with queue.training_lock(project_id, job_id):
             result = ActiveLearningBackend(settings, project_id).fit(
-                reason, progress=_progress_reporter(job, project_id)
+                reason, progress=_progress_reporter(job, project_id),
+                fan_out=lambda version, slices, partial: queue.fan_out_publish(
+                    project_id, version, slices,
+                    dict(partial, job_id=job_id, started_at=started,
+                         queue_wait=_queue_wait(job, started))),
             )
     except Exception as exc:
         queue.record_result(project_id, {"status": "failed", "job_id": job_id, "error": str(exc),
@@ -68,9 +74,84 @@ def retrain(project_id: int, reason: str = "") -> dict:
         raise
     result.update(job_id=job_id, finished_at=time.time(), duration=round(time.time() - started, 3),
                   queue_wait=_queue_wait(job, started))
-    queue.record_result(project_id, result)
+    if result["status"] != "publishing":  # a fan-out records its own state (JobQueue.fan_out_publish)
+        queue.record_result(project_id, result)
     log.info("project=%s job=%s retrain %s version=%s in %.1fs", project_id, job_id,
              result["status"], result.get("model_version"), result["duration"])
+    return result
+
+
+def publish_slice(project_id: int, version: str, predictions: list[dict]) -> dict:
+    """Upload one slice of a version's predictions (fan-out of a large project's publish)."""
+    settings = Settings.from_env()
+    job = get_current_job()
+    started = time.time()
+    report = _progress_reporter(job, project_id)
+    LabelStudioProject(settings, project_id).upload_predictions(
+        predictions, settings.prediction_chunk,
+        on_retry=lambda attempt, exc: log.warning(
+            "project=%s Label Studio call failed (attempt %d), retrying: %s", project_id, attempt, exc),
+        progress=lambda done, total: report("uploading predictions", done, total))
+    duration = round(time.time() - started, 3)
+    worker = getattr(job, "worker_name", None) if job is not None else None
+    log.info("project=%s uploaded %d predictions of %s in %.1fs (worker %s)", project_id,
+             len(predictions), version, duration, worker)
+    return {"uploaded": len(predictions), "duration": duration, "worker": worker,
+            "queue_wait": _queue_wait(job, started)}
+
+
+def finish_publish(project_id: int, version: str, slice_jobs: list[str], result: dict) -> dict:
+    """After every slice job of a fan-out: switch Label Studio and /predict to `version`.
+
+    Runs under the project's training lock, so it cannot interleave with a newer retrain's
+    own switch; a version older than the active one is not switched to ("superseded").
+    """
+    settings = Settings.from_env()
+    job = get_current_job()
+    connection = job.connection if job is not None else redis_connection(settings.redis_url)
+    queue = JobQueue(connection, settings)
+    store = ModelStore(settings.models_dir)
+    job_id = job.id if job is not None else "inline"
+    slices, failed = [], []
+    for slice_id in slice_jobs:
+        try:
+            slice_job = Job.fetch(slice_id, connection=connection, serializer=JSONSerializer)
+            status = slice_job.get_status()
+        except Exception:  # expired or deleted: its predictions cannot be vouched for
+            status = None
+        if status == JobStatus.FINISHED:
+            slices.append(slice_job.return_value())
+        else:
+            failed.append(f"{slice_id} ({status.value if status else 'missing'})")
+    try:
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(slice_jobs)} prediction uploads of {version} "
+                               f"failed; the project stays on its previous version: {', '.join(failed)}")
+        with queue.training_lock(project_id, job_id):
+            current = store.current_version(project_id)
+            if current is not None and version_number(current) >= version_number(version):
+                status = "superseded"
+            else:
+                ls = LabelStudioProject(settings, project_id)
+                with_retries(lambda: ls.set_model_version(version))
+                store.activate(project_id, version)
+                status = "finished"
+    except Exception as exc:
+        queue.record_result(project_id, dict(result, status="failed", error=str(exc),
+                                             finished_at=time.time()))
+        queue.publish_finished(project_id, version)
+        log.error("project=%s publishing %s failed: %s", project_id, version, exc)
+        raise
+    workers = sorted({s.get("worker") for s in slices if s and s.get("worker")})
+    result = dict(result, status=status, publish={"slices": len(slice_jobs), "workers": workers,
+                                                   "uploaded": sum(s.get("uploaded", 0) for s in slices)},
+                  finished_at=time.time())
+    if result.get("started_at"):
+        result["duration"] = round(result["finished_at"] - result["started_at"], 3)
+    queue.record_result(project_id, result)
+    queue.publish_finished(project_id, version)
+    log.info("project=%s %s %s after %d upload jobs on %s", project_id, version, status,
+             len(slice_jobs), ", ".join(workers) or "-")
     return result
 
 

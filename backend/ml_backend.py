@@ -116,8 +116,15 @@ class ActiveLearningBackend:
         }
 
     # -- retraining --------------------------------------------------------------------
-    def fit(self, event: str, data: dict | None = None, progress: Progress | None = None) -> dict:
-        """Retrain from Label Studio's current annotations and publish a new version."""
+    def fit(self, event: str, data: dict | None = None, progress: Progress | None = None,
+            fan_out: Callable[[str, list[list[dict]], dict], None] | None = None) -> dict:
+        """Retrain from Label Studio's current annotations and publish a new version.
+
+        `fan_out(version, slices, result)`, if given, takes over publishing when the project
+        has more than FANOUT_TASKS tasks: the caller queues one upload job per slice and a
+        job that switches the version afterwards (`backend.jobs`); `fit` then returns with
+        status "publishing" and leaves the new version staged, not yet active.
+        """
         progress = progress or (lambda stage, done, total: None)
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -210,13 +217,7 @@ class ActiveLearningBackend:
         bulk = [{k: p[k] for k in ("task", "result", "score", "model_version")}
                 for p in predictions if p["mislabeling"] == 0]
         ls.upload_predictions_one_by_one(disputed, on_retry=retry_log)
-        ls.upload_predictions(
-            bulk, self.settings.prediction_chunk, on_retry=retry_log,
-            progress=lambda done, total: progress("uploading predictions", done, total))
-        with_retries(lambda: ls.set_model_version(version), on_retry=retry_log)
-        self.store.activate(self.project_id, version)
-        lap("publish")
-        return {
+        result = {
             "status": "finished",
             "model_version": version,
             "tasks": len(tasks),
@@ -228,6 +229,23 @@ class ActiveLearningBackend:
             "mislabeled": meta["mislabeled"],
             "timings": timings,
         }
+        limit = self.settings.fanout_tasks
+        if fan_out is not None and limit > 0 and len(bulk) > limit:
+            # A pool too large for one worker: each slice is uploaded by its own RQ job, on
+            # whichever workers are free; a last job switches the version once all are in.
+            parts = -(-len(bulk) // limit)
+            slices = [bulk[i::parts] for i in range(parts)]
+            result.update(status="publishing", publish_jobs=len(slices))
+            lap("publish_disputed")
+            fan_out(version, slices, result)
+            return result
+        ls.upload_predictions(
+            bulk, self.settings.prediction_chunk, on_retry=retry_log,
+            progress=lambda done, total: progress("uploading predictions", done, total))
+        with_retries(lambda: ls.set_model_version(version), on_retry=retry_log)
+        self.store.activate(self.project_id, version)
+        lap("publish")
+        return result
 
     def _read_project(self, progress: Progress):
         """Label config and tasks from Label Studio (tasks through the local incremental copy)."""

@@ -33,6 +33,7 @@ class Settings:
     job_timeout: int = 3600
     job_retries: int = 3
     prediction_chunk: int = 1000
+    fanout_tasks: int = 20000
     max_length: int = 128
     encode_batch_size: int = 64
     log_level: str = "INFO"
@@ -65,6 +66,7 @@ class Settings:
             job_timeout=_env_int("JOB_TIMEOUT", 3600),
             job_retries=_env_int("JOB_RETRIES", 3),
             prediction_chunk=_env_int("PREDICTION_CHUNK", 1000),
+            fanout_tasks=_env_int("FANOUT_TASKS", 20000),
             max_length=_env_int("MAX_LENGTH", 128),
             encode_batch_size=_env_int("ENCODE_BATCH_SIZE", 64),
             log_level=env.get("LOG_LEVEL", "INFO").upper(),

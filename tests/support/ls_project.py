@@ -73,13 +73,14 @@ def jobs_of(services, project_id: int) -> dict:
 
 
 def wait_until_idle(services, project_id: int, timeout: float = 300) -> dict:
-    """No job waiting or running for 3 s in a row (a webhook may still be in flight)."""
+    """No job waiting, running or publishing for 3 s in a row (a webhook may still be in flight)."""
     deadline = time.monotonic() + timeout
     idle_polls = 0
     jobs = {}
     while time.monotonic() < deadline:
         jobs = jobs_of(services, project_id)
-        idle_polls = idle_polls + 1 if not jobs["waiting"] and not jobs["running"] else 0
+        busy = jobs["waiting"] or jobs["running"] or jobs.get("publishing")
+        idle_polls = 0 if busy else idle_polls + 1
         if idle_polls >= 3:
             return jobs
         time.sleep(1)
