@@ -237,6 +237,33 @@ class JobQueue:
                        ex=self.settings.job_timeout * 2)
         return ids
 
+    def fan_out_encode(self, project_id: int, encoder_id: str, slices: list[list[str]],
+                       result: dict) -> list[str]:
+        """Queue one `encode_slice` job per slice of texts, then `store_encodings` (which
+        depends on all of them, failures included) to put the vectors into the cache."""
+        project_id = int(project_id)
+        self.record_encode(project_id, dict(result, status="encoding"))
+        batch = uuid.uuid4().hex[:8]
+        jobs = [
+            self.queue.enqueue(
+                "backend.jobs.encode_slice", project_id, encoder_id, part,
+                job_id=f"encode-{project_id}-{batch}-{number}of{len(slices)}",
+                result_ttl=3600, failure_ttl=24 * 3600,
+                description=f"encode {len(part)} new texts of project {project_id} "
+                            f"(slice {number} of {len(slices)})",
+            )
+            for number, part in enumerate(slices, 1)
+        ]
+        ids = [job.id for job in jobs]
+        self.queue.enqueue(
+            "backend.jobs.store_encodings", project_id, encoder_id, ids, result,
+            job_id=f"encode-{project_id}-{batch}-store",
+            depends_on=Dependency(jobs=jobs, allow_failure=True),
+            result_ttl=3600, failure_ttl=24 * 3600,
+            description=f"store the new encodings of project {project_id}",
+        )
+        return ids
+
     def publish_finished(self, project_id: int, version: str) -> None:
         current = self.redis.get(key(project_id, "publishing"))
         if current is not None and json.loads(current).get("model_version") == version:

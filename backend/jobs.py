@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from datetime import timezone
 
+import numpy as np
 from rq import get_current_job
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from backend.job_queue import JobQueue, redis_connection
 from backend.label_studio import LabelStudioError, LabelStudioProject, with_retries
-from backend.ml_backend import ActiveLearningBackend, annotation_counts
+from backend.ml_backend import ActiveLearningBackend, annotation_counts, get_encoder
 from backend.model_store import ModelStore, version_number
 from backend.settings import Settings
+from model.encoding_cache import EncodingCache, text_key
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,22 @@ def retrain(project_id: int, reason: str = "") -> dict:
     return result
 
 
+def _slice_results(connection, job_ids: list[str]) -> tuple[list, list[str]]:
+    """Return values of finished slice jobs, and a description of every other one."""
+    results, failed = [], []
+    for slice_id in job_ids:
+        try:
+            slice_job = Job.fetch(slice_id, connection=connection, serializer=JSONSerializer)
+            status = slice_job.get_status()
+        except Exception:  # expired or deleted: its work cannot be vouched for
+            status = None
+        if status == JobStatus.FINISHED:
+            results.append(slice_job.return_value())
+        else:
+            failed.append(f"{slice_id} ({status.value if status else 'missing'})")
+    return results, failed
+
+
 def publish_slice(project_id: int, version: str, predictions: list[dict]) -> dict:
     """Upload one slice of a version's predictions (fan-out of a large project's publish)."""
     settings = Settings.from_env()
@@ -112,17 +131,7 @@ def finish_publish(project_id: int, version: str, slice_jobs: list[str], result:
     queue = JobQueue(connection, settings)
     store = ModelStore(settings.models_dir)
     job_id = job.id if job is not None else "inline"
-    slices, failed = [], []
-    for slice_id in slice_jobs:
-        try:
-            slice_job = Job.fetch(slice_id, connection=connection, serializer=JSONSerializer)
-            status = slice_job.get_status()
-        except Exception:  # expired or deleted: its predictions cannot be vouched for
-            status = None
-        if status == JobStatus.FINISHED:
-            slices.append(slice_job.return_value())
-        else:
-            failed.append(f"{slice_id} ({status.value if status else 'missing'})")
+    slices, failed = _slice_results(connection, slice_jobs)
     try:
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(slice_jobs)} prediction uploads of {version} "
@@ -157,7 +166,8 @@ def finish_publish(project_id: int, version: str, slice_jobs: list[str], result:
 
 def encode_tasks(project_id: int) -> dict:
     """Encode a project's new tasks in the background (on TASKS_CREATED), before anyone labels
-    them, so the retrain after their first annotation finds every vector cached."""
+    them, so the retrain after their first annotation finds every vector cached. A large
+    import fans out: slices of texts go to `encode_slice` jobs on any free worker."""
     settings = Settings.from_env()
     job = get_current_job()
     job_id = job.id if job is not None else "inline"
@@ -166,11 +176,71 @@ def encode_tasks(project_id: int) -> dict:
     queue.mark_encode_started(project_id)
     with queue.training_lock(project_id, job_id):  # the task copy has one writer at a time
         result = ActiveLearningBackend(settings, project_id).encode_new_tasks(
-            progress=_progress_reporter(job, project_id))
+            progress=_progress_reporter(job, project_id),
+            fan_out=lambda encoder_id, slices, partial: queue.fan_out_encode(
+                project_id, encoder_id, slices, dict(partial, job_id=job_id, started_at=time.time())))
     result.update(job_id=job_id, finished_at=time.time())
+    if result["status"] == "encoding":
+        log.info("project=%s job=%s handed %d texts to %d encoding jobs", project_id, job_id,
+                 result["to_encode"], result["encode_jobs"])
+        return result
     queue.record_encode(project_id, result)
     log.info("project=%s job=%s encoded %d new of %d tasks in %.1fs", project_id, job_id,
              result["encoded"], result["tasks"], result["duration"])
+    return result
+
+
+def encode_slice(project_id: int, encoder_id: str, texts: list[str]) -> dict:
+    """Encode one slice of a large import; the vectors go back through Redis (float16,
+    base64) to `store_encodings`, so this worker needs no access to the shared cache."""
+    settings = Settings.from_env()
+    job = get_current_job()
+    started = time.time()
+    encoder = get_encoder(settings)
+    if encoder.id != encoder_id:
+        raise RuntimeError(f"this worker's encoder is {encoder.id}, the project's cache uses "
+                           f"{encoder_id}: give every worker the same ENCODER setting")
+    report = _progress_reporter(job, project_id)
+    vectors = encoder.encode(texts).astype(np.float16)
+    report("encoding", len(texts), len(texts))
+    duration = round(time.time() - started, 3)
+    worker = getattr(job, "worker_name", None) if job is not None else None
+    log.info("project=%s encoded %d texts in %.1fs (worker %s)", project_id, len(texts), duration, worker)
+    return {"count": len(texts), "dim": int(vectors.shape[1]), "worker": worker, "duration": duration,
+            "keys": base64.b64encode(b"".join(text_key(t) for t in texts)).decode("ascii"),
+            "vectors": base64.b64encode(vectors.tobytes()).decode("ascii")}
+
+
+def store_encodings(project_id: int, encoder_id: str, slice_jobs: list[str], result: dict) -> dict:
+    """After every `encode_slice` job of an import: put their vectors into the shared cache."""
+    settings = Settings.from_env()
+    job = get_current_job()
+    connection = job.connection if job is not None else redis_connection(settings.redis_url)
+    queue = JobQueue(connection, settings)
+    slices, failed = _slice_results(connection, slice_jobs)
+    cache = EncodingCache(settings.encoding_cache_path)
+    stored = 0
+    for part in slices:
+        keys = base64.b64decode(part["keys"])
+        vectors = np.frombuffer(base64.b64decode(part["vectors"]), dtype=np.float16)
+        vectors = vectors.reshape(part["count"], part["dim"])
+        cache.store_keys(encoder_id, [keys[i * 16:(i + 1) * 16] for i in range(part["count"])], vectors)
+        stored += part["count"]
+    for slice_id in slice_jobs:  # their vectors are in the cache now; free Redis of them
+        try:
+            Job.fetch(slice_id, connection=connection, serializer=JSONSerializer).delete()
+        except Exception:  # already gone
+            pass
+    workers = sorted({part["worker"] for part in slices if part.get("worker")})
+    now = time.time()
+    result = dict(result, status="failed" if failed else "finished", encoded=stored, workers=workers,
+                  finished_at=now, duration=round(now - result.get("started_at", now), 3))
+    if failed:
+        # What was encoded is kept; the retrain encodes the rest itself.
+        result["error"] = f"{len(failed)} of {len(slice_jobs)} encoding jobs failed: {', '.join(failed)}"
+    queue.record_encode(project_id, result)
+    log.info("project=%s stored %d encodings from %d jobs on %s%s", project_id, stored, len(slice_jobs),
+             ", ".join(workers) or "-", f"; {result['error']}" if failed else "")
     return result
 
 

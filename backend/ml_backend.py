@@ -34,6 +34,9 @@ from model.queue_scores import queue_scores
 log = logging.getLogger(__name__)
 
 UNTRAINED = "untrained"
+# Texts per encoding job when a large import fans out: small enough that the vectors a job
+# hands back through Redis stay around 1 MB (float16, 384 dims).
+ENCODE_SLICE = 2000
 Progress = Callable[[str, int, int], None]
 
 _encoders: dict[tuple, object] = {}
@@ -294,12 +297,30 @@ class ActiveLearningBackend:
         log.warning("project=%s Label Studio call failed (attempt %d), retrying: %s",
                     self.project_id, attempt, exc)
 
-    def encode_new_tasks(self, progress: Progress | None = None) -> dict:
-        """Encode tasks nobody labeled yet (TASKS_CREATED), so the next retrain finds them cached."""
+    def encode_new_tasks(self, progress: Progress | None = None,
+                         fan_out: Callable[[str, list[list[str]], dict], None] | None = None) -> dict:
+        """Encode tasks nobody labeled yet (TASKS_CREATED), so the next retrain finds them cached.
+
+        With `fan_out(encoder_id, slices, result)` and more than FANOUT_TASKS texts to
+        encode (a large import), the texts are handed out in slices of at most ENCODE_SLICE
+        to whichever workers are free (`backend.jobs.encode_slice`); the result then has
+        status "encoding".
+        """
         progress = progress or (lambda stage, done, total: None)
         started = time.perf_counter()
         _, _, _, data_, sync = self._read_project(progress)
         encoder = get_encoder(self.settings)
+        limit = self.settings.fanout_tasks
+        if fan_out is not None and limit > 0:
+            _, missing = self.cache.lookup(encoder.id, data_.texts)
+            distinct = list(dict.fromkeys(data_.texts[i] for i in missing))
+            if len(distinct) > limit:
+                size = min(limit, ENCODE_SLICE)
+                slices = [distinct[i:i + size] for i in range(0, len(distinct), size)]
+                result = {"status": "encoding", "tasks": len(data_.texts), "to_encode": len(distinct),
+                          "encode_jobs": len(slices), "sync": sync, "encoder": encoder.id}
+                fan_out(encoder.id, slices, result)
+                return dict(result, duration=round(time.perf_counter() - started, 3))
         progress("encoding", 0, len(data_.texts))
         _, encoded = encode_with_cache(encoder, self.cache, data_.texts,
                                        progress=lambda done, total: progress("encoding", done, total))

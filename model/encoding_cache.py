@@ -79,11 +79,12 @@ class EncodingCache:
         return out, missing
 
     def store(self, encoder: str, texts: Sequence[str], vectors: np.ndarray) -> None:
+        self.store_keys(encoder, [text_key(t) for t in texts], vectors)
+
+    def store_keys(self, encoder: str, keys: Sequence[bytes], vectors: np.ndarray) -> None:
+        """Store vectors under precomputed `text_key`s (encodings made by another worker)."""
         vectors = np.asarray(vectors, dtype=np.float16)
-        rows = [
-            (encoder, text_key(t), vectors.shape[1], vectors[i].tobytes())
-            for i, t in enumerate(texts)
-        ]
+        rows = [(encoder, key, vectors.shape[1], vectors[i].tobytes()) for i, key in enumerate(keys)]
         db = self._connect()
         db.execute("BEGIN IMMEDIATE")
         try:

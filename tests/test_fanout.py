@@ -1,18 +1,25 @@
-"""Publishing a large project fans out across RQ workers (issue 3, point 5).
+"""Large projects fan out across RQ workers (issue 3, point 5).
 
 A real Label Studio 1.23.2, the backend under gunicorn and two real rq workers. With
-FANOUT_TASKS=100 a project of 300 tasks is "too large for one worker": the retrain job
-scores it, then one job per slice uploads the predictions and a last job, which depends on
-every slice, switches Label Studio's model_version and /predict to the new version.
+FANOUT_TASKS=100 a project of 320 tasks is "too large for one worker":
+
+* the import's TASKS_CREATED hands the texts to encoding jobs, and a job that depends on
+  all of them stores their vectors in the cache;
+* the retrain job scores the project, then one job per slice uploads the predictions and a
+  last job, which depends on every slice, switches Label Studio's model_version and
+  /predict to the new version.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from model.datasets import movie_snippets
 from tests.support.ls_project import SnippetProject, jobs_of, wait_until_idle
 
 pytestmark = pytest.mark.e2e
@@ -31,6 +38,22 @@ def test_large_project_publishes_through_slice_jobs_on_several_workers(label_stu
     client.ml.create(url=services.url, project=project.id, title="Active Transfer Learning",
                      is_interactive=False)
 
+    # An import after the connection: Label Studio sends TASKS_CREATED, and all 320 texts of
+    # the project (none encoded yet) are encoded by slice jobs of at most 100.
+    extra = movie_snippets().sample(340, seed=8)
+    new = [(t, label) for t, label in zip(extra.texts, extra.labels) if t not in project.truth][:20]
+    client.projects.import_tasks(id=project.id, request=[{"text": t} for t, _ in new])
+    project.truth.update(new)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        encode = jobs_of(services, project.id)["last_encode"]
+        if encode and encode["status"] != "encoding":
+            break
+        time.sleep(1)
+    assert encode["status"] == "finished", encode
+    assert (encode["to_encode"], encode["encoded"], encode["encode_jobs"]) == (320, 320, 4), encode
+    assert len(encode["workers"]) == 2, f"the encoding ran on one worker only: {encode}"
+
     project.annotate_balanced(10)
     project.wait_for_version(0, services)
     jobs = wait_until_idle(services, project.id)
@@ -39,17 +62,18 @@ def test_large_project_publishes_through_slice_jobs_on_several_workers(label_stu
     assert last["status"] == "finished", last
     assert last["model_version"] == version == jobs["model_version"]
     assert jobs["publishing"] is None
-    # 300 tasks, minus the few disputed labeled ones sent one by one, in slices of <= 100.
+    assert last["encoded"] == 0, "the retrain re-encoded texts the encoding jobs had stored"
+    # 320 tasks, minus the few disputed labeled ones sent one by one, in slices of <= 100.
     publish = last["publish"]
-    assert publish["slices"] == 3, publish
-    assert publish["uploaded"] + last["mislabeled"] == 300, (publish, last["mislabeled"])
+    assert publish["slices"] == 4, publish
+    assert publish["uploaded"] + last["mislabeled"] == 320, (publish, last["mislabeled"])
     assert len(publish["workers"]) == 2, f"the slices ran on one worker only: {publish}"
     assert jobs["succeeded"] >= 1 and jobs["failed"] == 0, jobs
 
     # The version was switched only after every slice had finished uploading.
     redis = Redis.from_url(services.redis_url)
     fetch = lambda job_id: Job.fetch(job_id, connection=redis, serializer=JSONSerializer)  # noqa: E731
-    slices = [fetch(f"publish-{project.id}-{version}-{n}of3") for n in (1, 2, 3)]
+    slices = [fetch(f"publish-{project.id}-{version}-{n}of4") for n in (1, 2, 3, 4)]
     finish = fetch(f"publish-{project.id}-{version}-finish")
     assert all(job.get_status().value == "finished" for job in slices + [finish])
     assert finish.started_at >= max(job.ended_at for job in slices)
@@ -57,7 +81,7 @@ def test_large_project_publishes_through_slice_jobs_on_several_workers(label_stu
 
     # Every task carries exactly one prediction of the new version, and Label Studio serves it.
     tasks = project.tasks()
-    assert len(tasks) == 300
+    assert len(tasks) == 320
     for task in tasks:
         mine = [p for p in task["predictions"] if p["model_version"] == version]
         assert len(mine) == 1, f"task {task['id']}: {len(mine)} predictions of {version}"
