@@ -79,16 +79,8 @@ def main() -> None:
     classifier_seconds = time.perf_counter() - start
     print(f"classifier training on {len(labeled_y)} labeled tasks: {classifier_seconds:.2f}s", flush=True)
 
-    data = OrderingInput(
-        features_labeled=labeled_layers[:, -1],
-        labels=labeled_y,
-        features_unlabeled=pool_layers[:, -1],
-        classifier=classifier,
-        all_layers_labeled=labeled_layers,
-        all_layers_unlabeled=pool_layers,
-        batch_size=50,
-        seed=0,
-    )
+    data = OrderingInput.from_all_layers(labeled_layers, labeled_y, pool_layers, classifier,
+                                         batch_size=50, seed=0)
     rows = []
     for name in ORDERINGS:
         ordering = get_ordering(name)

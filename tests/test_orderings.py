@@ -309,16 +309,8 @@ def _state(movies_and_tweets, labeled_tweets: int, seed: int = 0):
     pool_layers, pool_y = tweet_layers[labeled_tweets:], tweet_y[labeled_tweets:]
     classifier = ClassifierHead(HeadConfig(labels=["Negative", "Positive"], input_dim=384, seed=seed))
     classifier.fit(labeled_layers[:, -1], labeled_y)
-    data = OrderingInput(
-        features_labeled=labeled_layers[:, -1],
-        labels=labeled_y,
-        features_unlabeled=pool_layers[:, -1],
-        classifier=classifier,
-        all_layers_labeled=labeled_layers,
-        all_layers_unlabeled=pool_layers,
-        batch_size=50,
-        seed=seed,
-    )
+    data = OrderingInput.from_all_layers(labeled_layers, labeled_y, pool_layers, classifier,
+                                         batch_size=50, seed=seed)
     return data, pool_y
 
 

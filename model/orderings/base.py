@@ -51,6 +51,15 @@ class OrderingInput:
     # computed them (saves one forward pass per ordering in the simulator).
     probabilities_unlabeled: np.ndarray | None = None
 
+    @classmethod
+    def from_all_layers(cls, labeled_layers: np.ndarray, labels: np.ndarray,
+                        unlabeled_layers: np.ndarray, classifier, **kwargs) -> "OrderingInput":
+        """Input from all-layer vectors (n, layers, dim): the features are the last layer."""
+        return cls(features_labeled=labeled_layers[:, -1], labels=labels,
+                   features_unlabeled=unlabeled_layers[:, -1], classifier=classifier,
+                   all_layers_labeled=labeled_layers, all_layers_unlabeled=unlabeled_layers,
+                   **kwargs)
+
 
 @dataclass
 class OrderingResult:
