@@ -201,9 +201,11 @@ class JobQueue:
         counter = "failed" if result.get("status") == "failed" else "succeeded"
         self.redis.incr(key(project_id, counter))
 
-    def fan_out_publish(self, project_id: int, version: str, slices: list[list[dict]],
-                        result: dict) -> list[str]:
+    def fan_out_publish(self, project_id: int, version: str,
+                        slices: list[tuple[list[dict], list[dict]]], result: dict) -> list[str]:
         """Queue one upload job per slice of predictions, then `finish_publish`.
+
+        A slice is (predictions for the bulk import, predictions to create one by one).
 
         The slice jobs carry their predictions (JSON) and need only Label Studio and Redis,
         so any worker on any machine can take one: more workers, more upload throughput.
@@ -215,13 +217,13 @@ class JobQueue:
         project_id = int(project_id)
         self.record_result(project_id, dict(result, status="publishing"))
         jobs = []
-        for number, part in enumerate(slices, 1):
+        for number, (bulk, one_by_one) in enumerate(slices, 1):
             jobs.append(self.queue.enqueue(
-                "backend.jobs.publish_slice", project_id, version, part,
+                "backend.jobs.publish_slice", project_id, version, bulk, one_by_one,
                 job_id=f"publish-{project_id}-{version}-{number}of{len(slices)}",
                 result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600,
-                description=f"upload {len(part)} predictions of {version}, project {project_id} "
-                            f"(slice {number} of {len(slices)})",
+                description=f"upload {len(bulk) + len(one_by_one)} predictions of {version}, "
+                            f"project {project_id} (slice {number} of {len(slices)})",
             ))
         ids = [job.id for job in jobs]
         finish = self.queue.enqueue(

@@ -100,22 +100,29 @@ def _slice_results(connection, job_ids: list[str]) -> tuple[list, list[str]]:
     return results, failed
 
 
-def publish_slice(project_id: int, version: str, predictions: list[dict]) -> dict:
-    """Upload one slice of a version's predictions (fan-out of a large project's publish)."""
+def publish_slice(project_id: int, version: str, predictions: list[dict],
+                  one_by_one: list[dict] | None = None) -> dict:
+    """Upload one slice of a version's predictions (fan-out of a large project's publish):
+    `predictions` through the bulk import, `one_by_one` (disputed labels, which carry
+    `mislabeling` and `cluster`) through the single-prediction API."""
     settings = Settings.from_env()
     job = get_current_job()
     started = time.time()
     report = _progress_reporter(job, project_id)
-    LabelStudioProject(settings, project_id).upload_predictions(
-        predictions, settings.prediction_chunk,
-        on_retry=lambda attempt, exc: log.warning(
-            "project=%s Label Studio call failed (attempt %d), retrying: %s", project_id, attempt, exc),
-        progress=lambda done, total: report("uploading predictions", done, total))
+    ls = LabelStudioProject(settings, project_id)
+
+    def retry_log(attempt: int, exc: Exception) -> None:
+        log.warning("project=%s Label Studio call failed (attempt %d), retrying: %s", project_id, attempt, exc)
+
+    ls.upload_predictions_one_by_one(one_by_one or [], on_retry=retry_log)
+    ls.upload_predictions(predictions, settings.prediction_chunk, on_retry=retry_log,
+                          progress=lambda done, total: report("uploading predictions", done, total))
+    uploaded = len(predictions) + len(one_by_one or [])
     duration = round(time.time() - started, 3)
     worker = getattr(job, "worker_name", None) if job is not None else None
     log.info("project=%s uploaded %d predictions of %s in %.1fs (worker %s)", project_id,
-             len(predictions), version, duration, worker)
-    return {"uploaded": len(predictions), "duration": duration, "worker": worker,
+             uploaded, version, duration, worker)
+    return {"uploaded": uploaded, "duration": duration, "worker": worker,
             "queue_wait": _queue_wait(job, started)}
 
 

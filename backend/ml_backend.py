@@ -120,7 +120,8 @@ class ActiveLearningBackend:
 
     # -- retraining --------------------------------------------------------------------
     def fit(self, event: str, data: dict | None = None, progress: Progress | None = None,
-            fan_out: Callable[[str, list[list[dict]], dict], None] | None = None) -> dict:
+            fan_out: Callable[[str, list[tuple[list[dict], list[dict]]], dict], None] | None = None
+            ) -> dict:
         """Retrain from Label Studio's current annotations and publish a new version.
 
         `fan_out(version, slices, result)`, if given, takes over publishing when the project
@@ -180,9 +181,12 @@ class ActiveLearningBackend:
                 encoder, self.cache, data_.texts, all_layers=True,
                 progress=lambda done, total: progress("encoding all layers", done, total))
         label_index = [labels.index(label) if label is not None else None for label in data_.labels]
+        centroids = self.store.read_centroids(self.project_id, encoder.id)
         queue = queue_scores(features, label_index, head, ordering=choice["ordering"],
                              batch_size=choice["batch_size"], params=choice["params"],
-                             all_layers=all_layers)
+                             all_layers=all_layers, centroids=centroids)
+        if queue.centroids is not None and queue.centroids is not centroids:
+            self.store.write_centroids(self.project_id, encoder.id, queue.centroids)
         predicted = queue.predicted
         training_accuracy = float((predicted[labeled] == y).mean())
         lap("score")
@@ -219,7 +223,6 @@ class ActiveLearningBackend:
         # The bulk import keeps only these four fields (Label Studio 1.23).
         bulk = [{k: p[k] for k in ("task", "result", "score", "model_version")}
                 for p in predictions if p["mislabeling"] == 0]
-        ls.upload_predictions_one_by_one(disputed, on_retry=retry_log)
         result = {
             "status": "finished",
             "model_version": version,
@@ -233,15 +236,16 @@ class ActiveLearningBackend:
             "timings": timings,
         }
         limit = self.settings.fanout_tasks
-        if fan_out is not None and limit > 0 and len(bulk) > limit:
-            # A pool too large for one worker: each slice is uploaded by its own RQ job, on
-            # whichever workers are free; a last job switches the version once all are in.
-            parts = -(-len(bulk) // limit)
-            slices = [bulk[i::parts] for i in range(parts)]
+        if fan_out is not None and limit > 0 and len(predictions) > limit:
+            # A pool too large for one worker: each slice (bulk predictions, and a share of
+            # the disputed ones sent one by one) is uploaded by its own RQ job, on whichever
+            # workers are free; a last job switches the version once all are in.
+            parts = -(-len(predictions) // limit)
+            slices = [(bulk[i::parts], disputed[i::parts]) for i in range(parts)]
             result.update(status="publishing", publish_jobs=len(slices))
-            lap("publish_disputed")
             fan_out(version, slices, result)
             return result
+        ls.upload_predictions_one_by_one(disputed, on_retry=retry_log)
         ls.upload_predictions(
             bulk, self.settings.prediction_chunk, on_retry=retry_log,
             progress=lambda done, total: progress("uploading predictions", done, total))

@@ -33,6 +33,7 @@ from model.classifier import ClassifierHead
 
 META_FILE = "meta.json"
 ENCODER_DIR = "encoder"  # a fine-tuned encoder, when FINE_TUNE_LAYERS > 0
+CENTROIDS_FILE = "clusters.npz"  # the project's k-means centroids, reused across versions
 VERSION_RE = re.compile(r"^v(\d{4,})-\d{8}-\d{6}$")
 
 
@@ -118,6 +119,28 @@ class ModelStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return version
+
+    def read_centroids(self, project_id: int, encoder_id: str):
+        """The project's k-means centroids from its last scoring under this encoder, or None."""
+        import numpy as np
+
+        path = self.project_dir(project_id) / CENTROIDS_FILE
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                if str(saved["encoder"]) != encoder_id:
+                    return None
+                return saved["centroids"]
+        except (FileNotFoundError, KeyError, ValueError, OSError):
+            return None
+
+    def write_centroids(self, project_id: int, encoder_id: str, centroids) -> None:
+        import numpy as np
+
+        directory = self.project_dir(project_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{CENTROIDS_FILE}.{os.getpid()}.{threading.get_ident()}.npz"
+        np.savez(tmp, encoder=np.array(encoder_id), centroids=np.asarray(centroids, dtype=np.float32))
+        os.replace(tmp, directory / CENTROIDS_FILE)
 
     def activate(self, project_id: int, version: str) -> None:
         """Make `version` the one /predict serves; prune old versions."""

@@ -44,6 +44,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=None, help="PREDICTION_CHUNK (default: the backend's)")
     parser.add_argument("--ls-memory-efficient-import", action="store_true")
+    parser.add_argument("--workers", type=int, default=1, help="rq worker processes")
+    parser.add_argument("--fanout", type=int, default=None,
+                        help="FANOUT_TASKS: publish through slice jobs of at most this many predictions")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "atl-backend" / "bench-freshness")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "freshness.json")
     args = parser.parse_args()
@@ -58,12 +61,15 @@ def main() -> int:
     # One backend data dir across runs: the encoding cache is reused (projects get new ids).
     run_dir = args.work / "backend-data"
     extra = {"PREDICTION_CHUNK": str(args.chunk)} if args.chunk else {}
+    if args.fanout is not None:
+        extra["FANOUT_TASKS"] = str(args.fanout)
     with LabelStudioServer(args.work / "ls-data", extra_env=ls_env) as ls, \
             Services(run_dir, extra_env=extra) as services:
         services.start_redis()
         services.env.update(LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.api_key, RECONCILE_INTERVAL="0")
         services.start_web()
-        services.start_worker()
+        for _ in range(args.workers):
+            services.start_worker()
         client = LabelStudio(base_url=ls.url, api_key=ls.api_key, timeout=600)
         project = client.projects.create(title=f"freshness {args.tasks}", label_config=CONFIG)
         client.ml.create(url=services.url, project=project.id, title="ATL", is_interactive=False)
@@ -108,7 +114,7 @@ def main() -> int:
             last = wait_until_idle(services, project.id, timeout=1800)["last"]
             row = {"round": r + 1, "model_version": version, "webhook_to_switched_s": round(elapsed, 2),
                    "queue_wait_s": last.get("queue_wait"), **{f"{k}_s": v for k, v in last["timings"].items()},
-                   "sync": last.get("sync"), "encoded": last.get("encoded")}
+                   "sync": last.get("sync"), "encoded": last.get("encoded"), "publish": last.get("publish")}
             rounds.append(row)
             print(json.dumps(row), flush=True)
 
@@ -119,7 +125,8 @@ def main() -> int:
 
     result = {
         "tasks": len(texts), "ls_memory_efficient_import": args.ls_memory_efficient_import,
-        "prediction_chunk": args.chunk or "default", "rounds": rounds,
+        "prediction_chunk": args.chunk or "default", "workers": args.workers,
+        "fanout_tasks": args.fanout if args.fanout is not None else "default", "rounds": rounds,
         "tasks_with_final_version": counted,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

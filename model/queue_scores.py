@@ -32,6 +32,7 @@ class QueueScores:
     mislabeling: np.ndarray  # (n_tasks,) 0..1, nonzero only for labeled tasks
     predicted: np.ndarray  # (n_tasks,) predicted class index
     info: dict = field(default_factory=dict)
+    centroids: np.ndarray | None = None  # k-means centroids behind `clusters`, to reuse next time
 
 
 def rank_scores(order: np.ndarray, n: int) -> np.ndarray:
@@ -41,15 +42,31 @@ def rank_scores(order: np.ndarray, n: int) -> np.ndarray:
     return scores
 
 
-def cluster_ids(features: np.ndarray, seed: int = 0, max_clusters: int = 50) -> np.ndarray:
+def cluster_count(n: int, max_clusters: int = 50) -> int:
+    """k for k-means over n tasks: about one cluster per 50 tasks' square root."""
+    return int(np.clip(round(np.sqrt(n / 50)), 1, max_clusters))
+
+
+def cluster_ids(features: np.ndarray, seed: int = 0, max_clusters: int = 50,
+                centroids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(cluster id per task, centroids). With `centroids` from an earlier call whose k still
+    fits this many tasks, tasks are assigned to the nearest one instead of fitting again:
+    k-means is the slowest part of scoring a large project, and the clusters of a project
+    change only when many tasks are added."""
     from sklearn.cluster import MiniBatchKMeans
 
     n = len(features)
-    k = int(np.clip(round(np.sqrt(n / 50)), 1, max_clusters))
+    k = cluster_count(n, max_clusters)
     if k < 2:
-        return np.zeros(n, dtype=int)
+        return np.zeros(n, dtype=int), None
+    features = np.asarray(features, dtype=np.float32)
+    if centroids is not None and len(centroids) == k and centroids.shape[1] == features.shape[1]:
+        # Nearest centroid by squared distance, ||x||^2 dropped (the same for every centroid).
+        distance = -2.0 * features @ centroids.T + (centroids ** 2).sum(axis=1)
+        return distance.argmin(axis=1).astype(int), centroids
     model = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=2048)
-    return model.fit_predict(np.asarray(features, dtype=np.float32)).astype(int)
+    ids = model.fit_predict(features).astype(int)
+    return ids, model.cluster_centers_.astype(np.float32)
 
 
 def out_of_fold_disagreement(features: np.ndarray, y: np.ndarray, config: HeadConfig,
@@ -82,8 +99,13 @@ def queue_scores(
     params: dict | None = None,
     all_layers: np.ndarray | None = None,
     seed: int = 0,
+    centroids: np.ndarray | None = None,
 ) -> QueueScores:
-    """Score every task of a project for Label Studio's queue."""
+    """Score every task of a project for Label Studio's queue.
+
+    `centroids`: the project's cluster centroids from its previous scoring, if any (see
+    `cluster_ids`); the ones used come back in `QueueScores.centroids` for the caller to keep.
+    """
     n = len(features)
     labeled = np.array([i for i, label in enumerate(labels) if label is not None], dtype=int)
     unlabeled = np.array([i for i, label in enumerate(labels) if label is None], dtype=int)
@@ -122,5 +144,6 @@ def queue_scores(
     mislabeling = np.zeros(n)
     if len(labeled):
         mislabeling[labeled] = out_of_fold_disagreement(features[labeled], y, head.config, seed=seed)
-    return QueueScores(scores=scores, clusters=cluster_ids(features, seed=seed),
-                       mislabeling=mislabeling, predicted=predicted, info=info)
+    clusters, centroids = cluster_ids(features, seed=seed, centroids=centroids)
+    return QueueScores(scores=scores, clusters=clusters, mislabeling=mislabeling,
+                       predicted=predicted, info=info, centroids=centroids)

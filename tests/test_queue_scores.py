@@ -44,3 +44,33 @@ def test_a_flipped_label_gets_a_mislabeling_value():
     disagreement = out_of_fold_disagreement(x, flipped, config)
     assert disagreement[5] > 0.5
     assert (disagreement > 0).mean() < 0.2  # clean labels are mostly left alone
+
+
+def test_cluster_centroids_are_reused_while_their_count_fits_the_project(tmp_path):
+    from backend.model_store import ModelStore
+    from model.queue_scores import cluster_count, cluster_ids
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(0, 5, (4, 16))
+    x = (centres[rng.integers(0, 4, 2000)] + rng.normal(0, 1, (2000, 16))).astype(np.float32)
+    ids, centroids = cluster_ids(x)
+    assert centroids.shape == (cluster_count(2000), 16) and len(set(ids)) == len(centroids)
+    # The same tasks against the kept centroids: the same clusters, without fitting again.
+    again, kept = cluster_ids(x, centroids=centroids)
+    assert kept is centroids
+    assert (again == ids).mean() > 0.99
+    # A few new tasks join the nearest existing cluster.
+    more = np.concatenate([x, x[:50] + 0.01])
+    grown, kept = cluster_ids(more, centroids=centroids)
+    assert kept is centroids and (grown[2000:] == ids[:50]).all()
+    # Enough new tasks that k changes: fitted afresh.
+    big = np.concatenate([x] * 3)
+    assert cluster_count(len(big)) != len(centroids)
+    _, refitted = cluster_ids(big, centroids=centroids)
+    assert refitted is not centroids and len(refitted) == cluster_count(len(big))
+
+    store = ModelStore(tmp_path)
+    assert store.read_centroids(7, "enc-a") is None
+    store.write_centroids(7, "enc-a", centroids)
+    assert np.array_equal(store.read_centroids(7, "enc-a"), centroids)
+    assert store.read_centroids(7, "enc-b") is None  # another encoder's space: not reused
