@@ -138,6 +138,23 @@ def test_guard_with_more_classes_than_places_gives_the_best_classes_one_each():
     assert sorted(predicted[batch]) == [0, 1]
 
 
+def test_domain_likeness_cluster_batch_takes_the_most_application_like_task_of_each_cluster():
+    from model.orderings.domain_likeness import cluster_batch
+
+    rng = np.random.default_rng(5)
+    centres = np.array([[10, 0], [-10, 0], [0, 10], [0, -10]], dtype=float)
+    blob = np.repeat(np.arange(4), 30)
+    features = centres[blob] + rng.normal(0, 1, (120, 2))
+    p_training = rng.random(120)
+    batch = cluster_batch(features, p_training, size=4)
+    assert sorted(blob[batch]) == [0, 1, 2, 3]  # one task from every cluster
+    for i in batch:
+        assert p_training[i] == p_training[blob == blob[i]].min()
+    assert list(p_training[batch]) == sorted(p_training[batch])  # most application-like first
+    # Without the option, the batch is just the lowest P(training) (which may sit in one cluster).
+    assert get_ordering("domain_likeness").defaults["cluster_batch"] is False
+
+
 def test_put_batch_first_is_rank_based_below_everything_else():
     scores = np.array([0.5, 0.1, 0.9, 0.3, 0.7])
     batch = np.array([2, 0])

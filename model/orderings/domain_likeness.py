@@ -28,7 +28,33 @@ DOMAIN_DEFAULTS: dict = {
     "domain_folds": 3,
     "domain_regularization": 0.01,  # inverse L2 strength (C) of the logistic head
     "max_per_side": 1500,  # training and application tasks the head trains on, at most
+    # Build the batch from k-means clusters of the pool (k = batch size): from each cluster,
+    # its most application-like task. Off by default: it is an experiment (BENCHMARKS.md).
+    "cluster_batch": False,
 }
+
+
+def cluster_batch(features: np.ndarray, p_training: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """A batch that covers the pool: k-means with k = `size` on the pool's features, and from
+    each cluster the task with the lowest P(training), most application-like first.
+
+    Alone, domain-likeness serves the tasks least like anything labeled, which after a
+    domain shift are the oddest tasks of the pool rather than its typical ones; one per
+    cluster spreads the batch over the pool the way its tasks are spread."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    n = len(features)
+    size = int(min(size, n))
+    if size < 2:
+        return np.argsort(p_training, kind="stable")[:size]
+    clusters = MiniBatchKMeans(n_clusters=size, random_state=seed, n_init=1,
+                               batch_size=1024).fit_predict(np.asarray(features, dtype=np.float32))
+    picked = []
+    for cluster in np.unique(clusters):
+        members = np.flatnonzero(clusters == cluster)
+        picked.append(int(members[np.argmin(p_training[members])]))
+    picked = np.array(picked, dtype=int)
+    return picked[np.argsort(p_training[picked], kind="stable")]
 
 
 def layer_features(all_layers: np.ndarray | None, features: np.ndarray) -> np.ndarray:
@@ -116,4 +142,8 @@ class DomainLikeness(Ordering):
             max_per_side=settings["max_per_side"],
         )
         info = {"fallback": None, "layers": int(np.asarray(data.all_layers_unlabeled).shape[1])}
-        return self.finish(data, p_training, probabilities, info)
+        batch = None
+        if settings["cluster_batch"]:
+            batch = cluster_batch(data.features_unlabeled, p_training, data.batch_size, data.seed)
+            info["cluster_batch"] = len(batch)
+        return self.finish(data, p_training, probabilities, info, batch=batch)
