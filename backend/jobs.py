@@ -164,7 +164,9 @@ def finish_publish(project_id: int, version: str, slice_jobs: list[str], result:
                   finished_at=time.time())
     if result.get("started_at"):
         result["duration"] = round(result["finished_at"] - result["started_at"], 3)
-    queue.record_result(project_id, result)
+    if status == "finished":
+        # A superseded version leaves the project's last result alone: the newer one is it.
+        queue.record_result(project_id, result)
     queue.publish_finished(project_id, version)
     log.info("project=%s %s %s after %d upload jobs on %s", project_id, version, status,
              len(slice_jobs), ", ".join(workers) or "-")

@@ -66,3 +66,30 @@ def test_training_lock_outlives_its_ttl_while_the_job_runs(job_queue, monkeypatc
         assert job_queue.redis.get("atl:project:6:training") == b"job-long"
     assert job_queue.project_status(6)["running"] is None
     assert job_queue.redis.get("atl:project:6:training") is None
+
+
+def test_a_slower_fan_out_of_an_older_version_never_switches_back(job_queue, services, monkeypatch):
+    """Two retrains' fan-outs can finish out of order: the older one is "superseded", does
+    not touch Label Studio or /predict, and leaves the newer result as the project's last."""
+    from backend import jobs
+    from backend.model_store import ModelStore
+    from model.classifier import ClassifierHead, HeadConfig
+
+    monkeypatch.setenv("REDIS_URL", services.redis_url)
+    monkeypatch.setenv("DATA_DIR", str(services.data_dir))
+    # Nothing listens here: a call to Label Studio would fail the job.
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:9")
+    store = ModelStore(job_queue.settings.models_dir)
+    head = ClassifierHead(HeadConfig(labels=["a", "b"], input_dim=4))
+    older = store.stage(5, head, {"encoder": "e"})
+    newer = store.stage(5, head, {"encoder": "e"})
+    store.activate(5, newer)
+    job_queue.record_result(5, {"status": "finished", "model_version": newer})
+    job_queue.redis.set("atl:project:5:publishing", '{"model_version": "%s"}' % older)
+
+    result = jobs.finish_publish(5, older, [], {"model_version": older})
+    assert result["status"] == "superseded"
+    assert store.current_version(5) == newer
+    status = job_queue.project_status(5)
+    assert status["last"] == {"status": "finished", "model_version": newer}
+    assert status["publishing"] is None
