@@ -84,8 +84,9 @@ def retrain(project_id: int, reason: str = "") -> dict:
     return result
 
 
-def _slice_results(connection, job_ids: list[str]) -> tuple[list, list[str]]:
-    """Return values of finished slice jobs, and a description of every other one."""
+def _slice_results(connection, job_ids: list[str], delete: bool = False) -> tuple[list, list[str]]:
+    """Return values of finished slice jobs, and a description of every other one. With
+    `delete`, each finished job is removed from Redis once read (its result is consumed)."""
     results, failed = [], []
     for slice_id in job_ids:
         try:
@@ -95,6 +96,8 @@ def _slice_results(connection, job_ids: list[str]) -> tuple[list, list[str]]:
             status = None
         if status == JobStatus.FINISHED:
             results.append(slice_job.return_value())
+            if delete:
+                slice_job.delete()
         else:
             failed.append(f"{slice_id} ({status.value if status else 'missing'})")
     return results, failed
@@ -109,14 +112,9 @@ def publish_slice(project_id: int, version: str, predictions: list[dict],
     job = get_current_job()
     started = time.time()
     report = _progress_reporter(job, project_id)
-    ls = LabelStudioProject(settings, project_id)
-
-    def retry_log(attempt: int, exc: Exception) -> None:
-        log.warning("project=%s Label Studio call failed (attempt %d), retrying: %s", project_id, attempt, exc)
-
-    ls.upload_predictions_one_by_one(one_by_one or [], on_retry=retry_log)
-    ls.upload_predictions(predictions, settings.prediction_chunk, on_retry=retry_log,
-                          progress=lambda done, total: report("uploading predictions", done, total))
+    LabelStudioProject(settings, project_id).publish_predictions(
+        predictions, one_by_one or [], settings.prediction_chunk,
+        progress=lambda done, total: report("uploading predictions", done, total))
     uploaded = len(predictions) + len(one_by_one or [])
     duration = round(time.time() - started, 3)
     worker = getattr(job, "worker_name", None) if job is not None else None
@@ -226,7 +224,8 @@ def store_encodings(project_id: int, encoder_id: str, slice_jobs: list[str], res
     job = get_current_job()
     connection = job.connection if job is not None else redis_connection(settings.redis_url)
     queue = JobQueue(connection, settings)
-    slices, failed = _slice_results(connection, slice_jobs)
+    # The vectors are large; once read they are only kept in the cache.
+    slices, failed = _slice_results(connection, slice_jobs, delete=True)
     cache = EncodingCache(settings.encoding_cache_path)
     stored = 0
     for part in slices:
@@ -235,11 +234,6 @@ def store_encodings(project_id: int, encoder_id: str, slice_jobs: list[str], res
         vectors = vectors.reshape(part["count"], part["dim"])
         cache.store_keys(encoder_id, [keys[i * 16:(i + 1) * 16] for i in range(part["count"])], vectors)
         stored += part["count"]
-    for slice_id in slice_jobs:  # their vectors are in the cache now; free Redis of them
-        try:
-            Job.fetch(slice_id, connection=connection, serializer=JSONSerializer).delete()
-        except Exception:  # already gone
-            pass
     workers = sorted({part["worker"] for part in slices if part.get("worker")})
     now = time.time()
     result = dict(result, status="failed" if failed else "finished", encoded=stored, workers=workers,

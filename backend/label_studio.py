@@ -174,11 +174,27 @@ class LabelStudioProject:
             with_retries(lambda p=prediction: self._call(
                 "create prediction", lambda: self.client.predictions.create(**p)), on_retry=on_retry)
 
+    def publish_predictions(self, bulk: list[dict], one_by_one: list[dict], chunk: int,
+                            progress: Callable[[int, int], None] | None = None) -> None:
+        """`one_by_one` (disputed labels, which keep `mislabeling` and `cluster` only through
+        the single-prediction API) first, then `bulk` through the chunked import."""
+        on_retry = retry_logger(self.project_id)
+        self.upload_predictions_one_by_one(one_by_one, on_retry=on_retry)
+        self.upload_predictions(bulk, chunk, on_retry=on_retry, progress=progress)
+
     def set_model_version(self, version: str) -> None:
         self._call(
             "update project model_version",
             lambda: self.client.projects.update(id=self.project_id, model_version=version),
         )
+
+
+def retry_logger(project_id: int) -> Callable[[int, Exception], None]:
+    """An `on_retry` for `with_retries` that logs the failed call of a project's job."""
+    def log_retry(attempt: int, exc: Exception) -> None:
+        log.warning("project=%s Label Studio call failed (attempt %d), retrying: %s",
+                    project_id, attempt, exc)
+    return log_retry
 
 
 def with_retries(fn: Callable[[], Any], attempts: int = 4, first_delay: float = 1.0,

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from backend.label_config import LabelConfig, parse_label_config
-from backend.label_studio import LabelStudioProject, with_retries
+from backend.label_studio import LabelStudioProject, retry_logger, with_retries
 from backend.model_store import LoadedModel, ModelStore
 from backend.settings import Settings
 from backend.task_store import TaskStore
@@ -245,9 +245,8 @@ class ActiveLearningBackend:
             result.update(status="publishing", publish_jobs=len(slices))
             fan_out(version, slices, result)
             return result
-        ls.upload_predictions_one_by_one(disputed, on_retry=retry_log)
-        ls.upload_predictions(
-            bulk, self.settings.prediction_chunk, on_retry=retry_log,
+        ls.publish_predictions(
+            bulk, disputed, self.settings.prediction_chunk,
             progress=lambda done, total: progress("uploading predictions", done, total))
         with_retries(lambda: ls.set_model_version(version), on_retry=retry_log)
         self.store.activate(self.project_id, version)
@@ -297,9 +296,9 @@ class ActiveLearningBackend:
             return dict(choice, error=f"extra params ignored: {exc}")
         return wanted
 
-    def _retry_log(self, attempt: int, exc: Exception) -> None:
-        log.warning("project=%s Label Studio call failed (attempt %d), retrying: %s",
-                    self.project_id, attempt, exc)
+    @property
+    def _retry_log(self) -> Callable[[int, Exception], None]:
+        return retry_logger(self.project_id)
 
     def encode_new_tasks(self, progress: Progress | None = None,
                          fan_out: Callable[[str, list[list[str]], dict], None] | None = None) -> dict:
@@ -315,7 +314,9 @@ class ActiveLearningBackend:
         _, _, _, data_, sync = self._read_project(progress)
         encoder = get_encoder(self.settings)
         limit = self.settings.fanout_tasks
-        if fan_out is not None and limit > 0:
+        # Only a project with more texts than the limit can have more to encode: smaller ones
+        # skip this lookup, which encode_with_cache below makes again.
+        if fan_out is not None and 0 < limit < len(data_.texts):
             _, missing = self.cache.lookup(encoder.id, data_.texts)
             distinct = list(dict.fromkeys(data_.texts[i] for i in missing))
             if len(distinct) > limit:
