@@ -166,11 +166,59 @@ def worker(settings: Settings, burst: bool = False) -> int:
     job_queue = JobQueue(connection, settings)
     if not burst and settings.reconcile_interval > 0:
         threading.Thread(target=_reconcile_ticker, args=(job_queue,), name="reconcile", daemon=True).start()
-    # Maintenance every minute: RQ then re-queues a job whose worker was killed mid-run.
-    rq_worker = SimpleWorker([job_queue.queue], connection=connection, serializer=JSONSerializer,
-                             maintenance_interval=60)
-    ok = rq_worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
-    return 0 if ok or burst else 1
+    stop = threading.Event()
+    quits: list[float] = []
+    while True:
+        # Maintenance every minute: RQ then re-queues a job whose worker was killed mid-run.
+        rq_worker = SimpleWorker([job_queue.queue], connection=connection, serializer=JSONSerializer,
+                                 maintenance_interval=60)
+        try:
+            ok = rq_worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
+        except redis_errors() as exc:  # raised from RQ's own teardown while Redis is gone
+            log.error("worker lost Redis: %s", exc)
+            ok = False
+        if burst or rq_worker._stop_requested:
+            return 0 if ok or burst else 1
+        # RQ retries a lost connection only while it waits for a job; a Redis outage that hits
+        # a job's bookkeeping makes work() log the error and quit. Outlive that instead of
+        # leaving the queue with no worker: wait for Redis, then start a fresh worker. A
+        # worker that keeps quitting is a real fault: exit, and let the supervisor see it.
+        now = time.monotonic()
+        quits = [t for t in quits if now - t < 300] + [now]
+        if len(quits) > 5:
+            log.error("the rq worker quit %d times in 5 minutes; exiting", len(quits))
+            return 1
+        _install_stop_handlers(stop)
+        if not _redis_reachable(connection):
+            log.warning("rq worker quit while Redis is unreachable; waiting for Redis to come back")
+            while not _redis_reachable(connection):
+                if stop.wait(2.0):
+                    return 0
+        elif stop.wait(2.0):
+            return 0
+        log.warning("starting a new rq worker")
+
+
+def redis_errors() -> tuple[type[Exception], ...]:
+    import redis
+
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def _redis_reachable(connection) -> bool:
+    try:
+        return bool(connection.ping())
+    except redis_errors():
+        return False
+
+
+def _install_stop_handlers(stop: threading.Event) -> None:
+    """SIGTERM/SIGINT while waiting for Redis: stop, rather than RQ's handler raising here."""
+    def handler(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _reconcile_ticker(job_queue) -> None:

@@ -5,8 +5,12 @@ reads the whole truth from Label Studio, so one job that starts after an annotat
 saved covers it. Hence per project:
 
 * while a retrain **waits** in the queue, new events add nothing (they are "coalesced");
-* once it **starts**, it first clears the waiting mark and only then reads Label Studio, so
-  the next event queues exactly one follow-up, which runs after the current one;
+* once it **holds the project's training lock**, it clears the waiting mark and only then
+  reads Label Studio, so the next event queues exactly one follow-up, which runs after the
+  current one. A job a worker has started but that still waits for the lock (another
+  worker trains the project) has read nothing yet: events keep coalescing into it, as long
+  as it keeps announcing that it waits (a key with a short TTL, so a job whose worker died
+  stops collecting events within seconds);
 * a per-project training lock with a heartbeat keeps two workers from training the same
   project at once, and expires by itself if a worker dies mid-job.
 
@@ -43,7 +47,8 @@ COALESCE_SCRIPT = """
 local waiting = redis.call('GET', KEYS[1])
 if not waiting then return false end
 local status = redis.call('HGET', ARGV[1] .. waiting, 'status')
-if status == 'queued' or status == 'deferred' or status == 'scheduled' then
+if status == 'queued' or status == 'deferred' or status == 'scheduled'
+   or (status == 'started' and redis.call('GET', KEYS[3]) == waiting) then
   redis.call('INCR', KEYS[2])
   return waiting
 end
@@ -87,17 +92,16 @@ class JobQueue:
         waits, and a follow-up starts no sooner than RETRAIN_MIN_INTERVAL seconds after the
         previous one was queued (it is scheduled for then instead; nothing is dropped).
         """
-        waiting = self._coalesce(keys=[key(project_id, "waiting"), key(project_id, "coalesced")],
-                                 args=[Job.redis_job_namespace_prefix])
+        coalesce_keys = [key(project_id, "waiting"), key(project_id, "coalesced"),
+                         key(project_id, "lock-wait")]
+        waiting = self._coalesce(keys=coalesce_keys, args=[Job.redis_job_namespace_prefix])
         if waiting:
             return "coalesced", waiting.decode()
         with self.redis.lock(key(project_id, "enqueue"), timeout=10, blocking_timeout=5):
-            waiting = self.redis.get(key(project_id, "waiting"))
-            if waiting is not None:
-                waiting_id = waiting.decode()
-                if self._status(waiting_id) in WAITING_STATES:
-                    self.redis.incr(key(project_id, "coalesced"))
-                    return "coalesced", waiting_id
+            # Again under the lock: the job may have just taken the training lock.
+            waiting = self._coalesce(keys=coalesce_keys, args=[Job.redis_job_namespace_prefix])
+            if waiting:
+                return "coalesced", waiting.decode()
             job_id = f"retrain-{int(project_id)}-{uuid.uuid4().hex[:12]}"
             now = time.time()
             last = float(self.redis.get(key(project_id, "last_queued")) or 0)
@@ -160,16 +164,29 @@ class JobQueue:
         with self.redis.lock(key(project_id, "enqueue"), timeout=10, blocking_timeout=5):
             current = self.redis.get(key(project_id, "waiting"))
             if current is not None and current.decode() == job_id:
-                self.redis.delete(key(project_id, "waiting"))
+                self.redis.delete(key(project_id, "waiting"), key(project_id, "lock-wait"))
 
     @contextlib.contextmanager
-    def training_lock(self, project_id: int, job_id: str):
-        """Hold the project's training lock for the duration; refreshed by a heartbeat."""
+    def training_lock(self, project_id: int, job_id: str, still_waiting: bool = False):
+        """Hold the project's training lock for the duration; refreshed by a heartbeat.
+
+        `still_waiting` (retrains): until the lock is taken, the job counts as waiting, so
+        events coalesce into it; once it holds the lock, the waiting mark is cleared
+        (`mark_started`) before the caller reads anything.
+        """
         # thread_local=False: the heartbeat thread must see the token to extend the lock.
-        lock = self.redis.lock(key(project_id, "training"), timeout=LOCK_TTL,
-                               blocking_timeout=self.settings.job_timeout, thread_local=False)
-        if not lock.acquire(token=job_id.encode()):
-            raise TimeoutError(f"project {project_id} stayed locked by another retrain")
+        lock = self.redis.lock(key(project_id, "training"), timeout=LOCK_TTL, thread_local=False)
+        deadline = time.monotonic() + self.settings.job_timeout
+        while True:
+            if still_waiting:
+                self.redis.set(key(project_id, "lock-wait"), job_id, ex=LOCK_TTL)
+            step = min(LOCK_TTL / 3, deadline - time.monotonic())
+            if step > 0 and lock.acquire(token=job_id.encode(), blocking_timeout=step):
+                break
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"project {project_id} stayed locked by another retrain")
+        if still_waiting:
+            self.mark_started(project_id, job_id)
         stop = threading.Event()
 
         def heartbeat():
@@ -293,7 +310,8 @@ class JobQueue:
          publishing) = pipe.execute()
         running_id = state.get(b"running", b"").decode() or None
         waiting_id = waiting.decode() if waiting else None
-        if waiting_id and self._status(waiting_id) not in WAITING_STATES:
+        if waiting_id and self._status(waiting_id) not in WAITING_STATES and \
+                self.redis.get(key(project_id, "lock-wait")) != waiting:
             waiting_id = None
         status = {
             "project_id": int(project_id),

@@ -58,11 +58,11 @@ def retrain(project_id: int, reason: str = "") -> dict:
     job_id = job.id if job is not None else f"inline-{time.time():.0f}"
     connection = job.connection if job is not None else redis_connection(settings.redis_url)
     queue = JobQueue(connection, settings)
-    queue.mark_started(project_id, job_id)
     started = time.time()
     log.info("project=%s job=%s retrain started (%s)", project_id, job_id, reason)
     try:
-        with queue.training_lock(project_id, job_id):
+        # Clears the waiting mark once the lock is held, before Label Studio is read.
+        with queue.training_lock(project_id, job_id, still_waiting=True):
             result = ActiveLearningBackend(settings, project_id).fit(
                 reason, progress=_progress_reporter(job, project_id),
                 fan_out=lambda version, slices, partial: queue.fan_out_publish(

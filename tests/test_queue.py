@@ -1,5 +1,7 @@
 """Queue semantics on a real redis-server: one waiting, one running, per project."""
 
+import time
+
 import pytest
 from rq.serializers import JSONSerializer
 from rq.job import Job
@@ -38,6 +40,64 @@ def test_one_waiting_and_one_running_per_project(job_queue):
     assert job.func_name == "backend.jobs.retrain"
 
 
+def test_a_started_job_waiting_for_the_training_lock_still_collects_events(job_queue):
+    """Two workers: retrain A trains, retrain B has started on the other worker but waits
+    for the lock. B has read nothing yet, so a burst coalesces into B (two retrains in all);
+    once B holds the lock, the next event queues exactly one follow-up."""
+    import threading
+
+    from rq.job import JobStatus
+
+    _, first = job_queue.request_retrain(7, "ANNOTATION_CREATED")
+    with job_queue.training_lock(7, first, still_waiting=True):
+        assert job_queue.project_status(7)["waiting"] is None
+        _, second = job_queue.request_retrain(7, "ANNOTATION_CREATED")
+        # What a worker does when it takes the job from the queue.
+        Job.fetch(second, connection=job_queue.redis, serializer=JSONSerializer).set_status(JobStatus.STARTED)
+        holding, release = threading.Event(), threading.Event()
+
+        def second_job():
+            with job_queue.training_lock(7, second, still_waiting=True):
+                holding.set()
+                release.wait(10)
+
+        worker = threading.Thread(target=second_job)
+        worker.start()
+        deadline = time.monotonic() + 5
+        while job_queue.redis.get("atl:project:7:lock-wait") != second.encode():
+            assert time.monotonic() < deadline, "the second job never announced it waits"
+            time.sleep(0.01)
+        for _ in range(20):
+            assert job_queue.request_retrain(7, "ANNOTATION_CREATED") == ("coalesced", second)
+        assert job_queue.project_status(7)["waiting"] == second
+        assert not holding.is_set()
+    assert holding.wait(10), "the second job never got the lock"
+    try:
+        # B holds the lock and has cleared its mark: it may already have read Label Studio.
+        assert job_queue.project_status(7)["waiting"] is None
+        status, third = job_queue.request_retrain(7, "ANNOTATION_CREATED")
+        assert status == "queued" and third not in (first, second)
+    finally:
+        release.set()
+        worker.join(10)
+    assert job_queue.redis.get("atl:project:7:requested") == b"3"
+    assert job_queue.redis.get("atl:project:7:coalesced") == b"20"
+
+
+def test_a_job_that_stops_announcing_it_waits_collects_no_more_events(job_queue, monkeypatch):
+    """A started job whose worker died while it waited for the lock: once its announcement
+    expires, the next event queues a new retrain instead of coalescing into a dead job."""
+    from rq.job import JobStatus
+
+    _, job_id = job_queue.request_retrain(8, "ANNOTATION_CREATED")
+    Job.fetch(job_id, connection=job_queue.redis, serializer=JSONSerializer).set_status(JobStatus.STARTED)
+    job_queue.redis.set("atl:project:8:lock-wait", job_id, px=300)
+    assert job_queue.request_retrain(8, "ANNOTATION_CREATED") == ("coalesced", job_id)
+    time.sleep(0.5)
+    status, new_id = job_queue.request_retrain(8, "ANNOTATION_CREATED")
+    assert status == "queued" and new_id != job_id
+
+
 def test_a_lost_waiting_job_does_not_block_new_events(job_queue):
     _, job_id = job_queue.request_retrain(3, "START_TRAINING")
     # The queued job vanishes (e.g. someone emptied the queue); the mark must not block us.
@@ -55,7 +115,6 @@ def test_training_lock_excludes_a_second_trainer(job_queue):
 
 
 def test_training_lock_outlives_its_ttl_while_the_job_runs(job_queue, monkeypatch):
-    import time
 
     import backend.job_queue as job_queue_module
 
@@ -93,3 +152,31 @@ def test_a_slower_fan_out_of_an_older_version_never_switches_back(job_queue, ser
     status = job_queue.project_status(5)
     assert status["last"] == {"status": "finished", "model_version": newer}
     assert status["publishing"] is None
+
+
+def test_the_worker_outlives_a_redis_outage_that_hits_a_running_job(services):
+    """Redis dies while a job runs, so RQ's bookkeeping at the job's end fails and RQ's
+    work loop quits. The worker process must wait for Redis and serve the queue again."""
+    from rq import Queue
+
+    worker = services.start_worker()
+    queue = Queue("atl", connection=redis_connection(services.redis_url), serializer=JSONSerializer)
+    running = queue.enqueue("time.sleep", 4, job_timeout=60)
+    deadline = time.monotonic() + 60
+    while running.get_status(refresh=True) != "started":
+        assert time.monotonic() < deadline, services.log_tail("worker.log")
+        time.sleep(0.1)
+    port = int(services.redis_url.rsplit(":", 1)[1].split("/")[0])
+    services.redis_process.kill()
+    services.redis_process.wait()
+    time.sleep(6)  # the job ends while Redis is down
+    assert worker.poll() is None, services.log_tail("worker.log")
+    services.start_redis(port=port)
+
+    after = queue.enqueue("time.sleep", 0, job_timeout=60)
+    deadline = time.monotonic() + 90
+    while after.get_status(refresh=True) != "finished":
+        assert worker.poll() is None, services.log_tail("worker.log")
+        assert time.monotonic() < deadline, services.log_tail("worker.log")
+        time.sleep(0.2)
+    assert "waiting for Redis to come back" in services.log_tail("worker.log", 20000)
