@@ -209,3 +209,47 @@ def test_webhook_burst_all_acknowledged_nothing_lost(label_studio, services):
     assert final["last"]["labeled"] == len(project.annotated)
     assert final["model_version"] == project.model_version()
     assert final["coalesced"] > 900
+
+
+def test_200_concurrent_webhooks_with_two_workers_make_at_most_two_retrains(label_studio, services):
+    """Issue 3, point 4 with real parts. A retrain runs on one worker and the follow-up has
+    been picked up by the second worker, blocked on the project's training lock, when 200
+    webhooks arrive at once. Every webhook is acknowledged, they coalesce into the blocked
+    follow-up (two retrains in all), and the final model includes every annotation."""
+    from rq import Queue
+    from rq.registry import StartedJobRegistry
+    from rq.serializers import JSONSerializer
+
+    from backend.job_queue import redis_connection
+
+    _start(services, label_studio, RETRAIN_MIN_INTERVAL="0")
+    services.start_worker()
+    client, project, first = _first_model(services, label_studio)
+    _import_slow_batch(client, project)  # the next retrain encodes 800 new texts: seconds
+    before = jobs_of(services, project.id)["requested"]
+    started = StartedJobRegistry(queue=Queue("atl", connection=redis_connection(services.redis_url),
+                                             serializer=JSONSerializer))
+
+    project.annotate_balanced(2)  # real annotations: a retrain, then a follow-up
+    deadline = time.monotonic() + 60
+    while len([j for j in started.get_job_ids() if j.startswith(f"retrain-{project.id}-")]) < 2:
+        assert time.monotonic() < deadline, jobs_of(services, project.id)
+        time.sleep(0.05)
+    assert jobs_of(services, project.id)["running"] is not None  # the first still trains
+
+    payload = {"action": "ANNOTATION_CREATED", "project": {"id": project.id}}
+    barrier = threading.Barrier(200)
+
+    def send(_):
+        with requests.Session() as session:
+            barrier.wait(30)
+            return session.post(f"{services.url}/webhook", json=payload, timeout=30).status_code
+
+    with ThreadPoolExecutor(max_workers=200) as pool:
+        statuses = list(pool.map(send, range(200)))
+    assert all(code in (200, 201) for code in statuses), statuses
+    final = wait_until_idle(services, project.id)
+    assert final["requested"] - before == 2, final
+    assert final["last"]["status"] == "finished"
+    assert final["last"]["labeled"] == len(project.annotated)
+    assert final["model_version"] == project.model_version()
