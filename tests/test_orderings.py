@@ -155,6 +155,19 @@ def test_domain_likeness_cluster_batch_takes_the_most_application_like_task_of_e
     assert get_ordering("domain_likeness").defaults["cluster_batch"] is False
 
 
+def test_uncertainty_first_orders_the_least_confident_by_domain_likeness():
+    from model.orderings.domain_likeness import uncertainty_first
+
+    probabilities = np.array([[0.5, 0.5], [0.9, 0.1], [0.6, 0.4], [0.99, 0.01], [0.7, 0.3]])
+    p_training = np.array([0.9, 0.0, 0.2, 0.1, 0.5])
+    scores = uncertainty_first(probabilities, p_training, candidates=3)
+    # Candidates: tasks 0, 2, 4 (least confident); among them the lowest P(training) first;
+    # then the rest by least confidence (1 before 3), whatever their P(training).
+    assert list(np.argsort(scores, kind="stable")) == [2, 4, 0, 1, 3]
+    assert np.allclose(scores[[0, 2, 4]], p_training[[0, 2, 4]])
+    assert (scores[[1, 3]] >= 1).all()
+
+
 def test_put_batch_first_is_rank_based_below_everything_else():
     scores = np.array([0.5, 0.1, 0.9, 0.3, 0.7])
     batch = np.array([2, 0])
@@ -366,16 +379,28 @@ def test_domain_likeness_separates_tweets_from_held_out_movie_snippets(movies_an
     # The unlabeled set mixes the application domain with movie snippets nobody labeled.
     unlabeled = np.concatenate([tweet_layers, movie_layers[500:]])
     is_tweet = np.concatenate([np.ones(len(tweet_layers)), np.zeros(len(movie_layers) - 500)])
-    result = get_ordering("domain_likeness", class_guard=False).score(
-        OrderingInput(
-            movie_layers[:500, -1], movie_y[:500], unlabeled[:, -1], classifier,
-            all_layers_labeled=movie_layers[:500], all_layers_unlabeled=unlabeled,
-        )
+    data = OrderingInput(
+        movie_layers[:500, -1], movie_y[:500], unlabeled[:, -1], classifier,
+        all_layers_labeled=movie_layers[:500], all_layers_unlabeled=unlabeled,
     )
+    # The head alone (no uncertainty candidates): its scores are P(training) for every task.
+    result = get_ordering("domain_likeness", class_guard=False, uncertainty_candidates=0).score(data)
     auc = roc_auc_score(is_tweet, -result.scores)  # lower score = more application-like
     print(f"domain-likeness AUC tweets vs held-out movie snippets: {auc:.4f}")
     assert auc > 0.97
     assert is_tweet[result.top(50)].all()
+    # The default corrects uncertainty with it: the batch comes from the 200 least confident
+    # tasks, most application-like first, so it holds more tweets than those 200 do.
+    from model.orderings.least_confidence import least_confidence_score
+
+    default = get_ordering("domain_likeness", class_guard=False).score(data)
+    assert default.info["uncertainty_candidates"] == 200
+    uncertain = np.argsort(least_confidence_score(classifier.predict_proba(unlabeled[:, -1])),
+                           kind="stable")[:200]
+    batch = default.top(50)
+    assert set(batch) <= set(uncertain)
+    assert list(batch) == list(uncertain[np.argsort(result.scores[uncertain], kind="stable")][:50])
+    assert is_tweet[batch].mean() >= is_tweet[uncertain].mean()
     with pytest.raises(ValueError, match="all_layers"):
         get_ordering("domain_likeness").score(
             OrderingInput(movie_layers[:500, -1], movie_y[:500], unlabeled[:, -1], classifier)

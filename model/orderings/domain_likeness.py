@@ -9,9 +9,15 @@ reach the top layer, let alone the classifier's hidden layer. (The book describe
 strategy but its code does not implement it.)
 
 Score = P(training), **lower = more like the application domain and unlike anything labeled
-= label sooner**. Every unlabeled task is scored by a head that did not train on it: k-fold
-over the tasks the heads train on, and the average of the fold heads for pool tasks left out
-of training (large pools are subsampled to `max_per_side` to keep this fast).
+= label sooner**. By default (`uncertainty_candidates=4`) the head corrects uncertainty
+rather than replacing it: the 4 x batch-size least confident tasks are ordered by
+P(training), the rest follow by least confidence. Alone (`uncertainty_candidates=0`) it
+serves the tasks least like anything labeled, which right after a domain shift are the
+oddest tasks of the new domain, and it did worse than random there (BENCHMARKS.md).
+
+Every unlabeled task is scored by a head that did not train on it: k-fold over the tasks
+the heads train on, and the average of the fold heads for pool tasks left out of training
+(large pools are subsampled to `max_per_side` to keep this fast).
 
 The book warns this is the strategy most sensitive to noise (garbage text, other languages):
 such tasks look like nothing labeled and come first. Combine it with others.
@@ -31,6 +37,12 @@ DOMAIN_DEFAULTS: dict = {
     # Build the batch from k-means clusters of the pool (k = batch size): from each cluster,
     # its most application-like task. Off by default: it is an experiment (BENCHMARKS.md).
     "cluster_batch": False,
+    # > 0: domain-likeness as a correction of uncertainty. The most uncertain
+    # `uncertainty_candidates x batch size` tasks (least confidence) are ordered by
+    # P(application), the book's "uncertainty first, then representative" combination;
+    # the rest of the queue follows in least-confidence order. 0 = domain-likeness alone,
+    # which was worse than random after a domain shift (BENCHMARKS.md), hence 4.
+    "uncertainty_candidates": 4,
 }
 
 
@@ -55,6 +67,20 @@ def cluster_batch(features: np.ndarray, p_training: np.ndarray, size: int, seed:
         picked.append(int(members[np.argmin(p_training[members])]))
     picked = np.array(picked, dtype=int)
     return picked[np.argsort(p_training[picked], kind="stable")]
+
+
+def uncertainty_first(probabilities: np.ndarray, p_training: np.ndarray, candidates: int) -> np.ndarray:
+    """Scores that serve the `candidates` least confident tasks first, most application-like
+    (lowest P(training)) first among them, then the rest by least confidence.
+
+    Candidates score P(training) in [0, 1]; the rest 1 + least-confidence score in [1, 2]."""
+    from model.orderings.least_confidence import least_confidence_score
+
+    confidence = least_confidence_score(probabilities)
+    chosen = np.argsort(confidence, kind="stable")[:candidates]
+    scores = 1.0 + confidence
+    scores[chosen] = np.asarray(p_training, dtype=np.float64)[chosen]
+    return scores
 
 
 def layer_features(all_layers: np.ndarray | None, features: np.ndarray) -> np.ndarray:
@@ -115,7 +141,8 @@ def training_probabilities(
 
 
 class DomainLikeness(Ordering):
-    """Score = P(training) from a training-vs-application head on all layers; lower = sooner."""
+    """Score = P(training) from a training-vs-application head on all layers, among the most
+    uncertain tasks by default; lower = sooner."""
 
     name = "domain_likeness"
     needs_all_layers = True
@@ -142,8 +169,13 @@ class DomainLikeness(Ordering):
             max_per_side=settings["max_per_side"],
         )
         info = {"fallback": None, "layers": int(np.asarray(data.all_layers_unlabeled).shape[1])}
+        scores = p_training
+        candidates = int(settings["uncertainty_candidates"])
+        if candidates > 0:
+            scores = uncertainty_first(probabilities, p_training, candidates * data.batch_size)
+            info["uncertainty_candidates"] = min(candidates * data.batch_size, len(scores))
         batch = None
         if settings["cluster_batch"]:
-            batch = cluster_batch(data.features_unlabeled, p_training, data.batch_size, data.seed)
+            batch = cluster_batch(data.features_unlabeled, scores, data.batch_size, data.seed)
             info["cluster_batch"] = len(batch)
-        return self.finish(data, p_training, probabilities, info, batch=batch)
+        return self.finish(data, scores, probabilities, info, batch=batch)
