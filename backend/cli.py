@@ -162,10 +162,14 @@ def worker(settings: Settings, burst: bool = False) -> int:
 
     if not settings.redis_url:
         raise SystemExit("REDIS_URL is not set; a worker needs the Redis server the web app uses")
+    # The RQ worker gets a client of its own: RQ raises its socket timeout above the blocking
+    # dequeue's (7 minutes), which only reaches connections opened after that. A connection
+    # opened earlier by the reconcile ticker would time out every idle 30 s.
     connection = redis_connection(settings.redis_url)
     job_queue = JobQueue(connection, settings)
     if not burst and settings.reconcile_interval > 0:
-        threading.Thread(target=_reconcile_ticker, args=(job_queue,), name="reconcile", daemon=True).start()
+        ticker_queue = JobQueue(redis_connection(settings.redis_url), settings)
+        threading.Thread(target=_reconcile_ticker, args=(ticker_queue,), name="reconcile", daemon=True).start()
     stop = threading.Event()
     quits: list[float] = []
     while True:
@@ -173,12 +177,12 @@ def worker(settings: Settings, burst: bool = False) -> int:
         rq_worker = SimpleWorker([job_queue.queue], connection=connection, serializer=JSONSerializer,
                                  maintenance_interval=60)
         try:
-            ok = rq_worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
+            rq_worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
         except redis_errors() as exc:  # raised from RQ's own teardown while Redis is gone
             log.error("worker lost Redis: %s", exc)
-            ok = False
-        if burst or rq_worker._stop_requested:
-            return 0 if ok or burst else 1
+        # SIGTERM/SIGINT: RQ notes the time (and, when idle, leaves work() at once).
+        if burst or rq_worker._stop_requested or rq_worker._shutdown_requested_date is not None:
+            return 0
         # RQ retries a lost connection only while it waits for a job; a Redis outage that hits
         # a job's bookkeeping makes work() log the error and quit. Outlive that instead of
         # leaving the queue with no worker: wait for Redis, then start a fresh worker. A

@@ -180,3 +180,23 @@ def test_the_worker_outlives_a_redis_outage_that_hits_a_running_job(services):
         assert time.monotonic() < deadline, services.log_tail("worker.log")
         time.sleep(0.2)
     assert "waiting for Redis to come back" in services.log_tail("worker.log", 20000)
+
+
+def test_an_idle_worker_stops_at_once_on_sigterm_and_logs_no_redis_errors(services):
+    """Ctrl-C of `make serve` (SIGTERM to each worker) must stop an idle worker in seconds,
+    with exit code 0, not restart it; and an idle worker's blocking wait for jobs must not
+    hit the client's socket timeout (an ERROR line every 30 s)."""
+    import signal
+
+    services.env["RECONCILE_INTERVAL"] = "1"  # the ticker talks to Redis before RQ starts
+    worker = services.start_worker()
+    time.sleep(35)  # longer than the 30 s socket timeout of our Redis clients
+    assert worker.poll() is None, services.log_tail("worker.log")
+    log = services.log_tail("worker.log", 50000)
+    assert "Listening on" in log
+    assert "could not connect to Redis" not in log, log
+    stopped = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=15) == 0, services.log_tail("worker.log")
+    assert time.monotonic() - stopped < 10
+    assert "starting a new rq worker" not in services.log_tail("worker.log", 50000)
