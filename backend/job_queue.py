@@ -310,9 +310,13 @@ class JobQueue:
          publishing) = pipe.execute()
         running_id = state.get(b"running", b"").decode() or None
         waiting_id = waiting.decode() if waiting else None
-        if waiting_id and self._status(waiting_id) not in WAITING_STATES and \
-                self.redis.get(key(project_id, "lock-wait")) != waiting:
-            waiting_id = None
+        if waiting_id:
+            job_status = self._status(waiting_id)
+            # Started but still waiting for the training lock counts as waiting (see above).
+            blocked = (job_status == JobStatus.STARTED
+                       and self.redis.get(key(project_id, "lock-wait")) == waiting)
+            if job_status not in WAITING_STATES and not blocked:
+                waiting_id = None
         status = {
             "project_id": int(project_id),
             "waiting": waiting_id,
