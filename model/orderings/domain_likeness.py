@@ -20,7 +20,8 @@ the heads train on, and the average of the fold heads for pool tasks left out of
 (large pools are subsampled to `max_per_side` to keep this fast).
 
 The book warns this is the strategy most sensitive to noise (garbage text, other languages):
-such tasks look like nothing labeled and come first. Combine it with others.
+such tasks look like nothing labeled and come first, which is one more reason the default
+only lets it choose among the tasks the classifier is unsure of.
 """
 
 from __future__ import annotations
