@@ -180,8 +180,9 @@ def worker(settings: Settings, burst: bool = False) -> int:
             rq_worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
         except redis_errors() as exc:  # raised from RQ's own teardown while Redis is gone
             log.error("worker lost Redis: %s", exc)
-        # SIGTERM/SIGINT: RQ notes the time (and, when idle, leaves work() at once).
-        if burst or rq_worker._stop_requested or rq_worker._shutdown_requested_date is not None:
+        # SIGTERM/SIGINT: RQ notes the time whether it was busy (it finishes the job first)
+        # or idle (it leaves work() at once, without setting _stop_requested).
+        if burst or rq_worker._shutdown_requested_date is not None:
             return 0
         # RQ retries a lost connection only while it waits for a job; a Redis outage that hits
         # a job's bookkeeping makes work() log the error and quit. Outlive that instead of
