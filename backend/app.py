@@ -68,21 +68,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     def authenticate():
         if request.path == "/health":
             return None
-        if request.path == "/webhook" and settings.webhook_secret:
-            # Label Studio's auto-created webhook sends no auth header: the secret rides in
-            # its URL (/webhook?secret=...). Label Studio's own START_TRAINING call to
-            # /webhook carries Basic auth instead, so either is accepted.
-            given = request.args.get("secret", "")
-            if given and hmac.compare_digest(given.encode(), settings.webhook_secret.encode()):
+        auth = request.authorization
+        basic = (auth.username or "", auth.password or "") if auth is not None and auth.type == "basic" else None
+        if request.path == "/webhook":
+            if webhook_allowed(settings, request.args.get("secret", ""), basic):
                 return None
             if not settings.basic_auth_user:
                 return jsonify(error="this webhook URL needs ?secret=<WEBHOOK_SECRET>"), 401
         if settings.basic_auth_user:
-            auth = request.authorization
-            ok = (auth is not None and auth.type == "basic"
-                  and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
-                  and hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode()))
-            if not ok:
+            if basic is None or not basic_auth_matches(settings, *basic):
                 response = jsonify(error="authentication required (HTTP Basic, the backend's "
                                          "BASIC_AUTH_USER / BASIC_AUTH_PASS)")
                 response.status_code = 401
@@ -137,7 +131,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             raise BadRequest("missing 'action': a Label Studio webhook names its event in 'action'")
         if action not in TRAIN_EVENTS | ENCODE_EVENTS:
             return jsonify(status="ignored", action=action)
-        project_id = project_id_from_ls(_webhook_project(payload))
+        project_id = project_id_from_ls(webhook_project(payload))
         try:
             if action in ENCODE_EVENTS:
                 status, job_id = queue().request_encode(project_id)
@@ -149,7 +143,10 @@ def create_app(settings: Settings | None = None) -> Flask:
             redis_failed()
             log.error("project=%s webhook %s could not be queued: %s", project_id, action, exc)
             raise ServiceUnavailable("the job queue (Redis) is unavailable; the event was not queued") from None
-        log.info("project=%s webhook %s -> %s job=%s", project_id, action, status, job_id)
+        # A burst of annotations is one queued retrain and many coalesced events: only the
+        # queued one is worth a line at INFO (the coalesced count is in /jobs and /metrics).
+        log.log(logging.INFO if status == "queued" else logging.DEBUG,
+                "project=%s webhook %s -> %s job=%s", project_id, action, status, job_id)
         return jsonify(status=status, job_id=job_id, project=project_id), 201 if status == "queued" else 200
 
     @app.get("/versions")
@@ -217,6 +214,25 @@ def _queue_or_503(factory):
         raise ServiceUnavailable("the job queue (Redis) is unavailable") from None
 
 
+def basic_auth_matches(settings: Settings, username: str, password: str) -> bool:
+    return (hmac.compare_digest(username.encode(), settings.basic_auth_user.encode())
+            and hmac.compare_digest(password.encode(), settings.basic_auth_pass.encode()))
+
+
+def webhook_allowed(settings: Settings, secret: str, basic: tuple[str, str] | None) -> bool:
+    """Whether a /webhook request may pass: `secret` from its URL, `basic` its Basic credentials.
+
+    Label Studio's auto-created webhook sends no auth header: the secret rides in its URL
+    (/webhook?secret=...). Label Studio's own START_TRAINING call to /webhook carries Basic
+    auth instead, so either is accepted. The fast-path gunicorn worker asks the same question.
+    """
+    if settings.webhook_secret and secret and hmac.compare_digest(secret.encode(), settings.webhook_secret.encode()):
+        return True
+    if settings.basic_auth_user:
+        return basic is not None and basic_auth_matches(settings, *basic)
+    return not settings.webhook_secret
+
+
 def _json_or_none():
     """The request body as JSON, None when it is not JSON.
 
@@ -235,7 +251,7 @@ def _json_or_none():
         raise BadRequest("the request body is JSON nested too deeply") from None
 
 
-def _webhook_project(payload: dict):
+def webhook_project(payload: dict):
     project = payload.get("project")
     if project is None:
         annotation = payload.get("annotation")

@@ -72,6 +72,11 @@ def key(project_id: int, what: str) -> str:
     return f"{PREFIX}:project:{int(project_id)}:{what}"
 
 
+def coalesce_keys(project_id: int) -> list[str]:
+    """KEYS of COALESCE_SCRIPT for a project; its one ARGV is RQ's job key prefix."""
+    return [key(project_id, "waiting"), key(project_id, "coalesced"), key(project_id, "lock-wait")]
+
+
 class JobQueue:
     def __init__(self, connection: Redis, settings: Settings):
         self.redis = connection
@@ -85,6 +90,16 @@ class JobQueue:
         self._coalesce = connection.register_script(COALESCE_SCRIPT)
 
     # -- called by the web app ---------------------------------------------------------
+    def _enqueue_lock(self, project_id: int):
+        """The short lock around queueing a retrain and clearing its waiting mark.
+
+        It is held for a few Redis round trips, so it is polled every 2 ms: redis-py's
+        default of 100 ms made the second webhook of a burst sleep 100 ms while its
+        gunicorn worker served nothing else.
+        """
+        return self.redis.lock(key(project_id, "enqueue"), timeout=10, sleep=0.002,
+                               blocking_timeout=5)
+
     def request_retrain(self, project_id: int, reason: str) -> tuple[str, str]:
         """Queue a retrain unless one is already waiting. Returns (status, job id).
 
@@ -92,14 +107,13 @@ class JobQueue:
         waits, and a follow-up starts no sooner than RETRAIN_MIN_INTERVAL seconds after the
         previous one was queued (it is scheduled for then instead; nothing is dropped).
         """
-        coalesce_keys = [key(project_id, "waiting"), key(project_id, "coalesced"),
-                         key(project_id, "lock-wait")]
-        waiting = self._coalesce(keys=coalesce_keys, args=[Job.redis_job_namespace_prefix])
+        keys = coalesce_keys(project_id)
+        waiting = self._coalesce(keys=keys, args=[Job.redis_job_namespace_prefix])
         if waiting:
             return "coalesced", waiting.decode()
-        with self.redis.lock(key(project_id, "enqueue"), timeout=10, blocking_timeout=5):
+        with self._enqueue_lock(project_id):
             # Again under the lock: the job may have just taken the training lock.
-            waiting = self._coalesce(keys=coalesce_keys, args=[Job.redis_job_namespace_prefix])
+            waiting = self._coalesce(keys=keys, args=[Job.redis_job_namespace_prefix])
             if waiting:
                 return "coalesced", waiting.decode()
             job_id = f"retrain-{int(project_id)}-{uuid.uuid4().hex[:12]}"
@@ -161,7 +175,7 @@ class JobQueue:
     # -- called inside the job ---------------------------------------------------------
     def mark_started(self, project_id: int, job_id: str) -> None:
         """Clear the waiting mark so later events queue a follow-up (before reading LS)."""
-        with self.redis.lock(key(project_id, "enqueue"), timeout=10, blocking_timeout=5):
+        with self._enqueue_lock(project_id):
             current = self.redis.get(key(project_id, "waiting"))
             if current is not None and current.decode() == job_id:
                 self.redis.delete(key(project_id, "waiting"), key(project_id, "lock-wait"))

@@ -77,6 +77,10 @@ def render(store, queue) -> str:
         p = s["project_id"]
         for outcome in ("requested", "succeeded", "failed"):
             lines.append(f'atl_jobs_total{{project="{p}",outcome="{outcome}"}} {s[outcome]}')
+    metric("atl_events_coalesced_total", "counter",
+           "Annotation events per project that joined a retrain already waiting")
+    for s in statuses:
+        lines.append(f'atl_events_coalesced_total{{project="{s["project_id"]}"}} {s["coalesced"]}')
     metric("atl_retrain_duration_seconds", "gauge", "Duration of the last retrain per project")
     for s in statuses:
         last = s.get("last") or {}

@@ -200,3 +200,31 @@ def test_an_idle_worker_stops_at_once_on_sigterm_and_logs_no_redis_errors(servic
     assert worker.wait(timeout=15) == 0, services.log_tail("worker.log")
     assert time.monotonic() - stopped < 10
     assert "starting a new rq worker" not in services.log_tail("worker.log", 50000)
+
+
+def test_a_webhook_waits_for_the_enqueue_lock_by_milliseconds_not_a_poll_period(job_queue):
+    """The enqueue lock is held for a few Redis round trips. redis-py's default lock poll
+    (100 ms) made the second webhook of a burst wait 100 ms for a lock freed after ~1 ms."""
+    import threading
+
+    from backend.job_queue import key
+
+    held, release = threading.Event(), threading.Event()
+
+    def other_web_worker():
+        with job_queue.redis.lock(key(3, "enqueue"), timeout=10):
+            held.set()
+            release.wait(5)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=other_web_worker)
+    thread.start()
+    assert held.wait(5)
+    release.set()
+    started = time.perf_counter()
+    status, _ = job_queue.request_retrain(3, "ANNOTATION_CREATED")
+    waited = time.perf_counter() - started
+    thread.join()
+    assert status == "queued"
+    # ~10 ms of holding plus one 2 ms poll; the old default could not answer before 100 ms.
+    assert waited < 0.09, f"waited {waited * 1000:.0f} ms for a lock held 10 ms"

@@ -99,6 +99,9 @@ def test_webhooks_coalesce_into_one_waiting_job_and_acknowledge_fast(web):
     assert statistics.median(timings) < 50
     jobs = requests.get(web.url + "/jobs/8", timeout=5).json()
     assert jobs["waiting"] and jobs["running"] is None and jobs["requested"] == 1
+    assert jobs["coalesced"] == 9
+    metrics = requests.get(web.url + "/metrics", timeout=5).text
+    assert 'atl_events_coalesced_total{project="8"} 9' in metrics
 
 
 def test_a_failing_job_is_visible_and_the_next_event_queues_again(web):
