@@ -77,9 +77,14 @@ def worker_command(settings: Settings) -> list[str]:
     return [sys.executable, "-m", "backend", "worker"]
 
 
+# gunicorn's sync worker plus an event loop that answers annotation webhooks (backend/web_worker.py).
+WEB_WORKER_CLASS = "backend.web_worker.WebhookWorker"
+
+
 def gunicorn_command(settings: Settings) -> list[str]:
     return [
         sys.executable, "-m", "gunicorn",
+        "--worker-class", WEB_WORKER_CLASS,
         "--workers", str(settings.web_workers),
         "--bind", f"{settings.host}:{settings.port}",
         "--timeout", "120",

@@ -7,7 +7,8 @@ Label Studio sends them; a lighter client than httpx, so the latency measured is
 server's queueing, not the client's). Each burst uses a new project id, so each starts with
 nothing waiting, as after a quiet period.
 
-Part A, latency (no RQ worker): for each gunicorn setting (sync workers, gthread threads),
+Part A, latency (no RQ worker): for each gunicorn setting (`fast`: our WebhookWorker, what
+`make serve` runs; gunicorn's sync workers and gthread threads for comparison),
 sequential webhooks for the per-request cost, then bursts: p50/p99/max of the time from a
 webhook's connect to its response, status codes, and the retrain jobs queued in Redis for
 the project (with no worker nothing starts, so the target is exactly one). Also the server's
@@ -22,7 +23,7 @@ webhooks then queue one follow-up and coalesce into it. Counted: retrain jobs cr
 project (target: at most two). Whether the final model includes every annotation needs Label
 Studio; that is point 1's benchmark.
 
-    .venv/bin/python bench/bench_webhooks.py [--burst 200] [--bursts 5] [--configs sync:2,gthread:2x8]
+    .venv/bin/python bench/bench_webhooks.py [--burst 200] [--bursts 5] [--configs fast:2,sync:2,gthread:2x8]
 """
 
 from __future__ import annotations
@@ -50,12 +51,12 @@ from rq.registry import (DeferredJobRegistry, FailedJobRegistry, FinishedJobRegi
                          ScheduledJobRegistry, StartedJobRegistry)
 from rq.serializers import JSONSerializer  # noqa: E402
 
-from backend.cli import free_port  # noqa: E402
+from backend.cli import WEB_WORKER_CLASS, free_port  # noqa: E402
 from backend.job_queue import key  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from tests.support.services import Services  # noqa: E402
 
-DEFAULT_CONFIGS = "sync:2,sync:4,gthread:2x4,gthread:2x8,gthread:4x8"
+DEFAULT_CONFIGS = "fast:2,fast:1,sync:2,sync:4,gthread:2x8"
 
 
 def webhook_request(port: int, project_id: int, n: int) -> bytes:
@@ -160,12 +161,15 @@ def server_processes(services: Services) -> tuple[list[psutil.Process], list[psu
 def parse_config(text: str) -> dict:
     kind, _, size = text.partition(":")
     if kind == "sync":
-        return {"label": f"sync, {size} workers", "workers": int(size), "threads": None, "worker_class": None}
+        return {"label": f"sync, {size} workers", "workers": int(size), "threads": None, "worker_class": "sync"}
+    if kind == "fast":
+        return {"label": f"WebhookWorker, {size} workers", "workers": int(size), "threads": None,
+                "worker_class": WEB_WORKER_CLASS}
     if kind == "gthread":
         workers, _, threads = size.partition("x")
         return {"label": f"gthread, {workers} workers x {threads} threads", "workers": int(workers),
                 "threads": int(threads), "worker_class": "gthread"}
-    raise SystemExit(f"unknown config {text!r}: use sync:<workers> or gthread:<workers>x<threads>")
+    raise SystemExit(f"unknown config {text!r}: use fast:<workers>, sync:<workers> or gthread:<workers>x<threads>")
 
 
 def warm_up(port: int, workers: int, project_id: int) -> None:
@@ -325,7 +329,7 @@ def main() -> None:
                         help="gunicorn settings for part A: sync:<workers> or gthread:<workers>x<threads>")
     parser.add_argument("--paced-ms", type=float, default=1000.0,
                         help="also send one burst evenly spread over this many ms, per setting")
-    parser.add_argument("--retrain-configs", default="sync:2,gthread:2x8", help="gunicorn settings for part B")
+    parser.add_argument("--retrain-configs", default="fast:2,sync:2", help="gunicorn settings for part B")
     parser.add_argument("--retrain-wait", type=float, default=3.0,
                         help="seconds after the burst before counting jobs (> RETRAIN_MIN_INTERVAL)")
     args = parser.parse_args()

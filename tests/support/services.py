@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from backend.cli import free_port, start_embedded_redis
+from backend.cli import WEB_WORKER_CLASS, free_port, start_embedded_redis
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,13 +51,12 @@ class Services:
         return f"http://127.0.0.1:{self.port}"
 
     def start_web(self, workers: int = 2, threads: int | None = None,
-                  worker_class: str | None = None) -> str:
-        """gunicorn with the app; `threads` / `worker_class` pass through (benchmarks try them)."""
+                  worker_class: str = WEB_WORKER_CLASS, extra_args: tuple[str, ...] = ()) -> str:
+        """gunicorn with the app and the worker class `make serve` uses; `threads`,
+        `worker_class` ("sync", "gthread", ...) and `extra_args` pass through."""
         self.port = free_port()
         log = open(self.data_dir / "web.log", "ab")
-        extra = []
-        if worker_class:
-            extra += ["--worker-class", worker_class]
+        extra = ["--worker-class", worker_class, *extra_args]
         if threads:
             extra += ["--threads", str(threads)]
         self.web = subprocess.Popen(

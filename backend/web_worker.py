@@ -1,0 +1,462 @@
+"""The gunicorn worker of the web app: webhooks for a waiting retrain are answered on an event loop.
+
+Why: Label Studio sends one webhook per annotation and a project with many annotators sends
+them in bursts. Nearly all of a burst joins the retrain already waiting in the queue (one
+Redis script, see `backend.job_queue`), yet under gunicorn's sync worker each of them is a
+whole WSGI request served one after another: 200 concurrent webhooks took ~86 ms at p99 on
+2 cores with two sync workers. This worker answers those webhooks itself, on an asyncio
+loop, and asks Redis about all webhooks that arrived together in one pipelined round trip.
+
+Everything else, and any webhook this fast path is not sure about (the first event that
+queues a retrain, TASKS_CREATED, a bad secret, chunked bodies, odd headers, Redis errors),
+is handed, with the bytes already read, to gunicorn's own sync request handling and the
+unchanged Flask app on a small thread pool (`--threads`, default 1). So the fast path can
+only answer what the Flask app would have answered with the same bytes: 200
+`{"job_id", "project", "status": "coalesced"}`.
+
+Differences from the sync worker, on purpose:
+* accepting is paused while `threads + 1` requests wait for or hold the thread pool, so a
+  worker busy with /predict leaves new connections to the other workers;
+* the loop keeps telling the arbiter it is alive while a request runs in the pool (as the
+  gthread worker does), so `--timeout` no longer kills a stuck request; instead the client
+  socket of a pool request times out after `--timeout` seconds without progress;
+* fast-path webhooks are logged at DEBUG by `backend.web_worker`, not in the access log.
+
+Use: `gunicorn --worker-class backend.web_worker.WebhookWorker backend.wsgi:app` (what
+`make serve`, `python -m backend serve` and the Dockerfile run). TLS listeners fall back
+to the plain sync worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import errno
+import json
+import logging
+import os
+import re
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from gunicorn import util
+from gunicorn.workers.sync import SyncWorker
+from rq.job import Job
+
+from backend.app import TRAIN_EVENTS, webhook_allowed, webhook_project
+from backend.job_queue import COALESCE_SCRIPT, JobQueue, coalesce_keys, redis_connection
+from backend.ml_backend import project_id_from_ls
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+HEAD_LIMIT = 16 * 1024  # a longer request head is gunicorn's to judge
+BODY_LIMIT = 1024 * 1024  # larger webhook bodies go the WSGI way
+HEAD_TIMEOUT = 10.0  # seconds for a whole webhook to arrive before gunicorn takes over
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_PREFIX = b"POST /webhook"
+
+
+@dataclass
+class Webhook:
+    version: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class _Replay:
+    """A client socket whose first recv() calls return the bytes the event loop already read."""
+
+    def __init__(self, sock: socket.socket, prefix: bytes):
+        self._sock = sock
+        self._prefix = prefix
+
+    def recv(self, size: int, *flags) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix[:size], self._prefix[size:]
+            return data
+        return self._sock.recv(size, *flags)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """gunicorn's request limits (0: none), read once: cfg lookups are slow per request."""
+    request_line: int
+    fields: int
+    field_size: int
+
+    @classmethod
+    def of(cls, cfg) -> "Limits":
+        return cls(cfg.limit_request_line, cfg.limit_request_fields, cfg.limit_request_field_size)
+
+
+def parse_webhook_head(head: bytes, limits: Limits) -> tuple[Webhook, int] | None:
+    """(webhook without body, body length) for a plain `POST /webhook`; None for anything else.
+
+    Deliberately narrow: one Content-Length, no Transfer-Encoding or Expect, no repeated,
+    folded or odd header, within gunicorn's limits. Whatever is refused here is served by
+    gunicorn's parser, which answers edge cases the way the sync worker always did.
+    """
+    try:
+        lines = head.decode("ascii").split("\r\n")
+    except UnicodeDecodeError:
+        return None
+    request_line = lines[0]
+    if limits.request_line and len(request_line) > limits.request_line:
+        return None
+    parts = request_line.split(" ")
+    if len(parts) != 3 or parts[0] != "POST" or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
+        return None
+    path, _, query = parts[1].partition("?")
+    if path != "/webhook" or "#" in query:
+        return None
+    if len(lines) - 1 > limits.fields:
+        return None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if (not colon or not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value)
+                or (limits.field_size and len(line) > limits.field_size)):
+            return None
+        name = name.lower()
+        if name in headers:
+            return None
+        headers[name] = value.strip(" \t")
+    if "transfer-encoding" in headers or "expect" in headers:
+        return None
+    length = headers.get("content-length", "")
+    if not (length.isascii() and length.isdigit()) or len(length) > 9:
+        return None
+    return Webhook(parts[2], query, headers, b""), int(length)
+
+
+def basic_credentials(header: str | None) -> tuple[str, str] | None:
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    user, colon, password = decoded.partition(":")
+    return (user, password) if colon else None
+
+
+def webhook_response(version: str, project_id: int, status: str, job_id: str) -> bytes:
+    """Byte for byte what gunicorn and Flask's jsonify send for a queued or coalesced webhook."""
+    body = (json.dumps({"job_id": job_id, "project": project_id, "status": status},
+                       sort_keys=True, separators=(",", ":")) + "\n").encode()
+    code = "201 CREATED" if status == "queued" else "200 OK"
+    head = (f"{version} {code}\r\nServer: gunicorn\r\nDate: {util.http_date()}\r\n"
+            f"Connection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
+class FastPath:
+    """Answers webhooks that join a waiting retrain, one pipelined Redis round trip per batch."""
+
+    def __init__(self, settings: Settings, max_body: int):
+        self.settings = settings
+        self.max_body = max_body
+        self.redis = None
+        self.queue: JobQueue | None = None
+        self.batches = 0  # pipelines sent so far
+        self.queued_in: dict[int, int] = {}  # project -> batches sent when this worker last queued it
+        self.sha: str | None = None
+        self.loading: asyncio.Future | None = None
+        self.pending: list[tuple[int, asyncio.Future]] = []
+        self.down_until = 0.0
+        self.flushes: set[asyncio.Task] = set()
+        if settings.redis_url:
+            import redis.asyncio as aredis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+
+            # The web app's fast-fail timeouts: a dead Redis costs ms, Flask then answers 503.
+            self.redis = aredis.Redis.from_url(settings.redis_url, socket_timeout=0.5,
+                                               socket_connect_timeout=0.25,
+                                               retry=Retry(NoBackoff(), 0))
+
+    async def answer(self, hook: Webhook) -> tuple[int, str, str, str] | None:
+        """(project, action, "coalesced" or "queued", job id); None leaves it to the WSGI app."""
+        if self.redis is None or time.monotonic() < self.down_until:
+            return None
+        try:
+            payload = json.loads(hook.body)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(payload, dict):
+            return None
+        action = payload.get("action")
+        if not isinstance(action, str) or action not in TRAIN_EVENTS:
+            return None
+        secret = next((v for k, v in parse_qsl(hook.query, keep_blank_values=True) if k == "secret"), "")
+        if not webhook_allowed(self.settings, secret, basic_credentials(hook.headers.get("authorization"))):
+            return None
+        try:
+            project_id = project_id_from_ls(webhook_project(payload))
+        except Exception:  # the WSGI app words the 400
+            return None
+        try:
+            for _ in range(3):
+                job_id, batch = await self._coalesce(project_id)
+                # A webhook of the same batch may have queued a retrain since: ask again
+                # (in the next batch) rather than queue behind it one round trip at a time.
+                if job_id is not None or self.queued_in.get(project_id, -1) < batch:
+                    break
+        except Exception as exc:
+            from redis.exceptions import NoScriptError
+
+            if isinstance(exc, NoScriptError):  # Redis restarted and forgot the script
+                self.sha = None
+            else:
+                self.down_until = time.monotonic() + 1.0
+                log.warning("webhook fast path: Redis failed (%s); the WSGI app takes webhooks for 1 s", exc)
+            return None
+        if job_id is not None:
+            return project_id, action, "coalesced", job_id.decode()
+        # No retrain waits: queue one, here on the loop. It takes a few local round trips
+        # once per burst; in a thread it would wait for the GIL at every one of them while
+        # the loop reads the rest of the burst. Webhooks that miss together all come here,
+        # and all but the first find its job waiting and coalesce.
+        try:
+            status, job_id = self._queue().request_retrain(project_id, action)
+            self.queued_in[project_id] = self.batches
+        except Exception as exc:
+            self.down_until = time.monotonic() + 1.0
+            log.warning("webhook fast path: could not queue a retrain (%s); the WSGI app takes webhooks for 1 s", exc)
+            return None
+        return project_id, action, status, job_id
+
+    def _queue(self) -> JobQueue:
+        if self.queue is None:
+            self.queue = JobQueue(redis_connection(self.settings.redis_url, fast_fail=True), self.settings)
+        return self.queue
+
+    async def _coalesce(self, project_id: int) -> tuple[bytes | None, int]:
+        """(waiting job id or None, number of the batch that asked Redis)."""
+        if self.sha is None:
+            # One load however many webhooks arrive before it is done.
+            if self.loading is None or self.loading.done():
+                self.loading = asyncio.ensure_future(self.redis.script_load(COALESCE_SCRIPT))
+            self.sha = await asyncio.shield(self.loading)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        batch = self.batches + 1  # _flush counts it when it sends
+        self.pending.append((project_id, future))
+        if len(self.pending) == 1:
+            # Every webhook read in this turn of the loop joins the same pipeline.
+            loop.call_soon(self._start_flush)
+        return await future, batch
+
+    def _start_flush(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._flush())
+        self.flushes.add(task)
+        task.add_done_callback(self.flushes.discard)
+
+    async def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        self.batches += 1
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for project_id, _ in batch:
+                pipe.evalsha(self.sha, 3, *coalesce_keys(project_id), Job.redis_job_namespace_prefix)
+            results = await pipe.execute()
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+class WebhookWorker(SyncWorker):
+    """gunicorn's sync worker, plus an event loop that answers coalesced webhooks itself."""
+
+    def run(self):
+        if self.cfg.is_ssl:
+            self.log.warning("TLS listener: the webhook fast path is off; serving as the sync worker")
+            return super().run()
+        for s in self.sockets:
+            s.setblocking(False)
+        settings = Settings.from_env()
+        self.threads = max(1, self.cfg.threads)
+        self.limits = Limits.of(self.cfg)
+        self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="wsgi")
+        self.fast = FastPath(settings, min(BODY_LIMIT, settings.max_body_mb * 1024 * 1024))
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._serve())
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            loop.close()
+
+    # -- the loop --------------------------------------------------------------------
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.wake = asyncio.Event()
+        self.in_pool = 0
+        self.connections: set[asyncio.Task] = set()
+        # gunicorn's signal handlers write to this pipe (set_wakeup_fd): a stop wakes the loop.
+        loop.add_reader(self.PIPE[0], self._drain_pipe)
+        self._listen(True)
+        try:
+            while self.alive and self.is_parent_alive():
+                self.notify()
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._listen(False)
+            if self.connections:
+                self.log.info("Waiting for %d request(s) to finish", len(self.connections))
+                await asyncio.wait(self.connections, timeout=self.cfg.graceful_timeout)
+            loop.remove_reader(self.PIPE[0])
+            await self.fast.close()
+
+    def _drain_pipe(self) -> None:
+        try:
+            os.read(self.PIPE[0], 4096)
+        except OSError:
+            pass
+        self.wake.set()
+
+    def _listen(self, on: bool) -> None:
+        """Watch the listening sockets for connections, or leave them to the other workers."""
+        loop = asyncio.get_running_loop()
+        for listener in self.sockets:
+            if on:
+                loop.add_reader(listener.fileno(), self._accept, listener)
+            else:
+                loop.remove_reader(listener.fileno())
+
+    def _accept(self, listener) -> None:
+        """Take the connections waiting on a listener (a burst arrives together)."""
+        loop = asyncio.get_running_loop()
+        for _ in range(64):
+            if not self.alive or self.in_pool > self.threads:
+                return
+            try:
+                client, addr = listener.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                    return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.log.error("accept() failed: %s; pausing 0.5 s", exc)
+                    self._listen(False)
+                    loop.call_later(0.5, self._listen, True)
+                    return
+                raise
+            client.setblocking(False)  # (Python sockets are close-on-exec already)
+            task = loop.create_task(self._connection(listener, client, addr))
+            self.connections.add(task)
+            task.add_done_callback(self.connections.discard)
+
+    async def _connection(self, listener, client: socket.socket, addr) -> None:
+        buffered = bytearray()
+        answer = None
+        try:
+            hook = None
+            try:
+                async with asyncio.timeout(HEAD_TIMEOUT):
+                    hook = await self._read_webhook(client, buffered)
+            except TimeoutError:
+                pass
+            answer = await self.fast.answer(hook) if hook is not None else None
+            if answer is not None:
+                project_id, action, status, job_id = answer
+                await asyncio.get_running_loop().sock_sendall(
+                    client, webhook_response(hook.version, project_id, status, job_id))
+                log.log(logging.INFO if status == "queued" else logging.DEBUG,
+                        "project=%s webhook %s -> %s job=%s (fast path)", project_id, action, status, job_id)
+                self._count_request()
+                # The whole request was read (no byte more), so closing now sends FIN, not RST.
+                client.close()
+                return
+        except (ConnectionError, OSError) as exc:
+            self.log.debug("webhook fast path: client went away: %s", exc)
+            client.close()
+            return
+        if not buffered:  # connected and closed without a byte
+            client.close()
+            return
+        await self._to_pool(listener, client, addr, bytes(buffered))
+
+    async def _read_webhook(self, client: socket.socket, buffered: bytearray) -> Webhook | None:
+        """Read a fast-path candidate into `buffered`; None as soon as it cannot be one."""
+        loop = asyncio.get_running_loop()
+        while (end := buffered.find(b"\r\n\r\n")) < 0:
+            if len(buffered) > HEAD_LIMIT:
+                return None
+            chunk = await loop.sock_recv(client, 65536)
+            if not chunk:
+                return None
+            buffered += chunk
+            if not (bytes(buffered[:len(_PREFIX)]) == _PREFIX[:len(buffered)]):
+                return None  # not a webhook: no need to wait for the rest of the head
+        parsed = parse_webhook_head(bytes(buffered[:end]), self.limits)
+        if parsed is None:
+            return None
+        hook, length = parsed
+        if length > self.fast.max_body:
+            return None
+        total = end + 4 + length
+        while len(buffered) < total:
+            chunk = await loop.sock_recv(client, total - len(buffered))
+            if not chunk:
+                return None
+            buffered += chunk
+        if len(buffered) > total:  # a pipelined second request: gunicorn's business
+            return None
+        hook.body = bytes(buffered[end + 4:])
+        return hook
+
+    def _count_request(self) -> None:
+        self.nr += 1
+        if self.nr >= self.max_requests and self.alive:
+            self.log.info("Autorestarting worker after current request.")
+            self.alive = False
+            self.wake.set()
+
+    # -- everything else: gunicorn's sync handling on the pool ------------------------
+    async def _to_pool(self, listener, client: socket.socket, addr, buffered: bytes) -> None:
+        self.in_pool += 1
+        if self.in_pool == self.threads + 1:
+            # Busy: leave new connections in the backlog for the other workers.
+            self._listen(False)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self.pool, self._handle_blocking, listener, client, addr, buffered)
+        finally:
+            self.in_pool -= 1
+            if self.in_pool == self.threads and self.alive:
+                self._listen(True)
+            if not self.alive:
+                self.wake.set()
+
+    def _handle_blocking(self, listener, client: socket.socket, addr, buffered: bytes) -> None:
+        client.setblocking(True)
+        if self.timeout:
+            client.settimeout(self.timeout)
+        # handle() parses, runs the WSGI app, answers errors and closes the socket.
+        SyncWorker.handle(self, listener, _Replay(client, buffered), addr)
