@@ -78,6 +78,8 @@ def coalesce_keys(project_id: int) -> list[str]:
 
 
 class JobQueue:
+    enqueue_lock_wait = 5.0  # seconds a webhook waits for the enqueue lock before failing
+
     def __init__(self, connection: Redis, settings: Settings):
         self.redis = connection
         self.settings = settings
@@ -98,7 +100,7 @@ class JobQueue:
         gunicorn worker served nothing else.
         """
         return self.redis.lock(key(project_id, "enqueue"), timeout=10, sleep=0.002,
-                               blocking_timeout=5)
+                               blocking_timeout=self.enqueue_lock_wait)
 
     def request_retrain(self, project_id: int, reason: str) -> tuple[str, str]:
         """Queue a retrain unless one is already waiting. Returns (status, job id).

@@ -10,7 +10,8 @@ loop, and asks Redis about all webhooks that arrived together in one pipelined r
 Everything else, and any webhook this fast path is not sure about (the first event that
 queues a retrain, TASKS_CREATED, a bad secret, chunked bodies, odd headers, Redis errors),
 is handed, with the bytes already read, to gunicorn's own sync request handling and the
-unchanged Flask app on a small thread pool (`--threads`, default 1). So the fast path can
+unchanged Flask app on one thread (`--threads` is ignored: torch's thread setting, which
+/predict changes, is process-wide). So the fast path can
 only answer what the Flask app would have answered with the same bytes: 200
 `{"job_id", "project", "status": "coalesced"}`.
 
@@ -45,6 +46,7 @@ from urllib.parse import parse_qsl
 
 from gunicorn import util
 from gunicorn.workers.sync import SyncWorker
+from redis.exceptions import LockError
 from rq.job import Job
 
 from backend.app import TRAIN_EVENTS, webhook_allowed, webhook_project
@@ -234,6 +236,8 @@ class FastPath:
         try:
             status, job_id = self._queue().request_retrain(project_id, action)
             self.queued_in[project_id] = self.batches
+        except LockError:
+            return None
         except Exception as exc:
             self.down_until = time.monotonic() + 1.0
             log.warning("webhook fast path: could not queue a retrain (%s); the WSGI app takes webhooks for 1 s", exc)
@@ -243,6 +247,9 @@ class FastPath:
     def _queue(self) -> JobQueue:
         if self.queue is None:
             self.queue = JobQueue(redis_connection(self.settings.redis_url, fast_fail=True), self.settings)
+            # The loop must not stall on a lock a dead process left behind: after 0.25 s the
+            # webhook goes to the WSGI app, which waits the full time in its thread.
+            self.queue.enqueue_lock_wait = 0.25
         return self.queue
 
     async def _coalesce(self, project_id: int) -> tuple[bytes | None, int]:
@@ -298,7 +305,11 @@ class WebhookWorker(SyncWorker):
         for s in self.sockets:
             s.setblocking(False)
         settings = Settings.from_env()
-        self.threads = max(1, self.cfg.threads)
+        if self.cfg.threads > 1:
+            self.log.warning("--threads %d ignored: /predict runs one request at a time per worker "
+                             "(torch's thread setting is process-wide); add --workers instead",
+                             self.cfg.threads)
+        self.threads = 1
         self.limits = Limits.of(self.cfg)
         self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="wsgi")
         self.fast = FastPath(settings, min(BODY_LIMIT, settings.max_body_mb * 1024 * 1024))
@@ -385,10 +396,11 @@ class WebhookWorker(SyncWorker):
             answer = await self.fast.answer(hook) if hook is not None else None
             if answer is not None:
                 project_id, action, status, job_id = answer
-                await asyncio.get_running_loop().sock_sendall(
-                    client, webhook_response(hook.version, project_id, status, job_id))
+                # Logged before the answer goes out, so the log is never behind the client.
                 log.log(logging.INFO if status == "queued" else logging.DEBUG,
                         "project=%s webhook %s -> %s job=%s (fast path)", project_id, action, status, job_id)
+                await asyncio.get_running_loop().sock_sendall(
+                    client, webhook_response(hook.version, project_id, status, job_id))
                 self._count_request()
                 # The whole request was read (no byte more), so closing now sends FIN, not RST.
                 client.close()

@@ -274,7 +274,6 @@ def part_b(args) -> list[dict]:
     for text in args.retrain_configs.split(","):
         config = parse_config(text)
         data_dir = Path(tempfile.mkdtemp(prefix="atl-bench-webhooks-b-"))
-        project_id = 7
         env = {"LABEL_STUDIO_URL": f"http://127.0.0.1:{free_port()}", "LABEL_STUDIO_API_KEY": "absent",
                "JOB_RETRIES": "0", "RECONCILE_INTERVAL": "0"}
         try:
@@ -290,31 +289,34 @@ def part_b(args) -> list[dict]:
                 while not Worker.all(connection=redis) and time.monotonic() < deadline:
                     time.sleep(0.2)
                 time.sleep(1.0)  # the worker is in its blocking dequeue
-                burst_started = time.time()
-                result = burst(services.port, project_id, args.burst)
-                time.sleep(args.retrain_wait)
-                jobs = retrain_jobs(redis, Settings().queue_name, project_id)
-                all_ids = sorted({j for k, v in jobs.items() if not k.endswith("counter") for j in v})
-                started_at = []
-                for job_id in all_ids:
-                    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
-                    if job.started_at is not None:
-                        started_at.append(round((job.started_at.timestamp() - burst_started) * 1000))
-                rows.append({
-                    "gunicorn": config["label"],
-                    "webhooks": args.burst,
-                    "acknowledged": sum(v for s, v in result["statuses"].items() if s in (200, 201)),
-                    "statuses": " ".join(f"{s}x{v}" for s, v in sorted(result["statuses"].items())),
-                    "p99 ms": round(percentile(result["latencies"], 99), 1),
-                    "retrain jobs": len(all_ids),
-                    "201 queued": result["statuses"].get(201, 0),
-                    "coalesced (counter)": jobs["coalesced_counter"],
-                    "first job started (ms after burst start)": started_at[0] if started_at else "not yet",
-                    "at most two": "yes" if len(all_ids) <= 2 else "NO",
-                    "load": load(),
-                    "jobs": jobs,
-                })
-                print(table([{k: v for k, v in rows[-1].items() if k != "jobs"}]), flush=True)
+                for round_ in range(args.retrain_bursts):
+                    project_id = 7 + round_  # a new project: nothing waits, the worker is idle
+                    burst_started = time.time()
+                    result = burst(services.port, project_id, args.burst)
+                    time.sleep(args.retrain_wait)
+                    jobs = retrain_jobs(redis, Settings().queue_name, project_id)
+                    all_ids = sorted({j for k, v in jobs.items() if not k.endswith("counter") for j in v})
+                    started_at = []
+                    for job_id in all_ids:
+                        job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+                        if job.started_at is not None:
+                            started_at.append(round((job.started_at.timestamp() - burst_started) * 1000))
+                    rows.append({
+                        "gunicorn": config["label"],
+                        "burst": round_ + 1,
+                        "webhooks": args.burst,
+                        "acknowledged": sum(v for s, v in result["statuses"].items() if s in (200, 201)),
+                        "statuses": " ".join(f"{s}x{v}" for s, v in sorted(result["statuses"].items())),
+                        "p99 ms": round(percentile(result["latencies"], 99), 1),
+                        "retrain jobs": len(all_ids),
+                        "201 queued": result["statuses"].get(201, 0),
+                        "coalesced (counter)": jobs["coalesced_counter"],
+                        "first job started (ms after burst start)": started_at[0] if started_at else "not yet",
+                        "at most two": "yes" if len(all_ids) <= 2 else "NO",
+                        "load": load(),
+                        "jobs": jobs,
+                    })
+                    print(table([{k: v for k, v in rows[-1].items() if k != "jobs"}]), flush=True)
         finally:
             shutil.rmtree(data_dir, ignore_errors=True)
     return rows
@@ -330,6 +332,8 @@ def main() -> None:
     parser.add_argument("--paced-ms", type=float, default=1000.0,
                         help="also send one burst evenly spread over this many ms, per setting")
     parser.add_argument("--retrain-configs", default="fast:2,sync:2", help="gunicorn settings for part B")
+    parser.add_argument("--retrain-bursts", type=int, default=3,
+                        help="bursts per setting in part B, each for a new project")
     parser.add_argument("--retrain-wait", type=float, default=3.0,
                         help="seconds after the burst before counting jobs (> RETRAIN_MIN_INTERVAL)")
     args = parser.parse_args()
@@ -346,7 +350,7 @@ def main() -> None:
                     "p99 < 50 ms", "server CPU ms/webhook", "CPU floor for last ack ms",
                     f"paced over {args.paced_ms:g} ms: p99 ms", "GET /health burst p99 ms (median)", "load"]))
     print()
-    print(table(b, ["gunicorn", "webhooks", "acknowledged", "statuses", "p99 ms", "retrain jobs", "201 queued",
+    print(table(b, ["gunicorn", "burst", "webhooks", "acknowledged", "statuses", "p99 ms", "retrain jobs", "201 queued",
                     "coalesced (counter)", "first job started (ms after burst start)", "at most two", "load"]))
     run.write()
 

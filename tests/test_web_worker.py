@@ -174,20 +174,18 @@ def test_redis_down_is_a_503_and_webhooks_work_again_when_it_is_back(web, servic
     assert all("Redis" in r.json()["error"] for r in down)
     assert time.perf_counter() - started < 10
     services.start_redis(port)
-    deadline = time.monotonic() + 15
-    while (answer := requests.post(url, data=webhook(45), timeout=10)).status_code == 503:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    assert answer.status_code in (200, 201)
-    # The fast path is back too (it reloads its script in the restarted Redis).
+    # Each worker skips Redis for 1 s after a failure and drops a broken connection on first
+    # use, so a few 503s may follow the restart; then every webhook is acknowledged again.
     before = fast_path_lines(web)
-    for _ in range(3):
-        assert requests.post(url, data=webhook(45), timeout=5).status_code in (200, 201)
-    deadline = time.monotonic() + 15
-    while fast_path_lines(web) == before:
+    deadline, in_a_row = time.monotonic() + 20, 0
+    while in_a_row < 20:
         assert time.monotonic() < deadline, web.log_tail("web.log")
-        requests.post(url, data=webhook(45), timeout=5)
-        time.sleep(0.2)
+        status = requests.post(url, data=webhook(45), timeout=10).status_code
+        assert status in (200, 201, 503)
+        in_a_row = in_a_row + 1 if status != 503 else 0
+        time.sleep(0.1)
+    # The fast path answers again (it reloaded its script into the restarted Redis).
+    assert fast_path_lines(web) > before
 
 
 def test_sigterm_stops_the_workers_promptly_after_their_requests(web):
@@ -272,3 +270,35 @@ def test_the_fast_path_allows_exactly_what_the_app_allows():
     assert not webhook_allowed(settings(secret="k", user="u", password="p"), "", ("u", "x"))
     assert webhook_allowed(settings(user="u", password="p"), "", ("u", "p"))
     assert not webhook_allowed(settings(user="u", password="p"), "", None)
+
+
+def test_a_stale_enqueue_lock_stalls_only_its_own_project(web, services):
+    """A process that died holding a project's enqueue lock (it expires after 10 s): that
+    project's webhook waits in the WSGI app and gets a 503, while webhooks of other projects
+    are still answered at once by the loop."""
+    import threading
+
+    from redis import Redis
+
+    from backend.job_queue import key
+
+    Redis.from_url(services.redis_url).set(key(48, "enqueue"), "a-dead-process", px=8000)
+    blocked = {}
+
+    def blocked_webhook():
+        started = time.perf_counter()
+        blocked["answer"] = requests.post(web.url + "/webhook?secret=s3cret", data=webhook(48), timeout=30)
+        blocked["seconds"] = time.perf_counter() - started
+
+    thread = threading.Thread(target=blocked_webhook)
+    thread.start()
+    time.sleep(0.5)  # it is waiting for the lock now
+    for i in range(20):
+        started = time.perf_counter()
+        answer = requests.post(web.url + "/webhook?secret=s3cret", data=webhook(49, n=i), timeout=5)
+        assert answer.status_code in (200, 201)
+        assert time.perf_counter() - started < 1
+    thread.join(30)
+    assert blocked["answer"].status_code == 503, blocked["answer"].text
+    assert "Redis" in blocked["answer"].json()["error"]
+    assert 4 < blocked["seconds"] < 15
