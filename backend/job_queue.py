@@ -42,14 +42,15 @@ WAITING_STATES = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
 LOCK_TTL = 15  # seconds; refreshed every LOCK_TTL / 3 while a job runs, so a killed worker frees it fast
 
 # The fast path of every webhook, one round trip: if a retrain of the project is still
-# waiting, count the event as coalesced and return that job's id.
+# waiting, count the event (or ARGV[2] events that arrived together) as coalesced and
+# return that job's id.
 COALESCE_SCRIPT = """
 local waiting = redis.call('GET', KEYS[1])
 if not waiting then return false end
 local status = redis.call('HGET', ARGV[1] .. waiting, 'status')
 if status == 'queued' or status == 'deferred' or status == 'scheduled'
    or (status == 'started' and redis.call('GET', KEYS[3]) == waiting) then
-  redis.call('INCR', KEYS[2])
+  redis.call('INCRBY', KEYS[2], tonumber(ARGV[2]) or 1)
   return waiting
 end
 return false

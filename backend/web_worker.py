@@ -276,19 +276,26 @@ class FastPath:
     async def _flush(self) -> None:
         batch, self.pending = self.pending, []
         self.batches += 1
+        # One script call per project: a burst is mostly one project, and the script counts
+        # all of its webhooks in this batch at once.
+        by_project: dict[int, list[asyncio.Future]] = {}
+        for project_id, future in batch:
+            by_project.setdefault(project_id, []).append(future)
         try:
             pipe = self.redis.pipeline(transaction=False)
-            for project_id, _ in batch:
-                pipe.evalsha(self.sha, 3, *coalesce_keys(project_id), Job.redis_job_namespace_prefix)
+            for project_id, futures in by_project.items():
+                pipe.evalsha(self.sha, 3, *coalesce_keys(project_id), Job.redis_job_namespace_prefix,
+                             len(futures))
             results = await pipe.execute()
         except Exception as exc:
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), result in zip(batch, results):
-            if not future.done():
-                future.set_result(result)
+        for futures, result in zip(by_project.values(), results):
+            for future in futures:
+                if not future.done():
+                    future.set_result(result)
 
     async def close(self) -> None:
         if self.redis is not None:
