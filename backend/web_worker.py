@@ -1,27 +1,31 @@
-"""The gunicorn worker of the web app: webhooks for a waiting retrain are answered on an event loop.
+"""The gunicorn worker of the web app: training webhooks are answered on an event loop.
 
 Why: Label Studio sends one webhook per annotation and a project with many annotators sends
 them in bursts. Nearly all of a burst joins the retrain already waiting in the queue (one
 Redis script, see `backend.job_queue`), yet under gunicorn's sync worker each of them is a
-whole WSGI request served one after another: 200 concurrent webhooks took ~86 ms at p99 on
-2 cores with two sync workers. This worker answers those webhooks itself, on an asyncio
-loop, and asks Redis about all webhooks that arrived together in one pipelined round trip.
+whole WSGI request served one after another: 200 concurrent webhooks took ~90 ms at p99 on
+2 cores with two sync workers (BENCHMARKS.md). This worker answers those webhooks itself,
+on an asyncio loop: one pipelined Redis round trip for all webhooks that arrived together,
+and the first webhook of a burst queues the retrain inline (`JobQueue.request_retrain`).
 
-Everything else, and any webhook this fast path is not sure about (the first event that
-queues a retrain, TASKS_CREATED, a bad secret, chunked bodies, odd headers, Redis errors),
-is handed, with the bytes already read, to gunicorn's own sync request handling and the
-unchanged Flask app on one thread (`--threads` is ignored: torch's thread setting, which
-/predict changes, is process-wide). So the fast path can
-only answer what the Flask app would have answered with the same bytes: 200
-`{"job_id", "project", "status": "coalesced"}`.
+Everything else, and any webhook the loop is not sure about (TASKS_CREATED, a wrong or
+missing secret, bad JSON, chunked bodies, odd or repeated headers, pipelined requests, a
+Redis error), is handed, with the bytes already read, to gunicorn's own sync request
+handling and the unchanged Flask app on one thread (`--threads` is ignored: torch's thread
+setting, which /predict changes, is process-wide). So the loop only answers what the
+Flask app would have answered to the same bytes: 201 `{"job_id", "project", "status":
+"queued"}` or 200 `... "coalesced"`, byte for byte (tests/test_web_worker.py).
 
 Differences from the sync worker, on purpose:
-* accepting is paused while `threads + 1` requests wait for or hold the thread pool, so a
+* accepting pauses while one request runs and another waits for the WSGI thread, so a
   worker busy with /predict leaves new connections to the other workers;
-* the loop keeps telling the arbiter it is alive while a request runs in the pool (as the
+* the loop keeps telling the arbiter it is alive while a request runs on the thread (as the
   gthread worker does), so `--timeout` no longer kills a stuck request; instead the client
-  socket of a pool request times out after `--timeout` seconds without progress;
-* fast-path webhooks are logged at DEBUG by `backend.web_worker`, not in the access log.
+  socket of such a request times out after `--timeout` seconds without progress;
+* webhooks answered by the loop are logged by `backend.web_worker` (queued at INFO,
+  coalesced at DEBUG), not in gunicorn's access log;
+* listening TCP sockets get TCP_DEFER_ACCEPT (1 s): a connection is accepted once its
+  request has arrived.
 
 Use: `gunicorn --worker-class backend.web_worker.WebhookWorker backend.wsgi:app` (what
 `make serve`, `python -m backend serve` and the Dockerfile run). TLS listeners fall back
