@@ -17,15 +17,17 @@ Flask app would have answered to the same bytes: 201 `{"job_id", "project", "sta
 "queued"}` or 200 `... "coalesced"`, byte for byte (tests/test_web_worker.py).
 
 Differences from the sync worker, on purpose:
-* accepting pauses while one request runs and another waits for the WSGI thread, so a
-  worker busy with /predict leaves new connections to the other workers;
-* the loop keeps telling the arbiter it is alive while a request runs on the thread (as the
-  gthread worker does), so `--timeout` no longer kills a stuck request; instead the client
-  socket of such a request times out after `--timeout` seconds without progress;
+* accepting pauses while one request runs on the WSGI thread and another waits for it (or
+  512 requests are still arriving), so a worker busy with /predict leaves new connections
+  to the other workers;
 * webhooks answered by the loop are logged by `backend.web_worker` (queued at INFO,
   coalesced at DEBUG), not in gunicorn's access log;
 * listening TCP sockets get TCP_DEFER_ACCEPT (1 s): a connection is accepted once its
   request has arrived.
+As with the sync worker, a request that runs longer than `--timeout` gets the worker
+restarted (the loop stops telling the arbiter it is alive). Configurations whose effect on
+a request the loop does not mirror (SCRIPT_NAME in the environment, `--protocol uwsgi`,
+`--proxy-protocol`) turn the fast path off, with a warning.
 
 Use: `gunicorn --worker-class backend.web_worker.WebhookWorker backend.wsgi:app` (what
 `make serve`, `python -m backend serve` and the Dockerfile run). TLS listeners fall back
@@ -66,8 +68,10 @@ log = logging.getLogger(__name__)
 HEAD_LIMIT = 16 * 1024  # a longer request head is gunicorn's to judge
 BODY_LIMIT = 1024 * 1024  # larger webhook bodies go the WSGI way
 HEAD_TIMEOUT = 10.0  # seconds for a whole webhook to arrive before gunicorn takes over
+MAX_READING = 512  # connections whose request is still arriving; accepting pauses above
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_TARGET = re.compile(r"[\x21-\x7e]+")  # visible ASCII, as gunicorn requires of a request target
 _PREFIX = b"POST /webhook"
 _MORE, _DONE = object(), object()  # states of reading a request
 
@@ -99,32 +103,45 @@ class _Replay:
 
 @dataclass(frozen=True)
 class Limits:
-    """gunicorn's request limits (0: none), read once: cfg lookups are slow per request."""
-    request_line: int
-    fields: int
-    field_size: int
+    """What gunicorn's parser allows, normalised as it does, read once (cfg lookups are slow).
+
+    Where gunicorn would accept more (no limit, a bigger limit) the fast path stays at
+    gunicorn's defaults: refusing here only sends the request the WSGI way.
+    """
+    request_line: int = 8190
+    fields: int = 100
+    field_size: int = 8190
+    refused_headers: frozenset = frozenset()  # lower-case names gunicorn treats specially
 
     @classmethod
     def of(cls, cfg) -> "Limits":
-        return cls(cfg.limit_request_line, cfg.limit_request_fields, cfg.limit_request_field_size)
+        def capped(value: int, default: int) -> int:
+            return default if value <= 0 else min(value, default)
+
+        special = set(getattr(cfg, "secure_scheme_headers", {}) or {}) | set(getattr(cfg, "forwarder_headers", []) or [])
+        return cls(capped(cfg.limit_request_line, 8190), capped(cfg.limit_request_fields, 32768),
+                   capped(cfg.limit_request_field_size, 8190), frozenset(h.lower() for h in special))
 
 
 def parse_webhook_head(head: bytes, limits: Limits) -> tuple[Webhook, int] | None:
     """(webhook without body, body length) for a plain `POST /webhook`; None for anything else.
 
     Deliberately narrow: one Content-Length, no Transfer-Encoding or Expect, no repeated,
-    folded or odd header, within gunicorn's limits. Whatever is refused here is served by
-    gunicorn's parser, which answers edge cases the way the sync worker always did.
+    folded or odd header, no header gunicorn treats specially (scheme and forwarding
+    headers, names with "_"), within gunicorn's limits. Whatever is refused here is served
+    by gunicorn's parser, which answers edge cases the way the sync worker always did.
     """
     try:
         lines = head.decode("ascii").split("\r\n")
     except UnicodeDecodeError:
         return None
     request_line = lines[0]
-    if limits.request_line and len(request_line) > limits.request_line:
+    if len(request_line) + 2 > limits.request_line:
         return None
     parts = request_line.split(" ")
     if len(parts) != 3 or parts[0] != "POST" or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
+        return None
+    if not _TARGET.fullmatch(parts[1]):
         return None
     path, _, query = parts[1].partition("?")
     if path != "/webhook" or "#" in query:
@@ -134,11 +151,11 @@ def parse_webhook_head(head: bytes, limits: Limits) -> tuple[Webhook, int] | Non
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, colon, value = line.partition(":")
-        if (not colon or not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value)
-                or (limits.field_size and len(line) > limits.field_size)):
+        if (not colon or not _TOKEN.fullmatch(name) or "_" in name or _BAD_VALUE.search(value)
+                or len(line) + 2 > limits.field_size):
             return None
         name = name.lower()
-        if name in headers:
+        if name in headers or name in limits.refused_headers:
             return None
         headers[name] = value.strip(" \t")
     if "transfer-encoding" in headers or "expect" in headers:
@@ -207,6 +224,11 @@ class FastPath:
         """Whether webhooks can be taken now (Redis configured and not failing)."""
         return self.redis is not None and time.monotonic() >= self.down_until
 
+    def disable(self, reason: str) -> None:
+        if self.redis is not None:
+            log.warning("webhook fast path off: %s; every request goes to the WSGI app", reason)
+        self.redis = None
+
     async def preload(self) -> None:
         """Load the script at start, not on the first webhook (which would wait for it)."""
         if self.ready():
@@ -273,6 +295,10 @@ class FastPath:
                 pipe.evalsha(sha, 3, *coalesce_keys(project_id), Job.redis_job_namespace_prefix,
                              len(entries))
             results = await pipe.execute()
+        except asyncio.CancelledError:  # stopping: the WSGI app cannot take them any more
+            for entry in batch:
+                _call(entry[2], None)
+            raise
         except Exception as exc:
             from redis.exceptions import NoScriptError
 
@@ -285,14 +311,20 @@ class FastPath:
             return
         for entries, waiting in zip(by_project.values(), results):
             for project_id, action, done, attempt, sent_in in entries:
-                if waiting is not None:
-                    _call(done, (project_id, action, "coalesced", waiting.decode()))
-                elif self.queued_in.get(project_id, -1) >= sent_in and attempt < 2:
-                    # A webhook of this batch has queued a retrain since: ask again in the
-                    # next batch rather than queue behind it one round trip at a time.
-                    self.submit(project_id, action, done, attempt + 1)
-                else:
-                    _call(done, self._queue_retrain(project_id, action))
+                try:
+                    if waiting is not None:
+                        answer = (project_id, action, "coalesced", waiting.decode())
+                    elif self.queued_in.get(project_id, -1) >= sent_in and attempt < 2:
+                        # A webhook of this batch has queued a retrain since: ask again in the
+                        # next batch rather than queue behind it one round trip at a time.
+                        self.submit(project_id, action, done, attempt + 1)
+                        continue
+                    else:
+                        answer = self._queue_retrain(project_id, action)
+                except Exception:
+                    log.exception("webhook fast path: project=%s", project_id)
+                    answer = None  # the WSGI app answers it
+                _call(done, answer)
 
     def _queue_retrain(self, project_id: int, action: str) -> tuple[int, str, str, str] | None:
         """No retrain waits: queue one, here on the loop. It takes a few local round trips once
@@ -354,6 +386,13 @@ class WebhookWorker(SyncWorker):
         self.limits = Limits.of(self.cfg)
         self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="wsgi")
         self.fast = FastPath(settings, min(BODY_LIMIT, settings.max_body_mb * 1024 * 1024))
+        if os.environ.get("SCRIPT_NAME"):
+            self.fast.disable("SCRIPT_NAME is set (the app is mounted below a prefix)")
+        if getattr(self.cfg, "protocol", "http") != "http":
+            self.fast.disable(f"--protocol {self.cfg.protocol}")
+        if getattr(self.cfg, "proxy_protocol", "off") not in ("off", False, None):
+            self.fast.disable("--proxy-protocol is on")
+        self.pool_since: float | None = None  # when the WSGI request now running began
         self._freeze_heap()
         loop = asyncio.new_event_loop()
         try:
@@ -366,8 +405,10 @@ class WebhookWorker(SyncWorker):
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
-        self.in_pool = 0
+        self.in_pool = 0  # connections handed to the WSGI thread (running or waiting)
+        self.reading = 0  # connections whose request is still arriving
         self.in_fast = 0  # connections submitted to the fast path, not yet answered
+        self.listening = False
         self.connections: set[asyncio.Task] = set()
         # gunicorn's signal handlers write to this pipe (set_wakeup_fd): a stop wakes the loop.
         loop.add_reader(self.PIPE[0], self._drain_pipe)
@@ -375,7 +416,14 @@ class WebhookWorker(SyncWorker):
         self._listen(True)
         try:
             while self.alive and self.is_parent_alive():
-                self.notify()
+                since = self.pool_since
+                if since is not None and self.timeout and time.monotonic() - since > self.timeout:
+                    # As with the sync worker, a request stuck past --timeout gets the worker
+                    # restarted: stop telling the arbiter this worker is alive.
+                    self.log.error("A request has run for more than %s s; letting the arbiter "
+                                   "restart this worker", self.timeout)
+                else:
+                    self.notify()
                 self.wake.clear()
                 try:
                     await asyncio.wait_for(self.wake.wait(), timeout=1.0)
@@ -391,6 +439,10 @@ class WebhookWorker(SyncWorker):
                     await asyncio.wait(self.connections, timeout=deadline - loop.time())
                 else:
                     await asyncio.sleep(0.01)
+            if self.connections:  # past the graceful timeout: close what never got its turn
+                for task in self.connections:
+                    task.cancel()
+                await asyncio.gather(*self.connections, return_exceptions=True)
             loop.remove_reader(self.PIPE[0])
             await self.fast.close()
 
@@ -403,12 +455,23 @@ class WebhookWorker(SyncWorker):
 
     def _listen(self, on: bool) -> None:
         """Watch the listening sockets for connections, or leave them to the other workers."""
+        if on == self.listening:
+            return
         loop = asyncio.get_running_loop()
         for listener in self.sockets:
             if on:
                 loop.add_reader(listener.fileno(), self._accept, listener)
             else:
                 loop.remove_reader(listener.fileno())
+        self.listening = on
+
+    def _busy(self) -> bool:
+        """One request on the WSGI thread and one waiting, or many requests still arriving."""
+        return self.in_pool > self.threads or self.reading >= MAX_READING
+
+    def _resume(self) -> None:
+        if self.alive and not self._busy():
+            self._listen(True)
 
     def _accept(self, listener) -> None:
         """Take the connections waiting on a listener (a burst arrives together).
@@ -418,7 +481,10 @@ class WebhookWorker(SyncWorker):
         """
         loop = asyncio.get_running_loop()
         for _ in range(64):
-            if not self.alive or self.in_pool > self.threads:
+            if not self.alive or self._busy():
+                # Stop watching (a readable listener would wake the loop at once again).
+                self._listen(False)
+                self.wake.set()
                 return
             try:
                 client, addr = listener.accept()
@@ -428,7 +494,7 @@ class WebhookWorker(SyncWorker):
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self.log.error("accept() failed: %s; pausing 0.5 s", exc)
                     self._listen(False)
-                    loop.call_later(0.5, self._listen, True)
+                    loop.call_later(0.5, self._resume)
                     return
                 raise
             client.setblocking(False)  # (Python sockets are close-on-exec already)
@@ -444,6 +510,7 @@ class WebhookWorker(SyncWorker):
                 if state is not _MORE:
                     self._dispatch(listener, client, addr, data, hook)
                     continue
+            self.reading += 1
             self._spawn(self._connection(listener, client, addr, bytearray(data)))
 
     def _spawn(self, coroutine) -> None:
@@ -473,6 +540,13 @@ class WebhookWorker(SyncWorker):
 
     async def _connection(self, listener, client: socket.socket, addr, buffered: bytearray) -> None:
         """Read a request that did not arrive at once, with a deadline, then dispatch it."""
+        try:
+            await self._read_rest(listener, client, addr, buffered)
+        finally:
+            self.reading -= 1
+            self._resume()
+
+    async def _read_rest(self, listener, client: socket.socket, addr, buffered: bytearray) -> None:
         loop = asyncio.get_running_loop()
         hook = None
         try:
@@ -491,6 +565,9 @@ class WebhookWorker(SyncWorker):
             self.log.debug("client went away: %s", exc)
             client.close()
             return
+        except asyncio.CancelledError:
+            client.close()
+            raise
         if not buffered:  # connected and closed without a byte
             client.close()
             return
@@ -500,16 +577,20 @@ class WebhookWorker(SyncWorker):
         """Submit a webhook to the fast path, or hand the connection to the WSGI app."""
         checked = self.fast.check(hook) if hook is not None and self.fast.ready() else None
         if checked is None:
-            self._spawn(self._to_pool(listener, client, addr, data))
+            self._hand_over(listener, client, addr, data)
             return
         self.in_fast += 1
 
         def answered(answer) -> None:
             self.in_fast -= 1
             if answer is None:
-                self._spawn(self._to_pool(listener, client, addr, data))
-            else:
+                self._hand_over(listener, client, addr, data)
+                return
+            try:
                 self._reply(client, hook.version, answer)
+            except Exception:
+                log.exception("webhook fast path: answering failed")
+                client.close()
 
         self.fast.submit(*checked, answered)
 
@@ -551,27 +632,38 @@ class WebhookWorker(SyncWorker):
             self.wake.set()
 
     # -- everything else: gunicorn's sync handling on the pool ------------------------
-    async def _to_pool(self, listener, client: socket.socket, addr, buffered: bytes) -> None:
+    def _hand_over(self, listener, client: socket.socket, addr, buffered: bytes) -> None:
+        """Queue a connection for the WSGI thread; counted now, so accepting pauses at once."""
         self.in_pool += 1
-        if self.in_pool == self.threads + 1:
+        if self._busy():
             # Busy: leave new connections in the backlog for the other workers.
             self._listen(False)
+        self._spawn(self._to_pool(listener, client, addr, buffered))
+
+    async def _to_pool(self, listener, client: socket.socket, addr, buffered: bytes) -> None:
+        started = []
         try:
             await asyncio.get_running_loop().run_in_executor(
-                self.pool, self._handle_blocking, listener, client, addr, buffered)
+                self.pool, self._handle_blocking, listener, client, addr, buffered, started)
+        except asyncio.CancelledError:
+            if not started:  # stopping before its turn came: close rather than leave it open
+                client.close()
+            raise
         finally:
             self.in_pool -= 1
-            if self.in_pool == self.threads and self.alive:
-                self._listen(True)
+            self._resume()
             if not self.alive:
                 self.wake.set()
 
-    def _handle_blocking(self, listener, client: socket.socket, addr, buffered: bytes) -> None:
-        client.setblocking(True)
-        if self.timeout:
-            client.settimeout(self.timeout)
-        # handle() parses, runs the WSGI app, answers errors and closes the socket.
-        SyncWorker.handle(self, listener, _Replay(client, buffered), addr)
+    def _handle_blocking(self, listener, client: socket.socket, addr, buffered: bytes, started: list) -> None:
+        started.append(True)
+        self.pool_since = time.monotonic()
+        try:
+            client.setblocking(True)
+            # handle() parses, runs the WSGI app, answers errors and closes the socket.
+            SyncWorker.handle(self, listener, _Replay(client, buffered), addr)
+        finally:
+            self.pool_since = None
         if len(sys.modules) > self.frozen_modules + 50:  # e.g. the first /predict imported torch
             self._freeze_heap()
 

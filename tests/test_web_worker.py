@@ -16,7 +16,13 @@ import requests
 
 from backend.web_worker import Limits, basic_credentials, parse_webhook_head
 
-LIMITS = Limits(request_line=4094, fields=100, field_size=8190)
+def _default_limits() -> Limits:
+    from gunicorn.config import Config
+
+    return Limits.of(Config())
+
+
+LIMITS = _default_limits()
 
 
 def webhook(project_id: int, action: str = "ANNOTATION_CREATED", n: int = 0) -> bytes:
@@ -163,6 +169,54 @@ def test_a_stalled_client_holds_up_no_webhook(web):
     assert requests.get(web.url + "/jobs/44", timeout=5).json()["requested"] == 1
 
 
+def test_a_worker_busy_on_its_wsgi_thread_leaves_other_requests_to_the_other_worker(web):
+    """One worker's WSGI thread is held by a client that stalls mid-request. That worker
+    takes at most one more request (which waits); the rest are served by the other worker."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stalled = socket.create_connection(("127.0.0.1", web.port))
+    stalled.sendall(b"GET /heal")
+    time.sleep(0.5)
+    try:
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            futures = [pool.submit(requests.get, web.url + "/health", timeout=30) for _ in range(20)]
+            time.sleep(4)
+            answered_while_stalled = sum(f.done() for f in futures)
+            stalled.close()
+            statuses = [f.result().status_code for f in futures]
+    finally:
+        stalled.close()
+    assert answered_while_stalled >= 19, answered_while_stalled
+    assert statuses == [200] * 20
+
+
+def test_a_request_stuck_past_the_timeout_restarts_its_worker(services):
+    """As with gunicorn's sync worker: the stuck worker is replaced, the others serve on."""
+    import psutil
+
+    services.start_web(workers=1, extra_args=("--timeout", "3"))
+    before = [p.pid for p in psutil.Process(services.web.pid).children()]
+    stalled = socket.create_connection(("127.0.0.1", services.port))
+    stalled.sendall(b"GET /heal")
+    try:
+        deadline = time.monotonic() + 30
+        while [p.pid for p in psutil.Process(services.web.pid).children()] in (before, []):
+            assert time.monotonic() < deadline, services.log_tail("web.log")
+            time.sleep(0.2)
+    finally:
+        stalled.close()
+    assert "letting the arbiter restart this worker" in services.log_tail("web.log", 10**6)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if requests.get(services.url + "/health", timeout=2).ok:
+                break
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
 def test_redis_down_is_a_503_and_webhooks_work_again_when_it_is_back(web, services):
     url = web.url + "/webhook?secret=s3cret"
     assert requests.post(url, data=webhook(45), timeout=5).status_code == 201
@@ -218,6 +272,19 @@ def test_max_requests_restarts_a_worker_and_no_webhook_is_lost(services):
 
 # -- the narrow request parser, on plain bytes ----------------------------------------------
 
+def test_limits_follow_gunicorns_normalisation():
+    from gunicorn.config import Config
+
+    cfg = Config()
+    for name, value in (("limit_request_line", "0"), ("limit_request_field_size", "0"),
+                        ("limit_request_fields", "0")):
+        cfg.set(name, value)
+    limits = Limits.of(cfg)
+    # "no limit" in gunicorn still stops at its defaults in the fast path
+    assert (limits.request_line, limits.field_size, limits.fields) == (8190, 8190, 32768)
+    assert {"x-forwarded-proto", "x-forwarded-ssl", "x-forwarded-protocol"} <= limits.refused_headers
+
+
 def test_parse_webhook_head_takes_only_plain_webhooks():
     good = b"POST /webhook?secret=a%20b HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\nAuthorization: Basic eDp5"
     hook, length = parse_webhook_head(good, LIMITS)
@@ -238,6 +305,14 @@ def test_parse_webhook_head_takes_only_plain_webhooks():
         b"POST /webhook HTTP/1.1\r\nHost: x",
         b"POST  /webhook HTTP/1.1\r\nContent-Length: 1",
         b"POST /webhook?" + b"a" * 5000 + b" HTTP/1.1\r\nContent-Length: 1",
+        # gunicorn answers these with a 400 or 431 (found in review): the app must see them
+        b"POST /webhook?secret=s&x=\t HTTP/1.1\r\nContent-Length: 1",
+        b"POST /webhook?x=\x01 HTTP/1.1\r\nContent-Length: 1",
+        b"POST /webhook?x=\x7f HTTP/1.1\r\nContent-Length: 1",
+        b"POST /webhook HTTP/1.1\r\nContent-Length: 1\r\nX: " + b"a" * 8186,
+        b"POST /webhook HTTP/1.1\r\nContent-Length: 1\r\nX-Forwarded-Proto: https",
+        b"POST /webhook HTTP/1.1\r\nContent-Length: 1\r\nX_Foo: 1",
+        b"POST /webhook HTTP/1.1\r\nContent-Length: 1\r\nSCRIPT_NAME: /webhook",
     ]
     for head in refused:
         assert parse_webhook_head(head, LIMITS) is None, head

@@ -60,8 +60,9 @@ class Services:
         if threads:
             extra += ["--threads", str(threads)]
         self.web = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--workers", str(workers), *extra, "--bind",
-             f"127.0.0.1:{self.port}", "--timeout", "120", "backend.wsgi:app"],
+            # `extra` last: gunicorn takes the last of a repeated flag, so it can override these.
+            [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--bind",
+             f"127.0.0.1:{self.port}", "--timeout", "120", *extra, "backend.wsgi:app"],
             env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + 60
