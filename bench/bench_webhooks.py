@@ -206,12 +206,14 @@ def part_a(args, run: Run) -> list[dict]:
                 project_id += 1
                 seq = sequential(port, project_id, args.sequential)
                 bursts = []
+                pooled: list[float] = []  # every webhook's latency, all bursts together
                 web_processes, redis_processes = server_processes(services)
                 for _ in range(args.bursts):
                     project_id += 1
                     before = load()
                     cpu_before = cpu_seconds(web_processes), cpu_seconds(redis_processes)
                     result = burst(port, project_id, args.burst)
+                    pooled.extend(result["latencies"])
                     cpu_web = (cpu_seconds(web_processes) - cpu_before[0]) * 1000 / args.burst
                     cpu_redis = (cpu_seconds(redis_processes) - cpu_before[1]) * 1000 / args.burst
                     time.sleep(0.2)
@@ -253,6 +255,7 @@ def part_a(args, run: Run) -> list[dict]:
                     "burst p50 ms (median)": statistics.median(b["p50_ms"] for b in bursts),
                     "burst p99 ms (median)": statistics.median(p99s),
                     "burst p99 ms (range)": f"{min(p99s):.0f}-{max(p99s):.0f}",
+                    "p99 ms, all bursts pooled": round(percentile(pooled, 99), 1),
                     "acknowledged": f"{sum(v for s, v in statuses.items() if s in (200, 201))}/{args.burst * len(bursts)}",
                     "statuses": " ".join(f"{s}x{v}" for s, v in sorted(statuses.items())),
                     "retrain jobs per burst": "/".join(str(b["retrain_jobs"]) for b in bursts),
@@ -262,8 +265,9 @@ def part_a(args, run: Run) -> list[dict]:
                     "CPU floor for last ack ms": round(cpu_ms * args.burst / len(os.sched_getaffinity(0)), 0),
                     f"paced over {args.paced_ms:g} ms: p99 ms": round(percentile(paced["latencies"], 99), 1),
                     "GET /health burst p99 ms (median)": round(statistics.median(health), 1),
-                    "p99 < 50 ms": "yes" if statistics.median(p99s) < 50 else
-                                   f"NO (+{statistics.median(p99s) - 50:.0f} ms)",
+                    # The verdict is on every webhook of every burst together, not a median.
+                    "p99 < 50 ms (pooled)": "yes" if percentile(pooled, 99) < 50 else
+                                            f"NO (+{percentile(pooled, 99) - 50:.0f} ms)",
                     "load": load(),
                     "bursts": bursts,
                     "sequential_ms": [round(x, 2) for x in seq],
@@ -355,8 +359,8 @@ def main() -> None:
     run["retrains"] = b
     print()
     print(table(a, ["gunicorn", "sequential p50 ms", "burst p50 ms (median)", "burst p99 ms (median)",
-                    "burst p99 ms (range)", "acknowledged", "statuses", "retrain jobs per burst",
-                    "p99 < 50 ms", "server CPU ms/webhook", "CPU floor for last ack ms",
+                    "burst p99 ms (range)", "p99 ms, all bursts pooled", "acknowledged", "statuses", "retrain jobs per burst",
+                    "p99 < 50 ms (pooled)", "server CPU ms/webhook", "CPU floor for last ack ms",
                     f"paced over {args.paced_ms:g} ms: p99 ms", "GET /health burst p99 ms (median)", "load"]))
     print()
     print(table(b, ["gunicorn", "burst", "webhooks", "acknowledged", "statuses", "p99 ms", "retrain jobs", "201 queued",
