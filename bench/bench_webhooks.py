@@ -11,7 +11,8 @@ nothing waiting, as after a quiet period.
 Part A, latency (no RQ worker): for each gunicorn setting (`fast`: our WebhookWorker, what
 `make serve` runs; gunicorn's sync workers and gthread threads for comparison),
 sequential webhooks for the per-request cost, then bursts: p50/p99/max of the time from a
-webhook's connect to its response, status codes, and the retrain jobs queued in Redis for
+webhook's connect to its response (per burst, and p99 over all bursts pooled, on which the
+< 50 ms verdict is given), status codes, and the retrain jobs queued in Redis for
 the project (with no worker nothing starts, so the target is exactly one). Also the server's
 CPU time per webhook (gunicorn + redis-server), which bounds how soon the last of a burst can
 be answered on this many cores; one burst spread evenly over --paced-ms; and bursts of GET
@@ -20,7 +21,8 @@ be answered on this many cores; one burst spread evenly over --paced-ms; and bur
 Part B, retrains (with a real RQ worker): Label Studio is absent (LABEL_STUDIO_URL points at a
 closed port), so a retrain cannot finish, but the worker does start the first job during the
 burst, which clears the project's waiting mark exactly as in production; the following
-webhooks then queue one follow-up and coalesce into it. Counted: retrain jobs created for the
+webhooks then queue one follow-up and coalesce into it. --retrain-bursts bursts per setting,
+each for a new project. Counted: retrain jobs created for the
 project (target: at most two). Whether the final model includes every annotation needs Label
 Studio; that is point 1's benchmark.
 
