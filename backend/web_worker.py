@@ -25,7 +25,8 @@ Differences from the sync worker, on purpose:
 * listening TCP sockets get TCP_DEFER_ACCEPT (1 s): a connection is accepted once its
   request has arrived.
 As with the sync worker, a request that runs longer than `--timeout` gets the worker
-restarted (the loop stops telling the arbiter it is alive). Configurations whose effect on
+restarted (the loop stops telling the arbiter it is alive once a WSGI request has run for a
+second, so the arbiter counts the timeout from about the request's start). Configurations whose effect on
 a request the loop does not mirror (SCRIPT_NAME in the environment, `--protocol uwsgi`,
 `--proxy-protocol`) turn the fast path off, with a warning.
 
@@ -417,12 +418,10 @@ class WebhookWorker(SyncWorker):
         try:
             while self.alive and self.is_parent_alive():
                 since = self.pool_since
-                if since is not None and self.timeout and time.monotonic() - since > self.timeout:
-                    # As with the sync worker, a request stuck past --timeout gets the worker
-                    # restarted: stop telling the arbiter this worker is alive.
-                    self.log.error("A request has run for more than %s s; letting the arbiter "
-                                   "restart this worker", self.timeout)
-                else:
+                # While a WSGI request has run for more than a second, stop telling the
+                # arbiter this worker is alive: as with the sync worker, a request that runs
+                # past --timeout then gets the worker restarted ("WORKER TIMEOUT").
+                if since is None or time.monotonic() - since < 1.0:
                     self.notify()
                 self.wake.clear()
                 try:
