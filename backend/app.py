@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.before_request
     def authenticate():
-        if request.path == "/health":
+        if request.path == "/health" or (request.path != "/webhook" and not settings.basic_auth_user):
             return None
         auth = request.authorization
         basic = (auth.username or "", auth.password or "") if auth is not None and auth.type == "basic" else None

@@ -57,16 +57,28 @@ return false
 """
 
 
+# The web app's clients: short timeouts so a dead Redis costs milliseconds, and no retries:
+# the web app answers 503 at once and Label Studio's next event retries.
+FAST_FAIL_TIMEOUTS = {"socket_timeout": 0.5, "socket_connect_timeout": 0.25}
+
+
 def redis_connection(url: str, fast_fail: bool = False) -> Redis:
     """A client; `fast_fail` gives the web app short timeouts so a dead Redis costs ms."""
     if fast_fail:
         from redis.backoff import NoBackoff
         from redis.retry import Retry as RedisRetry
 
-        # No retries: the web app answers 503 at once and Label Studio's next event retries.
-        return Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.25,
-                              retry=RedisRetry(NoBackoff(), 0))
+        return Redis.from_url(url, **FAST_FAIL_TIMEOUTS, retry=RedisRetry(NoBackoff(), 0))
     return Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30)
+
+
+def async_redis_connection(url: str):
+    """The asyncio counterpart of `redis_connection(url, fast_fail=True)` (the web worker's loop)."""
+    import redis.asyncio as aredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return aredis.Redis.from_url(url, **FAST_FAIL_TIMEOUTS, retry=Retry(NoBackoff(), 0))
 
 
 def key(project_id: int, what: str) -> str:

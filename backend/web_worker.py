@@ -60,7 +60,8 @@ from redis.exceptions import LockError
 from rq.job import Job
 
 from backend.app import TRAIN_EVENTS, webhook_allowed, webhook_project
-from backend.job_queue import COALESCE_SCRIPT, JobQueue, coalesce_keys, redis_connection
+from backend.job_queue import (COALESCE_SCRIPT, JobQueue, async_redis_connection, coalesce_keys,
+                               redis_connection)
 from backend.ml_backend import project_id_from_ls
 from backend.settings import Settings
 
@@ -212,14 +213,8 @@ class FastPath:
         self.down_until = 0.0
         self.flushes: set[asyncio.Task] = set()
         if settings.redis_url:
-            import redis.asyncio as aredis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-
-            # The web app's fast-fail timeouts: a dead Redis costs ms, Flask then answers 503.
-            self.redis = aredis.Redis.from_url(settings.redis_url, socket_timeout=0.5,
-                                               socket_connect_timeout=0.25,
-                                               retry=Retry(NoBackoff(), 0))
+            # Fast-fail, as the Flask app's client: on a dead Redis the app answers 503.
+            self.redis = async_redis_connection(settings.redis_url)
 
     def ready(self) -> bool:
         """Whether webhooks can be taken now (Redis configured and not failing)."""
