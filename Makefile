@@ -1,10 +1,11 @@
-# Two commands: `make serve` runs the backend, `make test` runs the whole suite.
+# Two commands: `make serve` runs the backend, `make test` runs the whole suite
+# (`make test-fast` skips the tests that need a Label Studio server).
 # Both create .venv and install the pinned requirements on first use.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: serve test venv clean-venv
+.PHONY: serve test test-fast lint venv clean-venv
 
 $(VENV)/.runtime-installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +23,16 @@ venv: $(VENV)/.runtime-installed
 serve: $(VENV)/.runtime-installed
 	$(PY) -m backend serve
 
-test: $(VENV)/.dev-installed
+# The whole suite: the linter, then every test including those against a real Label Studio.
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The inner loop: everything that needs no Label Studio server (a few minutes).
+test-fast: lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -m "not e2e" $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev-installed
+	$(VENV)/bin/ruff check .
 
 clean-venv:
 	rm -rf $(VENV)
