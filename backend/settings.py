@@ -1,26 +1,32 @@
-"""All configuration, read from environment variables with defaults (README: "Settings")."""
+"""All configuration, read from environment variables with defaults (README: "Settings").
+
+One typed class on pydantic-settings: each field is one environment variable (its name in
+upper case, or the alias given), with its type and default. The README's settings table and
+`.env.example` list exactly these fields with these defaults (tests/test_deploy_files.py).
+"""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    if raw.strip() == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise SystemExit(f"Setting {name}={raw!r} must be an integer") from None
+# Printed as *** in repr and logs when set.
+SECRETS = frozenset({"label_studio_api_key", "basic_auth_pass", "webhook_secret"})
 
 
-@dataclass
-class Settings:
+class Settings(BaseSettings):
+    """The backend's settings; `Settings.from_env()` reads them, `Settings(**values)` for tests."""
+
+    # An empty variable (`PORT=` in an env file) means "use the default", as unset does.
+    model_config = SettingsConfigDict(env_ignore_empty=True, extra="forbid",
+                                      validate_by_name=True, validate_by_alias=True)
+
     port: int = 9090
-    host: str = "0.0.0.0"
+    # Loopback unless asked: `make serve` on a laptop is not reachable from the network.
+    # The Docker image and compose set HOST=0.0.0.0.
+    host: str = "127.0.0.1"
     redis_url: str = ""  # empty: `make serve` starts an embedded redis-server
     label_studio_url: str = "http://localhost:8080"
     label_studio_api_key: str = ""
@@ -37,7 +43,8 @@ class Settings:
     max_length: int = 128
     encode_batch_size: int = 64
     log_level: str = "INFO"
-    queue_name: str = "atl"
+    log_format: str = "text"  # read by backend.logs.configure_logging
+    queue_name: str = Field("atl", validation_alias="RQ_QUEUE")
     basic_auth_user: str = ""
     basic_auth_pass: str = ""
     webhook_secret: str = ""
@@ -46,55 +53,50 @@ class Settings:
     ordering: str = "least_confidence"
     batch_size: int = 50
     reconcile_interval: int = 300
-    extra: dict = field(default_factory=dict)
+
+    @field_validator("label_studio_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return Path(value).resolve()
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _basic_auth_pair(self) -> Settings:
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ValueError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        return self
 
     @classmethod
-    def from_env(cls, **overrides) -> "Settings":
-        env = os.environ
-        settings = cls(
-            port=_env_int("PORT", 9090),
-            host=env.get("HOST", "0.0.0.0"),
-            redis_url=env.get("REDIS_URL", ""),
-            label_studio_url=env.get("LABEL_STUDIO_URL", "http://localhost:8080").rstrip("/"),
-            label_studio_api_key=env.get("LABEL_STUDIO_API_KEY", ""),
-            data_dir=Path(env.get("DATA_DIR", "data")).resolve(),
-            encoder=env.get("ENCODER", "default"),
-            device=env.get("DEVICE", "auto"),
-            fine_tune_layers=_env_int("FINE_TUNE_LAYERS", 0),
-            web_workers=_env_int("WEB_WORKERS", 2),
-            rq_workers=_env_int("RQ_WORKERS", 1),
-            job_timeout=_env_int("JOB_TIMEOUT", 3600),
-            job_retries=_env_int("JOB_RETRIES", 3),
-            prediction_chunk=_env_int("PREDICTION_CHUNK", 1000),
-            fanout_tasks=_env_int("FANOUT_TASKS", 20000),
-            max_length=_env_int("MAX_LENGTH", 128),
-            encode_batch_size=_env_int("ENCODE_BATCH_SIZE", 64),
-            log_level=env.get("LOG_LEVEL", "INFO").upper(),
-            queue_name=env.get("RQ_QUEUE", "atl"),
-            basic_auth_user=env.get("BASIC_AUTH_USER", ""),
-            basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
-            webhook_secret=env.get("WEBHOOK_SECRET", ""),
-            max_body_mb=_env_int("MAX_BODY_MB", 20),
-            retrain_min_interval=_env_int("RETRAIN_MIN_INTERVAL", 2),
-            ordering=env.get("ORDERING", "least_confidence"),
-            batch_size=_env_int("BATCH_SIZE", 50),
-            reconcile_interval=_env_int("RECONCILE_INTERVAL", 300),
-        )
-        names = {f.name for f in fields(cls)}
-        for key, value in overrides.items():
-            if key not in names:
-                raise TypeError(f"unknown setting {key}")
-            setattr(settings, key, value)
-        settings.data_dir = Path(settings.data_dir)
-        if bool(settings.basic_auth_user) != bool(settings.basic_auth_pass):
-            raise SystemExit("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
-        return settings
+    def env_name(cls, field: str) -> str:
+        """The environment variable that sets `field`."""
+        return cls.model_fields[field].validation_alias or field.upper()
 
-    def __repr__(self) -> str:  # never print secrets
-        hidden = {"label_studio_api_key", "basic_auth_pass", "webhook_secret"}
-        parts = [f"{f.name}={'***' if f.name in hidden and getattr(self, f.name) else getattr(self, f.name)!r}"
-                 for f in fields(self)]
-        return f"Settings({', '.join(parts)})"
+    @classmethod
+    def from_env(cls, **overrides) -> Settings:
+        """Settings from the environment; `overrides` (attribute names) win over it.
+
+        A value that cannot be used stops the program with a message naming the variable.
+        """
+        unknown = set(overrides) - set(cls.model_fields)
+        if unknown:
+            raise TypeError(f"unknown setting {', '.join(sorted(unknown))}")
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise SystemExit(_explain(exc)) from None
+
+    def __repr_args__(self):  # never print secrets
+        for name, value in super().__repr_args__():
+            yield name, ("***" if name in SECRETS and value else value)
 
     @property
     def models_dir(self) -> Path:
@@ -103,3 +105,19 @@ class Settings:
     @property
     def encoding_cache_path(self) -> Path:
         return self.data_dir / "encodings.sqlite3"
+
+
+def _explain(exc: ValidationError) -> str:
+    """One line per bad setting, in the words of the environment variable."""
+    env_names = {field: Settings.env_name(field) for field in Settings.model_fields}
+    env_names.update({env: env for env in list(env_names.values())})
+    lines = []
+    for error in exc.errors():
+        name = env_names.get(str(error["loc"][0])) if error["loc"] else None
+        if name is None:  # a check across fields; its message says what to do
+            lines.append(error["msg"].removeprefix("Value error, "))
+        elif error["type"] == "int_parsing":
+            lines.append(f"Setting {name}={error['input']!r} must be an integer")
+        else:
+            lines.append(f"Setting {name}={error['input']!r}: {error['msg']}")
+    return "\n".join(lines)

@@ -2,6 +2,7 @@
 Compose Specification's JSON schema (the one vendored by check-jsonschema)."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -77,11 +78,52 @@ def test_compose_services_are_wired_as_documented():
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert services["worker"]["command"][-1] == "worker"
     assert "models:/data" in services["backend"]["volumes"] and "models:/data" in services["worker"]["volumes"]
-    # Every setting the backend reads is in .env.example.
-    example = {line.split("=")[0] for line in (REPO / ".env.example").read_text().splitlines()
-               if line and not line.startswith("#")}
-    settings_source = (REPO / "backend" / "settings.py").read_text()
-    import re
+    # Reachable from Label Studio's container: the backend's own default is loopback only.
+    for name in ("backend", "worker"):
+        assert services[name]["environment"]["HOST"] == "0.0.0.0"
 
-    read = set(re.findall(r'(?:_env_int\(|env\.get\()"([A-Z_]+)"', settings_source))
-    assert read <= example, f"missing from .env.example: {sorted(read - example)}"
+
+def _class_defaults() -> dict[str, str]:
+    """Every setting the class defines: environment variable -> default, as text."""
+    from backend.settings import Settings
+
+    return {Settings.env_name(name): str(field.default) for name, field in Settings.model_fields.items()}
+
+
+def _readme_settings() -> dict[str, str]:
+    """The README's settings table: variable -> default (`*(unset)*` is empty)."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    table = {}
+    for row in section.splitlines():
+        if not row.startswith("| `"):
+            continue
+        names, default = row.split("|")[1:3]
+        default = default.strip()
+        value = "" if default == "*(unset)*" else re.fullmatch(r"`([^`]*)`", default).group(1)
+        for name in re.findall(r"`([A-Z_]+)`", names):
+            table[name] = value
+    return table
+
+
+def test_readme_settings_table_lists_exactly_the_settings_with_their_defaults():
+    documented, defined = _readme_settings(), _class_defaults()
+    assert set(documented) == set(defined), (
+        f"in the class only: {sorted(set(defined) - set(documented))}; "
+        f"in the README only: {sorted(set(documented) - set(defined))}")
+    assert documented == defined
+
+
+def test_env_example_lists_exactly_the_settings_with_their_defaults():
+    lines = [line for line in (REPO / ".env.example").read_text().splitlines() if line and not line.startswith("#")]
+    example = dict(line.split("=", 1) for line in lines)
+    assert len(example) == len(lines), "a setting is listed twice in .env.example"
+    assert example == _class_defaults()
+
+
+def test_the_image_listens_on_every_interface_and_make_serve_on_loopback():
+    env_block = (REPO / "Dockerfile").read_text().split("\nENV ", 1)[1].split("\n\n", 1)[0]
+    assert "HOST=0.0.0.0" in env_block
+    from backend.settings import Settings
+
+    assert Settings.model_fields["host"].default == "127.0.0.1"
