@@ -16,10 +16,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
+from backend.label_studio import check_connection
 from backend.logs import configure_logging
 from backend.settings import Settings
 
@@ -65,11 +65,11 @@ def start_embedded_redis(data_dir: Path, port: int | None = None) -> tuple[subpr
         try:
             redis.Redis.from_url(url, socket_connect_timeout=0.2).ping()
             return process, url
-        except redis.RedisError:
+        except redis.RedisError:  # not up yet
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
                 log_tail = (data_dir / "redis.log").read_text()[-2000:] if (data_dir / "redis.log").exists() else ""
-                raise SystemExit(f"embedded redis-server did not start:\n{log_tail}")
+                raise SystemExit(f"embedded redis-server did not start:\n{log_tail}") from None
             time.sleep(0.05)
 
 
@@ -94,6 +94,30 @@ def gunicorn_command(settings: Settings) -> list[str]:
     ]
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def banner(settings: Settings, connection: tuple[str, str]) -> str:
+    """What `make serve` prints once everything started: the URL for Label Studio, who can
+    reach it, and whether Label Studio accepted the API key."""
+    host = "localhost" if settings.host in LOOPBACK | {"0.0.0.0", "::"} else settings.host
+    if settings.host in LOOPBACK:
+        reach = (f"Listening on {settings.host} only: Label Studio must run on this machine. For a Label "
+                 f"Studio on another machine or in a container, start with HOST=0.0.0.0 and use this "
+                 f"machine's address instead of localhost.")
+    elif settings.host in ("0.0.0.0", "::"):
+        reach = ("Listening on every network interface (HOST=0.0.0.0): from another machine or a container "
+                 "use this machine's address instead of localhost.")
+    else:
+        reach = f"Listening on {settings.host}."
+    state, message = connection
+    return (f"\n  Active-learning backend is running.\n"
+            f"  In Label Studio: Project > Settings > Model > Connect Model, URL:  http://{host}:{settings.port}\n"
+            f"  {reach}\n"
+            f"  {'' if state == 'ok' else 'WARNING: '}{message}\n"
+            f"  Press Ctrl-C to stop.\n")
+
+
 def serve(settings: Settings) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     children: list[tuple[str, subprocess.Popen]] = []
@@ -104,6 +128,8 @@ def serve(settings: Settings) -> int:
         env["REDIS_URL"] = settings.redis_url = url
         log.info("started embedded redis-server at %s (data in %s)", url, settings.data_dir / "redis")
 
+    # Checked once before the workers start (each worker checks again and logs what it finds).
+    connection = check_connection(settings)
     stopping = {"flag": False}
 
     def stop(signum, frame):
@@ -118,16 +144,7 @@ def serve(settings: Settings) -> int:
         for i in range(settings.rq_workers):
             children.append((f"worker-{i + 1}", subprocess.Popen(worker_command(settings), env=env,
                                                                      start_new_session=True)))
-        host = "localhost" if settings.host in ("0.0.0.0", "127.0.0.1", "::") else settings.host
-        print(
-            f"\n  Active-learning backend is running.\n"
-            f"  In Label Studio: Project > Settings > Model > Connect Model, URL:  http://{host}:{settings.port}\n"
-            f"  (from another machine or a container use this machine's address instead of localhost)\n"
-            f"  Label Studio API: {settings.label_studio_url}  "
-            f"(API key {'set' if settings.label_studio_api_key else 'NOT SET: retraining will fail'})\n"
-            f"  Press Ctrl-C to stop.\n",
-            flush=True,
-        )
+        print(banner(settings, connection), flush=True)
         while not stopping["flag"]:
             for name, process in children:
                 if process.poll() is not None:
@@ -155,95 +172,13 @@ def _stop_children(children) -> None:
 
 
 def worker(settings: Settings, burst: bool = False) -> int:
-    """One RQ worker on the retraining queue.
+    """One RQ worker on the retraining queue (backend/worker.py); says first whether Label
+    Studio accepts the API key, so a wrong one shows now rather than at the first retrain."""
+    from backend.worker import run_worker
 
-    SimpleWorker runs jobs in this process, so the encoder loaded by the first job stays in
-    memory for the next ones instead of being reloaded in a fresh fork every time.
-    """
-    from rq.serializers import JSONSerializer
-    from rq.worker import SimpleWorker
-
-    from backend.job_queue import JobQueue, redis_connection
-
-    if not settings.redis_url:
-        raise SystemExit("REDIS_URL is not set; a worker needs the Redis server the web app uses")
-    # The RQ worker gets a client of its own: RQ raises its socket timeout above the blocking
-    # dequeue's (7 minutes), which only reaches connections opened after that. A connection
-    # opened earlier by the reconcile ticker would time out every idle 30 s.
-    connection = redis_connection(settings.redis_url)
-    job_queue = JobQueue(connection, settings)
-    if not burst and settings.reconcile_interval > 0:
-        ticker_queue = JobQueue(redis_connection(settings.redis_url), settings)
-        threading.Thread(target=_reconcile_ticker, args=(ticker_queue,), name="reconcile", daemon=True).start()
-    stop = threading.Event()
-    quits: list[float] = []
-    while True:
-        # Maintenance every minute: RQ then re-queues a job whose worker was killed mid-run.
-        rq_worker = SimpleWorker([job_queue.queue], connection=connection, serializer=JSONSerializer,
-                                 maintenance_interval=60)
-        try:
-            rq_worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
-        except redis_errors() as exc:  # raised from RQ's own teardown while Redis is gone
-            log.error("worker lost Redis: %s", exc)
-        # SIGTERM/SIGINT: RQ notes the time whether it was busy (it finishes the job first)
-        # or idle (it leaves work() at once, without setting _stop_requested).
-        if burst or rq_worker._shutdown_requested_date is not None:
-            return 0
-        # RQ retries a lost connection only while it waits for a job; a Redis outage that hits
-        # a job's bookkeeping makes work() log the error and quit. Outlive that instead of
-        # leaving the queue with no worker: wait for Redis, then start a fresh worker. A
-        # worker that keeps quitting is a real fault: exit, and let the supervisor see it.
-        now = time.monotonic()
-        quits = [t for t in quits if now - t < 300] + [now]
-        if len(quits) > 5:
-            log.error("the rq worker quit %d times in 5 minutes; exiting", len(quits))
-            return 1
-        _install_stop_handlers(stop)
-        if not _redis_reachable(connection):
-            log.warning("rq worker quit while Redis is unreachable; waiting for Redis to come back")
-            while not _redis_reachable(connection):
-                if stop.wait(2.0):
-                    return 0
-        elif stop.wait(2.0):
-            return 0
-        log.warning("starting a new rq worker")
-
-
-def redis_errors() -> tuple[type[Exception], ...]:
-    import redis
-
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-
-
-def _redis_reachable(connection) -> bool:
-    try:
-        return bool(connection.ping())
-    except redis_errors():
-        return False
-
-
-def _install_stop_handlers(stop: threading.Event) -> None:
-    """SIGTERM/SIGINT while waiting for Redis: stop, rather than RQ's handler raising here."""
-    def handler(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
-def _reconcile_ticker(job_queue) -> None:
-    """Every RECONCILE_INTERVAL seconds, queue a reconcile job (one across all workers).
-
-    While Redis is down this keeps failing quietly; the first tick after it is back queues
-    the reconcile that catches the annotations whose webhooks got 503.
-    """
-    interval = max(1, job_queue.settings.reconcile_interval)
-    while True:
-        try:
-            job_queue.request_reconcile()
-        except Exception as exc:  # Redis down: try again next tick
-            log.debug("reconcile tick skipped: %s", exc)
-        time.sleep(min(interval, 30) if interval > 30 else interval / 2)
+    state, message = check_connection(settings)
+    log.log(logging.INFO if state == "ok" else logging.WARNING, "%s", message)
+    return run_worker(settings, burst=burst)
 
 
 def retrain_now(settings: Settings, project_id: int) -> int:

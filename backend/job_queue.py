@@ -172,15 +172,6 @@ class JobQueue:
     def record_encode(self, project_id: int, result: dict) -> None:
         self.redis.set(key(project_id, "last_encode"), json.dumps(result))
 
-    def request_reconcile(self) -> str | None:
-        """Queue one reconcile job per interval, however many workers ask (NX key)."""
-        interval = max(1, int(self.settings.reconcile_interval))
-        if not self.redis.set(f"{PREFIX}:reconcile:tick", time.time(), nx=True, ex=interval):
-            return None
-        job = self.queue.enqueue("backend.jobs.reconcile", result_ttl=3600, failure_ttl=24 * 3600,
-                                 description="reconcile projects with Label Studio")
-        return job.id
-
     def _status(self, job_id: str):
         try:
             return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer).get_status()

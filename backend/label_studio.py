@@ -211,3 +211,36 @@ def with_retries(fn: Callable[[], Any], attempts: int = 4, first_delay: float = 
                 on_retry(attempt, exc)
             time.sleep(delay)
             delay *= 3
+
+
+PERSONAL_TOKEN_HINT = ("create a personal access token in Label Studio (Account & Settings > "
+                       "Personal Access Token) and start the backend with LABEL_STUDIO_API_KEY=<token>")
+
+
+def check_connection(settings: Settings, timeout: float = 5.0) -> tuple[str, str]:
+    """Ask Label Studio who the API key belongs to, once, without retries (for start-up).
+
+    Returns (state, message): state is "ok", "no-key", "rejected" or "unreachable"; the
+    message says in plain words what was found and what to do about it.
+    """
+    url = settings.label_studio_url
+    if not settings.label_studio_api_key:
+        return "no-key", (f"LABEL_STUDIO_API_KEY is not set, so retraining cannot read annotations from "
+                          f"Label Studio at {url}: {PERSONAL_TOKEN_HINT}")
+    from label_studio_sdk.client import LabelStudio
+
+    try:
+        user = LabelStudio(base_url=url, api_key=settings.label_studio_api_key, timeout=timeout).users.whoami()
+    except Exception as exc:  # the SDK raises httpx and ApiError types
+        status = getattr(exc, "status_code", None) or getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            return "rejected", (f"Label Studio at {url} rejected LABEL_STUDIO_API_KEY (HTTP {status}): the token "
+                                f"is wrong, expired or from another Label Studio; {PERSONAL_TOKEN_HINT}")
+        if status is None:
+            return "unreachable", (f"Label Studio is not reachable at LABEL_STUDIO_URL={url} "
+                                   f"({type(exc).__name__}). The backend runs anyway and retrains once Label "
+                                   f"Studio answers; check that URL from this machine (in docker compose it is "
+                                   f"http://label-studio:8080)")
+        return "unreachable", (f"Label Studio at {url} answered HTTP {status} to a check of the API key; the "
+                               f"backend runs anyway and retrains once Label Studio answers")
+    return "ok", f"Label Studio at {url} accepted the API key (user {_plain(user).get('email') or user.id})"
