@@ -102,7 +102,7 @@ def banner(settings: Settings, connection: tuple[str, str]) -> str:
     reach it, and whether Label Studio accepted the API key."""
     host = "localhost" if settings.host in LOOPBACK | {"0.0.0.0", "::"} else settings.host
     if settings.host in LOOPBACK:
-        reach = (f"Listening on {settings.host} only: Label Studio must run on this machine. For a Label "
+        reach = (f"Listening on {settings.host} only: only a Label Studio on this machine can connect. For a Label "
                  f"Studio on another machine or in a container, start with HOST=0.0.0.0 and use this "
                  f"machine's address instead of localhost.")
     elif settings.host in ("0.0.0.0", "::"):

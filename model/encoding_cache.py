@@ -12,12 +12,16 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 _CHUNK = 900  # stays under SQLite's limit on bound parameters per statement
+# Fresh vectors are written to the cache at least this often while encoding: a killed
+# process loses at most this much work, at the cost of one small transaction a second.
+FLUSH_SECONDS = 1.0
 
 
 def text_key(text: str) -> bytes:
@@ -127,18 +131,22 @@ def encode_with_cache(
         vectors = np.zeros((len(texts), width), dtype=np.float32)
     encoded_count = 0
     if missing:
-        # Encode each distinct missing text once, in chunks so progress and storage advance
-        # together and a crash mid-way keeps what was already encoded.
-        distinct = list(dict.fromkeys(texts[i] for i in missing))
+        # Each distinct missing text once, longest-first order across all of them so every
+        # encoder batch holds texts of similar length (little padding). Vectors go into the
+        # cache as they come, at least every FLUSH_SECONDS: a worker killed mid-way (a
+        # restart, a deploy) keeps what it had encoded, and the next run encodes the rest.
+        distinct = sorted(dict.fromkeys(texts[i] for i in missing), key=len, reverse=True)
         position = {t: j for j, t in enumerate(distinct)}
         encoded = np.zeros((len(distinct), width), dtype=np.float32)
-        step = max(encoder.batch_size * 16, 256)
-        for start in range(0, len(distinct), step):
-            part = distinct[start : start + step]
-            encoded[start : start + len(part)] = run(part)
-            cache.store(key, part, encoded[start : start + len(part)])
-            if progress is not None:
-                progress(start + len(part), len(distinct))
+        stored, last_store = 0, time.monotonic()
+        for start in range(0, len(distinct), encoder.batch_size):
+            end = min(start + encoder.batch_size, len(distinct))
+            encoded[start:end] = run(distinct[start:end])
+            if end == len(distinct) or time.monotonic() - last_store >= FLUSH_SECONDS:
+                cache.store(key, distinct[stored:end], encoded[stored:end])
+                stored, last_store = end, time.monotonic()
+                if progress is not None:
+                    progress(end, len(distinct))
         # Round through float16 so fresh and cached vectors are identical.
         encoded = encoded.astype(np.float16).astype(np.float32)
         for i in missing:

@@ -32,3 +32,60 @@ def test_batched_length_sorted_encoding_matches_one_at_a_time():
     batched = encoder.encode(texts)
     single = np.vstack([encoder.encode([t]) for t in texts])
     assert np.allclose(batched, single, atol=1e-4)
+
+
+# Encodes many texts into a cache, printing how many are stored after each store.
+_ENCODE_UNTIL_KILLED = """
+import sys
+from model.encoder import Encoder
+from model.encoding_cache import EncodingCache, encode_with_cache
+texts = [f"passenger review {i}: the flight from gate {i % 37} was " + "late " * (i % 9) for i in range({n})]
+encoder = Encoder("default", device="cpu", batch_size=8)
+print("loaded", flush=True)
+encode_with_cache(encoder, EncodingCache(sys.argv[1]), texts,
+                  progress=lambda done, total: print("stored", done, flush=True))
+print("finished", flush=True)
+"""
+
+
+def test_an_encoding_killed_midway_keeps_what_it_had_encoded(tmp_path):
+    """A worker SIGKILLed in the middle of encoding (a restart, a deploy): the vectors it had
+    made are in the cache, intact, and the next run encodes only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    n = 4000
+    path = tmp_path / "enc.sqlite3"
+    repo = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen(
+        [sys.executable, "-c", _ENCODE_UNTIL_KILLED.replace("{n}", str(n)), str(path)],
+        cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1"),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    reported = 0
+    for line in process.stdout:
+        if line.startswith("stored"):
+            reported = int(line.split()[1])
+            if reported >= 16:
+                break
+        assert not line.startswith("finished"), "encoded everything before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert reported > 0
+
+    texts = [f"passenger review {i}: the flight from gate {i % 37} was " + "late " * (i % 9) for i in range(n)]
+    encoder = Encoder("default", device="cpu", batch_size=8)
+    cache = EncodingCache(path)
+    kept = cache.count(encoder.id)
+    assert reported <= kept < n  # everything reported stored survived the kill
+    vectors, missing = cache.lookup(encoder.id, texts)
+    assert len(missing) == n - kept
+    cached = [i for i in range(n) if i not in set(missing)]
+    sample = cached[:: max(1, len(cached) // 12)][:12]
+    assert np.allclose(vectors[sample], encoder.encode([texts[i] for i in sample]), atol=2e-3)
+    # A rerun over cached and new texts encodes only the new ones.
+    again = [texts[i] for i in sample] + [texts[i] for i in missing[:5]]
+    _, encoded = encode_with_cache(encoder, cache, again)
+    assert encoded == 5
