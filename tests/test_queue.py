@@ -188,7 +188,7 @@ def test_an_idle_worker_stops_at_once_on_sigterm_and_logs_no_redis_errors(servic
     hit the client's socket timeout (an ERROR line every 30 s)."""
     import signal
 
-    services.env["RECONCILE_INTERVAL"] = "1"  # the ticker talks to Redis before RQ starts
+    services.env["RECONCILE_INTERVAL"] = "1"  # the reconcile schedule talks to Redis too
     worker = services.start_worker()
     time.sleep(35)  # longer than the 30 s socket timeout of our Redis clients
     assert worker.poll() is None, services.log_tail("worker.log")

@@ -211,3 +211,40 @@ def test_a_wrong_api_key_is_said_in_plain_words_at_start(tmp_path, label_studio)
     state, message = check_connection(Settings(label_studio_url=label_studio.url,
                                                label_studio_api_key=label_studio.api_key))
     assert state == "ok" and "accepted the API key" in message
+
+
+@pytest.mark.e2e
+def test_annotations_made_while_the_backend_was_down_are_trained_on_when_a_worker_starts(label_studio, services):
+    """The backend is stopped, people keep labeling (their webhooks are lost), the backend
+    starts again: the worker's reconcile at start retrains the project, long before the
+    periodic reconcile's interval."""
+    from label_studio_sdk.client import LabelStudio
+
+    from backend.model_store import version_number
+    from tests.support.ls_project import SnippetProject, wait_until_idle
+
+    services.env.update(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key,
+                        RECONCILE_INTERVAL="3600")
+    services.start_web()
+    worker = services.start_worker()
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.api_key)
+    project = SnippetProject(client, n_tasks=120, title="startup")
+    client.ml.create(url=services.url, project=project.id, title="ATL", is_interactive=False)
+    project.annotate_balanced(5)
+    project.wait_for_version(0, services)
+    first = wait_until_idle(services, project.id)["model_version"]  # every annotation so far in
+    assert first == project.model_version()
+
+    # Backend down: the web app and the worker stop; the annotations' webhooks find nobody.
+    assert _stop(worker) == 0
+    services.workers.clear()
+    services.stop_web()
+    project.annotate_balanced(3)
+
+    services.start_web()
+    services.start_worker()
+    second = project.wait_for_version(version_number(first), services, timeout=300)
+    final = wait_until_idle(services, project.id)
+    assert final["last"]["labeled"] == len(project.annotated)
+    assert final["model_version"] == second
+    assert "reconcile: annotations changed" in services.log_tail("worker.log", 200000)
