@@ -20,6 +20,7 @@ $(VENV)/.dev-installed: $(VENV)/.runtime-installed requirements-dev.txt requirem
 
 venv: $(VENV)/.runtime-installed
 
+# Listens on 127.0.0.1 only; `HOST=0.0.0.0 make serve` for a Label Studio on another machine.
 serve: $(VENV)/.runtime-installed
 	$(PY) -m backend serve
 
