@@ -97,8 +97,14 @@ class EncodeResult(_Result):
 
 
 def record(queue: JobQueue, project_id: int, result: RetrainResult | EncodeResult) -> dict:
-    """Write a job's result where /jobs and /metrics read it; returns it as the plain dict."""
+    """Write a job's result where /jobs and /metrics read it; returns it as the plain dict.
+
+    A superseded version is not written: the newer version that went live first is the
+    project's last result, and stays so.
+    """
     data = result.to_dict()
+    if result.status is Status.SUPERSEDED:
+        return data
     if isinstance(result, EncodeResult):
         queue.record_encode(project_id, data)
     else:

@@ -165,9 +165,7 @@ def finish_publish(project_id: int, version: str, slice_jobs: list[str], result:
                                "uploaded": sum(s.get("uploaded", 0) for s in slices)})
     if outcome.started_at:
         outcome.duration = round(outcome.finished_at - outcome.started_at, 3)
-    if status is Status.FINISHED:
-        # A superseded version leaves the project's last result alone: the newer one is it.
-        record(queue, project_id, outcome)
+    record(queue, project_id, outcome)  # a superseded one leaves the newer result in place
     queue.publish_finished(project_id, version)
     log.info("project=%s %s %s after %d upload jobs on %s", project_id, version, status,
              len(slice_jobs), ", ".join(workers) or "-")

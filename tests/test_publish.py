@@ -91,6 +91,9 @@ def test_record_writes_retrains_and_encodings_where_jobs_reads_them(services):
     assert status["last"] == {"status": "failed", "error": "boom"}
     assert status["last_encode"] == {"status": "encoding", "tasks": 4, "to_encode": 4, "encode_jobs": 1}
     assert (status["succeeded"], status["failed"]) == (1, 1)
+    # A superseded version leaves the newer version's result in place.
+    record(queue, 3, RetrainResult(Status.SUPERSEDED, model_version="v0000-x"))
+    assert queue.project_status(3)["last"] == {"status": "failed", "error": "boom"}
     # "publishing" is not an outcome yet: it is shown, and counted once its last job ends.
     record(queue, 3, RetrainResult(Status.PUBLISHING, model_version="v0002-x"))
     status = queue.project_status(3)
