@@ -9,7 +9,7 @@ from model.encoder import Encoder
 from model.encoding_cache import EncodingCache
 from model.orderings.least_confidence import least_confidence_score
 from model.queue_scores import LABELED_FLOOR
-from model.training import ControlLabels, OrderingChoice, ProjectExamples, train_and_score
+from model.training import ControlLabels, FineTuning, OrderingChoice, ProjectExamples, train_and_score
 
 CHOICES = ("Positive", "Negative")
 
@@ -88,6 +88,26 @@ def test_a_second_retrain_reads_the_cache_and_gives_the_same_scores(encoder, pro
     assert np.array_equal(first.scores, again.scores)
     assert np.array_equal(first.clusters, again.clusters)
     assert again.heads["sentiment"].predicted == first.heads["sentiment"].predicted
+
+
+def test_fine_tuning_gives_the_version_its_own_encoder(encoder, project, tmp_path):
+    """FINE_TUNE_LAYERS > 0: the top layer trains with the head, is saved where the caller
+    said, and every text is encoded again under the fine-tuned encoder's own cache id."""
+    examples, _ = project
+    small = ProjectExamples(examples.task_ids[:40], examples.texts[:40],
+                            {"sentiment": ControlLabels(CHOICES, examples.controls["sentiment"].labels[:40])})
+    cache = EncodingCache(tmp_path / "cache.sqlite3")
+    stages = []
+    trained = train_and_score(small, encoder, cache, OrderingChoice(batch_size=5),
+                              fine_tuning=FineTuning(1, tmp_path / "tuned"),
+                              progress=lambda stage, done, total: stages.append(stage))
+    assert trained.encoder_dir == tmp_path / "tuned" and (tmp_path / "tuned" / "config.json").is_file()
+    assert trained.encoder_id.startswith(encoder.id + "+ft-")
+    assert trained.encoded == len(set(small.texts)) and cache.count(trained.encoder_id) == trained.encoded
+    assert cache.count(encoder.id) == 0  # the base encoder never ran
+    assert set(trained.timings) == {"train", "encode_fine_tuned", "score"}
+    assert {"fine-tuning the encoder", "encoding with the fine-tuned encoder"} <= set(stages)
+    assert trained.heads["sentiment"].labeled == small.labeled > 0
 
 
 def test_project_examples_refuse_what_cannot_be_trained(encoder, tmp_path):
