@@ -98,3 +98,35 @@ def test_record_writes_retrains_and_encodings_where_jobs_reads_them(services):
     record(queue, 3, RetrainResult(Status.PUBLISHING, model_version="v0002-x"))
     status = queue.project_status(3)
     assert status["last"]["status"] == "publishing" and (status["succeeded"], status["failed"]) == (1, 1)
+
+
+def test_a_failed_slice_leaves_the_project_on_its_previous_version(services, monkeypatch):
+    """finish_publish after a fan-out whose slice job is gone (failed, expired): no switch,
+    the failure is the project's last result, counted once, and /jobs stops showing it as
+    publishing."""
+    from backend import jobs
+    from backend.model_store import ModelStore
+
+    monkeypatch.setenv("REDIS_URL", services.redis_url)
+    monkeypatch.setenv("DATA_DIR", str(services.data_dir))
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:9")  # any call to it would fail
+    settings = Settings.from_env()
+    queue = JobQueue(redis_connection(services.redis_url), settings)
+    store = ModelStore(settings.models_dir)
+    head = ClassifierHead(HeadConfig(labels=["a", "b"], input_dim=4))
+    live = store.stage(6, head, {"encoder": "e"})
+    store.activate(6, live)
+    staged = store.stage(6, head, {"encoder": "e"})
+    partial = RetrainResult(Status.PUBLISHING, model_version=staged, publish_jobs=1, job_id="retrain-6-a",
+                            started_at=1.0)
+    record(queue, 6, partial)
+    queue.redis.set("atl:project:6:publishing", json.dumps({"model_version": staged}))
+
+    with pytest.raises(RuntimeError, match="stays on its previous version"):
+        jobs.finish_publish(6, staged, ["publish-6-gone-1of1"], partial.to_dict())
+    assert store.current_version(6) == live
+    status = queue.project_status(6)
+    assert status["last"]["status"] == "failed" and "publish-6-gone-1of1 (missing)" in status["last"]["error"]
+    assert status["last"]["model_version"] == staged and status["last"]["job_id"] == "retrain-6-a"
+    assert (status["succeeded"], status["failed"]) == (0, 1)
+    assert status["publishing"] is None
