@@ -166,7 +166,10 @@ def train_and_score(
     `encoder` is a `model.encoder.Encoder`; `cache` keeps its vectors across retrains, so
     only texts never seen before are encoded. `centroids`: the k-means centroids of the
     project's previous scoring under this encoder, if any (see `queue_scores.cluster_ids`);
-    the ones used come back in `TrainingResult.centroids`.
+    the ones used come back in `TrainingResult.centroids` (with `fine_tuning` they are
+    ignored: the fine-tuned encoder's vectors live in another space). `fine_tuning` trains
+    the top encoder layers with the head and encodes every text again with them.
+    Raises ValueError when there is nothing to train on, or more than one control.
     """
     if len(examples.controls) != 1:
         raise ValueError(f"expected exactly one classification control, got {len(examples.controls)}: "
