@@ -242,7 +242,9 @@ class JobQueue:
                         slices: list[tuple[list[dict], list[dict]]], result: dict) -> list[str]:
         """Queue one upload job per slice of predictions, then `finish_publish`.
 
-        A slice is (predictions for the bulk import, predictions to create one by one).
+        A slice is (predictions for the bulk import, predictions to create one by one);
+        `result` is the retrain's result so far, which `finish_publish` completes (the caller
+        has recorded it as "publishing").
 
         The slice jobs carry their predictions (JSON) and need only Label Studio and Redis,
         so any worker on any machine can take one: more workers, more upload throughput.
@@ -252,7 +254,6 @@ class JobQueue:
         and each chunk inside a slice already retries on its own.
         """
         project_id = int(project_id)
-        self.record_result(project_id, dict(result, status="publishing"))
         jobs = []
         for number, (bulk, one_by_one) in enumerate(slices, 1):
             jobs.append(self.queue.enqueue(
@@ -279,9 +280,9 @@ class JobQueue:
     def fan_out_encode(self, project_id: int, encoder_id: str, slices: list[list[str]],
                        result: dict) -> list[str]:
         """Queue one `encode_slice` job per slice of texts, then `store_encodings` (which
-        depends on all of them, failures included) to put the vectors into the cache."""
+        depends on all of them, failures included) to put the vectors into the cache and
+        complete `result`, which the caller has recorded as "encoding"."""
         project_id = int(project_id)
-        self.record_encode(project_id, dict(result, status="encoding"))
         batch = uuid.uuid4().hex[:8]
         jobs = [
             self.queue.enqueue(

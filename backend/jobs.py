@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from dataclasses import replace
 from datetime import timezone
 
 import numpy as np
@@ -13,9 +14,11 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from backend.job_queue import JobQueue, redis_connection
-from backend.label_studio import LabelStudioError, LabelStudioProject, with_retries
+from backend.job_results import EncodeResult, RetrainResult, Status, record
+from backend.label_studio import LabelStudioError, LabelStudioProject
 from backend.ml_backend import ActiveLearningBackend, annotation_counts, get_encoder
-from backend.model_store import ModelStore, version_number
+from backend.model_store import ModelStore
+from backend.publish import switch_version
 from backend.settings import Settings
 from model.encoding_cache import EncodingCache, text_key
 
@@ -59,29 +62,33 @@ def retrain(project_id: int, reason: str = "") -> dict:
     connection = job.connection if job is not None else redis_connection(settings.redis_url)
     queue = JobQueue(connection, settings)
     started = time.time()
+
+    def fan_out(version: str, slices: list, partial: RetrainResult) -> None:
+        # Recorded before the slices are queued, so /jobs shows "publishing" at once and
+        # `finish_publish` (which may follow fast) overwrites it, never the other way round.
+        partial = replace(partial, job_id=job_id, started_at=started, queue_wait=_queue_wait(job, started))
+        record(queue, project_id, partial)
+        queue.fan_out_publish(project_id, version, slices, partial.to_dict())
+
     log.info("project=%s job=%s retrain started (%s)", project_id, job_id, reason)
     try:
         # Clears the waiting mark once the lock is held, before Label Studio is read.
         with queue.training_lock(project_id, job_id, still_waiting=True):
             result = ActiveLearningBackend(settings, project_id).fit(
-                reason, progress=_progress_reporter(job, project_id),
-                fan_out=lambda version, slices, partial: queue.fan_out_publish(
-                    project_id, version, slices,
-                    dict(partial, job_id=job_id, started_at=started,
-                         queue_wait=_queue_wait(job, started))),
-            )
+                reason, progress=_progress_reporter(job, project_id), fan_out=fan_out)
     except Exception as exc:
-        queue.record_result(project_id, {"status": "failed", "job_id": job_id, "error": str(exc),
-                                         "finished_at": time.time(), "duration": time.time() - started})
+        record(queue, project_id, RetrainResult(Status.FAILED, job_id=job_id, error=str(exc),
+                                                finished_at=time.time(),
+                                                duration=round(time.time() - started, 3)))
         log.error("project=%s job=%s retrain failed: %s", project_id, job_id, exc)
         raise
-    result.update(job_id=job_id, finished_at=time.time(), duration=round(time.time() - started, 3),
-                  queue_wait=_queue_wait(job, started))
-    if result["status"] != "publishing":  # a fan-out records its own state (JobQueue.fan_out_publish)
-        queue.record_result(project_id, result)
+    result = replace(result, job_id=job_id, finished_at=time.time(),
+                     duration=round(time.time() - started, 3), queue_wait=_queue_wait(job, started))
+    if result.status is not Status.PUBLISHING:  # a fan-out's last job records its outcome
+        record(queue, project_id, result)
     log.info("project=%s job=%s retrain %s version=%s in %.1fs", project_id, job_id,
-             result["status"], result.get("model_version"), result["duration"])
-    return result
+             result.status, result.model_version, result.duration)
+    return result.to_dict()
 
 
 def _slice_results(connection, job_ids: list[str], delete: bool = False) -> tuple[list, list[str]]:
@@ -127,8 +134,10 @@ def publish_slice(project_id: int, version: str, predictions: list[dict],
 def finish_publish(project_id: int, version: str, slice_jobs: list[str], result: dict) -> dict:
     """After every slice job of a fan-out: switch Label Studio and /predict to `version`.
 
-    Runs under the project's training lock, so it cannot interleave with a newer retrain's
-    own switch; a version older than the active one is not switched to ("superseded").
+    `result` is the retrain's result so far (status "publishing"). The switch runs under the
+    project's training lock, so it cannot interleave with a newer retrain's own switch; a
+    version older than the active one is not switched to ("superseded",
+    `backend.publish.switch_version`).
     """
     settings = Settings.from_env()
     job = get_current_job()
@@ -136,39 +145,31 @@ def finish_publish(project_id: int, version: str, slice_jobs: list[str], result:
     queue = JobQueue(connection, settings)
     store = ModelStore(settings.models_dir)
     job_id = job.id if job is not None else "inline"
+    partial = RetrainResult.from_dict(result)
     slices, failed = _slice_results(connection, slice_jobs)
     try:
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(slice_jobs)} prediction uploads of {version} "
                                f"failed; the project stays on its previous version: {', '.join(failed)}")
         with queue.training_lock(project_id, job_id):
-            current = store.current_version(project_id)
-            if current is not None and version_number(current) >= version_number(version):
-                status = "superseded"
-            else:
-                ls = LabelStudioProject(settings, project_id)
-                with_retries(lambda: ls.set_model_version(version))
-                store.activate(project_id, version)
-                status = "finished"
+            status = switch_version(LabelStudioProject(settings, project_id), store, version)
     except Exception as exc:
-        queue.record_result(project_id, dict(result, status="failed", error=str(exc),
-                                             finished_at=time.time()))
+        record(queue, project_id, replace(partial, status=Status.FAILED, error=str(exc),
+                                          finished_at=time.time()))
         queue.publish_finished(project_id, version)
         log.error("project=%s publishing %s failed: %s", project_id, version, exc)
         raise
     workers = sorted({s.get("worker") for s in slices if s and s.get("worker")})
-    result = dict(result, status=status, publish={"slices": len(slice_jobs), "workers": workers,
-                                                   "uploaded": sum(s.get("uploaded", 0) for s in slices)},
-                  finished_at=time.time())
-    if result.get("started_at"):
-        result["duration"] = round(result["finished_at"] - result["started_at"], 3)
-    if status == "finished":
-        # A superseded version leaves the project's last result alone: the newer one is it.
-        queue.record_result(project_id, result)
+    outcome = replace(partial, status=status, finished_at=time.time(),
+                      publish={"slices": len(slice_jobs), "workers": workers,
+                               "uploaded": sum(s.get("uploaded", 0) for s in slices)})
+    if outcome.started_at:
+        outcome.duration = round(outcome.finished_at - outcome.started_at, 3)
+    record(queue, project_id, outcome)  # a superseded one leaves the newer result in place
     queue.publish_finished(project_id, version)
     log.info("project=%s %s %s after %d upload jobs on %s", project_id, version, status,
              len(slice_jobs), ", ".join(workers) or "-")
-    return result
+    return outcome.to_dict()
 
 
 def encode_tasks(project_id: int) -> dict:
@@ -180,21 +181,25 @@ def encode_tasks(project_id: int) -> dict:
     job_id = job.id if job is not None else "inline"
     connection = job.connection if job is not None else redis_connection(settings.redis_url)
     queue = JobQueue(connection, settings)
+
+    def fan_out(encoder_id: str, slices: list[list[str]], partial: EncodeResult) -> None:
+        partial = replace(partial, job_id=job_id, started_at=time.time())
+        record(queue, project_id, partial)
+        queue.fan_out_encode(project_id, encoder_id, slices, partial.to_dict())
+
     queue.mark_encode_started(project_id)
     with queue.training_lock(project_id, job_id):  # the task copy has one writer at a time
         result = ActiveLearningBackend(settings, project_id).encode_new_tasks(
-            progress=_progress_reporter(job, project_id),
-            fan_out=lambda encoder_id, slices, partial: queue.fan_out_encode(
-                project_id, encoder_id, slices, dict(partial, job_id=job_id, started_at=time.time())))
-    result.update(job_id=job_id, finished_at=time.time())
-    if result["status"] == "encoding":
+            progress=_progress_reporter(job, project_id), fan_out=fan_out)
+    result = replace(result, job_id=job_id, finished_at=time.time())
+    if result.status is Status.ENCODING:  # `store_encodings` records the outcome
         log.info("project=%s job=%s handed %d texts to %d encoding jobs", project_id, job_id,
-                 result["to_encode"], result["encode_jobs"])
-        return result
-    queue.record_encode(project_id, result)
+                 result.to_encode, result.encode_jobs)
+        return result.to_dict()
+    record(queue, project_id, result)
     log.info("project=%s job=%s encoded %d new of %d tasks in %.1fs", project_id, job_id,
-             result["encoded"], result["tasks"], result["duration"])
-    return result
+             result.encoded, result.tasks, result.duration)
+    return result.to_dict()
 
 
 def encode_slice(project_id: int, encoder_id: str, texts: list[str]) -> dict:
@@ -235,16 +240,18 @@ def store_encodings(project_id: int, encoder_id: str, slice_jobs: list[str], res
         cache.store_keys(encoder_id, [keys[i * 16:(i + 1) * 16] for i in range(part["count"])], vectors)
         stored += part["count"]
     workers = sorted({part["worker"] for part in slices if part.get("worker")})
+    partial = EncodeResult.from_dict(result)
     now = time.time()
-    result = dict(result, status="failed" if failed else "finished", encoded=stored, workers=workers,
-                  finished_at=now, duration=round(now - result.get("started_at", now), 3))
-    if failed:
-        # What was encoded is kept; the retrain encodes the rest itself.
-        result["error"] = f"{len(failed)} of {len(slice_jobs)} encoding jobs failed: {', '.join(failed)}"
-    queue.record_encode(project_id, result)
+    outcome = replace(partial, status=Status.FAILED if failed else Status.FINISHED, encoded=stored,
+                      workers=workers, finished_at=now,
+                      duration=round(now - (partial.started_at or now), 3),
+                      # What was encoded is kept; the retrain encodes the rest itself.
+                      error=f"{len(failed)} of {len(slice_jobs)} encoding jobs failed: {', '.join(failed)}"
+                      if failed else None)
+    record(queue, project_id, outcome)
     log.info("project=%s stored %d encodings from %d jobs on %s%s", project_id, stored, len(slice_jobs),
-             ", ".join(workers) or "-", f"; {result['error']}" if failed else "")
-    return result
+             ", ".join(workers) or "-", f"; {outcome.error}" if failed else "")
+    return outcome.to_dict()
 
 
 def reconcile() -> dict:

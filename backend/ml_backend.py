@@ -2,9 +2,11 @@
 
 This keeps the shape of label-studio-ml-backend's `LabelStudioMLBase`, so a Label Studio
 user finds the familiar two methods: `/predict` calls `predict`, a retraining job calls
-`fit`. `fit` reads the truth from Label Studio (the webhook body is only a hint), trains a
-new head on cached encodings, scores every task, publishes a new model version and pushes
-the scores back so the queue sorted by prediction score shows the most useful task first.
+`fit`. `fit` reads top to bottom along the data flow: read the truth from Label Studio (the
+webhook body is only a hint), train and score on the model side
+(`model.training.train_and_score`: a new head on cached encodings, a score for every
+task), stage a new model version, and publish it (`backend.publish`), so the queue sorted
+by prediction score shows the most useful task first.
 
 Score convention: **lower = label sooner** (Label Studio serves ascending scores first).
 With the plain ordering the score is the classifier's confidence in its predicted class.
@@ -19,17 +21,26 @@ from typing import Callable
 
 import numpy as np
 
+from backend.job_results import EncodeResult, RetrainResult, Status
 from backend.label_config import LabelConfig, parse_label_config
 from backend.label_studio import LabelStudioProject, retry_logger, with_retries
 from backend.model_store import LoadedModel, ModelStore
+from backend.publish import predictions_for, publish_inline
 from backend.settings import Settings
 from backend.task_store import TaskStore
 from backend.training_data import project_data, task_text
-from model.classifier import ClassifierHead, HeadConfig
 from model.encoding_cache import EncodingCache, encode_with_cache
 from model.orderings import get_ordering
-from model.orderings.base import jsonable
-from model.queue_scores import queue_scores
+from model.training import (
+    ControlLabels,
+    FineTuning,
+    Laps,
+    OrderingChoice,
+    Progress,
+    ProjectExamples,
+    no_progress,
+    train_and_score,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +48,8 @@ UNTRAINED = "untrained"
 # Texts per encoding job when a large import fans out: small enough that the vectors a job
 # hands back through Redis stay around 1 MB (float16, 384 dims).
 ENCODE_SLICE = 2000
-Progress = Callable[[str, int, int], None]
+# fan_out(version, slices, result) of `fit`: queue the slices' uploads and the switch.
+FanOut = Callable[[str, list[tuple[list[dict], list[dict]]], RetrainResult], None]
 
 _encoders: dict[tuple, object] = {}
 _encoders_lock = threading.Lock()
@@ -119,139 +131,91 @@ class ActiveLearningBackend:
         }
 
     # -- retraining --------------------------------------------------------------------
-    def fit(self, event: str, data: dict | None = None, progress: Progress | None = None,
-            fan_out: Callable[[str, list[tuple[list[dict], list[dict]]], dict], None] | None = None
-            ) -> dict:
+    def fit(self, event: str, data: dict | None = None, progress: Progress = no_progress,
+            fan_out: FanOut | None = None) -> RetrainResult:
         """Retrain from Label Studio's current annotations and publish a new version.
 
+        Along the data flow: read the project from Label Studio; train and score on the
+        model side (`model.training.train_and_score`); stage the new version; publish it.
         `fan_out(version, slices, result)`, if given, takes over publishing when the project
         has more than FANOUT_TASKS tasks: the caller queues one upload job per slice and a
         job that switches the version afterwards (`backend.jobs`); `fit` then returns with
         status "publishing" and leaves the new version staged, not yet active.
         """
-        progress = progress or (lambda stage, done, total: None)
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[name] = round(now - clock, 3)
-            clock = now
-
-        ls, project, config, data_, sync = self._read_project(progress)
-        labeled = data_.labeled_index
-        tasks = data_.task_ids
-        lap("read_label_studio")
-        if not labeled:
-            return {"status": "skipped", "reason": "the project has no usable annotations yet",
-                    "tasks": len(tasks), "timings": timings}
-
-        encoder = get_encoder(self.settings)
-        labels = list(config.choices)
-        y = np.array([labels.index(data_.labels[i]) for i in labeled])
-        encoder_dir = None
-        if self.settings.fine_tune_layers > 0:
-            encoder, head, encoder_dir = self._fine_tune(encoder, data_, labeled, y, labels, progress)
-            lap("train")
-            features, encoded = encode_with_cache(
-                encoder, self.cache, data_.texts,
-                progress=lambda done, total: progress("encoding with the fine-tuned encoder", done, total),
-            )
-            lap("encode_fine_tuned")
-        else:
-            progress("encoding", 0, len(data_.texts))
-            features, encoded = encode_with_cache(
-                encoder, self.cache, data_.texts,
-                progress=lambda done, total: progress("encoding", done, total),
-            )
-            lap("encode")
-            progress("training", 0, len(labeled))
-            head = ClassifierHead(HeadConfig(labels=labels, input_dim=features.shape[1]),
-                                  device=encoder.device).fit(features[labeled], y)
-            lap("train")
-
-        progress("scoring", 0, len(tasks))
-        retry_log = self._retry_log
+        laps = Laps()
+        # 1. Read Label Studio: label config, tasks and annotations, the ordering to use.
+        ls, project, config, tasks, sync = self._read_project(progress)
         choice = self._ordering_choice(ls)
-        all_layers = None
-        if get_ordering(choice["ordering"]).needs_all_layers:
-            progress("encoding all layers", 0, len(tasks))
-            all_layers, _ = encode_with_cache(
-                encoder, self.cache, data_.texts, all_layers=True,
-                progress=lambda done, total: progress("encoding all layers", done, total))
-        label_index = [labels.index(label) if label is not None else None for label in data_.labels]
-        centroids = self.store.read_centroids(self.project_id, encoder.id)
-        queue = queue_scores(features, label_index, head, ordering=choice["ordering"],
-                             batch_size=choice["batch_size"], params=choice["params"],
-                             all_layers=all_layers, centroids=centroids)
-        if queue.centroids is not None and queue.centroids is not centroids:
-            self.store.write_centroids(self.project_id, encoder.id, queue.centroids)
-        predicted = queue.predicted
-        training_accuracy = float((predicted[labeled] == y).mean())
-        lap("score")
+        examples = ProjectExamples(tasks.task_ids, tasks.texts,
+                                   {config.from_name: ControlLabels(config.choices, tasks.labels)})
+        laps.lap("read_label_studio")
+        if not examples.labeled:
+            return RetrainResult(Status.SKIPPED, reason="the project has no usable annotations yet",
+                                 tasks=len(examples.task_ids), timings=laps.timings)
 
+        # 2. The model: encode (cached), train the head, score every task for the queue.
+        encoder = get_encoder(self.settings)
+        centroids = self.store.read_centroids(self.project_id, encoder.id)
+        trained = train_and_score(
+            examples, encoder, self.cache,
+            OrderingChoice(choice["ordering"], choice["batch_size"], choice["params"]),
+            fine_tuning=self._fine_tuning(), centroids=centroids, progress=progress)
+        laps.include(trained.timings)
+        head = trained.heads[config.from_name]
+
+        # 3. Stage the new version: complete on disk, not served yet.
+        if trained.centroids is not None and trained.centroids is not centroids:
+            self.store.write_centroids(self.project_id, trained.encoder_id, trained.centroids)
         meta = {
             "annotation_counts": annotation_counts(project),
             "label_config": config.to_dict(),
-            "encoder": encoder.id,
+            "encoder": trained.encoder_id,
             "fine_tune_layers": self.settings.fine_tune_layers,
             "ordering": choice,
-            "ordering_info": jsonable(queue.info),
-            "labeled": len(labeled),
-            "tasks": len(tasks),
-            "label_counts": {label: int((y == i).sum()) for i, label in enumerate(labels)},
-            "training_accuracy": training_accuracy,
-            "mislabeled": int((queue.mislabeling > 0).sum()),
+            "ordering_info": trained.ordering_info,
+            "labeled": head.labeled,
+            "tasks": len(examples.task_ids),
+            "label_counts": head.label_counts,
+            "training_accuracy": head.training_accuracy,
+            "mislabeled": trained.mislabeled,
             "event": event,
         }
-        version = self.store.stage(self.project_id, head, meta, encoder_dir=encoder_dir)
-        lap("stage")
+        version = self.store.stage(self.project_id, head.head, meta, encoder_dir=trained.encoder_dir)
+        laps.lap("stage")
+        result = RetrainResult(
+            Status.FINISHED, model_version=version, tasks=len(examples.task_ids), labeled=head.labeled,
+            encoded=trained.encoded, sync=sync, training_accuracy=head.training_accuracy,
+            ordering=choice, mislabeled=trained.mislabeled, timings=laps.timings)
 
-        predictions = [
-            {
-                "task": task_id,
-                "result": config.result_for(labels[int(predicted[i])]),
-                "score": float(queue.scores[i]),
-                "model_version": version,
-                "cluster": int(queue.clusters[i]),
-                "mislabeling": float(queue.mislabeling[i]),
-            }
-            for i, task_id in enumerate(data_.task_ids)
-        ]
-        disputed = [p for p in predictions if p["mislabeling"] > 0]
-        # The bulk import keeps only these four fields (Label Studio 1.23).
-        bulk = [{k: p[k] for k in ("task", "result", "score", "model_version")}
-                for p in predictions if p["mislabeling"] == 0]
-        result = {
-            "status": "finished",
-            "model_version": version,
-            "tasks": len(tasks),
-            "labeled": len(labeled),
-            "encoded": encoded,
-            "sync": sync,
-            "training_accuracy": training_accuracy,
-            "ordering": choice,
-            "mislabeled": meta["mislabeled"],
-            "timings": timings,
-        }
+        # 4. Publish: predictions into Label Studio, then the switch to the new version.
+        predictions = predictions_for(config, trained, version)
         limit = self.settings.fanout_tasks
-        if fan_out is not None and limit > 0 and len(predictions) > limit:
+        if fan_out is not None and 0 < limit < len(predictions):
             # A pool too large for one worker: each slice (bulk predictions, and a share of
             # the disputed ones sent one by one) is uploaded by its own RQ job, on whichever
             # workers are free; a last job switches the version once all are in.
-            parts = -(-len(predictions) // limit)
-            slices = [(bulk[i::parts], disputed[i::parts]) for i in range(parts)]
-            result.update(status="publishing", publish_jobs=len(slices))
+            slices = predictions.slices(limit)
+            result.status, result.publish_jobs = Status.PUBLISHING, len(slices)
             fan_out(version, slices, result)
             return result
-        ls.publish_predictions(
-            bulk, disputed, self.settings.prediction_chunk,
+        result.status = publish_inline(
+            ls, self.store, version, predictions, self.settings.prediction_chunk,
             progress=lambda done, total: progress("uploading predictions", done, total))
-        with_retries(lambda: ls.set_model_version(version), on_retry=retry_log)
-        self.store.activate(self.project_id, version)
-        lap("publish")
+        laps.lap("publish")
         return result
+
+    def _fine_tuning(self) -> FineTuning | None:
+        """Where a fine-tuned encoder goes (FINE_TUNE_LAYERS > 0): a temporary directory in the
+        project's model directory, which `ModelStore.stage` moves into the version."""
+        if self.settings.fine_tune_layers <= 0:
+            return None
+        import tempfile
+        from pathlib import Path
+
+        project_dir = self.store.project_dir(self.project_id)
+        project_dir.mkdir(parents=True, exist_ok=True)
+        return FineTuning(self.settings.fine_tune_layers,
+                          Path(tempfile.mkdtemp(prefix=".finetune-", dir=project_dir)))
 
     def _read_project(self, progress: Progress):
         """Label config and tasks from Label Studio (tasks through the local incremental copy)."""
@@ -300,8 +264,9 @@ class ActiveLearningBackend:
     def _retry_log(self) -> Callable[[int, Exception], None]:
         return retry_logger(self.project_id)
 
-    def encode_new_tasks(self, progress: Progress | None = None,
-                         fan_out: Callable[[str, list[list[str]], dict], None] | None = None) -> dict:
+    def encode_new_tasks(self, progress: Progress = no_progress,
+                         fan_out: Callable[[str, list[list[str]], EncodeResult], None] | None = None
+                         ) -> EncodeResult:
         """Encode tasks nobody labeled yet (TASKS_CREATED), so the next retrain finds them cached.
 
         With `fan_out(encoder_id, slices, result)` and more than FANOUT_TASKS texts to
@@ -309,46 +274,28 @@ class ActiveLearningBackend:
         to whichever workers are free (`backend.jobs.encode_slice`); the result then has
         status "encoding".
         """
-        progress = progress or (lambda stage, done, total: None)
         started = time.perf_counter()
-        _, _, _, data_, sync = self._read_project(progress)
+        _, _, _, tasks, sync = self._read_project(progress)
         encoder = get_encoder(self.settings)
         limit = self.settings.fanout_tasks
         # Only a project with more texts than the limit can have more to encode: smaller ones
         # skip this lookup, which encode_with_cache below makes again.
-        if fan_out is not None and 0 < limit < len(data_.texts):
-            _, missing = self.cache.lookup(encoder.id, data_.texts)
-            distinct = list(dict.fromkeys(data_.texts[i] for i in missing))
+        if fan_out is not None and 0 < limit < len(tasks.texts):
+            _, missing = self.cache.lookup(encoder.id, tasks.texts)
+            distinct = list(dict.fromkeys(tasks.texts[i] for i in missing))
             if len(distinct) > limit:
                 size = min(limit, ENCODE_SLICE)
                 slices = [distinct[i:i + size] for i in range(0, len(distinct), size)]
-                result = {"status": "encoding", "tasks": len(data_.texts), "to_encode": len(distinct),
-                          "encode_jobs": len(slices), "sync": sync, "encoder": encoder.id}
+                result = EncodeResult(Status.ENCODING, tasks=len(tasks.texts), to_encode=len(distinct),
+                                      encode_jobs=len(slices), sync=sync, encoder=encoder.id)
                 fan_out(encoder.id, slices, result)
-                return dict(result, duration=round(time.perf_counter() - started, 3))
-        progress("encoding", 0, len(data_.texts))
-        _, encoded = encode_with_cache(encoder, self.cache, data_.texts,
+                result.duration = round(time.perf_counter() - started, 3)
+                return result
+        progress("encoding", 0, len(tasks.texts))
+        _, encoded = encode_with_cache(encoder, self.cache, tasks.texts,
                                        progress=lambda done, total: progress("encoding", done, total))
-        return {"status": "finished", "tasks": len(data_.texts), "encoded": encoded, "sync": sync,
-                "duration": round(time.perf_counter() - started, 3)}
-
-    def _fine_tune(self, encoder, data_, labeled, y, labels, progress):
-        import tempfile
-        import uuid
-        from pathlib import Path
-
-        from model.finetune import fine_tune
-
-        project_dir = self.store.project_dir(self.project_id)
-        project_dir.mkdir(parents=True, exist_ok=True)
-        out_dir = Path(tempfile.mkdtemp(prefix=".finetune-", dir=project_dir))
-        tuned, head = fine_tune(
-            encoder, [data_.texts[i] for i in labeled], y, labels,
-            top_layers=self.settings.fine_tune_layers, out_dir=out_dir,
-            cache_id=f"{encoder.id}+ft-{uuid.uuid4().hex[:12]}",
-            progress=lambda done, total: progress("fine-tuning the encoder", done, total),
-        )
-        return tuned, head, out_dir
+        return EncodeResult(Status.FINISHED, tasks=len(tasks.texts), encoded=encoded, sync=sync,
+                            duration=round(time.perf_counter() - started, 3))
 
 
 def annotation_counts(project: dict) -> dict:

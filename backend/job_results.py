@@ -1,0 +1,112 @@
+"""What a retrain or an encoding job reports: typed here, written for /jobs in one place.
+
+`GET /jobs/<project>` shows a project's last retrain under `last` and its last encoding of
+new tasks under `last_encode` (README, "Large projects"). Both are built as the dataclasses
+below and written by `record`; RQ jobs return the same dict (`to_dict`), since RQ stores
+return values as JSON. A field that does not apply to a result (None) is left out of the
+dict, so each outcome shows the keys it has always shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from backend.job_queue import JobQueue
+
+
+class Status(StrEnum):
+    """How a job ended (or where it stands, while slice jobs run)."""
+
+    FINISHED = "finished"  # the new version is live (retrain), the texts are cached (encoding)
+    SKIPPED = "skipped"  # nothing to train on yet
+    FAILED = "failed"  # see `error`; the project keeps its previous version
+    PUBLISHING = "publishing"  # staged; slice jobs upload its predictions (fan-out)
+    SUPERSEDED = "superseded"  # a newer version went live first; this one never will
+    ENCODING = "encoding"  # slice jobs encode the texts (fan-out)
+
+
+class _Result:
+    in_flight: ClassVar[Status]  # the status of a result handed on to the job that finishes it
+
+    def to_dict(self) -> dict:
+        """The JSON object /jobs shows and the RQ job returns; fields that are None are left out."""
+        return {f.name: value.value if isinstance(value, Status) else value
+                for f in dataclasses.fields(self)
+                if (value := getattr(self, f.name)) is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """A result handed from one job to the next as JSON (fan-out). Unknown keys are
+        ignored, so a job queued by an older version of the backend still finishes."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["status"] = Status(values.get("status") or cls.in_flight)
+        return cls(**values)
+
+
+@dataclass
+class RetrainResult(_Result):
+    """A retrain (`backend.jobs.retrain`, finished by `finish_publish` after a fan-out)."""
+
+    in_flight: ClassVar[Status] = Status.PUBLISHING
+
+    status: Status
+    model_version: str | None = None
+    reason: str | None = None  # why it was skipped
+    error: str | None = None  # why it failed, in words a user can act on
+    tasks: int | None = None
+    labeled: int | None = None
+    encoded: int | None = None  # texts that had to be encoded
+    sync: dict | None = None  # how the task copy was brought up to date (backend.task_store)
+    training_accuracy: float | None = None
+    ordering: dict | None = None  # the ordering choice and where it came from
+    mislabeled: int | None = None
+    timings: dict | None = None  # seconds per stage
+    publish_jobs: int | None = None  # slice jobs queued for the upload (fan-out)
+    publish: dict | None = None  # after a fan-out: slices, workers, uploaded
+    job_id: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    duration: float | None = None
+    queue_wait: float | None = None  # seconds between the webhook and the job's start
+
+
+@dataclass
+class EncodeResult(_Result):
+    """Encoding a project's new tasks (`backend.jobs.encode_tasks`, `store_encodings`)."""
+
+    in_flight: ClassVar[Status] = Status.ENCODING
+
+    status: Status
+    error: str | None = None
+    tasks: int | None = None
+    to_encode: int | None = None  # distinct texts handed to slice jobs (fan-out)
+    encode_jobs: int | None = None
+    encoded: int | None = None
+    sync: dict | None = None
+    encoder: str | None = None
+    workers: list[str] | None = None  # after a fan-out: the workers that encoded
+    job_id: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    duration: float | None = None
+
+
+def record(queue: JobQueue, project_id: int, result: RetrainResult | EncodeResult) -> dict:
+    """Write a job's result where /jobs and /metrics read it; returns it as the plain dict.
+
+    A superseded version is not written: the newer version that went live first is the
+    project's last result, and stays so.
+    """
+    data = result.to_dict()
+    if result.status is Status.SUPERSEDED:
+        return data
+    if isinstance(result, EncodeResult):
+        queue.record_encode(project_id, data)
+    else:
+        queue.record_result(project_id, data)
+    return data

@@ -1,0 +1,135 @@
+"""The model side of a retrain (`model.training.train_and_score`) on its own: a real encoder,
+a real encoding cache on disk, no Label Studio, Redis or web app."""
+
+import numpy as np
+import pytest
+
+from model.datasets import airline_tweets
+from model.encoder import Encoder
+from model.encoding_cache import EncodingCache
+from model.orderings.least_confidence import least_confidence_score
+from model.queue_scores import LABELED_FLOOR
+from model.training import ControlLabels, FineTuning, OrderingChoice, ProjectExamples, train_and_score
+
+CHOICES = ("Positive", "Negative")
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder("default", device="cpu", batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def project():
+    """200 airline tweets, 100 of each class in a shuffled order; 40 of each labeled."""
+    tweets = airline_tweets()
+    rng = np.random.default_rng(0)
+    all_labels = np.array(tweets.labels)
+    picked = rng.permutation(np.concatenate(
+        [rng.choice(np.flatnonzero(all_labels == c), 100, replace=False) for c in CHOICES]))
+    texts, truth = [tweets.texts[i] for i in picked], [tweets.labels[i] for i in picked]
+    labels, seen = [], {label: 0 for label in CHOICES}
+    for label in truth:
+        keep = seen[label] < 40
+        seen[label] += keep
+        labels.append(label if keep else None)
+    examples = ProjectExamples(task_ids=list(range(1001, 1201)), texts=texts,
+                               controls={"sentiment": ControlLabels(CHOICES, labels)})
+    return examples, truth
+
+
+def test_one_head_per_control_scores_every_task_for_the_queue(encoder, project, tmp_path):
+    examples, truth = project
+    stages = []
+    trained = train_and_score(
+        examples, encoder, EncodingCache(tmp_path / "cache.sqlite3"),
+        OrderingChoice("least_confidence", batch_size=10, params={"class_guard": False}),
+        progress=lambda stage, done, total: stages.append(stage))
+
+    assert list(trained.heads) == ["sentiment"]
+    head = trained.heads["sentiment"]
+    assert head.head.labels == list(CHOICES)
+    assert head.labeled == 80 and head.label_counts == {"Positive": 40, "Negative": 40}
+    assert head.training_accuracy >= 0.9
+    assert trained.task_ids == examples.task_ids
+    assert trained.encoded == len(set(examples.texts)) and trained.encoder_id == encoder.id
+    assert set(trained.timings) == {"encode", "train", "score"}
+    assert {"encoding", "training", "scoring"} <= set(stages)
+
+    labels = examples.controls["sentiment"].labels
+    labeled = np.array([label is not None for label in labels])
+    # The head learned the task: well above chance (half of them are positive) on the 120
+    # tasks nobody labeled.
+    hits = [p == t for p, t, known in zip(head.predicted, truth, labeled) if not known]
+    assert np.mean(hits) > 0.7, np.mean(hits)
+
+    scores = trained.scores
+    assert scores.shape == (200,) and ((scores >= 0) & (scores <= 1)).all()
+    # Every unlabeled task comes before every labeled one ...
+    assert scores[~labeled].max() < LABELED_FLOOR <= scores[labeled].min()
+    # ... and among them, least confident first.
+    confidence = least_confidence_score(head.head.predict_proba(
+        _features(encoder, examples.texts)[~labeled]))
+    in_queue_order = confidence[np.argsort(scores[~labeled])]
+    assert (np.diff(in_queue_order) >= -1e-3).all(), in_queue_order
+    assert trained.clusters.shape == (200,)
+    # Only labeled tasks can have a disputed label.
+    assert (trained.mislabeling[~labeled] == 0).all() and (trained.mislabeling >= 0).all()
+    assert trained.mislabeled == int((trained.mislabeling > 0).sum())
+
+
+def test_a_second_retrain_reads_the_cache_and_gives_the_same_scores(encoder, project, tmp_path):
+    examples, _ = project
+    cache = EncodingCache(tmp_path / "cache.sqlite3")
+    choice = OrderingChoice("margin", batch_size=10)
+    first = train_and_score(examples, encoder, cache, choice)
+    again = train_and_score(examples, encoder, cache, choice, centroids=first.centroids)
+    assert first.encoded == len(set(examples.texts)) and again.encoded == 0
+    assert np.array_equal(first.scores, again.scores)
+    assert np.array_equal(first.clusters, again.clusters)
+    assert again.heads["sentiment"].predicted == first.heads["sentiment"].predicted
+
+
+def test_fine_tuning_gives_the_version_its_own_encoder(encoder, project, tmp_path):
+    """FINE_TUNE_LAYERS > 0: the top layer trains with the head, is saved where the caller
+    said, and every text is encoded again under the fine-tuned encoder's own cache id."""
+    examples, _ = project
+    small = ProjectExamples(examples.task_ids[:40], examples.texts[:40],
+                            {"sentiment": ControlLabels(CHOICES, examples.controls["sentiment"].labels[:40])})
+    cache = EncodingCache(tmp_path / "cache.sqlite3")
+    stages = []
+    trained = train_and_score(small, encoder, cache, OrderingChoice(batch_size=5),
+                              fine_tuning=FineTuning(1, tmp_path / "tuned"),
+                              progress=lambda stage, done, total: stages.append(stage))
+    assert trained.encoder_dir == tmp_path / "tuned" and (tmp_path / "tuned" / "config.json").is_file()
+    assert trained.encoder_id.startswith(encoder.id + "+ft-")
+    assert trained.encoded == len(set(small.texts)) and cache.count(trained.encoder_id) == trained.encoded
+    assert cache.count(encoder.id) == 0  # the base encoder never ran
+    assert set(trained.timings) == {"train", "encode_fine_tuned", "score"}
+    assert {"fine-tuning the encoder", "encoding with the fine-tuned encoder"} <= set(stages)
+    assert trained.heads["sentiment"].labeled == small.labeled > 0
+
+
+def test_project_examples_refuse_what_cannot_be_trained(encoder, tmp_path):
+    with pytest.raises(ValueError, match="not among the control's choices"):
+        ControlLabels(CHOICES, ["Positive", "Neutral"])
+    with pytest.raises(ValueError, match="2 task ids but 1 texts"):
+        ProjectExamples([1, 2], ["a"], {"sentiment": ControlLabels(CHOICES, [None, None])})
+    with pytest.raises(ValueError, match="has 1 labels for 2 tasks"):
+        ProjectExamples([1, 2], ["a", "b"], {"sentiment": ControlLabels(CHOICES, ["Positive"])})
+
+    cache = EncodingCache(tmp_path / "cache.sqlite3")
+    unlabeled = ProjectExamples([1, 2], ["a", "b"], {"sentiment": ControlLabels(CHOICES, [None, None])})
+    assert unlabeled.labeled == 0
+    with pytest.raises(ValueError, match="nothing to train on"):
+        train_and_score(unlabeled, encoder, cache, OrderingChoice())
+    two = ProjectExamples([1], ["a"], {"sentiment": ControlLabels(CHOICES, ["Positive"]),
+                                       "topic": ControlLabels(("film", "music"), [None])})
+    assert two.labeled == 1
+    with pytest.raises(ValueError, match="exactly one classification control"):
+        train_and_score(two, encoder, cache, OrderingChoice())
+
+
+def _features(encoder, texts):
+    # The cache rounds vectors through float16; so does this, to see what the head saw.
+    return encoder.encode(texts).astype(np.float16).astype(np.float32)
