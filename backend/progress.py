@@ -1,0 +1,110 @@
+"""What a model version keeps for the project page and the next version's stopping signals.
+
+Two small JSON files beside a version's meta.json, written by the retrain after
+`ModelStore.stage` and before `activate` (so they are in place when the version goes live):
+
+* ``queue_preview.json`` (`write_queue_preview`): the next tasks of the queue (the lowest
+  scores) with their score, predicted label and the start of their text, and how many
+  unlabeled tasks the version predicts per label (the page's "label mix").
+* ``stop_set.json`` (`write_stop_set`): the version's predictions on the stop set
+  (`model.stopping.stop_set_predictions`), which the next retrain compares its own with.
+
+The stopping signals themselves are small and live in meta.json under "stopping"
+(`model.stopping.stopping_signals`). Every reader here answers None for a file that is
+missing or unreadable (versions trained before it existed): the page then says "not
+computed yet".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from backend.model_store import ModelStore
+
+QUEUE_PREVIEW_FILE = "queue_preview.json"
+STOP_SET_FILE = "stop_set.json"
+PREVIEW_SIZE = 20
+TEXT_CHARS = 140  # enough to recognise a task on the page
+
+
+def write_queue_preview(store: ModelStore, project_id: int, version: str, task_ids: Sequence[int],
+                        scores: Sequence[float], labels: Sequence[str],
+                        texts: Sequence[str] | None = None, size: int = PREVIEW_SIZE) -> dict:
+    """Keep the `size` lowest-scored tasks and the predicted label mix of a version.
+
+    `task_ids`, `scores` (queue score, lower = label sooner), `labels` (the predicted label)
+    and optionally `texts` are per **unlabeled** task of the project, in any order. Returns
+    what was written.
+    """
+    n = len(task_ids)
+    if len(scores) != n or len(labels) != n or (texts is not None and len(texts) != n):
+        raise ValueError(f"write_queue_preview needs one score, label (and text) per task: "
+                         f"{n} tasks, {len(scores)} scores, {len(labels)} labels")
+    order = np.argsort(np.asarray(scores, dtype=np.float64), kind="stable")[:size]
+    preview = {
+        "model_version": version,
+        "pool": n,
+        "next": [{"task_id": int(task_ids[i]), "score": float(scores[i]), "predicted": str(labels[i]),
+                  **({"text": _snippet(texts[i])} if texts is not None else {})}
+                 for i in order],
+        "predicted_counts": dict(Counter(str(label) for label in labels)),
+    }
+    _write_json(store, project_id, version, QUEUE_PREVIEW_FILE, preview)
+    return preview
+
+
+def read_queue_preview(store: ModelStore, project_id: int, version: str | None) -> dict | None:
+    """A version's queue preview, or None when it has none."""
+    return _read_json(store, project_id, version, QUEUE_PREVIEW_FILE)
+
+
+def write_stop_set(store: ModelStore, project_id: int, version: str, predictions: dict) -> None:
+    """Keep a version's stop-set predictions (`model.stopping.stop_set_predictions`)."""
+    if set(predictions) != {"task_ids", "predicted"}:
+        raise ValueError("write_stop_set takes the dict of model.stopping.stop_set_predictions")
+    _write_json(store, project_id, version, STOP_SET_FILE, predictions)
+
+
+def read_stop_set(store: ModelStore, project_id: int, version: str | None) -> dict | None:
+    """A version's stop-set predictions, or None (no version yet, or trained before they were
+    kept: the next version's kappa is then None and the window starts again)."""
+    return _read_json(store, project_id, version, STOP_SET_FILE)
+
+
+def _snippet(text) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= TEXT_CHARS else text[: TEXT_CHARS - 1].rstrip() + "…"
+
+
+def _version_dir(store: ModelStore, project_id: int, version: str) -> Path:
+    directory = store.project_dir(project_id) / version
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model version {version} of project {project_id} does not exist: "
+                                f"stage it (ModelStore.stage) before writing its files")
+    return directory
+
+
+def _write_json(store: ModelStore, project_id: int, version: str, name: str, data: dict) -> None:
+    # Written whole under a temporary name and renamed, as everything in the store: the
+    # page reading it at the same moment sees the old file or the new one.
+    directory = _version_dir(store, project_id, version)
+    tmp = directory / f".{name}.{os.getpid()}.{threading.get_ident()}"
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, directory / name)
+
+
+def _read_json(store: ModelStore, project_id: int, version: str | None, name: str) -> dict | None:
+    if not version:
+        return None
+    try:
+        data = json.loads((store.project_dir(project_id) / version / name).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
