@@ -53,18 +53,14 @@ def nice_ticks(low: float, high: float, most: int = 6) -> list[float]:
     raw = (high - low) / max(most - 1, 1)
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    start = math.floor(low / step) * step
-    ticks = []
-    value = start
-    while value <= high + step * 1e-9:
-        ticks.append(round(value, 10))
-        value += step
+    first, last = math.floor(low / step + 1e-9), math.ceil(high / step - 1e-9)
+    ticks = [round(i * step, 10) for i in range(first, last + 1)]
     return ticks
 
 
 def line_chart(chart: LineChart) -> Markup:
     """The chart as an inline <svg>: axes with round ticks, one line per series with a dot
-    per point (hover shows its values), guides as dotted lines, a legend on top."""
+    per point (hover shows its values), guides as dotted lines, and a legend on top."""
     left, right, top, bottom = 52, 16, 34, 42
     plot_w, plot_h = chart.width - left - right, chart.height - top - bottom
     xs = [x for s in chart.series for x, _ in s.points] + list(chart.x_range or ())
@@ -105,8 +101,6 @@ def line_chart(chart: LineChart) -> Markup:
     for guide in chart.guides:
         parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(guide.y):.1f}" y2="{py(guide.y):.1f}" '
                      f'stroke="#374151" stroke-dasharray="2 3"/>')
-        parts.append(f'<text x="{left + plot_w - 4}" y="{py(guide.y) - 5:.1f}" text-anchor="end" '
-                     f'class="guide">{escape(guide.label)}</text>')
     legend_x = left
     for i, series in enumerate(chart.series):
         colour = series.colour or COLOURS[i % len(COLOURS)]
@@ -121,6 +115,11 @@ def line_chart(chart: LineChart) -> Markup:
                      f'stroke-width="2"{dash}/>')
         parts.append(f'<text x="{legend_x + 23}" y="18" class="legend">{escape(series.name)}</text>')
         legend_x += 30 + 6.4 * len(series.name)
+    for guide in chart.guides:  # in the legend, not on the line: the data may run along it
+        parts.append(f'<line x1="{legend_x}" x2="{legend_x + 18}" y1="14" y2="14" stroke="#374151" '
+                     f'stroke-dasharray="2 3"/>')
+        parts.append(f'<text x="{legend_x + 23}" y="18" class="legend">{escape(guide.label)}</text>')
+        legend_x += 30 + 6.4 * len(guide.label)
     parts.append("</svg>")
     return Markup("".join(parts))
 

@@ -90,10 +90,10 @@ def project_row(store: ModelStore, project_id: int, status: dict | None) -> dict
     versions = store.versions(project_id)
     current = store.current_version(project_id)
     meta = _meta(store, project_id, current) or {}
-    stopping = meta.get("stopping") if isinstance(meta.get("stopping"), dict) else {}
+    stopping = _signals(meta.get("stopping")) or {}
     job = job_view(status)
     return {"id": project_id, "versions": len(versions), "current": current,
-            "labeled": meta.get("labeled"), "tasks": meta.get("tasks"),
+            "labeled": _count(meta.get("labeled")), "tasks": _count(meta.get("tasks")),
             "oof_accuracy": stopping.get("oof_accuracy"), "verdict": stopping.get("verdict"),
             "job": job, "busy": job["busy"]}
 
@@ -103,23 +103,23 @@ def project_view(store: ModelStore, project_id: int, status: dict | None, ls_url
     current = store.current_version(project_id)
     versions = []
     for name in store.versions(project_id):
-        meta = _meta(store, project_id, name)
-        stopping = (meta or {}).get("stopping") if isinstance((meta or {}).get("stopping"), dict) else {}
+        meta = _meta(store, project_id, name) or {}
+        signals = _signals(meta.get("stopping")) or {}
         versions.append({
             "name": name, "number": version_number(name), "live": name == current,
-            "readable": meta is not None,
-            "created_at": (meta or {}).get("created_at"),
-            "labeled": (meta or {}).get("labeled"), "tasks": (meta or {}).get("tasks"),
-            "training_accuracy": (meta or {}).get("training_accuracy"),
-            "oof_accuracy": stopping.get("oof_accuracy"), "kappa": stopping.get("kappa"),
-            "verdict": stopping.get("verdict"),
-            "ordering": ((meta or {}).get("ordering") or {}).get("ordering"),
+            "readable": bool(meta),
+            "created_at": _text(meta.get("created_at")),
+            "labeled": _count(meta.get("labeled")), "tasks": _count(meta.get("tasks")),
+            "training_accuracy": _number(meta.get("training_accuracy")),
+            "oof_accuracy": signals.get("oof_accuracy"), "kappa": signals.get("kappa"),
+            "verdict": signals.get("verdict"),
+            "ordering": _text(_dict(meta.get("ordering")).get("ordering")),
         })
     shown = current or (versions[-1]["name"] if versions else None)
     meta = _meta(store, project_id, shown) or {}
-    stopping = meta.get("stopping") if isinstance(meta.get("stopping"), dict) else None
-    preview = read_queue_preview(store, project_id, shown)
-    history = [p for p in (stopping or {}).get("history") or [] if isinstance(p, dict)]
+    stopping = _signals(meta.get("stopping"))
+    preview = read_queue_preview(store, project_id, shown) or {}
+    history = (stopping or {}).get("history") or []
     # Both charts share the labels axis, so a flattening curve lines up with the kappas.
     labels_seen = [p["labeled"] for p in history if isinstance(p.get("labeled"), (int, float))]
     labels_seen += [v["labeled"] for v in versions if isinstance(v["labeled"], (int, float))]
@@ -130,17 +130,16 @@ def project_view(store: ModelStore, project_id: int, status: dict | None, ls_url
         "shown": shown,
         "versions": versions,
         "version_count": len(versions),
-        "labeled": meta.get("labeled"),
-        "tasks": meta.get("tasks"),
-        "created_at": meta.get("created_at"),
-        "ordering": (meta.get("ordering") or {}).get("ordering"),
+        "labeled": _count(meta.get("labeled")),
+        "tasks": _count(meta.get("tasks")),
+        "created_at": _text(meta.get("created_at")),
+        "ordering": _text(_dict(meta.get("ordering")).get("ordering")),
         "stopping": stopping,
         "curve": learning_curve(history, versions, x_range),
         "kappa_chart": kappa_chart(history, stopping, x_range),
-        "label_mix": label_mix(meta.get("label_counts"), (preview or {}).get("predicted_counts")),
-        "next_tasks": [dict(t, url=f"{ls_url}/projects/{project_id}/data?task={int(t['task_id'])}")
-                       for t in (preview or {}).get("next") or [] if "task_id" in t],
-        "preview_pool": (preview or {}).get("pool"),
+        "label_mix": label_mix(meta.get("label_counts"), preview.get("predicted_counts")),
+        "next_tasks": next_tasks(preview.get("next"), f"{ls_url}/projects/{project_id}/data?task="),
+        "preview_pool": _count(preview.get("pool")),
         "job": job_view(status),
         "ls_project_url": f"{ls_url}/projects/{project_id}/data",
     }
@@ -186,18 +185,18 @@ def kappa_chart(history: list[dict], stopping: dict | None,
     threshold = float((stopping or {}).get("threshold") or 0.99)
     return line_chart(LineChart(
         title="agreement with the previous version", x_label="labeled tasks",
-        y_label="kappa", y_percent=False, y_range=(min(0.0, min(y for _, y in points)), 1.0),
+        # Zoomed in to the kappas (from 0.8 at most), so the gap to the threshold shows.
+        y_label="kappa", y_percent=False, y_range=(min(0.8, math.floor(min(y for _, y in points) * 10) / 10), 1.0),
         x_range=x_range,
         series=[Series("kappa with the previous version", points, colour="#7048e8")],
-        guides=[Guide(threshold, f"stop at a mean of {threshold:g} over the window")]))
+        guides=[Guide(threshold, f"stop at a mean of {threshold:g}")]))
 
 
 def label_mix(label_counts: dict | None, predicted_counts: dict | None) -> dict:
     """Per label: tasks labeled by people and unlabeled tasks the model predicts as it."""
-    labeled = label_counts if isinstance(label_counts, dict) else {}
-    predicted = predicted_counts if isinstance(predicted_counts, dict) else {}
+    labeled, predicted = _dict(label_counts), _dict(predicted_counts)
     names = list(dict.fromkeys([*labeled, *predicted]))
-    rows = [(str(n), int(labeled.get(n) or 0), int(predicted.get(n) or 0)) for n in names]
+    rows = [(str(n), _count(labeled.get(n)) or 0, _count(predicted.get(n)) or 0) for n in names]
     return {"rows": rows, "chart": label_mix_chart(rows) if rows else None,
             "labeled_known": bool(labeled), "predicted_known": bool(predicted)}
 
@@ -234,6 +233,62 @@ def job_view(status: dict | None) -> dict:
                            "when": _ago(failed.get("finished_at")), "job_id": failed.get("job_id")}
     view["busy"] = bool(view["running"] or view["waiting"])
     return view
+
+
+def next_tasks(entries, link: str) -> list[dict]:
+    """The queue preview's tasks with their Label Studio links (`link` + task id)."""
+    rows = []
+    for entry in entries if isinstance(entries, list) else []:
+        task_id = _count(_dict(entry).get("task_id"))
+        if task_id is None:
+            continue
+        rows.append({"task_id": task_id, "url": f"{link}{task_id}", "score": _number(entry.get("score")),
+                     "predicted": _text(entry.get("predicted")), "text": _text(entry.get("text"))})
+    return rows
+
+
+# The files the page reads were written by some version of the retrain, possibly an older or
+# a newer one: every value is checked for its type here, so the templates only ever see a
+# number, a string or None.
+SIGNAL_NUMBERS = ("kappa", "kappa_mean", "threshold", "uncertainty", "predicted_incorrect",
+                  "oof_accuracy", "oof_macro_f1")
+
+
+def _signals(raw) -> dict | None:
+    """A version's stopping signals (meta "stopping"), or None when it has none."""
+    raw = _dict(raw)
+    verdict = _text(raw.get("verdict"))
+    if verdict is None:
+        return None
+    signals = {name: _number(raw.get(name)) for name in SIGNAL_NUMBERS}
+    signals.update(
+        verdict=verdict, stabilised=raw.get("stabilised") is True,
+        reason=_text(raw.get("reason")) or "", caveat=_text(raw.get("caveat")),
+        window=_count(raw.get("window")), oof_n=_count(raw.get("oof_n")),
+        history=[{"labeled": _count(p.get("labeled")), "kappa": _number(p.get("kappa")),
+                  "oof_accuracy": _number(p.get("oof_accuracy")),
+                  "predicted_incorrect": _number(p.get("predicted_incorrect"))}
+                 for p in (raw.get("history") if isinstance(raw.get("history"), list) else [])
+                 if isinstance(p, dict)])
+    return signals
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _count(value) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def _has_jobs(status: dict | None) -> bool:
