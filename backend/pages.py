@@ -258,6 +258,11 @@ def _signals(raw) -> dict | None:
     """A version's stopping signals (meta "stopping"), or None when it has none."""
     raw = _dict(raw)
     verdict = _text(raw.get("verdict"))
+    history = raw.get("history")
+    if not isinstance(history, list):
+        # Several controls (model.stopping.combine_controls): the curve follows the first.
+        controls = [c for c in _dict(raw.get("controls")).values() if isinstance(c, dict)]
+        history = controls[0].get("history") if controls else None
     if verdict is None:
         return None
     signals = {name: _number(raw.get(name)) for name in SIGNAL_NUMBERS}
@@ -268,8 +273,7 @@ def _signals(raw) -> dict | None:
         history=[{"labeled": _count(p.get("labeled")), "kappa": _number(p.get("kappa")),
                   "oof_accuracy": _number(p.get("oof_accuracy")),
                   "predicted_incorrect": _number(p.get("predicted_incorrect"))}
-                 for p in (raw.get("history") if isinstance(raw.get("history"), list) else [])
-                 if isinstance(p, dict)])
+                 for p in (history if isinstance(history, list) else []) if isinstance(p, dict)])
     return signals
 
 

@@ -13,6 +13,21 @@ The stopping signals themselves are small and live in meta.json under "stopping"
 (`model.stopping.stopping_signals`). Every reader here answers None for a file that is
 missing or unreadable (versions trained before it existed): the page then says "not
 computed yet".
+
+The retrain, in order (one control; `predicted` per task as label names, `probabilities`
+of the unlabeled tasks, `oof` the out-of-fold label of each labeled task or None)::
+
+    previous = store.current_version(project_id)
+    now = stopping.stop_set_predictions(task_ids, predicted)
+    point = stopping.version_point("", labeled, now, read_stop_set(store, project_id, previous),
+                                   probabilities[unlabeled], y_labeled, oof)
+    previous_signals = store.read_meta(project_id, previous).get("stopping") if previous else None
+    meta["stopping"] = stopping.next_signals(previous_signals, point)
+    version = store.stage(project_id, head, meta)
+    write_stop_set(store, project_id, version, now)
+    write_queue_preview(store, project_id, version, unlabeled_ids, unlabeled_scores,
+                        unlabeled_predicted, texts=unlabeled_texts)
+    ... publish, then store.activate(project_id, version)
 """
 
 from __future__ import annotations

@@ -286,7 +286,8 @@ def combine_controls(per_control: Mapping[str, Mapping]) -> dict:
     `stopping_signals`: the worst control decides. The project has stabilised only when
     every control has; its kappa is the lowest, its uncertainty and predicted-incorrect rate
     the highest, its out-of-fold accuracy and macro-F1 the lowest. The controls' own signals
-    are kept under "controls" (without their histories, which stay with each control)."""
+    are kept whole under "controls": the next version chains each control on its own,
+    `next_signals(previous["controls"][name], point_of_that_control)`."""
     if not per_control:
         raise ValueError("combine_controls needs the signals of at least one control")
     signals = list(per_control.values())
@@ -303,8 +304,7 @@ def combine_controls(per_control: Mapping[str, Mapping]) -> dict:
         "oof_accuracy": _worst(signals, "oof_accuracy", min),
         "oof_macro_f1": _worst(signals, "oof_macro_f1", min),
         "caveat": OUT_OF_FOLD_CAVEAT,
-        "controls": {name: {k: v for k, v in s.items() if k != "history"}
-                     for name, s in per_control.items()},
+        "controls": {name: dict(s) for name, s in per_control.items()},
     }
     return combined
 

@@ -34,10 +34,10 @@ def train_versions(store: ModelStore, project_id: int, rounds: list[int], seed: 
     on more labels, its stopping signals (out-of-fold predictions from 3 fold heads), the
     stop-set predictions and the queue preview. Returns each version's signals."""
     rng = np.random.default_rng(seed)
-    n, dim = 400, 8
+    n, dim = 400, 16
     centres = rng.normal(0, 2.0, size=(len(LABELS), dim))
     truth = rng.integers(0, len(LABELS), n)
-    features = (centres[truth] + rng.normal(0, 2.6, size=(n, dim))).astype(np.float32)
+    features = (centres[truth] + rng.normal(0, 3.0, size=(n, dim))).astype(np.float32)
     task_ids = [1000 + i for i in range(n)]
     order = rng.permutation(n)
     signals, before, out = None, None, []

@@ -159,6 +159,9 @@ def test_several_controls_combine_to_the_worst_one():
     assert combined["uncertainty"] == pytest.approx(0.3)
     assert "topic" in combined["reason"] and "sentiment" not in combined["reason"]
     assert stopping.combine_controls({"a": settled, "b": settled})["stabilised"]
+    # Each control chains on from its own signals in the next version.
+    following = stopping.next_signals(combined["controls"]["topic"], {"kappa": 1.0})
+    assert len(following["history"]) == 4 and following["kappa_window"] == [0.9, 0.7, 1.0]
 
 
 def test_signals_of_a_10000_task_project_take_well_under_a_few_seconds():
