@@ -19,7 +19,7 @@ of the unlabeled tasks, `oof` the out-of-fold label of each labeled task or None
 
     previous = store.current_version(project_id)
     now = stopping.stop_set_predictions(task_ids, predicted)
-    point = stopping.version_point("", labeled, now, read_stop_set(store, project_id, previous),
+    point = stopping.version_point(labeled, now, read_stop_set(store, project_id, previous),
                                    probabilities[unlabeled], y_labeled, oof)
     previous_signals = store.read_meta(project_id, previous).get("stopping") if previous else None
     meta["stopping"] = stopping.next_signals(previous_signals, point)

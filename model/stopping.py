@@ -189,15 +189,17 @@ def out_of_fold_quality(y_true: Sequence, y_out_of_fold: Sequence) -> dict:
             "n": len(pairs)}
 
 
-def version_point(version: str, labeled: int, stop_set_now: Mapping | None,
-                  stop_set_before: Mapping | None, pool_probabilities: np.ndarray,
-                  y_true: Sequence = (), y_out_of_fold: Sequence = ()) -> dict:
+def version_point(labeled: int, stop_set_now: Mapping | None, stop_set_before: Mapping | None,
+                  pool_probabilities: np.ndarray, y_true: Sequence = (), y_out_of_fold: Sequence = (),
+                  version: str | None = None) -> dict:
     """The numbers of one version (of one control): one point of the history.
 
-    `stop_set_now` / `stop_set_before`: this and the previous version's
-    `stop_set_predictions`; `pool_probabilities`: (n_unlabeled, n_classes) of this version
-    on the unlabeled tasks; `y_true` / `y_out_of_fold`: the labeled tasks' labels and their
-    out-of-fold predictions (empty when not computed).
+    `labeled`: tasks labeled for this control; `stop_set_now` / `stop_set_before`: this and
+    the previous version's `stop_set_predictions`; `pool_probabilities`: (n_unlabeled,
+    n_classes) of this version on the unlabeled tasks; `y_true` / `y_out_of_fold`: the
+    labeled tasks' labels and their out-of-fold predictions (empty when not computed).
+    `version`: its name where known (the store names a version only when staging it, after
+    its meta is written; the points are in version order either way).
     """
     kappa = agreement(stop_set_before, stop_set_now)
     quality = out_of_fold_quality(y_true, y_out_of_fold)

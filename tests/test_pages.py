@@ -40,7 +40,7 @@ def train_versions(store: ModelStore, project_id: int, rounds: list[int], seed: 
     features = (centres[truth] + rng.normal(0, 3.0, size=(n, dim))).astype(np.float32)
     task_ids = [1000 + i for i in range(n)]
     order = rng.permutation(n)
-    signals, before, out = None, None, []
+    out = []
     for labeled_count in rounds:
         labeled = np.sort(order[:labeled_count])
         unlabeled = np.setdiff1d(np.arange(n), labeled)
@@ -54,17 +54,20 @@ def train_versions(store: ModelStore, project_id: int, rounds: list[int], seed: 
             held = fold_of == fold
             fold_head = ClassifierHead(config).fit(features[labeled][~held], truth[labeled][~held])
             oof[held] = fold_head.predict_proba(features[labeled][held]).argmax(axis=1)
+        # What the previous version kept, read back from the store as the retrain does.
+        previous = store.current_version(project_id)
+        before = read_stop_set(store, project_id, previous)
+        previous_signals = store.read_meta(project_id, previous).get("stopping") if previous else None
         now = stopping.stop_set_predictions(task_ids, predicted, size=200)
-        point = stopping.version_point("pending", labeled_count, now, before, probabilities[unlabeled],
+        point = stopping.version_point(labeled_count, now, before, probabilities[unlabeled],
                                        truth[labeled], oof)
-        signals = stopping.next_signals(signals, point)
+        signals = stopping.next_signals(previous_signals, point)
         meta = {"labeled": labeled_count, "tasks": n, "training_accuracy": float(
                     (probabilities[labeled].argmax(axis=1) == truth[labeled]).mean()),
                 "label_counts": {label: int((truth[labeled] == i).sum()) for i, label in enumerate(LABELS)},
                 "ordering": {"ordering": "least_confidence", "batch_size": 50},
                 "stopping": signals}
         version = store.stage(project_id, head, meta)
-        signals["history"][-1]["version"] = version  # as the retrain names the point
         write_stop_set(store, project_id, version, now)
         scores = probabilities[unlabeled].max(axis=1)  # least confidence first
         write_queue_preview(store, project_id, version, [task_ids[i] for i in unlabeled], scores,
@@ -72,7 +75,6 @@ def train_versions(store: ModelStore, project_id: int, rounds: list[int], seed: 
                             texts=[f"Review text number {task_ids[i]} <b>not bold</b>" for i in unlabeled])
         store.activate(project_id, version)
         out.append(signals)
-        before = now
     return out
 
 

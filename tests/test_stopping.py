@@ -104,7 +104,7 @@ def _versions(predictions_per_version, pool):
     out = []
     for number, predicted in enumerate(predictions_per_version, start=1):
         now = stopping.stop_set_predictions(ids, predicted, size=500)
-        point = stopping.version_point(f"v{number:04d}", labeled=50 * number, stop_set_now=now,
+        point = stopping.version_point(labeled=50 * number, stop_set_now=now, version=f"v{number:04d}",
                                        stop_set_before=before, pool_probabilities=pool)
         signals = stopping.next_signals(signals, point)
         out.append(signals)
@@ -173,7 +173,7 @@ def test_signals_of_a_10000_task_project_take_well_under_a_few_seconds():
     truth = rng.integers(0, 3, 1000)
     started = time.perf_counter()
     now = stopping.stop_set_predictions(ids, rng.integers(0, 3, n))
-    point = stopping.version_point("v0002", 1000, now, before, pool, truth, rng.integers(0, 3, 1000))
+    point = stopping.version_point(1000, now, before, pool, truth, rng.integers(0, 3, 1000), version="v0002")
     signals = stopping.next_signals({"history": [{"version": "v0001", "kappa": None}]}, point)
     elapsed = time.perf_counter() - started
     assert point["compared"] == 1000 and signals["labeled"] == 1000
