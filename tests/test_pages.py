@@ -221,6 +221,7 @@ def test_versions_from_before_the_signals_read_not_computed_yet(client):
     assert "job queue (Redis) is not answering" in text  # REDIS_URL unset here
     listing = test_client.get("/")
     assert listing.status_code == 200 and 'href="/projects/3"' in listing.get_data(as_text=True)
+    assert ">unknown<" in listing.get_data(as_text=True)  # not "idle": Redis did not answer
 
 
 def test_broken_or_odd_files_do_not_break_the_page(client):
