@@ -28,6 +28,7 @@ from backend.ml_backend import project_id_from_ls
 from backend.model_store import ModelStore, version_number
 from backend.progress import read_queue_preview
 from backend.settings import Settings
+from model.stopping import THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -176,19 +177,19 @@ def learning_curve(history: list[dict], versions: list[dict],
 
 def kappa_chart(history: list[dict], stopping: dict | None,
                 x_range: tuple[float, float] | None = None) -> Markup | None:
-    """Agreement of each version with the one before (kappa), against labels, with the
-    threshold of the stopping criterion."""
+    """Kappa of each comparison of versions (`model.stopping.version_point`) against labels,
+    with the threshold of the stopping criterion."""
     points = [(p["labeled"], p["kappa"]) for p in history
               if p.get("labeled") is not None and p.get("kappa") is not None]
     if not points:
         return None
-    threshold = float((stopping or {}).get("threshold") or 0.99)
+    threshold = float((stopping or {}).get("threshold") or THRESHOLD)
     return line_chart(LineChart(
-        title="agreement with the previous version", x_label="labeled tasks",
+        title="agreement between versions", x_label="labeled tasks",
         # Zoomed in to the kappas (from 0.8 at most), so the gap to the threshold shows.
         y_label="kappa", y_percent=False, y_range=(min(0.8, math.floor(min(y for _, y in points) * 10) / 10), 1.0),
         x_range=x_range,
-        series=[Series("kappa with the previous version", points, colour="#7048e8")],
+        series=[Series("kappa with the version a batch of labels earlier", points, colour="#7048e8")],
         guides=[Guide(threshold, f"stop at a mean of {threshold:g}")]))
 
 

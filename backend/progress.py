@@ -6,8 +6,9 @@ Two small JSON files beside a version's meta.json, written by the retrain after
 * ``queue_preview.json`` (`write_queue_preview`): the next tasks of the queue (the lowest
   scores) with their score, predicted label and the start of their text, and how many
   unlabeled tasks the version predicts per label (the page's "label mix").
-* ``stop_set.json`` (`write_stop_set`): the version's predictions on the stop set
-  (`model.stopping.stop_set_predictions`), which the next retrain compares its own with.
+* ``stop_set.json`` (`write_stop_set`): the reference the next retrain compares its own
+  stop-set predictions with (`model.stopping.version_point` returns it: this version's
+  predictions when it is a comparison, else the earlier reference it handed on).
 
 The stopping signals themselves are small and live in meta.json under "stopping"
 (`model.stopping.stopping_signals`). Every reader here answers None for a file that is
@@ -19,12 +20,13 @@ of the unlabeled tasks, `oof` the out-of-fold label of each labeled task or None
 
     previous = store.current_version(project_id)
     now = stopping.stop_set_predictions(task_ids, predicted)
-    point = stopping.version_point(labeled, now, read_stop_set(store, project_id, previous),
-                                   probabilities[unlabeled], y_labeled, oof)
+    point, reference = stopping.version_point(labeled, now, read_stop_set(store, project_id, previous),
+                                              probabilities[unlabeled], y_labeled, oof,
+                                              spacing=batch_size)
     previous_signals = store.read_meta(project_id, previous).get("stopping") if previous else None
     meta["stopping"] = stopping.next_signals(previous_signals, point)
     version = store.stage(project_id, head, meta)
-    write_stop_set(store, project_id, version, now)
+    write_stop_set(store, project_id, version, reference)
     write_queue_preview(store, project_id, version, unlabeled_ids, unlabeled_scores,
                         unlabeled_predicted, texts=unlabeled_texts)
     ... publish, then store.activate(project_id, version)
@@ -80,16 +82,16 @@ def read_queue_preview(store: ModelStore, project_id: int, version: str | None) 
     return _read_json(store, project_id, version, QUEUE_PREVIEW_FILE)
 
 
-def write_stop_set(store: ModelStore, project_id: int, version: str, predictions: dict) -> None:
-    """Keep a version's stop-set predictions (`model.stopping.stop_set_predictions`)."""
-    if set(predictions) != {"task_ids", "predicted"}:
-        raise ValueError("write_stop_set takes the dict of model.stopping.stop_set_predictions")
-    _write_json(store, project_id, version, STOP_SET_FILE, predictions)
+def write_stop_set(store: ModelStore, project_id: int, version: str, reference: dict) -> None:
+    """Keep the stop-set reference a version hands on (the second value `version_point` returns)."""
+    if not {"task_ids", "predicted", "labeled"} <= set(reference):
+        raise ValueError("write_stop_set takes the reference model.stopping.version_point returns")
+    _write_json(store, project_id, version, STOP_SET_FILE, reference)
 
 
 def read_stop_set(store: ModelStore, project_id: int, version: str | None) -> dict | None:
-    """A version's stop-set predictions, or None (no version yet, or trained before they were
-    kept: the next version's kappa is then None and the window starts again)."""
+    """The stop-set reference of a version, or None (no version yet, or one trained before
+    they were kept: the next version then restarts the window of the criterion)."""
     return _read_json(store, project_id, version, STOP_SET_FILE)
 
 

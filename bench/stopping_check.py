@@ -39,7 +39,7 @@ def run_seed(features, y, labels, plan, config, ordering_name: str) -> list[dict
     is_labeled = np.zeros(len(plan.pool), dtype=bool)
     is_labeled[labeled] = True
     pool_ids = [int(r) for r in plan.pool]  # text-table rows stand in for task ids
-    rounds, signals, before = [], None, None
+    rounds, signals, reference = [], None, None
     head = train_rows = probabilities = None  # of the previous round, which the ordering reads
     for round_number, target in enumerate(label_grid(config, plan)):
         if round_number:
@@ -67,13 +67,13 @@ def run_seed(features, y, labels, plan, config, ordering_name: str) -> list[dict
         test_accuracy = float((head.predict_proba(features[plan.test]).argmax(axis=1) == y[plan.test]).mean())
         started = time.perf_counter()
         now = stopping.stop_set_predictions(pool_ids, [labels[i] for i in predicted])
-        point = stopping.version_point(len(labeled), now, before, probabilities[~is_labeled])
+        point, reference = stopping.version_point(len(labeled), now, reference, probabilities[~is_labeled],
+                                                  spacing=config.batch_size)
         signals = stopping.next_signals(signals, point)
         seconds = time.perf_counter() - started
         rounds.append({"labels": len(labeled), "test_accuracy": test_accuracy, "kappa": point["kappa"],
                        "uncertainty": point["uncertainty"], "predicted_incorrect": point["predicted_incorrect"],
                        "signals_seconds": round(seconds, 4)})
-        before = now
     history = signals["history"]
     for threshold in THRESHOLDS:
         fired = next((r["labels"] for i, r in enumerate(rounds)

@@ -59,8 +59,8 @@ def train_versions(store: ModelStore, project_id: int, rounds: list[int], seed: 
         before = read_stop_set(store, project_id, previous)
         previous_signals = store.read_meta(project_id, previous).get("stopping") if previous else None
         now = stopping.stop_set_predictions(task_ids, predicted, size=200)
-        point = stopping.version_point(labeled_count, now, before, probabilities[unlabeled],
-                                       truth[labeled], oof)
+        point, reference = stopping.version_point(labeled_count, now, before, probabilities[unlabeled],
+                                                  truth[labeled], oof, spacing=20)
         signals = stopping.next_signals(previous_signals, point)
         meta = {"labeled": labeled_count, "tasks": n, "training_accuracy": float(
                     (probabilities[labeled].argmax(axis=1) == truth[labeled]).mean()),
@@ -68,7 +68,7 @@ def train_versions(store: ModelStore, project_id: int, rounds: list[int], seed: 
                 "ordering": {"ordering": "least_confidence", "batch_size": 50},
                 "stopping": signals}
         version = store.stage(project_id, head, meta)
-        write_stop_set(store, project_id, version, now)
+        write_stop_set(store, project_id, version, reference)
         scores = probabilities[unlabeled].max(axis=1)  # least confidence first
         write_queue_preview(store, project_id, version, [task_ids[i] for i in unlabeled], scores,
                             [predicted[i] for i in unlabeled],
@@ -175,6 +175,8 @@ def test_project_page_in_a_real_browser_shows_the_numbers_of_a_trained_project(s
         # Both charts are drawn, one point per version of the history.
         assert page.locator("svg.chart").count() == 3
         assert page.locator("svg.chart").first.locator("circle").count() == 2 * 7
+        # Versions 20 labels apart or more are compared: 48, 80, 120, 160 and 210 (not 24).
+        assert page.locator("svg.chart").nth(1).locator("circle").count() == 5
         assert page.locator("table#versions tbody tr").count() == 5
 
         shot = tmp_path / "project-page.png"

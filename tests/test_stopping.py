@@ -97,18 +97,17 @@ def test_out_of_fold_quality_skips_tasks_without_an_out_of_fold_prediction():
     assert stopping.out_of_fold_quality([0, 1], [-1, -1]) == {"accuracy": None, "macro_f1": None, "n": 0}
 
 
-def _versions(predictions_per_version, pool):
+def _versions(predictions_per_version, pool, labels_per_version=50):
     """The signals of each version in turn, as the retrain would chain them."""
     ids = list(range(len(predictions_per_version[0])))
-    signals, before = None, None
+    signals, reference = None, None
     out = []
     for number, predicted in enumerate(predictions_per_version, start=1):
         now = stopping.stop_set_predictions(ids, predicted, size=500)
-        point = stopping.version_point(labeled=50 * number, stop_set_now=now, version=f"v{number:04d}",
-                                       stop_set_before=before, pool_probabilities=pool)
+        point, reference = stopping.version_point(labels_per_version * number, now, reference, pool,
+                                                  version=f"v{number:04d}")
         signals = stopping.next_signals(signals, point)
         out.append(signals)
-        before = now
     return out
 
 
@@ -133,14 +132,42 @@ def test_verdict_flips_once_predictions_stop_changing():
     flipped[: n // 4] = 1 - flipped[: n // 4]
     again = _versions(changing + [settled] * 3 + [flipped], pool)
     assert again[-1]["verdict"] == stopping.STILL_LEARNING
-    assert "below 0.99" in again[-1]["reason"]
+    assert f"below {stopping.THRESHOLD}" in again[-1]["reason"]
     json.dumps(again[-1])  # what the version's meta keeps
 
 
-def test_window_restarts_after_a_version_without_kappa():
-    points = [{"version": "v1", "kappa": None}, {"version": "v2", "kappa": 1.0},
-              {"version": "v3", "kappa": None}, {"version": "v4", "kappa": 1.0},
-              {"version": "v5", "kappa": 1.0}]
+def test_versions_closer_than_the_spacing_are_compared_with_an_older_reference():
+    # The service retrains after nearly every annotation: ten versions one label apart.
+    rng = np.random.default_rng(5)
+    pool = rng.dirichlet([1, 1], size=100)
+    ids = list(range(300))
+    predictions = [rng.integers(0, 2, 300) for _ in range(61)]
+    signals, reference, points = None, None, []
+    for labeled, predicted in zip(range(10, 71), predictions):
+        now = stopping.stop_set_predictions(ids, predicted)
+        point, reference = stopping.version_point(labeled, now, reference, pool, spacing=20)
+        points.append(point)
+        signals = stopping.next_signals(signals, point)
+    compared = [p for p in points if p["comparison"]]
+    # 10 starts the reference; then 30, 50 and 70 are each 20 labels past the last one.
+    assert points[0]["restart"] and [p["labeled"] for p in compared] == [30, 50, 70]
+    assert [p["reference_labeled"] for p in compared] == [10, 30, 50]
+    assert compared[0]["kappa"] == pytest.approx(cohen_kappa_score(predictions[0], predictions[20]))
+    assert reference["labeled"] == 70 and len(signals["kappa_window"]) == 3
+    # Identical predictions one label apart would have "stabilised" at once; spaced, they
+    # need three comparisons, 60 labels.
+    same = rng.integers(0, 2, 300)
+    signals, reference = None, None
+    for labeled in range(10, 71):
+        point, reference = stopping.version_point(labeled, stopping.stop_set_predictions(ids, same),
+                                                  reference, pool, spacing=20)
+        signals = stopping.next_signals(signals, point)
+        assert signals["stabilised"] == (labeled >= 70)
+
+
+def test_window_restarts_after_a_version_without_reference():
+    points = [{"kappa": None, "restart": True}, {"kappa": 1.0}, {"kappa": None, "restart": True},
+              {"kappa": 1.0}, {"kappa": None}, {"kappa": 1.0}]  # the fifth: between comparisons
     signals = stopping.stopping_signals(points)
     assert signals["kappa_window"] == [1.0, 1.0]
     assert not signals["stabilised"]
@@ -168,14 +195,16 @@ def test_signals_of_a_10000_task_project_take_well_under_a_few_seconds():
     rng = np.random.default_rng(1)
     n = 10_000
     ids = list(rng.permutation(np.arange(100_000))[:n])
-    before = stopping.stop_set_predictions(ids, rng.integers(0, 3, n))
+    reference = dict(stopping.stop_set_predictions(ids, rng.integers(0, 3, n)), labeled=900)
     pool = rng.dirichlet([1, 1, 1], size=n - 1000)
     truth = rng.integers(0, 3, 1000)
     started = time.perf_counter()
     now = stopping.stop_set_predictions(ids, rng.integers(0, 3, n))
-    point = stopping.version_point(1000, now, before, pool, truth, rng.integers(0, 3, 1000), version="v0002")
-    signals = stopping.next_signals({"history": [{"version": "v0001", "kappa": None}]}, point)
+    point, _ = stopping.version_point(1000, now, reference, pool, truth, rng.integers(0, 3, 1000),
+                                      spacing=50, version="v0002")
+    signals = stopping.next_signals({"history": [{"version": "v0001", "restart": True}]}, point)
     elapsed = time.perf_counter() - started
     assert point["compared"] == 1000 and signals["labeled"] == 1000
     assert elapsed < 10, f"stopping signals took {elapsed:.1f} s at 10,000 tasks"
     assert len(json.dumps(now)) < 30_000 and len(json.dumps(signals)) < 10_000
+    assert signals["kappa"] is not None
