@@ -23,11 +23,12 @@ Every retrain can say, from numbers it already has, whether the model is still c
 * A **verdict** in plain words: "still learning" or "predictions have stabilised".
 
 Everything here is a pure function of numpy arrays and plain dicts (no model, no I/O), so
-the retrain computes it in milliseconds at 10,000 tasks. A version stores a small
-JSON-ready dict (`stopping_signals`), which carries the history of earlier versions'
-points, so the learning curve and the kappa window survive the pruning of old versions,
-and the reference's stop-set predictions (`version_point` hands them on), so the next
-version can be compared with it.
+the retrain computes it in milliseconds at 10,000 tasks. A version keeps two things: the
+JSON-ready dict of `stopping_signals` in its meta, which carries the points of earlier
+comparisons, so the learning curve and the kappa window survive the pruning of old
+versions (it grows by about 300 bytes per comparison, one per `spacing` labels); and the
+stop-set reference that `version_point` hands on (about 15 KB), so the next version can be
+compared with it.
 
 Several controls (several `<Choices>` of one project): compute a point per control with
 that control's arrays, then `combine_controls`: the worst control decides (the lowest
@@ -57,7 +58,7 @@ THRESHOLD = 0.98
 # apart; the service retrains after almost every annotation, and two versions one label
 # apart agree almost perfectly long before the model has stopped learning.
 SPACING = 50
-HISTORY_LIMIT = 500  # points kept in a version's history (each is ~200 bytes of JSON)
+HISTORY_LIMIT = 1000  # comparisons kept in a version's history (50,000 labels at the default spacing)
 
 STILL_LEARNING = "still learning"
 STABILISED = "predictions have stabilised"
@@ -259,8 +260,8 @@ def stopping_signals(history: Sequence[Mapping], window: int = WINDOW,
     (`version_point`, oldest first, the newest last).
 
     `history` is the previous version's `stopping_signals(...)["history"]` plus this
-    version's point; the result (JSON-ready, a few KB) is what a version keeps in its meta
-    under "stopping". Stabilised when there have been `window` comparisons since the last
+    version's point; the result (JSON-ready) is what a version keeps in its meta under
+    "stopping". Stabilised when there have been `window` comparisons since the last
     restart and the mean kappa of the last `window` is at least `threshold`.
     """
     if window < 1:
@@ -269,7 +270,11 @@ def stopping_signals(history: Sequence[Mapping], window: int = WINDOW,
         raise ValueError(f"threshold is a kappa in (0, 1], got {threshold}")
     if not history:
         raise ValueError("stopping_signals needs at least this version's point")
-    points = [dict(p) for p in history][-HISTORY_LIMIT:]
+    # Versions between comparisons add nothing the curve needs once a newer one exists: a
+    # project retrained per annotation keeps one point per comparison, not one per label.
+    last = len(history) - 1
+    points = [dict(p) for i, p in enumerate(history)
+              if i == last or p.get("kappa") is not None or p.get("restart")][-HISTORY_LIMIT:]
     latest = points[-1]
     # The window holds the last `window` comparisons; versions between comparisons do not
     # count, and a restart (no reference to compare with) starts the count again.

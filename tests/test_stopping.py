@@ -154,6 +154,8 @@ def test_versions_closer_than_the_spacing_are_compared_with_an_older_reference()
     assert [p["reference_labeled"] for p in compared] == [10, 30, 50]
     assert compared[0]["kappa"] == pytest.approx(cohen_kappa_score(predictions[0], predictions[20]))
     assert reference["labeled"] == 70 and len(signals["kappa_window"]) == 3
+    # The history keeps the comparisons (and the restart), not the 57 versions between them.
+    assert [p["labeled"] for p in signals["history"]] == [10, 30, 50, 70]
     # Identical predictions one label apart would have "stabilised" at once; spaced, they
     # need three comparisons, 60 labels.
     same = rng.integers(0, 2, 300)
