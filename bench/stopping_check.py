@@ -101,7 +101,7 @@ def summarise(name: str, runs: dict[int, list[dict]]) -> list[str]:
         lines.append(f"| {seed} | {flat} | {best:.3f} | " + " | ".join(cells) + " |")
     kappas = [r["kappa"] for rounds in runs.values() for r in rounds if r["kappa"] is not None]
     seconds = [r["signals_seconds"] for rounds in runs.values() for r in rounds]
-    lines += ["", f"kappa between successive versions: median {np.median(kappas):.3f}, "
+    lines += ["", f"kappa between compared versions: median {np.median(kappas):.3f}, "
                   f"max {max(kappas):.3f}; signals computed in at most {max(seconds) * 1000:.0f} ms per version", ""]
     return lines
 
