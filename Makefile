@@ -16,6 +16,10 @@ $(VENV)/.runtime-installed: requirements.txt
 $(VENV)/.dev-installed: $(VENV)/.runtime-installed requirements-dev.txt requirements-data.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-data.txt
+	@# tests/test_pages.py drives Debian's chromium (Playwright's own browser download needs the internet).
+	@test -x /usr/bin/chromium || ! command -v apt-get >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || true
+	@test -x /usr/bin/chromium || echo "warning: no /usr/bin/chromium; tests/test_pages.py needs it (apt-get install chromium, or set CHROMIUM)" >&2
 	touch $@
 
 venv: $(VENV)/.runtime-installed

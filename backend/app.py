@@ -22,6 +22,7 @@ from backend.job_queue import JobQueue, redis_connection
 from backend.label_config import UnsupportedConfig, parse_label_config
 from backend.ml_backend import UNTRAINED, ActiveLearningBackend, BadRequest, project_id_from_ls
 from backend.model_store import ModelStore
+from backend.pages import pages_blueprint
 from backend.settings import Settings
 from model.encoding_cache import EncodingCache
 
@@ -91,6 +92,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         if not isinstance(payload, dict):
             raise BadRequest("the request body must be a JSON object")
         return payload
+
+    app.register_blueprint(pages_blueprint(settings, store, queue))  # / and /projects/<id>
 
     @app.get("/health")
     def health():
