@@ -18,8 +18,11 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
 
 import httpx
 import tenacity
@@ -104,11 +107,9 @@ def _retry_after(headers: dict | None) -> float | None:
 def _ls_datetime(timestamp: str) -> str:
     """An ISO timestamp in the one format Label Studio's Datetime filter parses
     (`%Y-%m-%dT%H:%M:%S.%fZ`, UTC): without microseconds it answers 500."""
-    from datetime import datetime, timezone
-
-    moment = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    moment = datetime.fromisoformat(timestamp)
     if moment.tzinfo is not None:
-        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -237,9 +238,9 @@ class LabelStudioProject:
             }
             if selected is not None:
                 query["selectedItems"] = {"all": False, "included": selected}
-            page = call("list tasks", lambda q=json.dumps(query, separators=(",", ":")): self.client.tasks.list(
-                project=self.project_id, page=1, page_size=page_size, fields=fields,
-                include=include, query=q))
+            page = call("list tasks", partial(
+                self.client.tasks.list, project=self.project_id, page=1, page_size=page_size,
+                fields=fields, include=include, query=json.dumps(query, separators=(",", ":"))))
             items = list(page.items or [])
             if items:
                 yield items

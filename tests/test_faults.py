@@ -266,7 +266,7 @@ def test_label_studio_answer_lost_mid_upload_leaves_one_prediction_per_task(labe
     # lost after Label Studio stored it, the 3rd chunk's request dies on its way.
     proxy.drop_next(b"/import/predictions", when="response", skip=1)
     proxy.drop_next(b"/import/predictions", when="request", skip=2)
-    client, project, first = _first_model(services, label_studio)
+    _client, project, first = _first_model(services, label_studio)
 
     assert proxy.faults_fired() == 2, services.log_tail("worker.log")
     assert proxy.dropped_responses and proxy.dropped_responses[0].startswith(b"HTTP/1.1 201")
