@@ -113,6 +113,13 @@ def _ls_datetime(timestamp: str) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _holding(version: str) -> list[dict]:
+    """Data Manager filter: tasks with a prediction whose model_version contains `version`
+    (a substring match in Label Studio, so callers check the exact version themselves)."""
+    return [{"filter": "filter:tasks:predictions_model_versions", "operator": "contains",
+             "type": "List", "value": [version]}]
+
+
 class LabelStudioProject:
     """One Label Studio project, seen by the backend's own API key.
 
@@ -269,8 +276,8 @@ class LabelStudioProject:
 
     def task_ids(self) -> list[int]:
         """Ids of all tasks (cheap: no annotations, no predictions)."""
-        return [int(task.id) for page in self._task_pages(page_size=10000, fields="task_only",
-                                                          include="id") for task in page]
+        pages = self._task_pages(page_size=10000, fields="task_only", include="id")
+        return [int(task.id) for page in pages for task in page]
 
     # ------------------------------------------------------------------ idempotent uploads
 
@@ -280,22 +287,18 @@ class LabelStudioProject:
         Label Studio's model-version filter matches substrings, so this is a superset;
         `_stored` checks exactly.
         """
-        filters = [{"filter": "filter:tasks:predictions_model_versions", "operator": "contains",
-                    "type": "List", "value": [version]}]
-        return {int(task.id) for page in self._task_pages(filters=filters, page_size=10000,
-                                                          fields="task_only", include="id")
-                for task in page}
+        pages = self._task_pages(filters=_holding(version), page_size=10000, fields="task_only",
+                                 include="id")
+        return {int(task.id) for page in pages for task in page}
 
     def _stored(self, version: str, task_ids: list[int], retried: bool = True) -> dict[int, list[int]]:
         """{task id: ids of its predictions of exactly `version`} for those of `task_ids`
         that hold any. `retried=False` inside an upload's own retry loop."""
         call = self._call if retried else self._once
-        filters = [{"filter": "filter:tasks:predictions_model_versions", "operator": "contains",
-                    "type": "List", "value": [version]}]
         stored: dict[int, list[int]] = {}
         for start in range(0, len(task_ids), IDS_PER_QUERY):
             group = task_ids[start : start + IDS_PER_QUERY]
-            for page in self._task_pages(filters=filters, selected=group, page_size=len(group),
+            for page in self._task_pages(filters=_holding(version), selected=group, page_size=len(group),
                                          fields="all", include="id,predictions", call=call):
                 for task in page:
                     ids = sorted(int(p["id"]) for p in map(_plain, task.predictions or [])
