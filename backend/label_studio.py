@@ -325,24 +325,29 @@ class LabelStudioProject:
                         "reached Label Studio after all)", self.project_id, deleted)
         return deleted
 
-    def _not_yet_stored(self, predictions: list[dict]) -> list[dict]:
-        """Drop predictions whose task already holds one of the same version.
+    def _without_stored(self, predictions: list[dict], retried: bool = True,
+                        listing_first: bool = False) -> list[dict]:
+        """`predictions` less those whose task already holds one of the same version;
+        a task found holding it twice keeps only the oldest.
 
-        One id-only listing per version when nothing is stored yet (the usual case); makes
-        a re-run upload (an RQ retry of a publish job) send only what is missing.
+        `listing_first` narrows the tasks to check with one id-only listing per version
+        first (cheap when nothing is stored yet); `retried=False` inside an upload's own
+        retry loop.
         """
         remaining = predictions
         for version in sorted({p["model_version"] for p in predictions}):
-            wanted = {p["task"] for p in remaining if p["model_version"] == version}
-            candidates = sorted(self._candidates(version) & wanted)
-            if not candidates:
+            tasks = {p["task"] for p in remaining if p["model_version"] == version}
+            if listing_first:
+                tasks &= self._candidates(version)
+            if not tasks:
                 continue
-            stored = self._stored(version, candidates)
-            self._delete_extra(stored)
+            stored = self._stored(version, sorted(tasks), retried)
+            self._delete_extra(stored, retried)
             remaining = [p for p in remaining
                          if not (p["model_version"] == version and p["task"] in stored)]
-            log.info("project=%s %d tasks already hold a prediction of %s; not sending them again",
-                     self.project_id, len(stored), version)
+            if stored and listing_first:
+                log.info("project=%s %d tasks already hold a prediction of %s; not sending "
+                         "them again", self.project_id, len(stored), version)
         return remaining
 
     def upload_predictions(
@@ -360,7 +365,8 @@ class LabelStudioProject:
         every chunk that needed a retry are checked for duplicates once all chunks are in.
         """
         total = len(predictions)
-        predictions = self._not_yet_stored(predictions) if predictions else predictions
+        # An upload run again (an RQ retry of a publish job) sends only what is missing.
+        predictions = self._without_stored(predictions, listing_first=True) if predictions else []
         skipped = total - len(predictions)
         suspects: list[dict] = []
         for start in range(0, len(predictions), chunk):
@@ -372,7 +378,7 @@ class LabelStudioProject:
             if progress is not None:
                 progress(skipped + min(start + chunk, len(predictions)), total)
         if suspects:
-            self._remove_duplicates(suspects)
+            self._without_stored(suspects)  # deletes second predictions stored late
 
     def _import_chunk(self, part: list[dict], on_retry) -> bool:
         """Import one chunk; returns whether any attempt failed (the chunk is then suspect)."""
@@ -383,12 +389,7 @@ class LabelStudioProject:
             nonlocal pending, failed
             if number > 1:
                 failed = True
-                for version in sorted({p["model_version"] for p in pending}):
-                    stored = self._stored(version, [p["task"] for p in pending
-                                                    if p["model_version"] == version], retried=False)
-                    self._delete_extra(stored, retried=False)
-                    pending = [p for p in pending
-                               if not (p["model_version"] == version and p["task"] in stored)]
+                pending = self._without_stored(pending, retried=False)
                 if not pending:
                     return
             response = self._once("import predictions", lambda: self.client.projects.import_predictions(
@@ -403,11 +404,6 @@ class LabelStudioProject:
         self._retry("import predictions", attempt, on_retry)
         return failed
 
-    def _remove_duplicates(self, predictions: list[dict]) -> None:
-        for version in sorted({p["model_version"] for p in predictions}):
-            tasks = sorted({p["task"] for p in predictions if p["model_version"] == version})
-            self._delete_extra(self._stored(version, tasks))
-
     def upload_predictions_one_by_one(self, predictions: list[dict],
                                       on_retry: Callable[[int, Exception], None] | None = None) -> None:
         """Create predictions through the single-prediction API.
@@ -417,7 +413,7 @@ class LabelStudioProject:
         is used for the few labeled tasks whose label the model disputes. Idempotent like
         the bulk path: a retried create first asks whether the task got the prediction.
         """
-        for prediction in self._not_yet_stored(predictions) if predictions else []:
+        for prediction in self._without_stored(predictions, listing_first=True) if predictions else []:
             self._create_prediction(prediction, on_retry)
 
     def _create_prediction(self, prediction: dict, on_retry) -> None:
