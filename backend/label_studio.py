@@ -175,8 +175,10 @@ class LabelStudioProject:
                 hint = " (check LABEL_STUDIO_API_KEY: it must be a valid personal access token)"
             elif status == 404:
                 hint = f" (not found: does project {self.project_id} still exist in Label Studio?)"
-            elif status == 400:
-                hint = f": {str(getattr(exc, 'body', ''))[:300]}"
+            elif status == 400 or status >= 500:
+                # Label Studio's own words (a refused field, a server-side exception).
+                body = getattr(exc, "body", None)
+                hint = f": {str(body.get('detail', body) if isinstance(body, dict) else body)[:300]}"
         else:
             retryable = False
             hint = (" (an answer the SDK could not read: is LABEL_STUDIO_URL a Label Studio "
