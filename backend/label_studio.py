@@ -3,30 +3,85 @@
 Webhooks are only hints; a retraining job reads the truth here: the project's label config,
 all its tasks and their annotations. It writes predictions back in chunks and switches the
 project's `model_version` so the Data Manager's "Prediction score" column shows our scores.
+
+The one retry layer (README: "Calls to Label Studio: retries and idempotent uploads"):
+every call goes through `LabelStudioProject._retry`, built on tenacity. The SDK's own
+retries are switched off (`max_retries=0`): they retry POSTs blindly (a prediction import
+whose answer was lost would be stored twice) and, stacked under ours, would multiply the
+attempts and hide the timing. Uploads are made idempotent here: before a chunk is sent
+again, Label Studio is asked which of its tasks already hold a prediction of that version.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import httpx
+import tenacity
 
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# HTTP answers worth another try: a timeout, throttling, and any server-side fault (a
+# restarting Label Studio behind a proxy answers 502/503/504; SQLite's "database is
+# locked" surfaces as 500). Every other 4xx is final: a retry cannot fix a bad token
+# (401/403), a missing project (404) or a rejected payload (400).
+RETRYABLE_STATUS = frozenset({408, 429})
+
+# Task ids per "which of these tasks already hold version V" query: they travel in the URL
+# (GET), which must stay well under the 8 KB a reverse proxy in front of Label Studio allows.
+IDS_PER_QUERY = 200
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a failed call to Label Studio is tried again.
+
+    Attempt n (n >= 1) that fails waits `first_delay * factor**(n-1)` seconds, shortened at
+    random by up to half (so workers that failed together do not retry in step), at most
+    `max_delay`; a `Retry-After` header (429/503) replaces the computed wait, also capped.
+    The defaults wait 1, 3, 9 s (at most 13 s in all) before the fourth and last attempt.
+    """
+
+    attempts: int = 4
+    first_delay: float = 1.0
+    factor: float = 3.0
+    max_delay: float = 30.0
+
+    def delay(self, attempt: int, exc: BaseException | None = None) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based)."""
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            return min(float(retry_after), self.max_delay)
+        base = min(self.first_delay * self.factor ** (attempt - 1), self.max_delay)
+        return base * random.uniform(0.5, 1.0)
+
 
 class LabelStudioError(RuntimeError):
     """Label Studio could not be reached or refused a call; the message says what to check.
 
-    `retryable` is true for faults that may pass (connection errors, 5xx, 429), false for
-    ones a retry cannot fix (no API key, a rejected token, a missing project).
+    `retryable` is true for faults that may pass (connection errors, timeouts, 5xx, 408,
+    429), false for ones a retry cannot fix (no API key, a rejected token, a missing
+    project, a refused payload). `status` is the HTTP status, None when no answer came.
+    `retried` is true once the retry layer has spent its attempts on it.
     """
 
-    def __init__(self, message: str, retryable: bool = False):
+    def __init__(self, message: str, retryable: bool = False, status: int | None = None,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.retryable = retryable
+        self.status = status
+        self.retry_after = retry_after
+        self.retried = False
 
 
 def _plain(obj: Any) -> Any:
@@ -38,13 +93,45 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-class LabelStudioProject:
-    """One Label Studio project, seen by the backend's own API key."""
+def _retry_after(headers: dict | None) -> float | None:
+    for key, value in (headers or {}).items():
+        if key.lower() == "retry-after":
+            try:
+                return max(0.0, float(value))
+            except (TypeError, ValueError):
+                return None  # an HTTP date: fall back to the computed backoff
+    return None
 
-    def __init__(self, settings: Settings, project_id: int, client=None):
+
+def _ls_datetime(timestamp: str) -> str:
+    """An ISO timestamp in the one format Label Studio's Datetime filter parses
+    (`%Y-%m-%dT%H:%M:%S.%fZ`, UTC): without microseconds it answers 500."""
+    moment = datetime.fromisoformat(timestamp)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _holding(version: str) -> list[dict]:
+    """Data Manager filter: tasks with a prediction whose model_version contains `version`
+    (a substring match in Label Studio, so callers check the exact version themselves)."""
+    return [{"filter": "filter:tasks:predictions_model_versions", "operator": "contains",
+             "type": "List", "value": [version]}]
+
+
+class LabelStudioProject:
+    """One Label Studio project, seen by the backend's own API key.
+
+    Every method retries transient faults itself (`retry`, default `RetryPolicy()`);
+    callers need no retry loop of their own.
+    """
+
+    def __init__(self, settings: Settings, project_id: int, client=None,
+                 retry: RetryPolicy | None = None):
         self.settings = settings
         self.project_id = int(project_id)
         self._client = client
+        self.retry = retry or RetryPolicy()
 
     @property
     def client(self):
@@ -57,34 +144,74 @@ class LabelStudioProject:
                 )
             from label_studio_sdk.client import LabelStudio
 
-            self._client = LabelStudio(
+            # The SDK checks a JWT's expiry here and raises ApiError(401) for an expired one.
+            self._client = self._once("connect", lambda: LabelStudio(
                 base_url=self.settings.label_studio_url,
                 api_key=self.settings.label_studio_api_key,
                 timeout=60,
-            )
+                max_retries=0,  # ours is the one retry layer (module docstring)
+            ))
         return self._client
 
-    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except LabelStudioError:
-            raise
-        except Exception as exc:  # the SDK raises httpx and ApiError types
-            status = getattr(exc, "status_code", None)
+    # ------------------------------------------------------------------ the retry layer
+
+    def _error(self, what: str, exc: Exception) -> LabelStudioError:
+        """Translate an SDK or transport exception into a LabelStudioError that says what to do."""
+        from label_studio_sdk.core.api_error import ApiError
+
+        status = getattr(exc, "status_code", None) if isinstance(exc, ApiError) else None
+        retry_after = None
+        if isinstance(exc, httpx.TransportError):
+            # No answer: refused, reset, timed out, or the server hung up mid-request.
+            # A request that was never well-formed on our side is not worth repeating.
+            retryable = not isinstance(exc, (httpx.LocalProtocolError, httpx.UnsupportedProtocol))
+            hint = f" (is Label Studio reachable at LABEL_STUDIO_URL={self.settings.label_studio_url}?)"
+        elif isinstance(exc, ApiError) and status is not None:
+            retryable = status >= 500 or status in RETRYABLE_STATUS
+            retry_after = _retry_after(getattr(exc, "headers", None)) if retryable else None
             hint = ""
             if status in (401, 403):
                 hint = " (check LABEL_STUDIO_API_KEY: it must be a valid personal access token)"
             elif status == 404:
-                hint = f" (project {self.project_id} does not exist in Label Studio)"
-            elif status is None:
-                hint = f" (is Label Studio reachable at LABEL_STUDIO_URL={self.settings.label_studio_url}?)"
-            raise LabelStudioError(
-                f"Label Studio call '{what}' for project {self.project_id} failed: "
-                f"{type(exc).__name__} {status or ''}{hint}",
-                retryable=status is None or status >= 500 or status == 429,
-            ) from exc
+                hint = f" (not found: does project {self.project_id} still exist in Label Studio?)"
+            elif status == 400 or status >= 500:
+                # Label Studio's own words (a refused field, a server-side exception).
+                body = getattr(exc, "body", None)
+                hint = f": {str(body.get('detail', body) if isinstance(body, dict) else body)[:300]}"
+        else:
+            retryable = False
+            hint = (" (an answer the SDK could not read: is LABEL_STUDIO_URL a Label Studio "
+                    "1.23 server?)")
+        detail = f"{type(exc).__name__} {status}" if status is not None else type(exc).__name__
+        return LabelStudioError(
+            f"Label Studio call '{what}' for project {self.project_id} failed: {detail}{hint}",
+            retryable=retryable, status=status, retry_after=retry_after)
+
+    def _once(self, what: str, fn: Callable[[], Any]) -> Any:
+        """One attempt at an SDK call, its failure translated; no retry."""
+        from label_studio_sdk.core.api_error import ApiError
+        from label_studio_sdk.core.parse_error import ParsingError
+
+        try:
+            return fn()
+        except (httpx.TransportError, ApiError, ParsingError) as exc:
+            raise self._error(what, exc) from exc
+
+    def _retry(self, what: str, attempt: Callable[[int], Any],
+               on_retry: Callable[[int, Exception], None] | None = None) -> Any:
+        """Run `attempt(n)` (n = 1, 2, ...) until it returns, retrying retryable
+        LabelStudioErrors under `self.retry`. `attempt` gets its number so that a non-idempotent
+        call can first find out what an earlier, failed attempt already did."""
+        return _run_with_retries(attempt, self.retry, what, self.project_id, on_retry)
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """An idempotent SDK call (a read, or a write that may be repeated), retried."""
+        return self._retry(what, lambda _n: self._once(what, fn))
+
+    # ------------------------------------------------------------------ reads
 
     def project(self) -> dict:
+        """The project as Label Studio shows it (label config, counters, model_version)."""
         return _plain(self._call("get project", lambda: self.client.projects.get(id=self.project_id)))
 
     def ml_extra_params(self) -> dict:
@@ -96,39 +223,133 @@ class LabelStudioProject:
                 return params
         return {}
 
+    def _task_pages(self, *, filters: Iterable[dict] = (), selected: list[int] | None = None,
+                    page_size: int, fields: str, include: str | None = None,
+                    call: Callable[[str, Callable[[], Any]], Any] | None = None) -> Iterator[list]:
+        """The project's tasks (filtered), one page at a time, in id order.
+
+        Pages are read by id ("id greater than the last one seen", always page 1), never by
+        page number: the SDK's pager asks for the page after the last one, which Label Studio
+        answers with a 404 and an "Invalid page" traceback in its log; and page numbers shift
+        when tasks are deleted during the read, silently skipping tasks. Each page is one
+        retried call, so a fault costs that page, not the whole read. `call` replaces the
+        retried `_call` (with `_once`) where the caller runs its own retry loop.
+        """
+        call = call or self._call
+        after = 0
+        while True:
+            query: dict[str, Any] = {
+                "filters": {"conjunction": "and", "items": [
+                    {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": after},
+                    *filters]},
+                "ordering": ["tasks:id"],
+            }
+            if selected is not None:
+                query["selectedItems"] = {"all": False, "included": selected}
+            page = call("list tasks", partial(
+                self.client.tasks.list, project=self.project_id, page=1, page_size=page_size,
+                fields=fields, include=include, query=json.dumps(query, separators=(",", ":"))))
+            items = list(page.items or [])
+            if items:
+                yield items
+            # `total` counts what is left after `after`: this page held all of it, or the
+            # server capped page_size (TASK_API_PAGE_SIZE_MAX) and there is more.
+            if not items or len(items) >= (page.response.total or 0):
+                return
+            after = int(items[-1].id)
+
     def tasks(self, page_size: int = 1000, progress: Callable[[int], None] | None = None,
               updated_after: str | None = None) -> list[dict]:
-        """Tasks with their data and annotations, as plain dicts.
+        """Tasks with their data and annotations, as plain dicts, in id order.
 
         `updated_after` (an ISO timestamp) reads only tasks Label Studio changed since then.
         """
-        tasks: list[dict] = []
-        query = None
+        filters = []
         if updated_after:
-            query = json.dumps({"filters": {"conjunction": "and", "items": [
-                {"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime",
-                 "value": updated_after}]}})
-
-        def fetch():
-            tasks.clear()
-            pager = self.client.tasks.list(
-                project=self.project_id, fields="all", page_size=page_size, query=query
-            )
-            for task in pager:
-                tasks.append(_plain(task))
-                if progress is not None and len(tasks) % page_size == 0:
-                    progress(len(tasks))
-            return tasks
-
-        return self._call("list tasks", fetch)
+            filters.append({"filter": "filter:tasks:updated_at", "operator": "greater",
+                            "type": "Datetime", "value": _ls_datetime(updated_after)})
+        tasks: list[dict] = []
+        for page in self._task_pages(filters=filters, page_size=page_size, fields="all"):
+            tasks.extend(_plain(task) for task in page)
+            if progress is not None:
+                progress(len(tasks))
+        return tasks
 
     def task_ids(self) -> list[int]:
         """Ids of all tasks (cheap: no annotations, no predictions)."""
-        def fetch():
-            pager = self.client.tasks.list(project=self.project_id, include="id", page_size=10000)
-            return [int(_plain(task)["id"]) for task in pager]
+        pages = self._task_pages(page_size=10000, fields="task_only", include="id")
+        return [int(task.id) for page in pages for task in page]
 
-        return self._call("list task ids", fetch)
+    # ------------------------------------------------------------------ idempotent uploads
+
+    def _candidates(self, version: str) -> set[int]:
+        """Tasks that may hold a prediction of `version` (ids only, one cheap listing).
+
+        Label Studio's model-version filter matches substrings, so this is a superset;
+        `_stored` checks exactly.
+        """
+        pages = self._task_pages(filters=_holding(version), page_size=10000, fields="task_only",
+                                 include="id")
+        return {int(task.id) for page in pages for task in page}
+
+    def _stored(self, version: str, task_ids: list[int], retried: bool = True) -> dict[int, list[int]]:
+        """{task id: ids of its predictions of exactly `version`} for those of `task_ids`
+        that hold any. `retried=False` inside an upload's own retry loop."""
+        call = self._call if retried else self._once
+        stored: dict[int, list[int]] = {}
+        for start in range(0, len(task_ids), IDS_PER_QUERY):
+            group = task_ids[start : start + IDS_PER_QUERY]
+            for page in self._task_pages(filters=_holding(version), selected=group, page_size=len(group),
+                                         fields="all", include="id,predictions", call=call):
+                for task in page:
+                    ids = sorted(int(p["id"]) for p in map(_plain, task.predictions or [])
+                                 if p.get("model_version") == version)
+                    if ids:
+                        stored[int(task.id)] = ids
+        return stored
+
+    def _delete_extra(self, stored: dict[int, list[int]], retried: bool = True) -> int:
+        """Keep the oldest prediction of a version per task, delete the others; returns how many."""
+        call = self._call if retried else self._once
+        deleted = 0
+        for ids in stored.values():
+            for prediction_id in ids[1:]:
+                try:
+                    call("delete duplicate prediction",
+                         lambda i=prediction_id: self.client.predictions.delete(id=i))
+                except LabelStudioError as exc:
+                    if exc.status != 404:  # 404: already gone, which is what we wanted
+                        raise
+                deleted += 1
+        if deleted:
+            log.warning("project=%s removed %d duplicate predictions (a retried upload had "
+                        "reached Label Studio after all)", self.project_id, deleted)
+        return deleted
+
+    def _without_stored(self, predictions: list[dict], retried: bool = True,
+                        listing_first: bool = False) -> list[dict]:
+        """`predictions` less those whose task already holds one of the same version;
+        a task found holding it twice keeps only the oldest.
+
+        `listing_first` narrows the tasks to check with one id-only listing per version
+        first (cheap when nothing is stored yet); `retried=False` inside an upload's own
+        retry loop.
+        """
+        remaining = predictions
+        for version in sorted({p["model_version"] for p in predictions}):
+            tasks = {p["task"] for p in remaining if p["model_version"] == version}
+            if listing_first:
+                tasks &= self._candidates(version)
+            if not tasks:
+                continue
+            stored = self._stored(version, sorted(tasks), retried)
+            self._delete_extra(stored, retried)
+            remaining = [p for p in remaining
+                         if not (p["model_version"] == version and p["task"] in stored)]
+            if stored and listing_first:
+                log.info("project=%s %d tasks already hold a prediction of %s; not sending "
+                         "them again", self.project_id, len(stored), version)
+        return remaining
 
     def upload_predictions(
         self,
@@ -139,28 +360,50 @@ class LabelStudioProject:
     ) -> None:
         """Bulk-import predictions, `chunk` at a time, so no single request is large.
 
-        Each chunk is retried on its own: Label Studio duplicates a re-imported prediction,
-        so a failure never re-sends the chunks it already accepted.
+        Idempotent: Label Studio stores a re-imported prediction twice, so a chunk whose
+        request failed is re-sent only for the tasks that still lack a prediction of its
+        version; and since a failed request may still be committed later, the tasks of
+        every chunk that needed a retry are checked for duplicates once all chunks are in.
         """
         total = len(predictions)
-        for start in range(0, total, chunk):
+        # An upload run again (an RQ retry of a publish job) sends only what is missing.
+        predictions = self._without_stored(predictions, listing_first=True) if predictions else []
+        skipped = total - len(predictions)
+        suspects: list[dict] = []
+        for start in range(0, len(predictions), chunk):
             part = predictions[start : start + chunk]
             if progress is not None:
-                progress(start, total)
-            response = with_retries(
-                lambda part=part: self._call(
-                    "import predictions",
-                    lambda: self.client.projects.import_predictions(id=self.project_id, request=part)),
-                on_retry=on_retry,
-            )
+                progress(skipped + start, total)
+            if self._import_chunk(part, on_retry):
+                suspects.extend(part)
+            if progress is not None:
+                progress(skipped + min(start + chunk, len(predictions)), total)
+        if suspects:
+            self._without_stored(suspects)  # deletes second predictions stored late
+
+    def _import_chunk(self, part: list[dict], on_retry) -> bool:
+        """Import one chunk; returns whether any attempt failed (the chunk is then suspect)."""
+        pending = part
+        failed = False
+
+        def attempt(number: int) -> None:
+            nonlocal pending, failed
+            if number > 1:
+                failed = True
+                pending = self._without_stored(pending, retried=False)
+                if not pending:
+                    return
+            response = self._once("import predictions", lambda: self.client.projects.import_predictions(
+                id=self.project_id, request=pending))
             created = getattr(response, "created", None)
-            if created is not None and created != len(part):
+            if created is not None and created != len(pending):
                 # Label Studio answers 201 even when it drops predictions it finds invalid.
                 raise LabelStudioError(
-                    f"Label Studio stored {created} of {len(part)} predictions for project "
+                    f"Label Studio stored {created} of {len(pending)} predictions for project "
                     f"{self.project_id}; check that the label config still matches the model")
-            if progress is not None:
-                progress(min(start + chunk, total), total)
+
+        self._retry("import predictions", attempt, on_retry)
+        return failed
 
     def upload_predictions_one_by_one(self, predictions: list[dict],
                                       on_retry: Callable[[int, Exception], None] | None = None) -> None:
@@ -168,49 +411,76 @@ class LabelStudioProject:
 
         Label Studio 1.23's bulk import keeps only task, result, score and model_version;
         `mislabeling` and `cluster` survive only this way, one request per prediction, so it
-        is used for the few labeled tasks whose label the model disputes.
+        is used for the few labeled tasks whose label the model disputes. Idempotent like
+        the bulk path: a retried create first asks whether the task got the prediction.
         """
-        for prediction in predictions:
-            with_retries(lambda p=prediction: self._call(
-                "create prediction", lambda: self.client.predictions.create(**p)), on_retry=on_retry)
+        for prediction in self._without_stored(predictions, listing_first=True) if predictions else []:
+            self._create_prediction(prediction, on_retry)
+
+    def _create_prediction(self, prediction: dict, on_retry) -> None:
+        task, version = prediction["task"], prediction["model_version"]
+
+        def attempt(number: int) -> None:
+            if number > 1:
+                existing = self._once("list predictions", lambda: self.client.predictions.list(task=task))
+                ids = sorted(int(p.id) for p in existing or [] if p.model_version == version)
+                if ids:
+                    self._delete_extra({task: ids}, retried=False)
+                    return
+            self._once("create prediction", lambda: self.client.predictions.create(**prediction))
+
+        self._retry("create prediction", attempt, on_retry)
 
     def publish_predictions(self, bulk: list[dict], one_by_one: list[dict], chunk: int,
                             progress: Callable[[int, int], None] | None = None) -> None:
         """`one_by_one` (disputed labels, which keep `mislabeling` and `cluster` only through
-        the single-prediction API) first, then `bulk` through the chunked import."""
-        on_retry = retry_logger(self.project_id)
-        self.upload_predictions_one_by_one(one_by_one, on_retry=on_retry)
-        self.upload_predictions(bulk, chunk, on_retry=on_retry, progress=progress)
+        the single-prediction API) first, then `bulk` through the chunked import. Safe to
+        run again for the same version: tasks that already hold it are not sent twice."""
+        self.upload_predictions_one_by_one(one_by_one)
+        self.upload_predictions(bulk, chunk, progress=progress)
 
     def set_model_version(self, version: str) -> None:
+        """Point the project's `model_version` at `version` (the score column and the
+        uncertainty-sampling queue follow it)."""
         self._call(
             "update project model_version",
             lambda: self.client.projects.update(id=self.project_id, model_version=version),
         )
 
 
-def retry_logger(project_id: int) -> Callable[[int, Exception], None]:
-    """An `on_retry` for `with_retries` that logs the failed call of a project's job."""
-    def log_retry(attempt: int, exc: Exception) -> None:
-        log.warning("project=%s Label Studio call failed (attempt %d), retrying: %s",
-                    project_id, attempt, exc)
-    return log_retry
+def _run_with_retries(attempt: Callable[[int], Any], policy: RetryPolicy, what: str,
+                      project_id: int | None,
+                      on_retry: Callable[[int, Exception], None] | None) -> Any:
+    def should_retry(exc: BaseException) -> bool:
+        return isinstance(exc, LabelStudioError) and exc.retryable and not exc.retried
 
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception()
+        log.warning("project=%s Label Studio call '%s' failed (attempt %d of %d), retrying in "
+                    "%.1f s: %s", project_id, what, state.attempt_number, policy.attempts,
+                    state.next_action.sleep, exc)
+        if on_retry is not None:
+            on_retry(state.attempt_number, exc)
 
-def with_retries(fn: Callable[[], Any], attempts: int = 4, first_delay: float = 1.0,
-                 on_retry: Callable[[int, Exception], None] | None = None) -> Any:
-    """Call `fn`, retrying LabelStudioError with exponential backoff."""
-    delay = first_delay
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except LabelStudioError as exc:
-            if attempt == attempts or not exc.retryable:
-                raise
-            if on_retry is not None:
-                on_retry(attempt, exc)
-            time.sleep(delay)
-            delay *= 3
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(policy.attempts),
+        wait=lambda state: policy.delay(state.attempt_number, state.outcome.exception()),
+        retry=tenacity.retry_if_exception(should_retry),
+        before_sleep=before_sleep,
+        sleep=time.sleep,
+        reraise=True,
+    )
+    try:
+        for try_ in retrying:
+            with try_:
+                result = attempt(try_.retry_state.attempt_number)
+            if not try_.retry_state.outcome.failed:
+                return result
+    except LabelStudioError as exc:
+        if exc.retryable:
+            exc.retried = True  # spent: the message and /jobs can say it was retried
+        raise
+    raise AssertionError("unreachable: tenacity either returns or re-raises")
 
 
 PERSONAL_TOKEN_HINT = ("create a personal access token in Label Studio (Account & Settings > "

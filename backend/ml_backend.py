@@ -23,7 +23,7 @@ import numpy as np
 
 from backend.job_results import EncodeResult, RetrainResult, Status
 from backend.label_config import LabelConfig, parse_label_config
-from backend.label_studio import LabelStudioProject, retry_logger, with_retries
+from backend.label_studio import LabelStudioProject
 from backend.model_store import LoadedModel, ModelStore
 from backend.publish import predictions_for, publish_inline
 from backend.settings import Settings
@@ -220,15 +220,13 @@ class ActiveLearningBackend:
     def _read_project(self, progress: Progress):
         """Label config and tasks from Label Studio (tasks through the local incremental copy)."""
         ls = LabelStudioProject(self.settings, self.project_id)
-        retry_log = self._retry_log
         progress("reading Label Studio", 0, 0)
-        project = with_retries(ls.project, on_retry=retry_log)
+        project = ls.project()
         config = parse_label_config(project.get("label_config") or "")
         store = TaskStore(self.settings.data_dir, self.project_id)
-        tasks, sync = with_retries(
-            lambda: store.sync(ls, project.get("task_number"),
-                               progress=lambda n: progress("reading tasks", n, 0)),
-            on_retry=retry_log)
+        # Each page is retried by the client (backend/label_studio.py), not the whole sync.
+        tasks, sync = store.sync(ls, project.get("task_number"),
+                                 progress=lambda n: progress("reading tasks", n, 0))
         log.info("project=%s read %d changed tasks from Label Studio (%s sync), %d in all",
                  self.project_id, sync["read"], sync["mode"], len(tasks))
         return ls, project, config, project_data(tasks, config), sync
@@ -240,7 +238,7 @@ class ActiveLearningBackend:
         choice = {"ordering": self.settings.ordering, "batch_size": self.settings.batch_size,
                   "params": {}, "source": "environment"}
         try:
-            extra = with_retries(ls.ml_extra_params, on_retry=self._retry_log)
+            extra = ls.ml_extra_params()
         except Exception as exc:  # extra params are optional; training goes on without them
             log.warning("project=%s could not read the ML backend's extra params: %s", self.project_id, exc)
             extra = {}
@@ -259,10 +257,6 @@ class ActiveLearningBackend:
             log.warning("project=%s ignoring the ML backend's extra params: %s", self.project_id, exc)
             return dict(choice, error=f"extra params ignored: {exc}")
         return wanted
-
-    @property
-    def _retry_log(self) -> Callable[[int, Exception], None]:
-        return retry_logger(self.project_id)
 
     def encode_new_tasks(self, progress: Progress = no_progress,
                          fan_out: Callable[[str, list[list[str]], EncodeResult], None] | None = None

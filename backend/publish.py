@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from backend.job_results import Status
 from backend.label_config import LabelConfig
-from backend.label_studio import LabelStudioProject, retry_logger, with_retries
+from backend.label_studio import LabelStudioProject
 from backend.model_store import ModelStore, version_number
 from model.training import TrainingResult
 
@@ -71,7 +71,7 @@ def switch_version(ls: LabelStudioProject, store: ModelStore, version: str) -> S
     current = store.current_version(ls.project_id)
     if current is not None and version_number(current) >= version_number(version):
         return Status.SUPERSEDED
-    with_retries(lambda: ls.set_model_version(version), on_retry=retry_logger(ls.project_id))
+    ls.set_model_version(version)
     store.activate(ls.project_id, version)
     return Status.FINISHED
 

@@ -253,3 +253,31 @@ def test_200_concurrent_webhooks_with_two_workers_make_at_most_two_retrains(labe
     assert final["last"]["status"] == "finished"
     assert final["last"]["labeled"] == len(project.annotated)
     assert final["model_version"] == project.model_version()
+
+
+def test_label_studio_answer_lost_mid_upload_leaves_one_prediction_per_task(label_studio, services):
+    """Issue 16, point 3: Label Studio stores a chunk, its answer is lost, the backend
+    retries. Label Studio 1.23 would store a re-sent chunk twice; the retrain must leave
+    each task with exactly one prediction of the version it publishes."""
+    host, port = urlparse(label_studio.url).hostname, urlparse(label_studio.url).port
+    proxy = TcpProxy(host, port)
+    _start(services, label_studio, ls_url=proxy.url, JOB_RETRIES="0", PREDICTION_CHUNK="100")
+    # The first retrain's 300 predictions go in chunks of 100: the 2nd chunk's answer is
+    # lost after Label Studio stored it, the 3rd chunk's request dies on its way.
+    proxy.drop_next(b"/import/predictions", when="response", skip=1)
+    proxy.drop_next(b"/import/predictions", when="request", skip=2)
+    _client, project, first = _first_model(services, label_studio)
+
+    assert proxy.faults_fired() == 2, services.log_tail("worker.log")
+    assert proxy.dropped_responses and proxy.dropped_responses[0].startswith(b"HTTP/1.1 201")
+    assert "retrying" in services.log_tail("worker.log", 20000)
+    assert jobs_of(services, project.id)["last"]["status"] == "finished"
+    tasks = project.tasks()
+    per_version: dict[str, list[int]] = {}
+    for task in tasks:
+        for version in {p["model_version"] for p in task["predictions"]}:
+            count = sum(p["model_version"] == version for p in task["predictions"])
+            per_version.setdefault(version, []).append(count)
+    # Every task holds the published version once; no version is held twice by any task.
+    assert per_version[first] == [1] * len(tasks), per_version[first]
+    assert all(set(counts) == {1} for counts in per_version.values()), per_version

@@ -1,0 +1,321 @@
+"""The Label Studio client: its one retry layer, idempotent uploads, and reading tasks.
+
+The retry rules are checked against a throwaway local HTTP server that answers what each
+test scripts (a 503, a dropped connection, a 401...), so every request the client really
+sends is counted, the SDK's own retries included, were they on. Uploads and reading tasks
+are checked against the real Label Studio (`label_studio` fixture), through the TCP proxy
+that loses one answer or one request for real.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import threading
+import time
+from urllib.parse import urlparse
+
+import pytest
+
+from backend.label_studio import LabelStudioError, LabelStudioProject, RetryPolicy
+from backend.settings import Settings
+from backend.task_store import TaskStore
+from tests.support.tcp_proxy import TcpProxy
+
+FAST = RetryPolicy(attempts=3, first_delay=0.05, factor=2.0)
+
+
+# --------------------------------------------------------------------------- a scripted server
+
+
+class ScriptedServer:
+    """Answers request n with script[n] (the last entry repeats): an HTTP status, a
+    (status, headers) pair, or "hangup" (close the connection without an answer)."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                outer.requests.append(f"{self.command} {self.path}")
+                step = outer.script[min(len(outer.requests), len(outer.script)) - 1]
+                if step == "hangup":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                status, headers = step if isinstance(step, tuple) else (step, {})
+                body = json.dumps({"id": 1, "title": "scripted"} if status == 200
+                                  else {"detail": f"scripted {status}"}).encode()
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_PATCH = do_POST = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def scripted():
+    servers = []
+
+    def start(*script):
+        server = ScriptedServer(script)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def _project(url, retry=FAST, project_id=1):
+    # Not a JWT: the SDK sends it as a legacy token and asks nothing else of the server.
+    return LabelStudioProject(Settings(label_studio_url=url, label_studio_api_key="legacy-token"),
+                              project_id, retry=retry)
+
+
+@pytest.mark.parametrize("fault", [503, 502, 500, 429, 408, "hangup"])
+def test_transient_faults_are_retried_until_an_answer(scripted, fault):
+    server = scripted(fault, fault, 200)
+    assert _project(server.url).project()["id"] == 1
+    # Three requests in all: ours are the only retries (the SDK's are off).
+    assert len(server.requests) == 3, server.requests
+
+
+@pytest.mark.parametrize("status,hint", [(400, "scripted 400"), (401, "LABEL_STUDIO_API_KEY"),
+                                         (403, "LABEL_STUDIO_API_KEY"), (404, "still exist"),
+                                         (409, "409")])
+def test_final_answers_are_raised_at_once_with_what_to_check(scripted, status, hint):
+    server = scripted(status, 200)
+    with pytest.raises(LabelStudioError) as raised:
+        _project(server.url).project()
+    assert len(server.requests) == 1
+    assert not raised.value.retryable and raised.value.status == status
+    assert hint in str(raised.value)
+
+
+def test_gives_up_after_the_policy_attempts(scripted):
+    server = scripted(503)
+    ls = _project(server.url)
+    with pytest.raises(LabelStudioError) as raised:
+        ls.project()
+    assert len(server.requests) == FAST.attempts
+    assert raised.value.retryable and raised.value.retried and raised.value.status == 503
+
+
+def test_retry_after_replaces_the_computed_backoff(scripted):
+    server = scripted((503, {"Retry-After": "0.2"}), 200)
+    slow = RetryPolicy(attempts=2, first_delay=20.0)  # would wait 10-20 s without the header
+    started = time.monotonic()
+    assert _project(server.url, retry=slow).project()["id"] == 1
+    assert time.monotonic() - started < 8
+    assert len(server.requests) == 2
+
+
+def test_unreachable_label_studio_is_retried_with_bounded_backoff():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connections are refused
+    policy = RetryPolicy(attempts=3, first_delay=0.4, factor=2.0)
+    started = time.monotonic()
+    with pytest.raises(LabelStudioError) as raised:
+        _project(f"http://127.0.0.1:{port}", retry=policy).project()
+    elapsed = time.monotonic() - started
+    # Two waits, each at least half its nominal 0.4 s and 0.8 s; far less than a minute.
+    assert 0.6 <= elapsed < 30, elapsed
+    assert raised.value.retryable and raised.value.status is None
+    assert "LABEL_STUDIO_URL" in str(raised.value)
+
+
+def test_delay_grows_by_factor_is_jittered_down_and_capped():
+    policy = RetryPolicy(attempts=10, first_delay=1.0, factor=3.0, max_delay=20.0)
+    for attempt, nominal in [(1, 1.0), (2, 3.0), (3, 9.0), (4, 20.0), (8, 20.0)]:
+        delays = [policy.delay(attempt) for _ in range(200)]
+        assert all(nominal / 2 <= d <= nominal for d in delays), (attempt, min(delays), max(delays))
+        assert max(delays) - min(delays) > 0  # jittered, so workers do not retry in step
+    capped = LabelStudioError("x", retryable=True, retry_after=600.0)
+    assert policy.delay(1, capped) == 20.0
+
+
+def test_errors_that_are_not_label_studio_faults_are_not_retried():
+    calls = []
+
+    class Projects:
+        def get(self, id):
+            calls.append(id)
+            raise ZeroDivisionError("a bug of ours")
+
+    class Client:
+        projects = Projects()
+
+    ls = LabelStudioProject(Settings(label_studio_url="http://127.0.0.1:9", label_studio_api_key="k"), 3,
+                            client=Client(), retry=FAST)
+    with pytest.raises(ZeroDivisionError):
+        ls.project()
+    assert calls == [3]
+
+
+def test_a_missing_api_key_says_what_to_set():
+    ls = LabelStudioProject(Settings(label_studio_url="http://127.0.0.1:9", label_studio_api_key=""), 1)
+    with pytest.raises(LabelStudioError, match="LABEL_STUDIO_API_KEY is not set"):
+        ls.project()
+
+
+# --------------------------------------------------------------------------- real Label Studio
+
+CONFIG = """<View>
+  <Text name="text" value="$text"/>
+  <Choices name="label" toName="text" choice="single">
+    <Choice value="A"/>
+    <Choice value="B"/>
+  </Choices>
+</View>"""
+RESULT = [{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": ["A"]}}]
+
+
+def _client(label_studio):
+    from label_studio_sdk.client import LabelStudio
+
+    return LabelStudio(base_url=label_studio.url, api_key=label_studio.api_key)
+
+
+def _new_project(client, n_tasks):
+    project = client.projects.create(title=f"client {time.time():.3f}", label_config=CONFIG)
+    client.projects.import_tasks(id=project.id, request=[{"text": f"text {i}"} for i in range(n_tasks)])
+    return project.id
+
+
+def _through(proxy, label_studio, project_id):
+    settings = Settings(label_studio_url=proxy.url, label_studio_api_key=label_studio.api_key)
+    return LabelStudioProject(settings, project_id, retry=RetryPolicy(attempts=4, first_delay=0.2))
+
+
+def _proxy(label_studio):
+    url = urlparse(label_studio.url)
+    return TcpProxy(url.hostname, url.port)
+
+
+def _predictions_per_task(client, project_id, version):
+    """{task id: its predictions of `version`}, read straight from Label Studio."""
+    return {t.id: [p for p in t.predictions if p.model_version == version]
+            for t in client.tasks.list(project=project_id, fields="all", page_size=1000)}
+
+
+def _predictions(task_ids, version):
+    return [{"task": i, "result": RESULT, "score": 0.25, "model_version": version} for i in task_ids]
+
+
+@pytest.mark.e2e
+def test_lost_requests_and_answers_mid_upload_leave_one_prediction_per_task(label_studio):
+    client = _client(label_studio)
+    project_id = _new_project(client, 120)
+    proxy = _proxy(label_studio)
+    ls = _through(proxy, label_studio, project_id)
+    ids = ls.task_ids()
+    version = "v0007-20261201-120000"
+    bulk = _predictions(ids[:100], version)
+    one_by_one = [dict(p, cluster=3, mislabeling=0.5) for p in _predictions(ids[100:], version)]
+
+    # Chunks of 25: the 2nd import loses its answer after Label Studio stored it, the 3rd
+    # dies on its way; the 3rd single create loses its answer, the 5th dies on its way.
+    proxy.drop_next(b"/import/predictions", when="response", skip=1)
+    proxy.drop_next(b"/import/predictions", when="request", skip=2)
+    proxy.drop_next(b"POST /api/predictions", when="response", skip=2)
+    proxy.drop_next(b"POST /api/predictions", when="request", skip=4)
+    ls.publish_predictions(bulk, one_by_one, chunk=25)
+
+    assert proxy.faults_fired() == 4
+    # Label Studio did store the requests whose answers were lost: a blind retry would
+    # have stored them twice.
+    assert len(proxy.dropped_responses) == 2
+    assert all(r.startswith(b"HTTP/1.1 201") for r in proxy.dropped_responses), proxy.dropped_responses
+    stored = _predictions_per_task(client, project_id, version)
+    counts = {task_id: len(predictions) for task_id, predictions in stored.items()}
+    assert sorted(counts) == sorted(ids)
+    assert all(count == 1 for count in counts.values()), \
+        {task_id: count for task_id, count in counts.items() if count != 1}
+    # The single-prediction path kept what only it can carry.
+    assert all(stored[i][0].cluster == 3 for i in ids[100:])
+
+
+@pytest.mark.e2e
+def test_publishing_the_same_version_again_sends_only_what_is_missing(label_studio):
+    """An RQ retry of a publish job re-sends a version that is partly in Label Studio."""
+    client = _client(label_studio)
+    project_id = _new_project(client, 60)
+    proxy = _proxy(label_studio)
+    ls = _through(proxy, label_studio, project_id)
+    ids = ls.task_ids()
+    version = "v0003-20261201-130000"
+    # Another version whose name contains this one: Label Studio's filter matches it too.
+    other = version + "-b"
+    ls.publish_predictions(_predictions(ids, other), [], chunk=50)
+    ls.publish_predictions(_predictions(ids[:35], version), [], chunk=10)
+
+    ls.publish_predictions(_predictions(ids, version), [], chunk=10)
+
+    counts = {t: len(p) for t, p in _predictions_per_task(client, project_id, version).items()}
+    assert all(counts[i] == 1 for i in ids), counts
+    assert all(len(p) == 1 for p in _predictions_per_task(client, project_id, other).values())
+
+
+def _log_since(label_studio, offset):
+    with open(label_studio.log_path, "rb") as log:
+        log.seek(offset)
+        return log.read().decode(errors="replace")
+
+
+@pytest.mark.e2e
+def test_reading_tasks_leaves_no_invalid_page_in_label_studio_log(label_studio, tmp_path):
+    client = _client(label_studio)
+    project_id = _new_project(client, 120)
+    proxy = _proxy(label_studio)
+    ls = _through(proxy, label_studio, project_id)
+    offset = label_studio.log_path.stat().st_size
+
+    # 120 tasks in pages of 40: a page-number pager asks for page 4, past the end.
+    pages = []
+    tasks = ls.tasks(page_size=40, progress=pages.append)
+    ids = [t["id"] for t in tasks]
+    assert ids == sorted(ids) and len(set(ids)) == 120 and pages == [40, 80, 120]
+    assert ls.task_ids() == ids
+    # A timestamp without microseconds (Label Studio's filter parses only one format).
+    assert [t["id"] for t in ls.tasks(updated_after="2000-01-01T00:00:00Z")] == ids
+
+    # The task store's three reads: full, incremental, and the id listing after a deletion.
+    store = TaskStore(tmp_path, project_id)
+    all_tasks, info = store.sync(ls, ls.project()["task_number"])
+    assert info["mode"] == "full" and len(all_tasks) == 120
+    for task_id in ids[:3]:
+        client.annotations.create(id=task_id, result=RESULT)
+    client.tasks.delete(id=ids[-1])
+    all_tasks, info = store.sync(ls, ls.project()["task_number"])
+    assert info["mode"] == "incremental" and info["deleted"] == 1, info
+    assert 3 <= info["read"] < 120, info
+    assert [t["id"] for t in all_tasks] == ids[:-1]
+    assert all(t["annotations"] for t in all_tasks if t["id"] in ids[:3])
+
+    log = _log_since(label_studio, offset)
+    assert "Invalid page" not in log, log[-3000:]
+    assert "[ERROR]" not in log, log[-3000:]
+    assert "GET /api/tasks/" in log  # the reads did reach this server's log
