@@ -92,8 +92,36 @@ def test_params_come_from_the_constructor_and_the_call():
         _baseline_input(probabilities, batch_size=4, class_guard=True)
     )
     assert guarded.info["class_guard"] is True
-    with pytest.raises(ValueError, match="known parameters"):
-        get_ordering("margin").score(_baseline_input(probabilities, batch_size=4, folds="many"))
+    assert "param_warnings" not in guarded.info
+    # An unknown name or a bad value in the call's params (a project's extra params) is
+    # skipped with a warning, and the value it would have replaced stays.
+    result = get_ordering("least_confidence", class_guard=False).score(_baseline_input(
+        probabilities, batch_size=4, folds="many", class_guard="yes", min_class_fraction=2.0))
+    warnings = result.info["param_warnings"]
+    assert len(warnings) == 3
+    assert "no parameter 'folds'" in warnings[0] and "known parameters: class_guard" in warnings[0]
+    assert "class_guard='yes' ignored: it must be true or false; using False" in warnings[1]
+    assert "min_class_fraction=2.0 ignored: it must be in [0.0, 1.0]; using 0.3" in warnings[2]
+    assert result.info["class_guard"] is False
+
+
+def test_every_default_passes_its_own_rule_and_bad_values_fall_back():
+    for name, cls in ORDERINGS.items():
+        rules = cls.param_rules()
+        assert set(rules) == set(cls.known_params()), name
+        for param, default in cls.known_params().items():
+            assert rules[param](default) == default, (name, param)
+    atlas = get_ordering("atlas")
+    bad = {"folds": 1, "min_incorrect": "8", "head_features": "everything", "head_regularization": -1,
+           "regularization_grid": [], "domain_weighting": "no", "per_round": 2.5, "locality": float("nan")}
+    settings, warnings = atlas.resolve(OrderingInput(None, None, None, None, params=bad))
+    assert len(warnings) == len(bad)
+    assert settings == atlas.known_params()
+    good = {"folds": 3.0, "head_regularization": 0.5, "domain_weighting": 0, "regularization_grid": [0, 1]}
+    settings, warnings = atlas.resolve(OrderingInput(None, None, None, None, params=good))
+    assert warnings == []
+    assert (settings["folds"], settings["head_regularization"], settings["domain_weighting"],
+            settings["regularization_grid"]) == (3, 0.5, False, [0.0, 1.0])
 
 
 # ---------------------------------------------------------------- class guard
@@ -160,7 +188,7 @@ def test_uncertainty_first_orders_the_least_confident_by_domain_likeness():
 
     probabilities = np.array([[0.5, 0.5], [0.9, 0.1], [0.6, 0.4], [0.99, 0.01], [0.7, 0.3]])
     p_training = np.array([0.9, 0.0, 0.2, 0.1, 0.5])
-    scores = uncertainty_first(probabilities, p_training, candidates=3)
+    scores = uncertainty_first(least_confidence_score(probabilities), p_training, candidates=3)
     # Candidates: tasks 0, 2, 4 (least confident); among them the lowest P(training) first;
     # then the rest by least confidence (1 before 3), whatever their P(training).
     assert list(np.argsort(scores, kind="stable")) == [2, 4, 0, 1, 3]
@@ -224,7 +252,7 @@ def test_the_correction_head_never_turns_uncertainty_upside_down():
     # Labeled tasks where, by chance, the more uncertain ones were *less* often wrong: the
     # best fit has a negative slope on the uncertainty, which would serve the pool's safest
     # tasks first. The slope is kept positive, so the ranking stays least confidence's.
-    from model.orderings.predicted_incorrect import BinaryHead
+    from model.orderings.transfer import BinaryHead
 
     rng = np.random.default_rng(0)
     offset = rng.normal(size=400)
