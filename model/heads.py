@@ -74,6 +74,14 @@ def answered(targets: np.ndarray) -> np.ndarray:
     return targets >= 0 if targets.ndim == 1 else (targets >= 0).all(axis=1)
 
 
+def labeled_tasks(targets: list[np.ndarray]) -> np.ndarray:
+    """The tasks that answer at least one control, ascending: the labeled set of a retrain."""
+    rows = np.zeros(len(targets[0]), dtype=bool)
+    for t in targets:
+        rows |= answered(t)
+    return np.flatnonzero(rows)
+
+
 def new_head(spec: ControlSpec, input_dim: int, device: str = "cpu", **settings):
     """An untrained head of the right kind for `spec` (settings: HeadConfig fields)."""
     config = HeadConfig(labels=list(spec.labels), input_dim=int(input_dim), **settings)

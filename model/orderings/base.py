@@ -286,13 +286,17 @@ class Ordering(ABC):
         return {**COMMON_RULES, **cls.rules}
 
     def resolve(self, data: OrderingInput) -> tuple[dict, list[str]]:
-        """(settings, warnings): defaults, overridden by constructor params, overridden by the
-        call's params, each value checked by its rule; a bad value or an unknown name is
-        skipped with a warning and the value it would have replaced stays."""
+        """(settings, warnings) for this call: see `checked`."""
+        return self.checked(data.params)
+
+    def checked(self, params: dict | None) -> tuple[dict, list[str]]:
+        """(settings, warnings): defaults, overridden by constructor params, overridden by
+        `params`, each value checked by its rule; a bad value or an unknown name is skipped
+        with a warning and the value it would have replaced stays."""
         settings = dict(self.known_params())
         rules = self.param_rules()
         warnings: list[str] = []
-        for params in (self.params, data.params or {}):
+        for params in (self.params, params or {}):
             for name, value in params.items():
                 if name not in settings:
                     warnings.append(f"ordering {self.name!r} has no parameter {name!r}, ignored; "
