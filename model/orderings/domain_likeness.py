@@ -129,7 +129,7 @@ class DomainLikeness(Ordering):
                 "domain_likeness needs the pooled hidden states of every encoder layer: pass "
                 "all_layers_labeled and all_layers_unlabeled (encode_with_cache(..., all_layers=True))"
             )
-        if len(data.labels) == 0 or len(data.features_unlabeled) < 2:
+        if len(data.features_labeled) == 0 or len(data.features_unlabeled) < 2:
             info = {"fallback": "random", "fallback_reason": "nothing labeled or nothing to order"}
             scores = np.random.default_rng(data.seed).random(len(data.features_unlabeled))
             return self.finish(data, scores, views, info)
