@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from backend.label_config import LabelConfig
+from model.heads import ControlSpec, encode_targets
 
 
 class MissingTextField(ValueError):
@@ -118,3 +121,15 @@ def project_data(tasks: list[dict], config: LabelConfig) -> ProjectData:
         answers.append(row)
         labels.append(row[config.from_name])
     return ProjectData(ids, texts, labels, object_texts, answers)
+
+
+def control_specs(config: LabelConfig) -> list[ControlSpec]:
+    """The model's view of the learnable controls: one head each, in config order."""
+    return [ControlSpec(name=c.name, labels=list(c.choices), multi_label=c.multi_label,
+                        inputs=list(c.to_names)) for c in config.controls]
+
+
+def control_targets(data: ProjectData, config: LabelConfig) -> list[np.ndarray]:
+    """Per control, its target array over every task (`model.heads.encode_targets`)."""
+    return [encode_targets(spec, [row[spec.name] for row in data.answers or []])
+            for spec in control_specs(config)]

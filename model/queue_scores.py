@@ -125,6 +125,13 @@ def out_of_fold_disagreement(features: np.ndarray, y: np.ndarray, config: HeadCo
     return disagreement(heads, oof, [y])
 
 
+def out_of_fold_folds(ordering: str, params: dict | None = None) -> int:
+    """Folds of the retrain's one out-of-fold pass: the ordering's checked `folds`
+    (predicted_incorrect, atlas), else MISLABELING_FOLDS. Give it to `train_heads`."""
+    settings, _ = get_ordering(ordering).checked(params)
+    return int(settings.get("folds", MISLABELING_FOLDS))
+
+
 def queue_scores(
     features: np.ndarray,
     labels: list[int | None],
@@ -180,12 +187,10 @@ def queue_scores_multi(
     predictions = heads.predict(probabilities)
     confidence = heads.confidence(probabilities)
     chosen = get_ordering(ordering)
-    settings, _ = chosen.checked(params)
     labeled_targets = [np.asarray(t)[labeled] for t in targets]
     if out_of_fold is None and len(labeled) >= 2:
         out_of_fold = heads.out_of_fold([np.asarray(x, dtype=np.float32)[labeled] for x in head_features],
-                                        labeled_targets, folds=settings.get("folds", MISLABELING_FOLDS),
-                                        seed=seed)
+                                        labeled_targets, folds=out_of_fold_folds(ordering, params), seed=seed)
 
     scores = LABELED_FLOOR + (1 - LABELED_FLOOR) * confidence  # labeled: after every unlabeled
     info: dict = {"ordering": ordering}

@@ -1,7 +1,14 @@
 import pytest
 
 from backend.label_config import LabelConfig, UnsupportedConfig, parse_label_config
-from backend.training_data import MissingTextField, latest_answers, latest_label, project_data
+from backend.training_data import (
+    MissingTextField,
+    control_specs,
+    control_targets,
+    latest_answers,
+    latest_label,
+    project_data,
+)
 
 TEXT_CONFIG = """<View>
   <Text name="text" value="$review"/>
@@ -221,5 +228,11 @@ def test_project_data_gives_texts_per_object_and_answers_per_control():
     assert data.answered_index("topic") == [2] and data.answered_index("urgency") == [0]
     assert data.answers[2]["topic"] == frozenset({"Sports", "tech"})
     assert data.labels == [None, None, frozenset({"Sports", "tech"})]
+    specs = control_specs(config)
+    assert [(s.name, s.multi_label, s.inputs) for s in specs] == [
+        ("topic", True, ["title", "body"]), ("urgency", False, ["body"]), ("why", False, ["body"])]
+    topic_t, urgency_t, why_t = control_targets(data, config)
+    assert topic_t.tolist() == [[-1, -1, -1], [-1, -1, -1], [1, 0, 1]]
+    assert urgency_t.tolist() == [0, -1, -1] and why_t.tolist() == [-1, -1, -1]
     with pytest.raises(MissingTextField, match="no data field 'html'"):
         project_data([{"id": 8, "data": {"title": "no body"}}], config)

@@ -100,7 +100,7 @@ def _two_controls(seed=0, n=300, labeled=160):
 
 def test_queue_scores_over_several_controls_reuse_the_one_out_of_fold_pass():
     from model.heads import labeled_tasks, train_heads
-    from model.queue_scores import queue_scores_multi
+    from model.queue_scores import out_of_fold_folds, queue_scores_multi
 
     x, specs, targets, flipped = _two_controls()
     labeled = labeled_tasks(targets)
@@ -124,6 +124,7 @@ def test_queue_scores_over_several_controls_reuse_the_one_out_of_fold_pass():
     assert (result.mislabeling[160:] == 0).all()
     # Without a pass handed over, one runs here (the ordering's folds).
     again = queue_scores_multi(x, heads, [x, x], targets, ordering="least_confidence", batch_size=20)
-    assert again.out_of_fold is not None and again.out_of_fold.folds == 3
+    assert again.out_of_fold is not None and again.out_of_fold.folds == 3 == out_of_fold_folds("margin")
+    assert out_of_fold_folds("atlas", {"folds": 4}) == 4 and out_of_fold_folds("atlas", {"folds": 1}) == 5
     assert again.mislabeling[flipped] > 0.5
 
