@@ -295,12 +295,11 @@ class MultiLabelHead(_TwoLayerHead):
 
     def predict(self, probabilities: np.ndarray) -> np.ndarray:
         """Chosen choices per row (bool, (n, n_choices)): every choice at or above its
-        threshold, and at least the most likely one (relative to its threshold)."""
+        threshold, and at least the most likely one (a Choices answer is never empty)."""
         probabilities = np.asarray(probabilities, dtype=np.float64)
         chosen = probabilities >= self.thresholds_[None, :]
         if len(probabilities):
-            best = (probabilities - self.thresholds_[None, :]).argmax(axis=1)
-            chosen[np.arange(len(chosen)), best] = True
+            chosen[np.arange(len(chosen)), probabilities.argmax(axis=1)] = True
         return chosen
 
     def config_dict(self) -> dict:

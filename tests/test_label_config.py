@@ -93,6 +93,13 @@ def test_results_one_per_control_multi_label_as_a_list():
          "value": {"choices": ["Sports", "tech"]}},
         {"from_name": "urgency", "to_name": "body", "type": "choices", "value": {"choices": ["High"]}},
     ]
+    # What the SDK itself accepts as a prediction for this config.
+    from label_studio_sdk.label_interface import LabelInterface
+
+    interface = LabelInterface(MULTI_CONFIG)
+    assert interface.validate_prediction({"result": results}, return_errors=True) == []
+    wrong = [dict(results[1], value={"choices": ["Medium"]})]
+    assert interface.validate_prediction({"result": wrong}, return_errors=True) != []
     with pytest.raises(ValueError, match="cannot select"):
         config.control("urgency").result({"High", "Low"})
     with pytest.raises(ValueError, match="cannot select"):

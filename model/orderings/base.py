@@ -126,10 +126,8 @@ class HeadView:
         return HeadView(self.multi_label, np.asarray(probabilities, dtype=np.float64), self.thresholds)
 
     def predicted_class(self) -> np.ndarray:
-        """The class per task (multi-label: the choice furthest above its threshold)."""
+        """The class per task (multi-label: the most likely choice)."""
         p = self.probabilities
-        if self.multi_label and self.thresholds is not None:
-            p = p - self.thresholds[None, :]
         return p.argmax(axis=1) if len(p) else np.zeros(0, dtype=int)
 
 
