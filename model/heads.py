@@ -265,13 +265,15 @@ class ControlHeads:
         (directory / HEADS_CONFIG_FILE).write_text(json.dumps({"heads": description}, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path, device: str = "cpu") -> "ControlHeads":
-        """What `save` wrote; a version saved as one `ClassifierHead` loads as one control."""
+    def load(cls, directory: str | Path, device: str = "cpu", single_name: str = "label") -> "ControlHeads":
+        """What `save` wrote. A version saved as one `ClassifierHead` (before several
+        controls) loads as one control called `single_name` (pass the label config's
+        `from_name`, which that version's files do not record)."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
         if not (directory / HEADS_CONFIG_FILE).exists():
-            return cls.single(ClassifierHead.load(directory, device=device))
+            return cls.single(ClassifierHead.load(directory, device=device), name=single_name)
         description = json.loads((directory / HEADS_CONFIG_FILE).read_text())["heads"]
         tensors = load_file(str(directory / HEADS_WEIGHTS_FILE), device=device)
         specs, heads = [], []

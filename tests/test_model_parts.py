@@ -229,7 +229,8 @@ def test_a_version_saved_as_one_classifier_head_loads_as_one_control(tmp_path):
     x, y = _blobs()
     head = ClassifierHead(HeadConfig(labels=["a", "b"], input_dim=16)).fit(x, y)
     head.save(tmp_path)
-    heads = ControlHeads.load(tmp_path)
+    heads = ControlHeads.load(tmp_path, single_name="sentiment")
     assert len(heads) == 1 and heads.specs[0].labels == ["a", "b"] and not heads.specs[0].multi_label
+    assert heads.names == ["sentiment"]
     assert np.array_equal(heads.predict_proba([x])[0], head.predict_proba(x))
     assert np.array_equal(heads.confidence(heads.predict_proba([x])), head.predict_proba(x).max(axis=1))
