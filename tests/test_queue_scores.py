@@ -128,3 +128,61 @@ def test_queue_scores_over_several_controls_reuse_the_one_out_of_fold_pass():
     assert out_of_fold_folds("atlas", {"folds": 4}) == 4 and out_of_fold_folds("atlas", {"folds": 1}) == 5
     assert again.mislabeling[flipped] > 0.5
 
+
+
+def test_from_label_studio_tasks_to_one_result_per_control():
+    """The data flow of a retrain over a two-control config with a TextArea beside it, on
+    stand-in text vectors: config -> answers -> heads -> queue -> Label Studio results."""
+    from label_studio_sdk.label_interface import LabelInterface
+
+    from backend.label_config import parse_label_config
+    from backend.training_data import control_specs, control_targets, project_data
+    from model.heads import concat_inputs, labeled_tasks, train_heads
+    from model.queue_scores import out_of_fold_folds, queue_scores_multi
+
+    xml = """<View><Text name="title" value="$title"/><Text name="body" value="$body"/>
+      <Choices name="topic" toName="title,body" choice="multiple">
+        <Choice value="sport"/><Choice value="money"/></Choices>
+      <Choices name="urgent" toName="body" choice="single-radio"><Choice value="yes"/><Choice value="no"/></Choices>
+      <TextArea name="note" toName="body"/></View>"""
+    config = parse_label_config(xml)
+    assert [i.name for i in config.ignored] == ["note"]
+    rng = np.random.default_rng(0)
+    tasks, vectors = [], {}
+    for i in range(160):
+        sport, money, urgent = rng.random() < 0.5, rng.random() < 0.4, rng.random() < 0.3
+        title, body = f"title {i}", f"body {i}"
+        vectors[title] = rng.normal(0, 1, 8) + 2.5 * np.array([sport, money, 0, 0, 0, 0, 0, 0])
+        vectors[body] = rng.normal(0, 1, 8) + 2.5 * np.array([0, 0, urgent, 0, 0, 0, 0, 0])
+        result = []
+        if i < 100:
+            chosen = [c for c, on in (("sport", sport), ("money", money)) if on]
+            if chosen:
+                result.append(config.control("topic").result(chosen))
+            if i % 4:  # some annotators skipped the urgency question
+                result.append(config.control("urgent").result("yes" if urgent else "no"))
+        annotations = [{"id": i, "result": result, "updated_at": "2026-01-01"}] if result else []
+        tasks.append({"id": i + 1, "data": {"title": title, "body": body}, "annotations": annotations})
+
+    data = project_data(tasks, config)
+    specs = control_specs(config)
+    targets = control_targets(data, config)
+    objects = {name: np.array([vectors[t] for t in texts], dtype=np.float32)
+               for name, texts in data.object_texts.items()}
+    head_features = [concat_inputs(objects, spec.inputs) for spec in specs]
+    task_features = concat_inputs(objects, [o.name for o in config.objects])
+    labeled = labeled_tasks(targets)
+    assert list(labeled) == data.labeled_index
+    heads, oof = train_heads(specs, head_features, targets, labeled, folds=out_of_fold_folds("atlas"),
+                             hidden_dim=16, epochs=80)
+    queue = queue_scores_multi(task_features, heads, head_features, targets, ordering="atlas",
+                               batch_size=10, out_of_fold=oof)
+    answers = heads.answers(queue.probabilities)
+    interface = LabelInterface(xml)
+    for i in range(len(tasks)):
+        results = config.results_for(answers[i])
+        assert [r["from_name"] for r in results] == ["topic", "urgent"]  # every control filled
+        assert interface.validate_prediction({"result": results}, return_errors=True) == []
+    unlabeled = np.setdiff1d(np.arange(len(tasks)), labeled)
+    assert queue.scores[unlabeled].max() < LABELED_FLOOR <= queue.scores[labeled].min()
+    assert not np.array_equal(np.argsort(queue.scores[unlabeled], kind="stable"), np.arange(len(unlabeled)))
