@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 SUPPORTED = (
-    "this backend learns <Choices> controls (single- or multiple-choice, at least two "
-    "<Choice> values each) whose toName points at <Text> or <HyperText> objects that read a "
-    "task field (value=\"$field\"); other controls are ignored"
+    "this backend supports a label config with one or more <Choices> controls (single- or "
+    "multiple-choice, at least two <Choice> values each) whose toName points at <Text> or "
+    "<HyperText> objects that read a task field (value=\"$field\"); other controls are ignored"
 )
 TEXT_OBJECTS = ("Text", "HyperText")
 

@@ -114,7 +114,7 @@ def test_config_round_trips_through_its_dict_and_reads_the_old_format():
     assert LabelConfig.from_dict(old) == single
 
 
-LEARNABLE = "this backend learns <Choices> controls"
+LEARNABLE = "this backend supports a label config with one or more <Choices> controls"
 IMAGE_CHOICES = ('<View><Image name="i" value="$img"/><Choices name="c" toName="i"><Choice value="a"/>'
                  '<Choice value="b"/></Choices></View>')
 
