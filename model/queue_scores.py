@@ -9,6 +9,14 @@
   through clusters when it serves tasks.
 * **mislabeling**: for labeled tasks, how strongly an out-of-fold classifier disagrees
   with the human label (0 when it agrees), so reviewers can sort suspicious labels first.
+
+Several controls (`queue_scores_multi`): the ordering combines the heads (its docstring
+says how); a labeled task's confidence is the lowest over its controls
+(`ControlHeads.confidence`), and its mislabeling the strongest disagreement over the
+controls it answers (multi-label: over the choices where the out-of-fold prediction differs
+from the human's, 1 - P(the human's yes/no)). The retrain's one out-of-fold pass
+(`model.heads.ControlHeads.out_of_fold`, with the ordering's `folds`, else 3) serves the
+mislabeling score and the ordering alike; `train_heads` hands it over, else it runs here.
 """
 
 from __future__ import annotations
@@ -18,8 +26,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from model.classifier import ClassifierHead, HeadConfig
+from model.heads import ControlHeads, OutOfFold, answered, labeled_tasks
 from model.orderings import get_ordering
 from model.orderings.base import OrderingInput
+
+# Folds of the out-of-fold pass when the ordering has no `folds` of its own.
+MISLABELING_FOLDS = 3
 
 
 LABELED_FLOOR = 0.9
@@ -30,9 +42,15 @@ class QueueScores:
     scores: np.ndarray  # (n_tasks,)
     clusters: np.ndarray  # (n_tasks,) int
     mislabeling: np.ndarray  # (n_tasks,) 0..1, nonzero only for labeled tasks
-    predicted: np.ndarray  # (n_tasks,) predicted class index
+    predicted: np.ndarray  # (n_tasks,) predicted class index of the first control
     info: dict = field(default_factory=dict)
     centroids: np.ndarray | None = None  # k-means centroids behind `clusters`, to reuse next time
+    # Per control: predicted label index (n_tasks,), or chosen choices (n_tasks, n_choices)
+    # bool for multi-label; and each head's probabilities.
+    predictions: list = field(default_factory=list)
+    probabilities: list = field(default_factory=list)
+    confidence: np.ndarray | None = None  # (n_tasks,) ControlHeads.confidence
+    out_of_fold: OutOfFold | None = None  # the pass used, over the labeled tasks
 
 
 def rank_scores(order: np.ndarray, n: int) -> np.ndarray:
@@ -69,25 +87,49 @@ def cluster_ids(features: np.ndarray, seed: int = 0, max_clusters: int = 50,
     return ids, model.cluster_centers_.astype(np.float32)
 
 
-def out_of_fold_disagreement(features: np.ndarray, y: np.ndarray, config: HeadConfig,
-                             folds: int = 3, seed: int = 0) -> np.ndarray:
-    """1 - P(human label) from heads that never saw the task, where they predict otherwise."""
-    n = len(y)
+def disagreement(heads: ControlHeads, oof: OutOfFold, targets: list[np.ndarray]) -> np.ndarray:
+    """Mislabeling per task of the out-of-fold pass: the strongest disagreement over the
+    controls it answers, 0 where every out-of-fold prediction agrees with the human.
+
+    Single-choice: 1 - P(human label) where the argmax is another label. Multi-label: where
+    the predicted set differs, the largest 1 - P(the human's yes/no) over the differing
+    choices. A control whose answers hold one label only says nothing (0)."""
+    n = len(oof.probabilities[0])
     result = np.zeros(n)
-    if n < folds * 2 or len(np.unique(y)) < 2:
-        return result
-    rng = np.random.default_rng(seed)
-    fold_of = rng.permutation(n) % folds
-    for fold in range(folds):
-        held_out = fold_of == fold
-        if len(np.unique(y[~held_out])) < 2:
+    for head, p, scored, t in zip(heads.heads, oof.probabilities, oof.scored, targets):
+        t = np.asarray(t)
+        rows = scored & answered(t)
+        if rows.sum() < 2 or len(np.unique(t[rows], axis=0)) < 2:
             continue
-        head = ClassifierHead(config).fit(features[~held_out], y[~held_out])
-        probabilities = head.predict_proba(features[held_out])
-        disagree = probabilities.argmax(axis=1) != y[held_out]
-        p_label = probabilities[np.arange(held_out.sum()), y[held_out]]
-        result[held_out] = np.where(disagree, 1.0 - p_label, 0.0)
+        predicted = head.predict(p)
+        if t.ndim == 1:
+            p_label = p[np.arange(n), np.maximum(t, 0)]
+            value = np.where(predicted != t, 1.0 - p_label, 0.0)
+        else:
+            differs = predicted != (t == 1)
+            p_human = np.where(t == 1, p, 1.0 - p)
+            value = np.where(differs, 1.0 - p_human, 0.0).max(axis=1)
+        result = np.where(rows, np.maximum(result, value), result)
     return result
+
+
+def out_of_fold_disagreement(features: np.ndarray, y: np.ndarray, config: HeadConfig,
+                             folds: int = MISLABELING_FOLDS, seed: int = 0) -> np.ndarray:
+    """1 - P(human label) from heads that never saw the task, where they predict otherwise
+    (one single-choice control; see `disagreement`)."""
+    heads = ControlHeads.single(ClassifierHead(config))
+    y = np.asarray(y, dtype=np.int64)
+    if len(y) < 2:
+        return np.zeros(len(y))
+    oof = heads.out_of_fold([np.asarray(features, dtype=np.float32)], [y], folds=folds, seed=seed)
+    return disagreement(heads, oof, [y])
+
+
+def out_of_fold_folds(ordering: str, params: dict | None = None) -> int:
+    """Folds of the retrain's one out-of-fold pass: the ordering's checked `folds`
+    (predicted_incorrect, atlas), else MISLABELING_FOLDS. Give it to `train_heads`."""
+    settings, _ = get_ordering(ordering).checked(params)
+    return int(settings.get("folds", MISLABELING_FOLDS))
 
 
 def queue_scores(
@@ -101,34 +143,75 @@ def queue_scores(
     seed: int = 0,
     centroids: np.ndarray | None = None,
 ) -> QueueScores:
-    """Score every task of a project for Label Studio's queue.
+    """Score every task of a project with one single-choice control for Label Studio's queue.
 
-    `centroids`: the project's cluster centroids from its previous scoring, if any (see
-    `cluster_ids`); the ones used come back in `QueueScores.centroids` for the caller to keep.
+    `labels`: the label index per task, None where unlabeled. `centroids`: the project's
+    cluster centroids from its previous scoring, if any (see `cluster_ids`); the ones used
+    come back in `QueueScores.centroids` for the caller to keep.
     """
-    n = len(features)
-    labeled = np.array([i for i, label in enumerate(labels) if label is not None], dtype=int)
-    unlabeled = np.array([i for i, label in enumerate(labels) if label is None], dtype=int)
-    y = np.array([labels[i] for i in labeled], dtype=int)
-    probabilities = head.predict_proba(features)
-    predicted = probabilities.argmax(axis=1)
-    confidence = probabilities.max(axis=1)
+    targets = np.array([-1 if label is None else int(label) for label in labels], dtype=np.int64)
+    return queue_scores_multi(features, ControlHeads.single(head), [features], [targets],
+                              ordering=ordering, batch_size=batch_size, params=params,
+                              all_layers=all_layers, seed=seed, centroids=centroids)
+
+
+def queue_scores_multi(
+    task_features: np.ndarray,
+    heads: ControlHeads,
+    head_features: list[np.ndarray],
+    targets: list[np.ndarray],
+    ordering: str = "least_confidence",
+    batch_size: int = 50,
+    params: dict | None = None,
+    all_layers: np.ndarray | None = None,
+    seed: int = 0,
+    centroids: np.ndarray | None = None,
+    out_of_fold: OutOfFold | None = None,
+) -> QueueScores:
+    """Score every task of a project with one head per control for Label Studio's queue.
+
+    `task_features` (n, dim): each task's input, every text object's vector side by side
+    (`model.heads.concat_inputs`): the clusters and domain-likeness look at it, and
+    `all_layers` (n, layers, dim) is its all-layer version. `head_features[i]` and
+    `targets[i]` (over all n tasks, `model.heads.encode_targets`) are control i's input and
+    answers. A task is labeled when it answers any control (`model.heads.labeled_tasks`);
+    `out_of_fold`, if given, is the pass over exactly those tasks in that order
+    (`model.heads.train_heads`), else it runs here.
+    """
+    n = len(task_features)
+    labeled = labeled_tasks(targets)
+    is_labeled = np.zeros(n, dtype=bool)
+    is_labeled[labeled] = True
+    unlabeled = np.flatnonzero(~is_labeled)
+    probabilities = heads.predict_proba(head_features)
+    predictions = heads.predict(probabilities)
+    confidence = heads.confidence(probabilities)
+    chosen = get_ordering(ordering)
+    labeled_targets = [np.asarray(t)[labeled] for t in targets]
+    if out_of_fold is None and len(labeled) >= 2:
+        out_of_fold = heads.out_of_fold([np.asarray(x, dtype=np.float32)[labeled] for x in head_features],
+                                        labeled_targets, folds=out_of_fold_folds(ordering, params), seed=seed)
 
     scores = LABELED_FLOOR + (1 - LABELED_FLOOR) * confidence  # labeled: after every unlabeled
     info: dict = {"ordering": ordering}
     if len(unlabeled):
-        chosen = get_ordering(ordering)
         data = OrderingInput(
-            features_labeled=features[labeled],
-            labels=y,
-            features_unlabeled=features[unlabeled],
-            classifier=head,
+            features_labeled=task_features[labeled],
+            labels=labeled_targets[0],
+            features_unlabeled=task_features[unlabeled],
+            classifier=heads.heads[0],
             all_layers_labeled=all_layers[labeled] if all_layers is not None else None,
             all_layers_unlabeled=all_layers[unlabeled] if all_layers is not None else None,
             batch_size=batch_size,
             seed=seed,
             params=dict(params or {}),
-            probabilities_unlabeled=probabilities[unlabeled],
+            probabilities_unlabeled=probabilities[0][unlabeled],
+            heads=heads,
+            head_features_labeled=[np.asarray(x)[labeled] for x in head_features],
+            head_features_unlabeled=[np.asarray(x)[unlabeled] for x in head_features],
+            targets=labeled_targets,
+            head_probabilities_unlabeled=[p[unlabeled] for p in probabilities],
+            out_of_fold=out_of_fold,
         )
         result = chosen.score(data)
         # Label Studio sorts by score alone: make the ordering's batch come first, then the
@@ -142,8 +225,11 @@ def queue_scores(
         info["batch"] = len(first)
 
     mislabeling = np.zeros(n)
-    if len(labeled):
-        mislabeling[labeled] = out_of_fold_disagreement(features[labeled], y, head.config, seed=seed)
-    clusters, centroids = cluster_ids(features, seed=seed, centroids=centroids)
-    return QueueScores(scores=scores, clusters=clusters, mislabeling=mislabeling,
-                       predicted=predicted, info=info, centroids=centroids)
+    if out_of_fold is not None:
+        mislabeling[labeled] = disagreement(heads, out_of_fold, labeled_targets)
+    clusters, centroids = cluster_ids(task_features, seed=seed, centroids=centroids)
+    # The first control's class per task (multi-label: its most likely choice).
+    predicted = np.asarray(probabilities[0]).argmax(axis=1)
+    return QueueScores(scores=scores, clusters=clusters, mislabeling=mislabeling, predicted=predicted,
+                       info=info, centroids=centroids, predictions=predictions,
+                       probabilities=probabilities, confidence=confidence, out_of_fold=out_of_fold)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.classifier import ClassifierHead, HeadConfig
+from model.classifier import ClassifierHead, HeadConfig, MultiLabelHead
+from model.heads import ControlHeads
 from model.orderings import ORDERINGS, OrderingInput, get_ordering
 from model.orderings.class_balance import balanced_batch, guard_batch, put_batch_first
 from model.orderings.entropy import entropy_score
@@ -92,8 +93,36 @@ def test_params_come_from_the_constructor_and_the_call():
         _baseline_input(probabilities, batch_size=4, class_guard=True)
     )
     assert guarded.info["class_guard"] is True
-    with pytest.raises(ValueError, match="known parameters"):
-        get_ordering("margin").score(_baseline_input(probabilities, batch_size=4, folds="many"))
+    assert "param_warnings" not in guarded.info
+    # An unknown name or a bad value in the call's params (a project's extra params) is
+    # skipped with a warning, and the value it would have replaced stays.
+    result = get_ordering("least_confidence", class_guard=False).score(_baseline_input(
+        probabilities, batch_size=4, folds="many", class_guard="yes", min_class_fraction=2.0))
+    warnings = result.info["param_warnings"]
+    assert len(warnings) == 3
+    assert "no parameter 'folds'" in warnings[0] and "known parameters: class_guard" in warnings[0]
+    assert "class_guard='yes' ignored: it must be true or false; using False" in warnings[1]
+    assert "min_class_fraction=2.0 ignored: it must be in [0.0, 1.0]; using 0.3" in warnings[2]
+    assert result.info["class_guard"] is False
+
+
+def test_every_default_passes_its_own_rule_and_bad_values_fall_back():
+    for name, cls in ORDERINGS.items():
+        rules = cls.param_rules()
+        assert set(rules) == set(cls.known_params()), name
+        for param, default in cls.known_params().items():
+            assert rules[param](default) == default, (name, param)
+    atlas = get_ordering("atlas")
+    bad = {"folds": 1, "min_incorrect": "8", "head_features": "everything", "head_regularization": -1,
+           "regularization_grid": [], "domain_weighting": "no", "per_round": 2.5, "locality": float("nan")}
+    settings, warnings = atlas.resolve(OrderingInput(None, None, None, None, params=bad))
+    assert len(warnings) == len(bad)
+    assert settings == atlas.known_params()
+    good = {"folds": 3.0, "head_regularization": 0.5, "domain_weighting": 0, "regularization_grid": [0, 1]}
+    settings, warnings = atlas.resolve(OrderingInput(None, None, None, None, params=good))
+    assert warnings == []
+    assert (settings["folds"], settings["head_regularization"], settings["domain_weighting"],
+            settings["regularization_grid"]) == (3, 0.5, False, [0.0, 1.0])
 
 
 # ---------------------------------------------------------------- class guard
@@ -160,7 +189,7 @@ def test_uncertainty_first_orders_the_least_confident_by_domain_likeness():
 
     probabilities = np.array([[0.5, 0.5], [0.9, 0.1], [0.6, 0.4], [0.99, 0.01], [0.7, 0.3]])
     p_training = np.array([0.9, 0.0, 0.2, 0.1, 0.5])
-    scores = uncertainty_first(probabilities, p_training, candidates=3)
+    scores = uncertainty_first(least_confidence_score(probabilities), p_training, candidates=3)
     # Candidates: tasks 0, 2, 4 (least confident); among them the lowest P(training) first;
     # then the rest by least confidence (1 before 3), whatever their P(training).
     assert list(np.argsort(scores, kind="stable")) == [2, 4, 0, 1, 3]
@@ -224,7 +253,7 @@ def test_the_correction_head_never_turns_uncertainty_upside_down():
     # Labeled tasks where, by chance, the more uncertain ones were *less* often wrong: the
     # best fit has a negative slope on the uncertainty, which would serve the pool's safest
     # tasks first. The slope is kept positive, so the ranking stays least confidence's.
-    from model.orderings.predicted_incorrect import BinaryHead
+    from model.orderings.transfer import BinaryHead
 
     rng = np.random.default_rng(0)
     offset = rng.normal(size=400)
@@ -288,6 +317,130 @@ def test_atlas_serves_its_batch_first_and_stops_when_nothing_looks_incorrect():
     )
     assert result.info["stopped_early"] is True and result.info["rounds"] == 1
     assert result.info["batch_built"] == 0
+
+
+# ---------------------------------------------------------------- several controls on arrays
+
+
+def test_a_multi_label_decision_is_most_uncertain_at_its_threshold():
+    from model.orderings.base import HeadView, decision_probabilities, threshold_centred
+
+    thresholds = np.array([0.2, 0.5])
+    assert np.allclose(threshold_centred(np.array([0.0, 0.1, 0.2, 0.6, 1.0]), 0.2), [0, 0.25, 0.5, 0.75, 1])
+    p = np.array([[0.2, 0.9], [0.9, 0.5]])
+    decisions = decision_probabilities([HeadView(True, p, thresholds)])
+    assert len(decisions) == 2  # one yes/no decision per choice
+    assert np.allclose(decisions[0], [[0.5, 0.5], [0.0625, 0.9375]])  # 0.5 + 0.7 / 1.6
+    assert np.allclose(decisions[1], [[0.1, 0.9], [0.5, 0.5]])
+
+
+def test_uncertainty_over_several_heads_is_the_largest_normalised_one():
+    from model.orderings.base import HeadView, combined_score
+
+    topic = np.array([[0.9, 0.05, 0.05], [0.4, 0.3, 0.3], [0.98, 0.01, 0.01], [0.9, 0.05, 0.05]])
+    urgent = np.array([[0.95, 0.05], [0.9, 0.1], [0.97, 0.03], [0.55, 0.45]])
+    flags = np.array([[0.9, 0.1], [0.95, 0.02], [0.52, 0.99], [0.99, 0.01]])  # sigmoids, threshold 0.5
+    views = [HeadView(False, topic), HeadView(False, urgent), HeadView(True, flags)]
+    for score in (least_confidence_score, margin_score, entropy_score):
+        combined = combined_score(score, views)
+        per_decision = [score(topic), score(urgent), score(np.column_stack([1 - flags[:, 0], flags[:, 0]])),
+                        score(np.column_stack([1 - flags[:, 1], flags[:, 1]]))]
+        assert np.allclose(combined, np.min(per_decision, axis=0))
+        assert combined_score(score, views[:1]) is not None
+        assert np.array_equal(combined_score(score, views[:1]), score(topic))  # one head: unchanged
+    # Normalised per head: task 1's three-class 0.4 (uncertainty 0.9) beats a yes/no 0.9
+    # (uncertainty 0.2); task 2's flag at 0.52 and task 3's urgency at 0.55 are near-coin-flips.
+    order = np.argsort(combined_score(least_confidence_score, views), kind="stable")
+    assert list(order) == [2, 3, 1, 0]
+    result = get_ordering("least_confidence", class_guard=False).score(OrderingInput(
+        np.zeros((2, 1)), None, np.zeros((4, 1)), None, heads=_FixedHeads([False, False, True]),
+        head_probabilities_unlabeled=[topic, urgent, flags], targets=[], batch_size=2))
+    assert list(result.top(2)) == [2, 3]
+
+
+class _FixedHeads:
+    """Stand-in ControlHeads for the baselines: only the kinds of heads matter."""
+
+    def __init__(self, multi_label):
+        self.heads = [type("Head", (), {"multi_label": m, "thresholds_": None})() for m in multi_label]
+
+
+def test_wrong_probability_is_any_decision_wrong():
+    from model.orderings.transfer import uncertainty_logit, wrong_probability
+
+    a = np.array([[0.9, 0.1], [0.6, 0.4]])
+    b = np.array([[0.8, 0.15, 0.05], [0.99, 0.005, 0.005]])
+    assert np.allclose(wrong_probability([a]), [0.1, 0.4])
+    assert np.allclose(wrong_probability([a, b]), 1 - (1 - np.array([0.1, 0.4])) * (1 - np.array([0.2, 0.01])))
+    logit = uncertainty_logit([a, b])
+    p = wrong_probability([a, b])
+    assert np.allclose(logit, np.log(p / (1 - p)))
+    assert np.allclose(uncertainty_logit(a), np.log(np.array([0.1, 0.4]) / np.array([0.9, 0.6])))
+
+
+def test_a_labeled_task_is_incorrect_when_any_control_it_answers_is_wrong():
+    from model.heads import ControlSpec, OutOfFold
+    from model.orderings.transfer import labeled_incorrect
+
+    single = ClassifierHead(HeadConfig(labels=["x", "y"], input_dim=2))
+    multi = MultiLabelHead(HeadConfig(labels=["a", "b"], input_dim=2))
+    heads = ControlHeads([ControlSpec("s", ["x", "y"]), ControlSpec("m", ["a", "b"], multi_label=True)],
+                         [single, multi])
+    targets = [np.array([0, 1, -1, 0]), np.array([[1, 0], [1, 0], [0, 1], [-1, -1]])]
+    oof = OutOfFold(
+        probabilities=[np.array([[0.9, 0.1], [0.8, 0.2], [0.5, 0.5], [0.3, 0.7]]),
+                       np.array([[0.9, 0.1], [0.8, 0.3], [0.9, 0.2], [0.1, 0.1]])],
+        hidden=[np.zeros((4, 1)), np.zeros((4, 1))],
+        scored=[targets[0] >= 0, (targets[1] >= 0).all(axis=1)], folds=2, seed=0)
+    data = OrderingInput(np.zeros((4, 1)), None, np.zeros((1, 1)), None, heads=heads, targets=targets)
+    incorrect, marked = labeled_incorrect(data, oof)
+    # 0: both right. 1: single wrong (0.8 for x). 2: only "m" answered, predicted {a}, truth {b}.
+    # 3: only "s" answered, predicted y, truth x; the unanswered "m" does not count.
+    assert incorrect.tolist() == [False, True, True, True]
+    assert marked.all()
+
+
+def _several_controls_input(n_labeled=500, n_pool=500, seed=0, **params):
+    """Two controls: "side" (single-choice, x0 > 0, flipped where x1 > 1) and "flags"
+    (multi-label, two choices), each answered on about 80 % of the labeled tasks."""
+    from model.heads import ControlSpec, labeled_tasks, train_heads
+
+    x, side = _hard_region_data(n_labeled + n_pool, seed)
+    rng = np.random.default_rng(seed)
+    flags = np.column_stack([x[:, 2] > 0, x[:, 3] + 0.3 * rng.normal(size=len(x)) > 0.5]).astype(np.int8)
+    side_t = np.where(rng.random(len(x)) < 0.8, side, -1)
+    flags_t = np.where((rng.random(len(x)) < 0.8)[:, None], flags, -1).astype(np.int8)
+    side_t[n_labeled:] = -1
+    flags_t[n_labeled:] = -1
+    specs = [ControlSpec("side", ["l", "r"]), ControlSpec("flags", ["a", "b"], multi_label=True)]
+    targets = [side_t, flags_t]
+    labeled = labeled_tasks(targets)
+    heads, oof = train_heads(specs, [x, x], targets, labeled, folds=5, hidden_dim=32, epochs=120)
+    pool = np.setdiff1d(np.arange(len(x)), labeled)
+    data = OrderingInput(
+        x[labeled], None, x[pool], None, batch_size=60, heads=heads,
+        head_features_labeled=[x[labeled], x[labeled]], head_features_unlabeled=[x[pool], x[pool]],
+        targets=[t[labeled] for t in targets], out_of_fold=oof,
+        all_layers_labeled=np.stack([x[labeled]] * 2, axis=1), all_layers_unlabeled=np.stack([x[pool]] * 2, axis=1),
+        params=params)
+    wrong = (heads.heads[0].predict_proba(x[pool]).argmax(1) != side[pool])
+    return data, wrong
+
+
+def test_every_ordering_runs_on_several_controls_with_a_multi_label_head():
+    data, wrong = _several_controls_input()
+    for name in NAMES:
+        result = get_ordering(name).score(data)
+        assert result.scores.shape == (len(data.features_unlabeled),), name
+        assert np.isfinite(result.scores).all(), name
+        assert len(result.top(data.batch_size)) == data.batch_size, name
+        assert "param_warnings" not in result.info, name
+    # One Correct/Incorrect head over both controls: it was trained (no fallback) and serves
+    # a batch with more of the single-choice head's errors than the pool holds.
+    for name in ("predicted_incorrect", "atlas"):
+        result = get_ordering(name, domain_weighting=False).score(data)
+        assert result.info["fallback"] is None, result.info
+        assert wrong[result.top(60)].mean() > wrong.mean(), name
 
 
 # ---------------------------------------------------------------- real data

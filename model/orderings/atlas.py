@@ -7,6 +7,10 @@ be labeled and then predicted correctly, add them to the Correct side, retrain t
 again. Once a task is assumed handled its neighbours stop looking risky, so the batch covers
 several kinds of error instead of many copies of one: uncertainty and diversity in one loop.
 
+Several controls: the head is predicted-incorrect's one Correct/Incorrect head over every
+control (P(any control wrong)), and "the classifier's last hidden layer" is every head's,
+side by side (`model.orderings.transfer`).
+
 How the head is retrained: round 1 uses predicted-incorrect's head (the classifier's
 uncertainty, corrected where the labeled tasks support it). Every later round keeps that
 head's logit as a fixed offset and refits a correction from the labeled tasks plus the picked
@@ -39,16 +43,17 @@ import numpy as np
 
 from scipy.special import expit
 
-from model.orderings.base import Ordering, OrderingInput, OrderingResult
+from model.orderings.base import Ordering, OrderingInput, OrderingResult, combined_score, integer, number, one_of
 from model.orderings.least_confidence import least_confidence_score
-from model.orderings.predicted_incorrect import (
+from model.orderings.transfer import (
     ERROR_HEAD_DEFAULTS,
+    ERROR_HEAD_RULES,
     BinaryHead,
-    PredictedIncorrect,
     balanced_weights,
     error_training_set,
     head_regularization,
     too_few_errors,
+    too_little_to_mark,
 )
 
 ATLAS_DEFAULTS: dict = {
@@ -72,6 +77,18 @@ ATLAS_DEFAULTS: dict = {
     "anchor_size": 2000,
     "anchor_weight": 0.0,
 }
+ATLAS_RULES: dict = {
+    **ERROR_HEAD_RULES,
+    "per_round": integer(1, 10_000),
+    "min_incorrect_probability": number(0.0, 1.0),
+    "picked_weight": number(0.0, 1e6),
+    "adaptive_regularization": number(1e-9, 1e6),
+    "adaptive_features": one_of("similarity", "nearest", "hidden"),
+    "locality": number(1e-6, 100.0),
+    "similarity_space": one_of("hidden", "encoder"),
+    "anchor_size": integer(0, 10_000_000),
+    "anchor_weight": number(0.0, 1e6),
+}
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -89,20 +106,21 @@ class Atlas(Ordering):
 
     name = "atlas"
     defaults = dict(ATLAS_DEFAULTS)
+    rules = dict(ATLAS_RULES)
 
     def score(self, data: OrderingInput) -> OrderingResult:
         settings = self.settings(data)
-        probabilities = self.probabilities(data)
-        fallback = PredictedIncorrect._fallback_reason(data, settings)
+        views = data.pool_heads()
+        fallback = too_little_to_mark(data, settings["min_incorrect"])
         training = None
         if fallback is None:
-            training = error_training_set(data, settings, probabilities)
+            training = error_training_set(data, settings)
             fallback = too_few_errors(training, settings["min_incorrect"])
         if fallback is not None:
             info = {"fallback": "least_confidence", "fallback_reason": fallback}
             if training is not None:
                 info.update(training.info)
-            return self.finish(data, least_confidence_score(probabilities), probabilities, info)
+            return self.finish(data, combined_score(least_confidence_score, views), views, info)
 
         # Round 1 is predicted-incorrect's head: the classifier's uncertainty, corrected where
         # the labeled tasks show it (cross-validated C).
@@ -124,14 +142,13 @@ class Atlas(Ordering):
             if settings["similarity_space"] == "hidden":
                 labeled_space, pool_space = training.labeled_hidden, training.pool_hidden
             else:
-                labeled_space, pool_space = data.features_labeled, data.features_unlabeled
+                labeled_space = np.asarray(data.features_labeled)[training.labeled_rows]
+                pool_space = data.features_unlabeled
             centre = np.asarray(pool_space, dtype=np.float64).mean(axis=0)
             labeled_unit = unit_rows(labeled_space - centre)
             pool_unit = unit_rows(pool_space - centre)
-        elif settings["adaptive_features"] == "hidden":
+        else:  # "hidden" (the rules allow nothing else)
             labeled_inputs, pool_inputs = training.labeled_hidden, training.pool_hidden
-        else:
-            raise ValueError("adaptive_features must be 'nearest', 'similarity' or 'hidden'")
         anchor = np.zeros(0, dtype=np.int64)
         if float(settings["anchor_weight"]) > 0:
             rng = np.random.default_rng(data.seed)
@@ -193,5 +210,5 @@ class Atlas(Ordering):
             "batch_built": len(batch),
         }
         return self.finish(
-            data, last_p_correct, probabilities, info, batch=np.asarray(batch, dtype=np.int64) if batch else None
+            data, last_p_correct, views, info, batch=np.asarray(batch, dtype=np.int64) if batch else None
         )

@@ -6,22 +6,101 @@ sooner** (Label Studio serves ascending prediction scores first). Sequential ord
 (ATLAS) also return the ordered batch they built; the others return the batch they would
 serve first, after the class guard (`model.orderings.class_balance`).
 
+**Several controls.** A project may have several classification controls, each with its own
+head (`model.heads.ControlHeads`), single-choice or multi-label. An ordering sees them as
+*decisions*: a single-choice head is one decision over its choices; a multi-label head is
+one yes/no decision per choice, its probability rescaled so that the choice's threshold
+sits at 0.5 (`decision_probabilities`). Uncertainty-based scores combine by the least
+certain decision: a task's score is the **lowest** per-decision score, i.e. its uncertainty
+is the largest per-decision uncertainty, each normalised to [0, 1] on its own (by its number
+of classes), so a ten-choice head and a yes/no head are compared on one scale. With one
+single-choice control every score is exactly the single-head one. The class guard balances
+the batch over the predictions of the first control.
+
 The maths works on plain numpy arrays so each ordering can be unit-tested with a few
 arrays, the way modAL and small-text keep their strategies free of framework objects.
 
 Parameters: every ordering declares its own in `defaults` (name -> default value), plus the
 ones shared by all orderings in `COMMON_DEFAULTS`. They can be given to the constructor
 (`get_ordering("atlas", rounds=5)`) or per call in `OrderingInput.params` (a project's
-*extra params* in Label Studio); per-call values win. An unknown name is an error that lists
-the known ones.
+*extra params* in Label Studio); per-call values win. An unknown name given to the
+constructor is an error that lists the known ones. Values are checked by type and range
+when they are read (`rules`): a bad value, or an unknown name in the call's params, is
+ignored with a warning in the result's `info["param_warnings"]` and the default is used, so
+one typo in a project's extra params cannot fail every retrain.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
+
+
+# -- parameter rules: each takes a value and returns it (normalised) or raises ValueError ------
+def flag() -> Callable:
+    def check(value):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError("must be true or false")
+    return check
+
+
+def integer(low: float, high: float) -> Callable:
+    def check(value):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be a whole number in [{low}, {high}]")
+        if not low <= value <= high:
+            raise ValueError(f"must be in [{low}, {high}]")
+        return value
+    return check
+
+
+def number(low: float, high: float) -> Callable:
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"must be a number in [{low}, {high}]")
+        if not low <= value <= high:
+            raise ValueError(f"must be in [{low}, {high}]")
+        return float(value)
+    return check
+
+
+def numbers(low: float, high: float) -> Callable:
+    one = number(low, high)
+
+    def check(value):
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"must be a non-empty list of numbers in [{low}, {high}]")
+        return [one(v) for v in value]
+    return check
+
+
+def one_of(*options) -> Callable:
+    def check(value):
+        if isinstance(value, str) and value in options:
+            return value
+        raise ValueError(f"must be one of {', '.join(map(repr, options))}")
+    return check
+
+
+def either(first: Callable, second: Callable) -> Callable:
+    def check(value):
+        try:
+            return first(value)
+        except ValueError as exc:
+            try:
+                return second(value)
+            except ValueError as other:
+                raise ValueError(f"{exc}, or {other}") from None
+    return check
 
 # Parameters every ordering understands (the class guard of issue 5, point 7).
 COMMON_DEFAULTS: dict = {
@@ -32,6 +111,56 @@ COMMON_DEFAULTS: dict = {
     # least 7 tasks of each predicted class.
     "min_class_fraction": 0.3,
 }
+COMMON_RULES: dict = {"class_guard": flag(), "min_class_fraction": number(0.0, 1.0)}
+
+
+@dataclass
+class HeadView:
+    """One control's head as an ordering sees it on a set of tasks."""
+
+    multi_label: bool
+    probabilities: np.ndarray  # (n, n_choices): softmax rows, or one sigmoid per choice
+    thresholds: np.ndarray | None = None  # multi-label: per-choice decision thresholds
+
+    def with_probabilities(self, probabilities: np.ndarray) -> "HeadView":
+        return HeadView(self.multi_label, np.asarray(probabilities, dtype=np.float64), self.thresholds)
+
+    def predicted_class(self) -> np.ndarray:
+        """The class per task (multi-label: the most likely choice)."""
+        p = self.probabilities
+        return p.argmax(axis=1) if len(p) else np.zeros(0, dtype=int)
+
+
+def threshold_centred(p: np.ndarray, threshold: np.ndarray) -> np.ndarray:
+    """Rescale sigmoid outputs piecewise linearly so that `threshold` maps to 0.5 (0 and 1
+    stay): a yes/no decision is most uncertain where it flips."""
+    p = np.asarray(p, dtype=np.float64)
+    t = np.clip(np.asarray(threshold, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.where(p < t, p / (2 * t), 0.5 + (p - t) / (2 * (1 - t)))
+
+
+def decision_probabilities(views: list[HeadView]) -> list[np.ndarray]:
+    """Every decision of every head as a probability matrix: a single-choice head as it is,
+    each choice of a multi-label head as a (n, 2) [no, yes] matrix, threshold-centred."""
+    decisions = []
+    for view in views:
+        p = np.asarray(view.probabilities, dtype=np.float64)
+        if not view.multi_label:
+            decisions.append(p)
+            continue
+        thresholds = view.thresholds if view.thresholds is not None else np.full(p.shape[1], 0.5)
+        q = threshold_centred(p, thresholds[None, :])
+        decisions.extend(np.column_stack([1.0 - q[:, j], q[:, j]]) for j in range(p.shape[1]))
+    return decisions
+
+
+def combined_score(score: Callable[[np.ndarray], np.ndarray], views: list[HeadView]) -> np.ndarray:
+    """A confidence-like score in [0, 1] over several heads: the lowest per-decision score
+    (the largest per-decision uncertainty). One decision: `score` of it, unchanged."""
+    decisions = decision_probabilities(views)
+    if len(decisions) == 1:
+        return score(decisions[0])
+    return np.min([score(d) for d in decisions], axis=0)
 
 
 @dataclass
@@ -50,6 +179,57 @@ class OrderingInput:
     # Optional: the classifier's probabilities on the unlabeled tasks, if the caller already
     # computed them (saves one forward pass per ordering in the simulator).
     probabilities_unlabeled: np.ndarray | None = None
+    # Several controls (model.heads.ControlHeads), instead of `classifier` and `labels`:
+    # per control, its input features on the labeled and unlabeled tasks, its targets on the
+    # labeled tasks (model.heads.encode_targets) and, optionally, its pool probabilities.
+    # `features_labeled`/`features_unlabeled` stay the task's input (every text object),
+    # what domain-likeness and the clusters look at.
+    heads: object | None = None
+    head_features_labeled: list | None = None
+    head_features_unlabeled: list | None = None
+    targets: list | None = None
+    head_probabilities_unlabeled: list | None = None
+    # The retrain's one out-of-fold pass over the labeled tasks (model.heads.OutOfFold);
+    # computed on demand when absent.
+    out_of_fold: object | None = None
+
+    # -- one view for one or several controls ---------------------------------------------
+    def control_heads(self):
+        """The heads as model.heads.ControlHeads (one control around `classifier` if none)."""
+        from model.heads import ControlHeads
+
+        return self.heads if self.heads is not None else ControlHeads.single(self.classifier)
+
+    def control_targets(self) -> list[np.ndarray]:
+        return list(self.targets) if self.targets is not None else [np.asarray(self.labels, dtype=np.int64)]
+
+    def control_features_labeled(self) -> list[np.ndarray]:
+        if self.head_features_labeled is not None:
+            return list(self.head_features_labeled)
+        return [np.asarray(self.features_labeled, dtype=np.float32)]
+
+    def control_features_unlabeled(self) -> list[np.ndarray]:
+        if self.head_features_unlabeled is not None:
+            return list(self.head_features_unlabeled)
+        return [np.asarray(self.features_unlabeled, dtype=np.float32)]
+
+    def pool_heads(self) -> list[HeadView]:
+        """Each head's probabilities on the unlabeled tasks."""
+        if self.heads is None:
+            return [HeadView(False, Ordering.probabilities(self))]
+        probabilities = self.head_probabilities_unlabeled
+        if probabilities is None:
+            probabilities = self.heads.predict_proba(self.control_features_unlabeled())
+        return [HeadView(bool(getattr(head, "multi_label", False)), np.asarray(p, dtype=np.float64),
+                         getattr(head, "thresholds_", None))
+                for head, p in zip(self.heads.heads, probabilities)]
+
+    def out_of_fold_pass(self, folds: int):
+        """The given out-of-fold pass, or one computed now with `folds` folds."""
+        if self.out_of_fold is not None:
+            return self.out_of_fold
+        return self.control_heads().out_of_fold(
+            self.control_features_labeled(), self.control_targets(), folds=folds, seed=self.seed)
 
     @classmethod
     def from_all_layers(cls, labeled_layers: np.ndarray, labels: np.ndarray,
@@ -80,6 +260,7 @@ class Ordering(ABC):
     name: str = ""
     needs_all_layers: bool = False
     defaults: dict = {}
+    rules: dict = {}  # parameter name -> rule (flag(), integer(lo, hi), ...), for every default
 
     def __init__(self, **params):
         self._check(params)
@@ -98,14 +279,43 @@ class Ordering(ABC):
                 f"known parameters: {', '.join(sorted(cls.known_params()))}"
             )
 
+    @classmethod
+    def param_rules(cls) -> dict:
+        return {**COMMON_RULES, **cls.rules}
+
+    def resolve(self, data: OrderingInput) -> tuple[dict, list[str]]:
+        """(settings, warnings) for this call: see `checked`."""
+        return self.checked(data.params)
+
+    def checked(self, params: dict | None) -> tuple[dict, list[str]]:
+        """(settings, warnings): defaults, overridden by constructor params, overridden by
+        `params`, each value checked by its rule; a bad value or an unknown name is skipped
+        with a warning and the value it would have replaced stays."""
+        settings = dict(self.known_params())
+        rules = self.param_rules()
+        warnings: list[str] = []
+        for params in (self.params, params or {}):
+            for name, value in params.items():
+                if name not in settings:
+                    warnings.append(f"ordering {self.name!r} has no parameter {name!r}, ignored; "
+                                    f"known parameters: {', '.join(sorted(settings))}")
+                    continue
+                try:
+                    settings[name] = rules[name](value)
+                except ValueError as exc:
+                    warnings.append(f"{self.name} parameter {name}={repr(value)[:60]} ignored: it {exc}; "
+                                    f"using {settings[name]!r}")
+        return settings, warnings
+
     def settings(self, data: OrderingInput) -> dict:
-        """Defaults, overridden by constructor params, overridden by the call's params."""
-        self._check(data.params)
-        return {**self.known_params(), **self.params, **data.params}
+        """The checked settings for this call (see `resolve`)."""
+        return self.resolve(data)[0]
 
     @staticmethod
     def probabilities(data: OrderingInput) -> np.ndarray:
-        """The classifier's class probabilities on the unlabeled tasks."""
+        """The (first) classifier's class probabilities on the unlabeled tasks."""
+        if data.heads is not None:
+            return data.pool_heads()[0].probabilities
         if data.probabilities_unlabeled is not None:
             return np.asarray(data.probabilities_unlabeled, dtype=np.float64)
         return np.asarray(data.classifier.predict_proba(data.features_unlabeled), dtype=np.float64)
@@ -114,17 +324,23 @@ class Ordering(ABC):
         self,
         data: OrderingInput,
         scores: np.ndarray,
-        probabilities: np.ndarray,
+        views: list[HeadView] | np.ndarray,
         info: dict | None = None,
         batch: np.ndarray | None = None,
     ) -> OrderingResult:
-        """Apply the class guard to the batch and return scores that serve that batch first."""
+        """Apply the class guard to the batch and return scores that serve that batch first.
+
+        `views`: the heads on the pool (`data.pool_heads()`), or one probability matrix; the
+        guard balances over the first one's predicted classes."""
         from model.orderings.class_balance import guard_batch
 
-        settings = self.settings(data)
+        settings, warnings = self.resolve(data)
         scores = np.asarray(scores, dtype=np.float64)
         info = {"ordering": self.name, **(info or {})}
-        predicted = probabilities.argmax(axis=1) if len(probabilities) else np.zeros(0, int)
+        if warnings:
+            info["param_warnings"] = warnings
+        first = views[0] if isinstance(views, list) else HeadView(False, np.asarray(views))
+        predicted = first.predicted_class()
         scores, batch, guard_info = guard_batch(
             scores,
             predicted,
@@ -139,6 +355,19 @@ class Ordering(ABC):
     @abstractmethod
     def score(self, data: OrderingInput) -> OrderingResult:
         ...
+
+
+class ConfidenceOrdering(Ordering):
+    """An uncertainty baseline: a confidence-like score per decision (`confidence`, in [0, 1],
+    lower = less certain), combined over the heads by `combined_score`."""
+
+    @staticmethod
+    def confidence(probabilities: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def score(self, data: OrderingInput) -> OrderingResult:
+        views = data.pool_heads()
+        return self.finish(data, combined_score(type(self).confidence, views), views)
 
 
 def jsonable(value):

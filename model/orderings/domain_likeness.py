@@ -17,7 +17,12 @@ oddest tasks of the new domain, and it did worse than random there (BENCHMARKS.m
 
 Every unlabeled task is scored by a head that did not train on it: k-fold over the tasks
 the heads train on, and the average of the fold heads for pool tasks left out of training
-(large pools are subsampled to `max_per_side` to keep this fast).
+(large pools are subsampled to `max_per_side` to keep this fast;
+`model.orderings.transfer.training_probabilities`).
+
+Several controls: domain-likeness looks at the input (every text object's encoder layers),
+so it is unchanged; the uncertainty it corrects is the combined least confidence over every
+head (`base.combined_score`).
 
 The book warns this is the strategy most sensitive to noise (garbage text, other languages):
 such tasks look like nothing labeled and come first, which is one more reason the default
@@ -28,8 +33,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.orderings.base import Ordering, OrderingInput, OrderingResult
-from model.orderings.predicted_incorrect import BinaryHead, balanced_weights
+from model.orderings.base import (
+    Ordering,
+    OrderingInput,
+    OrderingResult,
+    combined_score,
+    flag,
+    integer,
+    number,
+)
+from model.orderings.least_confidence import least_confidence_score
+from model.orderings.transfer import training_probabilities
 
 DOMAIN_DEFAULTS: dict = {
     "domain_folds": 3,
@@ -44,6 +58,13 @@ DOMAIN_DEFAULTS: dict = {
     # the rest of the queue follows in least-confidence order. 0 = domain-likeness alone,
     # which was worse than random after a domain shift (BENCHMARKS.md), hence 4.
     "uncertainty_candidates": 4,
+}
+DOMAIN_RULES: dict = {
+    "domain_folds": integer(2, 20),
+    "domain_regularization": number(1e-9, 1e6),
+    "max_per_side": integer(2, 10_000_000),
+    "cluster_batch": flag(),
+    "uncertainty_candidates": integer(0, 10_000),
 }
 
 
@@ -70,14 +91,13 @@ def cluster_batch(features: np.ndarray, p_training: np.ndarray, size: int, seed:
     return picked[np.argsort(p_training[picked], kind="stable")]
 
 
-def uncertainty_first(probabilities: np.ndarray, p_training: np.ndarray, candidates: int) -> np.ndarray:
+def uncertainty_first(confidence: np.ndarray, p_training: np.ndarray, candidates: int) -> np.ndarray:
     """Scores that serve the `candidates` least confident tasks first, most application-like
     (lowest P(training)) first among them, then the rest by least confidence.
 
+    `confidence`: the least-confidence score per task (over every head: `combined_score`).
     Candidates score P(training) in [0, 1]; the rest 1 + least-confidence score in [1, 2]."""
-    from model.orderings.least_confidence import least_confidence_score
-
-    confidence = least_confidence_score(probabilities)
+    confidence = np.asarray(confidence, dtype=np.float64)
     chosen = np.argsort(confidence, kind="stable")[:candidates]
     scores = 1.0 + confidence
     scores[chosen] = np.asarray(p_training, dtype=np.float64)[chosen]
@@ -92,55 +112,6 @@ def layer_features(all_layers: np.ndarray | None, features: np.ndarray) -> np.nd
     return all_layers.reshape(len(all_layers), -1)
 
 
-def training_probabilities(
-    labeled: np.ndarray,
-    unlabeled: np.ndarray,
-    folds: int = DOMAIN_DEFAULTS["domain_folds"],
-    seed: int = 0,
-    regularization: float = DOMAIN_DEFAULTS["domain_regularization"],
-    max_per_side: int = DOMAIN_DEFAULTS["max_per_side"],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold P(training) of every labeled and every unlabeled task (rows of features)."""
-    labeled = np.asarray(labeled, dtype=np.float32)
-    unlabeled = np.asarray(unlabeled, dtype=np.float32)
-    n_labeled, n_unlabeled = len(labeled), len(unlabeled)
-    rng = np.random.default_rng(seed)
-    chosen_labeled = np.sort(rng.permutation(n_labeled)[:max_per_side])
-    chosen_unlabeled = np.sort(rng.permutation(n_unlabeled)[:max_per_side])
-    x = np.concatenate([labeled[chosen_labeled], unlabeled[chosen_unlabeled]])
-    is_training = np.concatenate([np.ones(len(chosen_labeled), bool), np.zeros(len(chosen_unlabeled), bool)])
-    # Seeded folds, stratified by side, so both sides are in every fold.
-    fold_of = np.empty(len(x), dtype=np.int64)
-    folds = int(max(2, min(folds, len(chosen_labeled), len(chosen_unlabeled))))
-    for side in (True, False):
-        members = np.flatnonzero(is_training == side)
-        fold_of[rng.permutation(members)] = np.arange(len(members)) % folds
-
-    out_of_fold = np.zeros(len(x))
-    left_out_labeled = np.setdiff1d(np.arange(n_labeled), chosen_labeled)
-    left_out_unlabeled = np.setdiff1d(np.arange(n_unlabeled), chosen_unlabeled)
-    ensemble_labeled = np.zeros(len(left_out_labeled))
-    ensemble_unlabeled = np.zeros(len(left_out_unlabeled))
-    for fold in range(folds):
-        train, held_out = fold_of != fold, fold_of == fold
-        head = BinaryHead(regularization).fit(
-            x[train], is_training[train], balanced_weights(is_training[train], np.ones(train.sum()))
-        )
-        out_of_fold[held_out] = head.positive_probability(x[held_out])
-        if len(left_out_labeled):
-            ensemble_labeled += head.positive_probability(labeled[left_out_labeled]) / folds
-        if len(left_out_unlabeled):
-            ensemble_unlabeled += head.positive_probability(unlabeled[left_out_unlabeled]) / folds
-
-    p_labeled = np.zeros(n_labeled)
-    p_unlabeled = np.zeros(n_unlabeled)
-    p_labeled[chosen_labeled] = out_of_fold[: len(chosen_labeled)]
-    p_unlabeled[chosen_unlabeled] = out_of_fold[len(chosen_labeled) :]
-    p_labeled[left_out_labeled] = ensemble_labeled
-    p_unlabeled[left_out_unlabeled] = ensemble_unlabeled
-    return p_labeled, p_unlabeled
-
-
 class DomainLikeness(Ordering):
     """Score = P(training) from a training-vs-application head on all layers, among the most
     uncertain tasks by default; lower = sooner."""
@@ -148,19 +119,20 @@ class DomainLikeness(Ordering):
     name = "domain_likeness"
     needs_all_layers = True
     defaults = dict(DOMAIN_DEFAULTS)
+    rules = dict(DOMAIN_RULES)
 
     def score(self, data: OrderingInput) -> OrderingResult:
         settings = self.settings(data)
-        probabilities = self.probabilities(data)
+        views = data.pool_heads()
         if data.all_layers_unlabeled is None or data.all_layers_labeled is None:
             raise ValueError(
                 "domain_likeness needs the pooled hidden states of every encoder layer: pass "
                 "all_layers_labeled and all_layers_unlabeled (encode_with_cache(..., all_layers=True))"
             )
-        if len(data.labels) == 0 or len(data.features_unlabeled) < 2:
+        if len(data.features_labeled) == 0 or len(data.features_unlabeled) < 2:
             info = {"fallback": "random", "fallback_reason": "nothing labeled or nothing to order"}
             scores = np.random.default_rng(data.seed).random(len(data.features_unlabeled))
-            return self.finish(data, scores, probabilities, info)
+            return self.finish(data, scores, views, info)
         _, p_training = training_probabilities(
             layer_features(data.all_layers_labeled, data.features_labeled),
             layer_features(data.all_layers_unlabeled, data.features_unlabeled),
@@ -173,10 +145,11 @@ class DomainLikeness(Ordering):
         scores = p_training
         candidates = int(settings["uncertainty_candidates"])
         if candidates > 0:
-            scores = uncertainty_first(probabilities, p_training, candidates * data.batch_size)
+            confidence = combined_score(least_confidence_score, views)
+            scores = uncertainty_first(confidence, p_training, candidates * data.batch_size)
             info["uncertainty_candidates"] = min(candidates * data.batch_size, len(scores))
         batch = None
         if settings["cluster_batch"]:
             batch = cluster_batch(data.features_unlabeled, scores, data.batch_size, data.seed)
             info["cluster_batch"] = len(batch)
-        return self.finish(data, scores, probabilities, info, batch=batch)
+        return self.finish(data, scores, views, info, batch=batch)

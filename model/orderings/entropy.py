@@ -4,13 +4,15 @@ Source: Munro, *Human-in-the-Loop Machine Learning*, ch. 3 (entropy); the entrop
 normalised by log(k) so it lies in [0, 1] for any number of classes k.
 
 Score = 1 - normalised entropy. Lower = a flatter prediction = label sooner.
+
+Several controls: the lowest score over every head's decisions (`base.combined_score`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from model.orderings.base import Ordering, OrderingInput, OrderingResult
+from model.orderings.base import ConfidenceOrdering
 
 
 def entropy_score(probabilities: np.ndarray) -> np.ndarray:
@@ -23,10 +25,7 @@ def entropy_score(probabilities: np.ndarray) -> np.ndarray:
     return 1.0 - np.clip(entropy, 0.0, 1.0)
 
 
-class Entropy(Ordering):
+class Entropy(ConfidenceOrdering):
     name = "entropy"
     defaults: dict = {}
-
-    def score(self, data: OrderingInput) -> OrderingResult:
-        probabilities = self.probabilities(data)
-        return self.finish(data, entropy_score(probabilities), probabilities)
+    confidence = staticmethod(entropy_score)

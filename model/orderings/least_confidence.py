@@ -6,13 +6,16 @@ least confidence (1 - p_max) * k / (k - 1) for k classes, in [0, 1].
 
 Score = 1 - uncertainty: how confident the classifier is, rescaled to [0, 1]. Lower = less
 confident = label sooner.
+
+Several controls: the lowest score over every head's decisions (a multi-label head: one
+yes/no decision per choice), i.e. the largest normalised uncertainty (`base.combined_score`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from model.orderings.base import Ordering, OrderingInput, OrderingResult
+from model.orderings.base import ConfidenceOrdering
 
 
 def least_confidence_score(probabilities: np.ndarray) -> np.ndarray:
@@ -36,10 +39,7 @@ def other_classes_probability(probabilities: np.ndarray) -> np.ndarray:
     return rest.sum(axis=1)
 
 
-class LeastConfidence(Ordering):
+class LeastConfidence(ConfidenceOrdering):
     name = "least_confidence"
     defaults: dict = {}
-
-    def score(self, data: OrderingInput) -> OrderingResult:
-        probabilities = self.probabilities(data)
-        return self.finish(data, least_confidence_score(probabilities), probabilities)
+    confidence = staticmethod(least_confidence_score)

@@ -4,13 +4,15 @@ Source: Munro, *Human-in-the-Loop Machine Learning*, ch. 3 (margin of confidence
 
 Score = p_first - p_second, the gap between the two most probable classes, in [0, 1].
 Lower = the classifier hesitates between two classes = label sooner.
+
+Several controls: the lowest margin over every head's decisions (`base.combined_score`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from model.orderings.base import Ordering, OrderingInput, OrderingResult
+from model.orderings.base import ConfidenceOrdering
 
 
 def margin_score(probabilities: np.ndarray) -> np.ndarray:
@@ -21,10 +23,7 @@ def margin_score(probabilities: np.ndarray) -> np.ndarray:
     return top_two[:, 1] - top_two[:, 0]
 
 
-class Margin(Ordering):
+class Margin(ConfidenceOrdering):
     name = "margin"
     defaults: dict = {}
-
-    def score(self, data: OrderingInput) -> OrderingResult:
-        probabilities = self.probabilities(data)
-        return self.finish(data, margin_score(probabilities), probabilities)
+    confidence = staticmethod(margin_score)

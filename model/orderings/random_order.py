@@ -18,4 +18,4 @@ class RandomOrder(Ordering):
     def score(self, data: OrderingInput) -> OrderingResult:
         rng = np.random.default_rng(data.seed)
         scores = rng.random(len(data.features_unlabeled))
-        return self.finish(data, scores, self.probabilities(data))
+        return self.finish(data, scores, data.pool_heads())
