@@ -2,14 +2,15 @@
 
 An `<Image value="$image"/>` task holds one of these, and `ImageFetcher` turns each into bytes:
 
-| task value | fetched from |
-|---|---|
-| `/data/upload/<project>/<file>` (files uploaded to Label Studio) | Label Studio, with the backend's token |
-| `/data/local-files/?d=<path>` (Local Storage) | Label Studio, with the backend's token |
-| `s3://`, `gs://`, `azure-blob://` (cloud storage) | Label Studio's `/tasks/<id>/resolve/?fileuri=<base64>`, which presigns and redirects (or proxies) |
-| `.../tasks/<id>/resolve/?fileuri=...` and other Label Studio paths (already resolved data) | Label Studio, with the backend's token |
-| `http(s)://...` elsewhere | that server, no token |
-| `data:image/...;base64,...` | the value itself |
+- `/data/upload/<project>/<file>` (files uploaded to Label Studio) and
+  `/data/local-files/?d=<path>` (Local Storage): from Label Studio, with the backend's token.
+- `s3://`, `gs://`, `azure-blob://` (cloud storage): from Label Studio's
+  `/tasks/<id>/resolve/?fileuri=<base64 of the URI>`, which redirects to a presigned URL
+  (the token is not sent there) or proxies the bytes itself.
+- `.../tasks/<id>/resolve/?fileuri=...` and Label Studio's other file paths (task data it
+  already resolved): from LABEL_STUDIO_URL, with the token.
+- any other `http(s)://` URL: from that server, without the token.
+- `data:image/...;base64,...`: the value itself.
 
 The token is the backend's LABEL_STUDIO_API_KEY: the SDK client exchanges a personal access
 token for short-lived access tokens (and refreshes them), and we send its header. The SDK's
@@ -33,10 +34,10 @@ import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
