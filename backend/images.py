@@ -173,7 +173,7 @@ class ImageFetcher:
             with self._http.stream("GET", url, headers=headers) as response:
                 status = response.status_code
                 if status != 200:
-                    raise _status_error(status, shown, with_token)
+                    raise _status_error(status, shown, with_token, url)
                 kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
                 if not (kind.startswith("image/") or kind in _GENERIC_TYPES):
                     raise ImageFetchError(
@@ -244,7 +244,7 @@ class ImageFetcher:
         self._http.close()
 
 
-def _status_error(status: int, shown: str, with_token: bool) -> ImageFetchError:
+def _status_error(status: int, shown: str, with_token: bool, url: str) -> ImageFetchError:
     if status in (401, 403) and with_token:
         return ImageFetchError(f"{shown}: Label Studio answered {status}: check that "
                                "LABEL_STUDIO_API_KEY is valid and may read this project")
@@ -254,6 +254,10 @@ def _status_error(status: int, shown: str, with_token: bool) -> ImageFetchError:
     if status == 404:
         return ImageFetchError(f"{shown}: not found (404): the file was moved or deleted, or, for "
                                "cloud storage, the project has no storage connected for this bucket")
+    if status == 500 and with_token and "/data/upload/" in url:
+        # Label Studio 1.23 fails with 500, every time, for an upload that no longer exists.
+        return ImageFetchError(f"{shown}: Label Studio answered 500, as it does for an uploaded "
+                               "file that no longer exists: re-upload the image or delete the task")
     return ImageFetchError(f"{shown}: the server answered {status}", retryable=status in _RETRY_STATUS)
 
 
