@@ -53,7 +53,6 @@ CLOUD_SCHEMES = ("s3://", "gs://", "azure-blob://")
 # because Label Studio writes its HOSTNAME setting into resolved URLs, which need not be
 # how the backend reaches it (docker service names, proxies).
 _LS_PATH = re.compile(r"^/(tasks/\d+/(resolve|presign)/|projects/\d+/(resolve|presign|file-proxy)/)")
-_LS_LOCAL_PATHS = ("/data/upload/", "/data/local-files", "/storage-data/uploaded/")
 # Served types that cannot be an image file. Generic binary types (what S3 serves without
 # metadata) and a missing type are let through: the decoder then decides.
 _GENERIC_TYPES = {"", "application/octet-stream", "binary/octet-stream", "application/binary",

@@ -16,7 +16,7 @@ per-round ratios. Also shown: decoding alone, one thread, to see what the overla
 The images are crops of scikit-image's colour photos re-encoded as distinct JPEGs of
 `--size` (default 640x480, a typical web photo), so nothing is cached between rounds.
 
-    .venv/bin/python bench/bench_image_encoding.py [--images 256] [--rounds 5] [--batch-size 32]
+    .venv/bin/python bench/bench_image_encoding.py [--images 96] [--rounds 9] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def photo_jpegs(count: int, size: tuple[int, int], seed: int = 0) -> list[bytes]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)

@@ -291,7 +291,8 @@ def _crop_resize(image, size: int, crop_fraction: float) -> np.ndarray:
     need = size / crop_fraction  # shorter side needed before the crop
     if image.format == "JPEG" and short > need:
         image.draft("RGB", (math.ceil(width * need / short), math.ceil(height * need / short)))
-    image = ImageOps.exif_transpose(image)  # phones store rotation as a tag
+    if image.getexif().get(0x0112, 1) != 1:  # Orientation: phones store rotation as a tag
+        image = ImageOps.exif_transpose(image)
     image = _to_rgb(image)
     width, height = image.size
     side = min(width, height) * crop_fraction

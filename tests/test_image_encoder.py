@@ -196,3 +196,29 @@ def test_a_transformers_image_model_directory_loads(tmp_path):
     assert not np.allclose(features[0], features[2])
     params = encoder.fine_tune(1)
     assert params and all(p.requires_grad for p in params)
+
+
+def encoded(image, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, **save)
+    return buffer.getvalue()
+
+
+def test_orientation_transparency_and_16_bit_images_are_shown_as_a_viewer_would():
+    from PIL import Image
+
+    # Left half red, right half blue; EXIF orientation 6 says "rotate 90 degrees clockwise to view".
+    split = Image.new("RGB", (300, 200), (255, 0, 0))
+    split.paste((0, 0, 255), (150, 0, 300, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = decode_center_crop(encoded(split, format="JPEG", quality=95, exif=exif)).astype(int)
+    top, bottom = pixels[5].mean(axis=0), pixels[-5].mean(axis=0)
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60, (top, bottom)
+
+    clear = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # fully transparent black: shown white
+    assert decode_center_crop(encoded(clear, format="PNG")).min() == 255
+
+    ramp = Image.fromarray(np.tile(np.linspace(1000, 3000, 64, dtype=np.uint16), (64, 1)))
+    gray = decode_center_crop(encoded(ramp, format="PNG")).astype(int)
+    assert gray[:, 0].mean() < 20 and gray[:, -1].mean() > 235  # stretched to 8 bits, not clipped

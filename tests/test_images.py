@@ -282,3 +282,48 @@ def test_an_image_uploaded_to_label_studio(label_studio, encoder, tmp_path):
     assert result.ok.tolist() == [True, False] and "no longer exists" in result.errors[1]
     assert f.stats["retries"] == 0  # neither the 404 nor that 500 is worth retrying
     client.projects.delete(id=project.id)
+
+
+@pytest.mark.e2e
+def test_an_image_in_label_studio_local_storage(label_studio, encoder, tmp_path):
+    """Local Storage: tasks hold `/data/local-files/?d=...`, served by the real Label Studio.
+
+    Label Studio 1.23 serves Local Storage when the directory it starts in has a `mydata`
+    folder (its autodetected LOCAL_FILES_DOCUMENT_ROOT); the harness starts it in its data dir.
+    """
+    import shutil
+
+    from label_studio_sdk.client import LabelStudio
+
+    root = label_studio.data_dir / "mydata"
+    root.mkdir(exist_ok=True)
+    folder = root / f"images-{time.time_ns()}"
+    folder.mkdir()
+    (folder / "coffee.png").write_bytes(sample_photo("coffee.png"))
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.api_key)
+    project = client.projects.create(
+        title=f"local images {time.time():.0f}",
+        label_config='<View><Image name="image" value="$image"/>'
+                     '<Choices name="kind" toName="image"><Choice value="cup"/></Choices></View>',
+    )
+    try:
+        try:
+            storage = client.import_storage.local.create(project=project.id, path=str(folder),
+                                                         use_blob_urls=True, regex_filter=r".*\.png")
+        except Exception as exc:  # the SDK's ApiError: LS refuses paths outside its document root
+            if "LOCAL_FILES" in str(exc) or "document root" in str(exc).lower():
+                pytest.skip(f"this Label Studio was started before {root} existed, so it does not serve "
+                            f"Local Storage yet (it will from its next start): {exc}")
+            raise
+        client.import_storage.local.sync(id=storage.id)
+        tasks = [t.model_dump(mode="json") for t in client.tasks.list(project=project.id, fields="all")]
+        assert len(tasks) == 1
+        value = tasks[0]["data"]["image"]
+        assert value.startswith("/data/local-files/?d="), value
+        f = ImageFetcher(label_studio_url=label_studio.url, api_key=label_studio.api_key, backoff=0.05)
+        assert f.fetch(value, tasks[0]["id"]) == sample_photo("coffee.png")
+        result = encode_task_images(encoder, EncodingCache(tmp_path / "c.sqlite3"), f, [(tasks[0]["id"], value)])
+        assert result.ok.all() and result.encoded == 1
+    finally:
+        client.projects.delete(id=project.id)
+        shutil.rmtree(folder, ignore_errors=True)
