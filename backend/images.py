@@ -346,8 +346,9 @@ def content_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _cache_text(digest: str) -> str:
-    # EncodingCache keys by the SHA-256 of a string: this string names the content.
+def content_cache_text(digest: str) -> str:
+    """The string an image's vectors are stored under in `EncodingCache` (which keys by the
+    SHA-256 of a string): it names the content, so equal files share one encoding."""
     return "image-sha256:" + digest
 
 
@@ -408,7 +409,7 @@ def encode_task_images(
 
     def fill(rows: list[int], digests: list[str]) -> list[int]:
         """Copy cached vectors into `rows`; return the rows whose content is not cached."""
-        texts = [_cache_text(d) for d in digests]
+        texts = [content_cache_text(d) for d in digests]
         top, missing_top = cache.lookup(encoder.id, texts)
         deep, missing_deep = cache.lookup(stage_key, texts)
         missing = set(missing_top) | set(missing_deep)
@@ -488,7 +489,7 @@ def _encode_chunk(rows, images, sources, encoder, cache, fetcher, index, pool, f
     top, deep = encoder.encode_both(feed(), on_error=on_error, stages=True)
     good = [j for j, d in enumerate(queued) if d not in decode_errors]
     if good:
-        texts = [_cache_text(queued[j]) for j in good]
+        texts = [content_cache_text(queued[j]) for j in good]
         cache.store(encoder.id, texts, top[good])
         cache.store(stage_key, texts, deep[good])
         result.encoded += len(good)
