@@ -20,6 +20,7 @@ from backend.ml_backend import ActiveLearningBackend, annotation_counts, get_enc
 from backend.model_store import ModelStore
 from backend.publish import switch_version
 from backend.settings import Settings
+from backend.worker import PERIODIC_RECONCILE_ID
 from model.encoding_cache import EncodingCache, text_key
 
 log = logging.getLogger(__name__)
@@ -264,6 +265,11 @@ def reconcile() -> dict:
     """
     settings = Settings.from_env()
     job = get_current_job()
+    if job is not None and job.id == PERIODIC_RECONCILE_ID and settings.reconcile_interval <= 0:
+        # A periodic run left over from before RECONCILE_INTERVAL was set to 0 (another
+        # worker's scheduler may have queued it): do nothing; maintenance removes the schedule.
+        log.info("periodic reconcile skipped: RECONCILE_INTERVAL=0")
+        return {"queued": [], "unchanged": [], "unreachable": [], "skipped": "RECONCILE_INTERVAL=0"}
     connection = job.connection if job is not None else redis_connection(settings.redis_url)
     queue = JobQueue(connection, settings)
     store = ModelStore(settings.models_dir)

@@ -151,6 +151,11 @@ def run_worker(settings: Settings, burst: bool = False) -> int:
         rq_worker = RetrainWorker([job_queue.queue], connection=connection, serializer=JSONSerializer,
                                   maintenance_interval=60,
                                   reconcile_interval=None if burst else settings.reconcile_interval)
+        if not burst and settings.reconcile_interval <= 0:
+            # Before this worker's RQ scheduler starts: the scheduler moves a due job from its
+            # registry into the queue, which would bring back a schedule removed a moment
+            # later by the maintenance pass.
+            keep_reconcile_scheduled(job_queue.queue, 0)
         try:
             rq_worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
         except redis_errors() as exc:  # raised from RQ's own teardown while Redis is gone
