@@ -7,12 +7,17 @@ not a product. Webhooks that arrive in the same loop turn are answered together:
 coalescing script call per project (counting all of them), and if no retrain was waiting,
 the first one queues it through the product's `JobQueue.request_retrain` (in a thread: it is
 the blocking client, with the enqueue lock) and the rest then coalesce into it.
+
+Compared with the sync worker it answers no auth, no secret and no other route: before such
+a route could serve Label Studio it would need all of the Flask app's /webhook behaviour.
 """
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.base_events
 import json
+import os
 from collections import defaultdict
 
 import redis.asyncio as aredis
@@ -28,6 +33,21 @@ from backend.settings import Settings
 
 settings = Settings.from_env()
 state: dict = {}
+
+# gunicorn 27's asgi worker hands its listening socket to loop.create_server without the
+# configured --backlog, so asyncio listens on it again with its own default of 100: of 200
+# connects at once, those past the first 100 are dropped and the client's TCP retries them
+# after 1 s (TcpExt ListenOverflows in /proc/net/netstat). uvicorn's gunicorn worker had
+# the same bug and fixed it by passing the backlog. BENCH_ASGI_BACKLOG=N measures the worker
+# as it would be with that fix; imported before the worker creates its servers.
+if os.environ.get("BENCH_ASGI_BACKLOG"):
+    _create_server = asyncio.base_events.BaseEventLoop.create_server
+
+    async def _create_server_with_backlog(self, *args, **kwargs):
+        kwargs.setdefault("backlog", int(os.environ["BENCH_ASGI_BACKLOG"]))
+        return await _create_server(self, *args, **kwargs)
+
+    asyncio.base_events.BaseEventLoop.create_server = _create_server_with_backlog
 
 
 def _clients():
@@ -49,17 +69,20 @@ async def _flush() -> None:
     coalesce, queue = _clients()
     for project_id, futures in batch.items():
         try:
-            keys = coalesce_keys(project_id)
-            waiting = await coalesce(keys=keys, args=[Job.redis_job_namespace_prefix, len(futures)])
-            answers = [("coalesced", waiting.decode())] * len(futures) if waiting else None
-            if answers is None:
-                first = await asyncio.to_thread(queue.request_retrain, project_id, "ANNOTATION_CREATED")
-                answers = [first]
-                if len(futures) > 1:
-                    waiting = await coalesce(keys=keys, args=[Job.redis_job_namespace_prefix, len(futures) - 1])
-                    answers += [("coalesced", waiting.decode())] * (len(futures) - 1)
-            for future, answer in zip(futures, answers):
-                future.set_result(answer)
+            remaining = futures
+            # Each turn either coalesces all the rest or answers one through request_retrain
+            # (which queues, or coalesces under the enqueue lock). More than one turn when a
+            # worker took the job just queued before the rest could coalesce into it.
+            while remaining:
+                waiting = await coalesce(keys=coalesce_keys(project_id),
+                                         args=[Job.redis_job_namespace_prefix, len(remaining)])
+                if waiting:
+                    for future in remaining:
+                        future.set_result(("coalesced", waiting.decode()))
+                    break
+                answer = await asyncio.to_thread(queue.request_retrain, project_id, "ANNOTATION_CREATED")
+                remaining[0].set_result(answer)
+                remaining = remaining[1:]
         except Exception as exc:  # Redis down: each webhook gets its 503
             for future in futures:
                 if not future.done():
