@@ -11,9 +11,12 @@ nothing waiting, as after a quiet period.
 Part A, latency (no RQ worker): for each gunicorn setting (`sync`: gunicorn's sync workers,
 what `make serve` runs; `gthread`: threads; `asgi`: gunicorn's own ASGI worker serving
 bench/asgi_webhooks.py, an event-loop webhook route that batches its Redis work per loop
-turn; `asgi-backlog`: the same with gunicorn's --backlog reaching the loop, see that file), sequential webhooks for the per-request cost, then bursts: p50/p99/max of the time
-from a webhook's connect to its response (per burst, and p99 over all bursts pooled, on which
-the <= 250 ms verdict is given), status codes, and the retrain jobs queued in Redis for
+turn; `asgi-backlog`: the same with gunicorn's --backlog reaching the loop, see that file).
+All settings run side by side, one gunicorn each on one Redis, and take turns burst by
+burst, so the shared machine's changing load falls on all of them alike. Per setting:
+sequential webhooks for the per-request cost, then bursts: p50/p99/max of the time from a
+webhook's connect to its response (per burst, and p99 over all bursts pooled, on which the
+<= 250 ms verdict is given), status codes, and the retrain jobs queued in Redis for
 the project (with no worker nothing starts, so the target is exactly one). Also the server's
 CPU time per webhook (gunicorn + redis-server), which bounds how soon the last of a burst can
 be answered on this many cores; one burst spread evenly over --paced-ms; and bursts of GET
@@ -172,10 +175,10 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
-def server_processes(services: Services) -> tuple[list[psutil.Process], list[psutil.Process]]:
-    """(gunicorn master and workers, redis-server)."""
+def server_processes(services: Services) -> list[psutil.Process]:
+    """The gunicorn master and its workers."""
     master = psutil.Process(services.web.pid)
-    return [master, *master.children()], [psutil.Process(services.redis_process.pid)]
+    return [master, *master.children()]
 
 
 def parse_config(text: str) -> dict:
@@ -207,39 +210,45 @@ def warm_up(port: int, workers: int, project_id: int) -> None:
 
 
 def part_a(args, run: Run) -> list[dict]:
-    rows = []
+    """All settings run at once, each its own gunicorn on one shared Redis, and take turns
+    burst by burst: the shared machine's load changes by the minute, and this way it falls
+    on every setting alike."""
     data_dir = Path(tempfile.mkdtemp(prefix="atl-bench-webhooks-"))
     project_id = 100
+    servers: list[tuple[dict, Services]] = []
     try:
         with Services(data_dir) as services:
             services.start_redis()
             redis = Redis.from_url(services.redis_url)
-            for text in args.configs.split(","):
+            redis_processes = [psutil.Process(services.redis_process.pid)]
+            for n, text in enumerate(args.configs.split(",")):
                 config = parse_config(text)
-                services.env.pop("BENCH_ASGI_BACKLOG", None)
-                services.env.update(config.get("env", {}))
-                services.start_web(workers=config["workers"], threads=config["threads"],
-                                   worker_class=config["worker_class"], app=config["app"])
-                port = services.port
-                overflows_before = listen_overflows()
+                web = Services(data_dir / f"web-{n}", extra_env={"REDIS_URL": services.redis_url,
+                                                                 **config.get("env", {})})
+                servers.append((config, web))
+                web.start_web(workers=config["workers"], threads=config["threads"],
+                              worker_class=config["worker_class"], app=config["app"])
+            for config, web in servers:
                 project_id += 1
-                warm_up(port, config["workers"] * (config["threads"] or 1), project_id)
+                warm_up(web.port, config["workers"] * (config["threads"] or 1), project_id)
                 project_id += 1
-                seq = sequential(port, project_id, args.sequential)
-                bursts = []
-                pooled: list[float] = []  # every webhook's latency, all bursts together
-                web_processes, redis_processes = server_processes(services)
-                for _ in range(args.bursts):
+                config["sequential"] = sequential(web.port, project_id, args.sequential)
+                config["bursts"], config["pooled"], config["overflows"] = [], [], 0
+            for round_ in range(args.bursts):
+                for config, web in servers:
                     project_id += 1
+                    web_processes = server_processes(web)
                     before = load()
+                    overflows_before = listen_overflows()
                     cpu_before = cpu_seconds(web_processes), cpu_seconds(redis_processes)
-                    result = burst(port, project_id, args.burst)
-                    pooled.extend(result["latencies"])
+                    result = burst(web.port, project_id, args.burst)
                     cpu_web = (cpu_seconds(web_processes) - cpu_before[0]) * 1000 / args.burst
                     cpu_redis = (cpu_seconds(redis_processes) - cpu_before[1]) * 1000 / args.burst
+                    config["overflows"] += listen_overflows() - overflows_before
+                    config["pooled"].extend(result["latencies"])
                     time.sleep(0.2)
                     jobs = retrain_jobs(redis, Settings().queue_name, project_id)
-                    bursts.append({
+                    config["bursts"].append(b := {
                         "project_id": project_id,
                         "p50_ms": round(percentile(result["latencies"], 50), 1),
                         "p99_ms": round(percentile(result["latencies"], 99), 1),
@@ -254,56 +263,60 @@ def part_a(args, run: Run) -> list[dict]:
                         "load_before": before,
                         "load_after": load(),
                     })
-                    print(f"  {config['label']}: burst p50 {bursts[-1]['p50_ms']} ms, p99 {bursts[-1]['p99_ms']} ms, "
-                          f"statuses {bursts[-1]['statuses']}, retrain jobs {bursts[-1]['retrain_jobs']}, "
-                          f"load {bursts[-1]['load_after']}", flush=True)
-                project_id += 1
-                paced = burst(port, project_id, args.burst, spread_ms=args.paced_ms)
-                # The stack's own floor: the same burst of GET /health (no JSON, no Redis).
-                health = []
-                for _ in range(args.bursts):
-                    result = asyncio.run(_burst(port, [health_request(port)] * args.burst))
-                    health.append(percentile([ms for _, ms, _ in result], 99))
-                p99s = [b["p99_ms"] for b in bursts]
-                cpu_ms = statistics.median(b["gunicorn_cpu_ms_per_webhook"] + b["redis_cpu_ms_per_webhook"]
-                                           for b in bursts)
-                statuses = Counter()
-                for b in bursts:
-                    statuses.update(b["statuses"])
-                row = {
-                    "gunicorn": config["label"],
-                    "sequential p50 ms": round(percentile(seq, 50), 1),
-                    "burst p50 ms (median)": statistics.median(b["p50_ms"] for b in bursts),
-                    "burst p99 ms (median)": statistics.median(p99s),
-                    "burst p99 ms (range)": f"{min(p99s):.0f}-{max(p99s):.0f}",
-                    "p99 ms, all bursts pooled": round(percentile(pooled, 99), 1),
-                    "acknowledged": f"{sum(v for s, v in statuses.items() if s in (200, 201))}/{args.burst * len(bursts)}",
-                    "statuses": " ".join(f"{s}x{v}" for s, v in sorted(statuses.items())),
-                    "retrain jobs per burst": "/".join(str(b["retrain_jobs"]) for b in bursts),
-                    "server CPU ms/webhook": round(cpu_ms, 2),
-                    # If the server used both cores fully for nothing else, the last of the
-                    # burst could not be answered sooner than this.
-                    "CPU floor for last ack ms": round(cpu_ms * args.burst / len(os.sched_getaffinity(0)), 0),
-                    f"paced over {args.paced_ms:g} ms: p99 ms": round(percentile(paced["latencies"], 99), 1),
-                    "GET /health burst p99 ms (median)": round(statistics.median(health), 1),
-                    # Connects the kernel dropped because a listen queue was full (machine-wide,
-                    # so another program's may count too); each costs the client a 1 s retry.
-                    "listen overflows": listen_overflows() - overflows_before,
-                    # The verdict is on every webhook of every burst together, not a median.
-                    f"p99 <= {TARGET_P99_MS} ms (pooled)": "yes" if percentile(pooled, 99) <= TARGET_P99_MS else
-                                            f"NO (+{percentile(pooled, 99) - TARGET_P99_MS:.0f} ms)",
-                    "load": load(),
-                    "bursts": bursts,
-                    "sequential_ms": [round(x, 2) for x in seq],
-                    "paced": {"spread_ms": args.paced_ms, "p50_ms": round(percentile(paced["latencies"], 50), 1),
-                              "p99_ms": round(percentile(paced["latencies"], 99), 1),
-                              "statuses": dict(paced["statuses"])},
-                }
-                rows.append(row)
-                services.stop_web()
+                    print(f"  round {round_ + 1}, {config['label']}: burst p50 {b['p50_ms']} ms, p99 {b['p99_ms']} ms, "
+                          f"statuses {b['statuses']}, retrain jobs {b['retrain_jobs']}, load {b['load_after']}",
+                          flush=True)
+            return [summary(args, config, web, project_id := project_id + 1) for config, web in servers]
     finally:
+        for _, web in servers:
+            web.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
-    return rows
+
+
+def summary(args, config: dict, web: Services, project_id: int) -> dict:
+    """One setting's row: its bursts, one paced burst and the GET /health floor."""
+    bursts, pooled = config["bursts"], config["pooled"]
+    paced = burst(web.port, project_id, args.burst, spread_ms=args.paced_ms)
+    # The stack's own floor: the same burst of GET /health (no JSON, no Redis).
+    health = []
+    for _ in range(3):
+        result = asyncio.run(_burst(web.port, [health_request(web.port)] * args.burst))
+        health.append(percentile([ms for _, ms, _ in result], 99))
+    p99s = [b["p99_ms"] for b in bursts]
+    cpu_ms = statistics.median(b["gunicorn_cpu_ms_per_webhook"] + b["redis_cpu_ms_per_webhook"] for b in bursts)
+    statuses = Counter()
+    for b in bursts:
+        statuses.update(b["statuses"])
+    seq = config["sequential"]
+    return {
+        "gunicorn": config["label"],
+        "sequential p50 ms": round(percentile(seq, 50), 1),
+        "burst p50 ms (median)": statistics.median(b["p50_ms"] for b in bursts),
+        "burst p99 ms (median)": statistics.median(p99s),
+        "burst p99 ms (range)": f"{min(p99s):.0f}-{max(p99s):.0f}",
+        "p99 ms, all bursts pooled": round(percentile(pooled, 99), 1),
+        "acknowledged": f"{sum(v for s, v in statuses.items() if s in (200, 201))}/{args.burst * len(bursts)}",
+        "statuses": " ".join(f"{s}x{v}" for s, v in sorted(statuses.items())),
+        "retrain jobs per burst": "/".join(str(b["retrain_jobs"]) for b in bursts),
+        "server CPU ms/webhook": round(cpu_ms, 2),
+        # If the server used both cores fully for nothing else, the last of the
+        # burst could not be answered sooner than this.
+        "CPU floor for last ack ms": round(cpu_ms * args.burst / len(os.sched_getaffinity(0)), 0),
+        f"paced over {args.paced_ms:g} ms: p99 ms": round(percentile(paced["latencies"], 99), 1),
+        "GET /health burst p99 ms (median)": round(statistics.median(health), 1),
+        # Connects the kernel dropped because a listen queue was full during this setting's
+        # bursts (machine-wide, so another program's may count too); each costs a 1 s retry.
+        "listen overflows": config["overflows"],
+        # The verdict is on every webhook of every burst together, not a median.
+        f"p99 <= {TARGET_P99_MS} ms (pooled)": "yes" if percentile(pooled, 99) <= TARGET_P99_MS else
+                                         f"NO (+{percentile(pooled, 99) - TARGET_P99_MS:.0f} ms)",
+        "load (median over its bursts)": statistics.median(b["load_after"] for b in bursts),
+        "bursts": bursts,
+        "sequential_ms": [round(x, 2) for x in seq],
+        "paced": {"spread_ms": args.paced_ms, "p50_ms": round(percentile(paced["latencies"], 50), 1),
+                  "p99_ms": round(percentile(paced["latencies"], 99), 1),
+                  "statuses": dict(paced["statuses"])},
+    }
 
 
 def part_b(args) -> list[dict]:
@@ -391,7 +404,7 @@ def main() -> None:
                     "burst p99 ms (range)", "p99 ms, all bursts pooled", "acknowledged", "statuses", "retrain jobs per burst",
                     f"p99 <= {TARGET_P99_MS} ms (pooled)", "server CPU ms/webhook", "CPU floor for last ack ms",
                     f"paced over {args.paced_ms:g} ms: p99 ms", "GET /health burst p99 ms (median)",
-                    "listen overflows", "load"]))
+                    "listen overflows", "load (median over its bursts)"]))
     print()
     print(table(b, ["gunicorn", "burst", "webhooks", "acknowledged", "statuses", "p99 ms", "retrain jobs", "201 queued",
                     "coalesced (counter)", "first job started (ms after burst start)", "at most two", "load"]))
