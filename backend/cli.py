@@ -82,8 +82,8 @@ GUNICORN_CONFIG = "python:backend.gunicorn_config"
 
 
 def gunicorn_command(settings: Settings) -> list[str]:
-    """gunicorn's plain sync workers: the simplest server that acknowledged 200 webhooks
-    at once within Label Studio's 1 s (BENCHMARKS.md); /predict keeps one request per process."""
+    """gunicorn's plain sync workers: the simplest server that met the webhook target
+    (BENCHMARKS.md); /predict keeps one request per process."""
     return [
         sys.executable, "-m", "gunicorn",
         "--config", GUNICORN_CONFIG,
