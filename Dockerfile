@@ -41,6 +41,6 @@ EXPOSE 9090
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '9090'), timeout=4)"]
 
-# The web app (gunicorn with our webhook worker class, as `make serve`); the worker service
-# overrides this with `python -m backend worker`.
-CMD ["sh", "-c", "exec gunicorn --worker-class backend.web_worker.WebhookWorker --workers ${WEB_WORKERS:-2} --bind 0.0.0.0:${PORT:-9090} --timeout 120 --graceful-timeout 10 backend.wsgi:app"]
+# The web app (gunicorn's sync workers and our settings module, as `make serve`); the worker
+# service overrides this with `python -m backend worker`.
+CMD ["sh", "-c", "exec gunicorn --config python:backend.gunicorn_config --worker-class sync --workers ${WEB_WORKERS:-2} --bind 0.0.0.0:${PORT:-9090} --timeout 120 --graceful-timeout 10 backend.wsgi:app"]

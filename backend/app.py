@@ -15,6 +15,7 @@ import logging
 import time
 
 from flask import Flask, Response, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend import metrics
@@ -172,14 +173,17 @@ def create_app(settings: Settings | None = None) -> Flask:
         q = _queue_or_503(queue)
         return jsonify(q.project_status(project_id) | {"model_version": store.current_version(project_id)})
 
+    def queue_or_none() -> JobQueue | None:
+        try:
+            return queue()
+        except ServiceUnavailable:
+            return None
+
+    metrics_registry = metrics.registry(store, queue_or_none)
+
     @app.get("/metrics")
     def metrics_route():
-        try:
-            q = queue()
-        except ServiceUnavailable:
-            q = None
-        text = metrics.render(store, q)
-        return Response(text, mimetype="text/plain; version=0.0.4")
+        return Response(generate_latest(metrics_registry), content_type=CONTENT_TYPE_LATEST)
 
     @app.errorhandler(BadRequest)
     def bad_request(exc):
@@ -227,7 +231,7 @@ def webhook_allowed(settings: Settings, secret: str, basic: tuple[str, str] | No
 
     Label Studio's auto-created webhook sends no auth header: the secret rides in its URL
     (/webhook?secret=...). Label Studio's own START_TRAINING call to /webhook carries Basic
-    auth instead, so either is accepted. The fast-path gunicorn worker asks the same question.
+    auth instead, so either is accepted.
     """
     if settings.webhook_secret and secret and hmac.compare_digest(secret.encode(), settings.webhook_secret.encode()):
         return True

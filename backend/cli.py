@@ -77,14 +77,17 @@ def worker_command(settings: Settings) -> list[str]:
     return [sys.executable, "-m", "backend", "worker"]
 
 
-# gunicorn's sync worker plus an event loop that answers annotation webhooks (backend/web_worker.py).
-WEB_WORKER_CLASS = "backend.web_worker.WebhookWorker"
+# The gunicorn settings module every start of the web app uses (the /metrics hooks).
+GUNICORN_CONFIG = "python:backend.gunicorn_config"
 
 
 def gunicorn_command(settings: Settings) -> list[str]:
+    """gunicorn's plain sync workers: the simplest server that met the webhook target
+    (BENCHMARKS.md); /predict keeps one request per process."""
     return [
         sys.executable, "-m", "gunicorn",
-        "--worker-class", WEB_WORKER_CLASS,
+        "--config", GUNICORN_CONFIG,
+        "--worker-class", "sync",
         "--workers", str(settings.web_workers),
         "--bind", f"{settings.host}:{settings.port}",
         "--timeout", "120",

@@ -72,15 +72,6 @@ def redis_connection(url: str, fast_fail: bool = False) -> Redis:
     return Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30)
 
 
-def async_redis_connection(url: str):
-    """The asyncio counterpart of `redis_connection(url, fast_fail=True)` (the web worker's loop)."""
-    import redis.asyncio as aredis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    return aredis.Redis.from_url(url, **FAST_FAIL_TIMEOUTS, retry=Retry(NoBackoff(), 0))
-
-
 def key(project_id: int, what: str) -> str:
     return f"{PREFIX}:project:{int(project_id)}:{what}"
 

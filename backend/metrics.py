@@ -1,89 +1,115 @@
-"""Prometheus text exposition for /metrics: queue state per project, model versions, latency.
+"""/metrics: Prometheus exposition through prometheus_client.
 
-Job counts live in Redis (shared by every process); the /predict latency histogram is kept
-per web process, so each gunicorn worker reports its own (labelled with its pid).
+Two kinds of series, so that a scrape gives the same answer whichever gunicorn worker takes it:
+
+* Measured in the web processes: the /predict latency histogram. Under gunicorn it runs in
+  prometheus_client's multiprocess mode (`backend/gunicorn_config.py` sets
+  PROMETHEUS_MULTIPROC_DIR): each worker writes to its own file and a scrape adds up the
+  files of every worker, live or exited. No series carries a pid, so a restarted worker adds
+  no label values. Without that variable (the Flask test client, a plain import) the
+  histogram is an ordinary in-process one.
+* State that lives in Redis or on disk (jobs per project and state, job outcomes, coalesced
+  events, last retrain duration, model versions, whether Redis answers): `QueueCollector`
+  reads it at scrape time. Copying it into per-process metrics would make each worker
+  report its own stale copy.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import threading
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from backend.model_store import ModelStore, version_number
+
+log = logging.getLogger(__name__)
 
 BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
-_lock = threading.Lock()
-_predict_counts = [0] * (len(BUCKETS) + 1)
-_predict_sum = 0.0
+
+# registry=None: each app's registry (below) decides how it is collected.
+PREDICT_LATENCY = Histogram("atl_predict_latency_seconds", "Latency of /predict", buckets=BUCKETS,
+                            registry=None)
 
 
 def observe_predict(seconds: float) -> None:
-    global _predict_sum
-    with _lock:
-        for i, bound in enumerate(BUCKETS):
-            if seconds <= bound:
-                _predict_counts[i] += 1
-                break
-        else:
-            _predict_counts[-1] += 1
-        _predict_sum += seconds
+    PREDICT_LATENCY.observe(seconds)
 
 
-def render(store, queue) -> str:
-    lines = []
+def multiprocess_mode() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
-    def metric(name: str, kind: str, help_text: str):
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
 
-    pid = os.getpid()
-    metric("atl_predict_latency_seconds", "histogram", "Latency of /predict in this web process")
-    with _lock:
-        cumulative = 0
-        for bound, count in zip(BUCKETS, _predict_counts):
-            cumulative += count
-            lines.append(f'atl_predict_latency_seconds_bucket{{process="{pid}",le="{bound}"}} {cumulative}')
-        cumulative += _predict_counts[-1]
-        lines.append(f'atl_predict_latency_seconds_bucket{{process="{pid}",le="+Inf"}} {cumulative}')
-        lines.append(f'atl_predict_latency_seconds_sum{{process="{pid}"}} {_predict_sum:.6f}')
-        lines.append(f'atl_predict_latency_seconds_count{{process="{pid}"}} {cumulative}')
+class QueueCollector(Collector):
+    """The series whose truth is in Redis (queue state) or on disk (model versions).
 
-    metric("atl_model_version_number", "gauge", "Number of the model version /predict serves")
-    from backend.model_store import version_number
+    `queue` returns the app's JobQueue, or None while Redis is known to be unreachable; then
+    only `atl_redis_up 0` and the model versions are reported.
+    """
 
-    for project_id in store.projects():
-        current = store.current_version(project_id)
-        if current:
-            lines.append(
-                f'atl_model_version_number{{project="{project_id}",model_version="{current}"}} '
-                f"{version_number(current)}"
-            )
+    def __init__(self, store: ModelStore, queue: Callable[[], object | None]):
+        self.store = store
+        self.queue = queue
 
-    metric("atl_redis_up", "gauge", "1 when the job queue's Redis answers")
-    statuses = []
-    if queue is not None:
+    def collect(self) -> Iterator[Metric]:
+        versions = GaugeMetricFamily("atl_model_version_number", "Number of the model version /predict serves",
+                                     labels=["project", "model_version"])
+        for project_id in self.store.projects():
+            current = self.store.current_version(project_id)
+            if current:
+                versions.add_metric([str(project_id), current], version_number(current))
+        yield versions
+
+        statuses = self._statuses()
+        up = GaugeMetricFamily("atl_redis_up", "1 when the job queue's Redis answers")
+        up.add_metric([], 0 if statuses is None else 1)
+        yield up
+        statuses = statuses or []
+        # Not "atl_jobs": the counter below is the family atl_jobs (its samples atl_jobs_total),
+        # and prometheus_client and OpenMetrics refuse a gauge of the same name.
+        current = GaugeMetricFamily("atl_jobs_current", "Retraining jobs per project now waiting or running",
+                                    labels=["project", "state"])
+        outcomes = CounterMetricFamily("atl_jobs", "Retraining jobs per project by outcome",
+                                       labels=["project", "outcome"])
+        coalesced = CounterMetricFamily("atl_events_coalesced",
+                                        "Annotation events per project that joined a retrain already waiting",
+                                        labels=["project"])
+        duration = GaugeMetricFamily("atl_retrain_duration_seconds", "Duration of the last retrain per project",
+                                     labels=["project"])
+        for status in statuses:
+            project = str(status["project_id"])
+            current.add_metric([project, "queued"], 1 if status["waiting"] else 0)
+            current.add_metric([project, "running"], 1 if status["running"] else 0)
+            for outcome in ("requested", "succeeded", "failed"):
+                outcomes.add_metric([project, outcome], status[outcome])
+            coalesced.add_metric([project], status["coalesced"])
+            last = status.get("last") or {}
+            if "duration" in last:
+                duration.add_metric([project], float(last["duration"]))
+        yield from (current, outcomes, coalesced, duration)
+
+    def _statuses(self) -> list[dict] | None:
+        queue = self.queue()
+        if queue is None:
+            return None
         try:
-            statuses = [queue.project_status(pid) for pid in queue.project_ids()]
-            lines.append("atl_redis_up 1")
-        except Exception:
-            lines.append("atl_redis_up 0")
+            return [queue.project_status(project_id) for project_id in queue.project_ids()]
+        except Exception as exc:  # Redis down or timing out: the scrape still answers
+            log.debug("metrics: Redis unavailable: %s", exc)
+            return None
+
+
+def registry(store: ModelStore, queue: Callable[[], object | None]) -> CollectorRegistry:
+    """What /metrics exposes: the /predict histogram (of all workers, under gunicorn) and
+    the Redis and model-store series of `QueueCollector`."""
+    registry = CollectorRegistry()
+    if multiprocess_mode():
+        MultiProcessCollector(registry)
     else:
-        lines.append("atl_redis_up 0")
-    metric("atl_jobs", "gauge", "Retraining jobs per project and state")
-    for s in statuses:
-        p = s["project_id"]
-        lines.append(f'atl_jobs{{project="{p}",state="queued"}} {1 if s["waiting"] else 0}')
-        lines.append(f'atl_jobs{{project="{p}",state="running"}} {1 if s["running"] else 0}')
-    metric("atl_jobs_total", "counter", "Retraining jobs per project by outcome")
-    for s in statuses:
-        p = s["project_id"]
-        for outcome in ("requested", "succeeded", "failed"):
-            lines.append(f'atl_jobs_total{{project="{p}",outcome="{outcome}"}} {s[outcome]}')
-    metric("atl_events_coalesced_total", "counter",
-           "Annotation events per project that joined a retrain already waiting")
-    for s in statuses:
-        lines.append(f'atl_events_coalesced_total{{project="{s["project_id"]}"}} {s["coalesced"]}')
-    metric("atl_retrain_duration_seconds", "gauge", "Duration of the last retrain per project")
-    for s in statuses:
-        last = s.get("last") or {}
-        if "duration" in last:
-            lines.append(f'atl_retrain_duration_seconds{{project="{s["project_id"]}"}} {float(last["duration"]):.3f}')
-    return "\n".join(lines) + "\n"
+        registry.register(PREDICT_LATENCY)
+    registry.register(QueueCollector(store, queue))
+    return registry

@@ -35,13 +35,13 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck_and_the_encoder_baked_in
 
 
 def test_the_image_runs_gunicorn_as_make_serve_does():
-    """Same worker class and timeouts in the image as in `python -m backend serve`."""
+    """Same settings module, worker class and timeouts in the image as in `python -m backend serve`."""
     from backend.cli import gunicorn_command
     from backend.settings import Settings
 
     command = gunicorn_command(Settings.from_env())
     cmd = [line for line in (REPO / "Dockerfile").read_text().splitlines() if line.startswith("CMD ")][-1]
-    for flag in ("--worker-class", "--timeout", "--graceful-timeout"):
+    for flag in ("--config", "--worker-class", "--timeout", "--graceful-timeout"):
         assert f"{flag} {command[command.index(flag) + 1]}" in cmd, flag
     assert "backend.wsgi:app" in cmd
 

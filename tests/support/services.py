@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from backend.cli import WEB_WORKER_CLASS, free_port, start_embedded_redis
+from backend.cli import GUNICORN_CONFIG, free_port, start_embedded_redis
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,10 +50,10 @@ class Services:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start_web(self, workers: int = 2, threads: int | None = None,
-                  worker_class: str = WEB_WORKER_CLASS, extra_args: tuple[str, ...] = ()) -> str:
-        """gunicorn with the app and the worker class `make serve` uses; `threads`,
-        `worker_class` ("sync", "gthread", ...) and `extra_args` pass through."""
+    def start_web(self, workers: int = 2, threads: int | None = None, worker_class: str = "sync",
+                  extra_args: tuple[str, ...] = (), app: str = "backend.wsgi:app") -> str:
+        """gunicorn with the app, the worker class and the settings module `make serve` uses;
+        `threads`, `worker_class` ("gthread", "asgi", ...), `extra_args` and `app` pass through."""
         self.port = free_port()
         log = open(self.data_dir / "web.log", "ab")
         extra = ["--worker-class", worker_class, *extra_args]
@@ -61,8 +61,8 @@ class Services:
             extra += ["--threads", str(threads)]
         self.web = subprocess.Popen(
             # `extra` last: gunicorn takes the last of a repeated flag, so it can override these.
-            [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--bind",
-             f"127.0.0.1:{self.port}", "--timeout", "120", *extra, "backend.wsgi:app"],
+            [sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG, "--workers", str(workers),
+             "--bind", f"127.0.0.1:{self.port}", "--timeout", "120", *extra, app],
             env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + 60
