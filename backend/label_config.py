@@ -20,7 +20,6 @@ the backend can learn:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
 
 SUPPORTED = (
     "this backend supports a label config with one or more <Choices> controls (single- or "
@@ -196,7 +195,7 @@ class LabelConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LabelConfig":
+    def from_dict(cls, data: dict) -> LabelConfig:
         """From `to_dict`'s output, or from the single-control format of older versions."""
         if "controls" not in data:
             return cls(

@@ -26,8 +26,7 @@ from redis.backoff import NoBackoff
 from rq.job import Job
 
 from backend.app import TRAIN_EVENTS, webhook_project
-from backend.job_queue import (COALESCE_SCRIPT, FAST_FAIL_TIMEOUTS, JobQueue, coalesce_keys,
-                               redis_connection)
+from backend.job_queue import COALESCE_SCRIPT, FAST_FAIL_TIMEOUTS, JobQueue, coalesce_keys, redis_connection
 from backend.ml_backend import BadRequest, project_id_from_ls
 from backend.settings import Settings
 

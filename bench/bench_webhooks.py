@@ -55,8 +55,13 @@ import psutil  # noqa: E402
 from redis import Redis  # noqa: E402
 from rq import Queue, Worker  # noqa: E402
 from rq.job import Job  # noqa: E402
-from rq.registry import (DeferredJobRegistry, FailedJobRegistry, FinishedJobRegistry,  # noqa: E402
-                         ScheduledJobRegistry, StartedJobRegistry)
+from rq.registry import (  # noqa: E402
+    DeferredJobRegistry,
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    ScheduledJobRegistry,
+    StartedJobRegistry,
+)
 from rq.serializers import JSONSerializer  # noqa: E402
 
 from backend.cli import free_port  # noqa: E402
@@ -96,7 +101,7 @@ async def _send(port: int, request: bytes) -> tuple[float, float, int]:
         response = await asyncio.wait_for(reader.read(), timeout=30)  # the server closes
         writer.close()
         status = int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/") else 0
-    except (OSError, asyncio.TimeoutError, ValueError, IndexError):
+    except (TimeoutError, OSError, ValueError, IndexError):
         status = 0
     return started, (time.perf_counter() - started) * 1000, status
 
@@ -401,7 +406,8 @@ def main() -> None:
     run["retrains"] = b
     print()
     print(table(a, ["gunicorn", "sequential p50 ms", "burst p50 ms (median)", "burst p99 ms (median)",
-                    "burst p99 ms (range)", "p99 ms, all bursts pooled", "acknowledged", "statuses", "retrain jobs per burst",
+                    "burst p99 ms (range)", "p99 ms, all bursts pooled", "acknowledged", "statuses",
+                    "retrain jobs per burst",
                     f"p99 <= {TARGET_P99_MS} ms (pooled)", "server CPU ms/webhook", "CPU floor for last ack ms",
                     f"paced over {args.paced_ms:g} ms: p99 ms", "GET /health burst p99 ms (median)",
                     "listen overflows", "load (median over its bursts)"]))

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -101,7 +101,7 @@ class _TwoLayerHead:
     def _activation(self, logits):
         raise NotImplementedError
 
-    def fit(self, features: np.ndarray, y) -> "_TwoLayerHead":
+    def fit(self, features: np.ndarray, y) -> _TwoLayerHead:
         """Full-batch training on (features, targets); see the subclass for the targets."""
         import torch
 
@@ -213,7 +213,7 @@ class ClassifierHead(_TwoLayerHead):
 
         return torch.softmax(logits, -1)
 
-    def fit(self, features: np.ndarray, y: Sequence[int]) -> "ClassifierHead":
+    def fit(self, features: np.ndarray, y: Sequence[int]) -> ClassifierHead:
         """Full-batch training with class-weighted cross-entropy. `y` are label indices."""
         return super().fit(features, y)
 
@@ -306,7 +306,7 @@ class MultiLabelHead(_TwoLayerHead):
         return {**super().config_dict(), "extra": {**self.config.extra, "thresholds": self.thresholds_.tolist()}}
 
     @classmethod
-    def from_config_dict(cls, data: dict, device: str = "cpu") -> "MultiLabelHead":
+    def from_config_dict(cls, data: dict, device: str = "cpu") -> MultiLabelHead:
         head = super().from_config_dict(data, device=device)
         thresholds = head.config.extra.get("thresholds")
         if thresholds is not None:

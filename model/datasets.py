@@ -37,10 +37,10 @@ class LabeledTexts:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, index) -> "LabeledTexts":
+    def subset(self, index) -> LabeledTexts:
         return LabeledTexts([self.texts[i] for i in index], [self.labels[i] for i in index])
 
-    def sample(self, n: int, seed: int = 0) -> "LabeledTexts":
+    def sample(self, n: int, seed: int = 0) -> LabeledTexts:
         rng = np.random.default_rng(seed)
         index = rng.permutation(len(self.texts))[: min(n, len(self.texts))]
         return self.subset(sorted(index))

@@ -167,12 +167,12 @@ class ControlHeads:
 
     @classmethod
     def build(cls, specs: list[ControlSpec], input_dims: list[int], device: str = "cpu",
-              **settings) -> "ControlHeads":
+              **settings) -> ControlHeads:
         """Untrained heads for `specs` (settings: HeadConfig fields shared by all heads)."""
         return cls(specs, [new_head(s, d, device=device, **settings) for s, d in zip(specs, input_dims)])
 
     @classmethod
-    def single(cls, head: ClassifierHead, name: str = "label") -> "ControlHeads":
+    def single(cls, head: ClassifierHead, name: str = "label") -> ControlHeads:
         """One single-choice control around an existing head (the single-control callers)."""
         return cls([ControlSpec(name=name, labels=list(head.labels))], [head])
 
@@ -183,7 +183,7 @@ class ControlHeads:
     def names(self) -> list[str]:
         return [spec.name for spec in self.specs]
 
-    def fit(self, features: list[np.ndarray], targets: list[np.ndarray]) -> "ControlHeads":
+    def fit(self, features: list[np.ndarray], targets: list[np.ndarray]) -> ControlHeads:
         """Train each head on the tasks that answer its control (a head with none stays untrained)."""
         for head, x, t in zip(self.heads, features, targets):
             rows = answered(t)
@@ -265,7 +265,7 @@ class ControlHeads:
         (directory / HEADS_CONFIG_FILE).write_text(json.dumps({"heads": description}, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path, device: str = "cpu", single_name: str = "label") -> "ControlHeads":
+    def load(cls, directory: str | Path, device: str = "cpu", single_name: str = "label") -> ControlHeads:
         """What `save` wrote. A version saved as one `ClassifierHead` (before several
         controls) loads as one control called `single_name` (pass the label config's
         `from_name`, which that version's files do not record)."""

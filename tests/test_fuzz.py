@@ -290,7 +290,7 @@ def tasks(draw):
                               st.just({"data": {"text": "a task, not a list"}})))
     n = draw(st.integers(0, 4))
     out = []
-    for i in range(n):
+    for _ in range(n):
         if kind == "good":
             task = {"id": draw(st.one_of(st.integers(), wild)), "data": {"text": draw(task_texts)}}
             if draw(st.booleans()):
@@ -556,7 +556,7 @@ def _raw_exchange(server, request: bytes) -> bytes:
         try:
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             pass
     return b"".join(chunks)
 

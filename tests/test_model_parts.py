@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from backend.model_store import ModelStore, version_number
 from backend.ml_backend import BadRequest, project_id_from_ls
+from backend.model_store import ModelStore, version_number
 from model.classifier import ClassifierHead, HeadConfig, class_weights
 from model.encoding_cache import EncodingCache
 

@@ -1,10 +1,11 @@
 """Queue semantics on a real redis-server: one waiting, one running, per project."""
 
+import json
 import time
 
 import pytest
-from rq.serializers import JSONSerializer
 from rq.job import Job
+from rq.serializers import JSONSerializer
 
 from backend.job_queue import JobQueue, redis_connection
 from backend.settings import Settings
@@ -144,7 +145,7 @@ def test_a_slower_fan_out_of_an_older_version_never_switches_back(job_queue, ser
     newer = store.stage(5, head, {"encoder": "e"})
     store.activate(5, newer)
     job_queue.record_result(5, {"status": "finished", "model_version": newer})
-    job_queue.redis.set("atl:project:5:publishing", '{"model_version": "%s"}' % older)
+    job_queue.redis.set("atl:project:5:publishing", json.dumps({"model_version": older}))
 
     result = jobs.finish_publish(5, older, [], {"model_version": older})
     assert result["status"] == "superseded"

@@ -9,11 +9,11 @@ against the real server.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from backend.task_store import OVERLAP, TaskStore
 
-T0 = datetime(2026, 12, 1, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
 
 
 def stamp(seconds: float) -> str:

@@ -40,7 +40,6 @@ examples it falls back to least confidence, as `predicted_incorrect` does, and s
 from __future__ import annotations
 
 import numpy as np
-
 from scipy.special import expit
 
 from model.orderings.base import Ordering, OrderingInput, OrderingResult, combined_score, integer, number, one_of

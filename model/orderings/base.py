@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -122,7 +122,7 @@ class HeadView:
     probabilities: np.ndarray  # (n, n_choices): softmax rows, or one sigmoid per choice
     thresholds: np.ndarray | None = None  # multi-label: per-choice decision thresholds
 
-    def with_probabilities(self, probabilities: np.ndarray) -> "HeadView":
+    def with_probabilities(self, probabilities: np.ndarray) -> HeadView:
         return HeadView(self.multi_label, np.asarray(probabilities, dtype=np.float64), self.thresholds)
 
     def predicted_class(self) -> np.ndarray:
@@ -233,7 +233,7 @@ class OrderingInput:
 
     @classmethod
     def from_all_layers(cls, labeled_layers: np.ndarray, labels: np.ndarray,
-                        unlabeled_layers: np.ndarray, classifier, **kwargs) -> "OrderingInput":
+                        unlabeled_layers: np.ndarray, classifier, **kwargs) -> OrderingInput:
         """Input from all-layer vectors (n, layers, dim): the features are the last layer."""
         return cls(features_labeled=labeled_layers[:, -1], labels=labels,
                    features_unlabeled=unlabeled_layers[:, -1], classifier=classifier,
@@ -294,8 +294,8 @@ class Ordering(ABC):
         settings = dict(self.known_params())
         rules = self.param_rules()
         warnings: list[str] = []
-        for params in (self.params, params or {}):
-            for name, value in params.items():
+        for given in (self.params, params or {}):
+            for name, value in given.items():
                 if name not in settings:
                     warnings.append(f"ordering {self.name!r} has no parameter {name!r}, ignored; "
                                     f"known parameters: {', '.join(sorted(settings))}")

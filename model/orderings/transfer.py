@@ -123,7 +123,7 @@ class BinaryHead:
         fixed_offset: bool = False,
         standardize: bool = True,
         nonpositive: bool = False,
-    ) -> "BinaryHead":
+    ) -> BinaryHead:
         """Fit on (features, target) with sample weights.
 
         With `fixed_offset`, logit = offset + w . features: the offset's slope stays 1 and

@@ -34,8 +34,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 LS_VERSION = "1.23.2"
 DEFAULT_VENV = Path.home() / ".cache" / "atl-backend" / f"ls-{LS_VERSION}"
@@ -244,7 +245,7 @@ class LabelStudioServer:
             self._api_key = self._load_or_mint_token()
         return self._api_key
 
-    def start(self, timeout: float = 600) -> "LabelStudioServer":
+    def start(self, timeout: float = 600) -> LabelStudioServer:
         if self.proc is not None and self.proc.poll() is None:
             return self
         venv = ensure_installed(self.venv_dir)
@@ -311,7 +312,7 @@ class LabelStudioServer:
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
 
-    def __enter__(self) -> "LabelStudioServer":
+    def __enter__(self) -> LabelStudioServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
