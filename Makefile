@@ -1,10 +1,10 @@
-# Two commands: `make serve` runs the backend, `make test` runs the whole suite.
-# Both create .venv and install the pinned requirements on first use.
+# `make serve` runs the backend, `make test` runs the whole suite, `make bench` the speed
+# benchmarks. Each creates .venv and installs the pinned requirements on first use.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: serve test venv clean-venv
+.PHONY: serve test venv clean-venv bench
 
 $(VENV)/.runtime-installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,26 @@ serve: $(VENV)/.runtime-installed
 
 test: $(VENV)/.dev-installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests $(PYTEST_ARGS)
+
+# Every speed benchmark, at sizes that finish in under 30 minutes on the 2-core machine
+# (BENCHMARKS.md); `make bench BENCH=freshness` runs one, `BENCH="encoding predict"` some.
+# Freshness at 100,000 tasks is its own size: make bench BENCH=freshness FRESHNESS_TASKS=100000
+# FRESHNESS_ROUNDS=3. Results: bench/results/*.json. The label-efficiency scenarios take hours:
+# bench/simulate_scenarios.sh (BENCHMARKS.md, "label efficiency").
+BENCH ?= encoding predict scale orderings webhooks freshness
+FRESHNESS_TASKS ?= 10000
+FRESHNESS_ROUNDS ?= 4
+BENCH_ARGS_encoding ?= --texts 500 --rounds 8
+BENCH_ARGS_predict ?= --single 200 --hundred 50 --unseen-single 30 --unseen-hundred 10
+BENCH_ARGS_scale ?= --tasks 100000 --repeats 3 --cycles 10
+BENCH_ARGS_orderings ?= --repeats 3
+BENCH_ARGS_webhooks ?=
+BENCH_ARGS_freshness ?= --tasks $(FRESHNESS_TASKS) --rounds $(FRESHNESS_ROUNDS)
+
+bench: $(VENV)/.dev-installed
+	@for name in $(BENCH); do test -f bench/bench_$$name.py || { \
+		echo "no benchmark bench/bench_$$name.py; BENCH takes: $(patsubst bench_%,%,$(notdir $(basename $(wildcard bench/bench_*.py))))"; exit 2; }; done
+	$(foreach name,$(BENCH),date -u +"== %H:%M:%S bench_$(name)" && HF_HUB_OFFLINE=1 $(PY) bench/bench_$(name).py $(BENCH_ARGS_$(name)) && ) date -u +"== %H:%M:%S done"
 
 clean-venv:
 	rm -rf $(VENV)
