@@ -29,7 +29,8 @@ the project repeats them with a " (#k)" suffix, and the benchmark stores the bas
 vector for each copy in the backend's encoding cache before the import (encoding 90,000
 more texts would take over an hour on these 2 cores; freshness never encodes a cached task,
 and its timings do not depend on the vectors' values). The base texts are encoded for real,
-once, with the backend's own encoder; the cache is kept in `--work` between runs.
+once, with the backend's own encoder; the cache is kept in `--work` between runs (one data
+directory per size, the first copied from another size's).
 
 Label Studio runs with its memory-efficient prediction import (the feature flag that
 docker-compose.yml sets); `--ls-default-import` runs it without (every import request then
@@ -94,6 +95,23 @@ def fresh_backend_data(run_dir: Path) -> None:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def copy_encoding_cache(work: Path, run_dir: Path) -> None:
+    """Start a size's empty cache from another size's (SQLite's backup API: safe while that
+    one is in use), so the base texts are encoded once for all sizes."""
+    import sqlite3
+
+    target = run_dir / "encodings.sqlite3"
+    others = sorted(p for p in work.glob("backend-data-*/encodings.sqlite3") if p != target)
+    if target.exists() or not others:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    source, copy = sqlite3.connect(others[-1]), sqlite3.connect(target)
+    with copy:
+        source.backup(copy)
+    source.close()
+    copy.close()
+
+
 def fill_encoding_cache(data_dir: Path, texts: list[str], base_count: int) -> dict:
     """Make the backend's cache hold every task's vector: base texts encoded for real (once),
     copies given their base text's vector. Returns what was done, for the record."""
@@ -146,9 +164,11 @@ def main() -> int:
     chunk = args.chunk or Settings.from_env().prediction_chunk
     texts, truth = project_texts(args.tasks)
     base_count = min(args.tasks, BASE_TEXTS)
-    # One backend data dir across runs: the encoding cache is reused (projects get new ids).
-    run_dir = args.work / "backend-data"
+    # One backend data dir per size, kept across runs for its encoding cache (everything
+    # else is removed), so two sizes can run at once.
+    run_dir = args.work / f"backend-data-{args.tasks}"
     fresh_backend_data(run_dir)
+    copy_encoding_cache(args.work, run_dir)
     ls_dir = Path(os.environ.get("LS_DATA_DIR") or args.work / "ls-data")
     started = time.monotonic()
     run["encoding_cache"] = fill_encoding_cache(run_dir, texts, base_count)
