@@ -255,3 +255,28 @@ def table(rows: list[dict], columns: list[str] | None = None) -> str:
     for row in rows:
         lines.append("| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def snapshot_main(argv: list[str]) -> int:
+    """`python bench/run_record.py NAME PHASE` appends one JSON line to bench/results/NAME/run_record.jsonl
+    (commit, machine, load and CPU pressure now): for scripts that are not Python, such as
+    simulate_scenarios.sh, which calls it before and after each scenario."""
+    if len(argv) != 2:
+        raise SystemExit("usage: python bench/run_record.py NAME PHASE   (e.g. domain_shift start)")
+    require_clean_tree()
+    name, phase = argv
+    now = conditions()
+    line = {"benchmark": name, "phase": phase, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "commit": git_commit(), "host": platform.node(), "machine": machine(), "load": now["load"],
+            "cpu_pressure": now["cpu_pressure"], "uptime": uptime()}
+    path = RESULTS / name / "run_record.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(line) + "\n")
+    print(f"# {name} {phase}: commit {line['commit']}, load {line['load']}, "
+          f"CPU pressure {(line['cpu_pressure'] or {}).get('some_avg10')}%", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(snapshot_main(sys.argv[1:]))
