@@ -33,7 +33,7 @@ test: $(VENV)/.dev-installed
 BENCH ?= encoding predict scale orderings webhooks freshness
 FRESHNESS_TASKS ?= 10000
 FRESHNESS_ROUNDS ?= 4
-BENCH_ARGS_encoding ?= --texts 500 --rounds 8
+BENCH_ARGS_encoding ?= --texts 300 --rounds 6
 BENCH_ARGS_predict ?= --single 200 --hundred 50 --unseen-single 30 --unseen-hundred 10
 BENCH_ARGS_scale ?= --tasks 100000 --repeats 3 --cycles 10
 BENCH_ARGS_orderings ?= --repeats 3
