@@ -60,7 +60,7 @@ from tests.support.ls_project import CONFIG, jobs_of, wait_until_idle  # noqa: E
 from tests.support.services import Services  # noqa: E402
 
 FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
-BASE_TEXTS = 10_000
+BASE_TEXTS = 5_000
 TARGET_RATIO = 1.2
 FIRST_LABELS = 40
 
