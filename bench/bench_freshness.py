@@ -24,11 +24,11 @@ next to their load and CPU pressure (`run_record.Run.measure`).
     .venv/bin/python bench/bench_freshness.py --tasks 10000 --rounds 5
     .venv/bin/python bench/bench_freshness.py --tasks 100000 --rounds 3
 
-Tasks are distinct texts: airline tweets and movie snippets in a fixed shuffle. Above the 10,000 base texts
-the project repeats them with a " (#k)" suffix, and the benchmark stores the base text's
-vector for each copy in the backend's encoding cache before the import (encoding 90,000
-more texts would take over an hour on these 2 cores; freshness never encodes a cached task,
-and its timings do not depend on the vectors' values). The base texts are encoded for real,
+Tasks are distinct texts: airline tweets and movie snippets in a fixed shuffle. Above
+5,000 base texts the project repeats them with a " (#k)" suffix, and the benchmark stores
+the base text's vector for each copy in the backend's encoding cache before the import
+(encoding 95,000 more texts would take hours on these 2 busy cores; freshness never encodes
+a cached task, and its timings do not depend on the vectors' values). The base texts are encoded for real,
 once, with the backend's own encoder; the cache is kept in `--work` between runs (one data
 directory per size, the first copied from another size's).
 
