@@ -176,6 +176,7 @@ class Run:
         `run.measurements` and written under "measurements".
         """
         row = dict(labels)
+        row["started_utc"] = time.strftime("%H:%M:%S", time.gmtime())  # to find it in server logs
         before = conditions()
         started = time.perf_counter()
         yield row
