@@ -33,10 +33,10 @@ test: $(VENV)/.dev-installed
 # bench/simulate_scenarios.sh (BENCHMARKS.md, "label efficiency").
 BENCH ?= encoding predict scale orderings webhooks freshness
 FRESHNESS_TASKS ?= 10000
-FRESHNESS_ROUNDS ?= 4
-BENCH_ARGS_encoding ?= --texts 300 --rounds 6
-BENCH_ARGS_predict ?= --single 200 --hundred 50 --unseen-single 30 --unseen-hundred 10 --cached-texts 1000
-BENCH_ARGS_scale ?= --tasks 100000 --repeats 3 --cycles 10
+FRESHNESS_ROUNDS ?= 3
+BENCH_ARGS_encoding ?= --texts 200 --rounds 6
+BENCH_ARGS_predict ?= --single 200 --hundred 50 --unseen-single 20 --unseen-hundred 5 --cached-texts 500
+BENCH_ARGS_scale ?= --tasks 100000 --repeats 3 --cycles 6
 BENCH_ARGS_orderings ?= --pool 3000 --labeled-tweets 250 --labeled-movies 250 --repeats 3
 BENCH_ARGS_webhooks ?=
 BENCH_ARGS_freshness ?= --tasks $(FRESHNESS_TASKS) --rounds $(FRESHNESS_ROUNDS)

@@ -25,9 +25,9 @@ next to their load and CPU pressure (`run_record.Run.measure`).
     .venv/bin/python bench/bench_freshness.py --tasks 100000 --rounds 3
 
 Tasks are distinct texts: airline tweets and movie snippets in a fixed shuffle. Above
-5,000 base texts the project repeats them with a " (#k)" suffix, and the benchmark stores
+2,000 base texts the project repeats them with a " (#k)" suffix, and the benchmark stores
 the base text's vector for each copy in the backend's encoding cache before the import
-(encoding 95,000 more texts would take hours on these 2 busy cores; freshness never encodes
+(encoding 98,000 more texts would take hours on these 2 busy cores; freshness never encodes
 a cached task, and its timings do not depend on the vectors' values). The base texts are encoded for real,
 once, with the backend's own encoder; the cache is kept in `--work` between runs (one data
 directory per size, the first copied from another size's).
@@ -60,7 +60,7 @@ from tests.support.ls_project import CONFIG, jobs_of, wait_until_idle  # noqa: E
 from tests.support.services import Services  # noqa: E402
 
 FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
-BASE_TEXTS = 5_000
+BASE_TEXTS = 2_000
 TARGET_RATIO = 1.2
 FIRST_LABELS = 40
 
@@ -166,7 +166,7 @@ def main() -> int:
     base_count = min(args.tasks, BASE_TEXTS)
     # One backend data dir per size, kept across runs for its encoding cache (everything
     # else is removed), so two sizes can run at once.
-    run_dir = args.work / f"backend-data-{args.tasks}"
+    run_dir = args.work / f"backend-data-{args.tasks}{'-ls-default-import' if args.ls_default_import else ''}"
     fresh_backend_data(run_dir)
     copy_encoding_cache(args.work, run_dir)
     ls_dir = Path(os.environ.get("LS_DATA_DIR") or args.work / "ls-data")
