@@ -26,11 +26,11 @@ test: $(VENV)/.dev-installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests $(PYTEST_ARGS)
 
 # Every speed benchmark, at sizes that finish in under 30 minutes on the 2-core machine even
-# at load 10 (BENCHMARKS.md; the encoder then manages ~8 texts/s, and a first run encodes
-# the texts each benchmark needs); `make bench BENCH=freshness` runs one, `BENCH="encoding predict"` some.
-# Freshness at 100,000 tasks is its own size (about an hour at load 8-12):
-# make bench BENCH=freshness FRESHNESS_TASKS=100000 FRESHNESS_ROUNDS=2. Results: bench/results/*.json. The label-efficiency scenarios take hours:
-# bench/simulate_scenarios.sh (BENCHMARKS.md, "label efficiency").
+# at load 10 (20 minutes measured, BENCHMARKS.md). `make bench BENCH=freshness` runs one,
+# `BENCH="encoding predict"` some; BENCH_ARGS_<name> overrides a benchmark's sizes. Results:
+# bench/results/*.json. Freshness at 100,000 tasks is its own size (about an hour at load
+# 8-12): make bench BENCH=freshness FRESHNESS_TASKS=100000 FRESHNESS_ROUNDS=2.
+# The label-efficiency scenarios take hours: bench/simulate_scenarios.sh (BENCHMARKS.md).
 BENCH ?= encoding predict scale orderings webhooks freshness
 FRESHNESS_TASKS ?= 10000
 FRESHNESS_ROUNDS ?= 3
