@@ -1,11 +1,11 @@
-# Two commands: `make serve` runs the backend, `make test` runs the whole suite
-# (`make test-fast` skips the tests that need a Label Studio server).
-# Both create .venv and install the pinned requirements on first use.
+# `make serve` runs the backend, `make test` runs the whole suite (`make test-fast` skips
+# the tests that need a Label Studio server), `make bench` the speed benchmarks. Each
+# creates .venv and installs the pinned requirements on first use.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: serve test test-fast lint venv clean-venv
+.PHONY: serve test test-fast lint venv clean-venv bench
 
 $(VENV)/.runtime-installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,27 @@ test-fast: lint
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .
+
+# Every speed benchmark, at sizes that finish in under 30 minutes on the 2-core machine even
+# at load 10 (20 minutes measured, BENCHMARKS.md). `make bench BENCH=freshness` runs one,
+# `BENCH="encoding predict"` some; BENCH_ARGS_<name> overrides a benchmark's sizes. Results:
+# bench/results/*.json. Freshness at 100,000 tasks is its own size (about an hour at load
+# 8-12): make bench BENCH=freshness FRESHNESS_TASKS=100000 FRESHNESS_ROUNDS=2.
+# The label-efficiency scenarios take hours: bench/simulate_scenarios.sh (BENCHMARKS.md).
+BENCH ?= encoding predict scale orderings webhooks freshness
+FRESHNESS_TASKS ?= 10000
+FRESHNESS_ROUNDS ?= 3
+BENCH_ARGS_encoding ?= --texts 200 --rounds 6
+BENCH_ARGS_predict ?= --single 200 --hundred 50 --unseen-single 20 --unseen-hundred 5 --cached-texts 500
+BENCH_ARGS_scale ?= --tasks 100000 --repeats 3 --cycles 6
+BENCH_ARGS_orderings ?= --pool 3000 --labeled-tweets 250 --labeled-movies 250 --repeats 3
+BENCH_ARGS_webhooks ?=
+BENCH_ARGS_freshness ?= --tasks $(FRESHNESS_TASKS) --rounds $(FRESHNESS_ROUNDS)
+
+bench: $(VENV)/.dev-installed
+	@for name in $(BENCH); do test -f bench/bench_$$name.py || { \
+		echo "no benchmark bench/bench_$$name.py; BENCH takes: $(patsubst bench_%,%,$(notdir $(basename $(wildcard bench/bench_*.py))))"; exit 2; }; done
+	$(foreach name,$(BENCH),date -u +"== %H:%M:%S bench_$(name)" && HF_HUB_OFFLINE=1 $(PY) bench/bench_$(name).py $(BENCH_ARGS_$(name)) && ) date -u +"== %H:%M:%S done"
 
 clean-venv:
 	rm -rf $(VENV)

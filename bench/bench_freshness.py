@@ -1,34 +1,58 @@
-"""Freshness: from one new annotation to every task's new prediction in Label Studio.
+"""Freshness: one new annotation to every task's new prediction in Label Studio, against
+Label Studio's own bulk import of the same number of predictions, in one run.
 
-Issue 3, point 1. A real Label Studio 1.23.2 (its own venv, tests/support/label_studio.py),
-the backend under gunicorn, one rq worker. A project of N text tasks (airline tweets and
-movie snippets) whose encodings are cached (TASKS_CREATED encodes them in the background),
-a first model, then R rounds of: annotate one task, time until the project's model_version
-switched to the new version (the job switches it only after every prediction was uploaded).
-The parts come from the job's own timings.
+Issue 3, point 1 and issue 18. A real Label Studio 1.23.2 (its own venv,
+tests/support/label_studio.py), the backend under gunicorn, one rq worker, a project of N
+text tasks whose encodings are cached, and a first model. Then R rounds, each with two
+measurements taken in turns (backend first in odd rounds, reference first in even ones, so
+a load spike from another process hits both about equally):
 
-    .venv/bin/python bench/bench_freshness.py --tasks 10000 --rounds 3
-    .venv/bin/python bench/bench_freshness.py --tasks 10000 --ls-memory-efficient-import
+* **backend**: annotate one task through the API and wait until the project's
+  `model_version` switched to the new version (the job switches it only after Label Studio
+  accepted every prediction; the benchmark watches the backend's `/jobs` and then checks
+  Label Studio): webhook, queue, reading Label Studio, training, scoring and the upload of
+  N predictions;
+* **reference**: the bare upload of N predictions of the same shape (one per task, the
+  project's Choices result, a float score, one model version) with the same SDK call
+  (`projects.import_predictions`) in chunks of the backend's PREDICTION_CHUNK, one after
+  the other: what Label Studio itself needs to take in a model version, with nothing else.
 
-`--ls-memory-efficient-import` starts Label Studio with its feature flag
-fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short=true: without it,
-every prediction-import request recounts the counters of every task of the project.
+The figure is **ratio = backend seconds / reference seconds of the same round**, reported
+as the median and range over rounds; target <= 1.2 (issue 18). Absolute times are stated
+next to their load and CPU pressure (`run_record.Run.measure`).
+
+    .venv/bin/python bench/bench_freshness.py --tasks 10000 --rounds 5
+    .venv/bin/python bench/bench_freshness.py --tasks 100000 --rounds 3
+
+Tasks are distinct texts: airline tweets and movie snippets in a fixed shuffle. Above
+2,000 base texts the project repeats them with a " (#k)" suffix, and the benchmark stores
+the base text's vector for each copy in the backend's encoding cache before the import
+(encoding 98,000 more texts would take hours on these 2 busy cores; freshness never encodes
+a cached task, and its timings do not depend on the vectors' values). The base texts are encoded for real,
+once, with the backend's own encoder; the cache is kept in `--work` between runs (one data
+directory per size, the first copied from another size's).
+
+Label Studio runs with its memory-efficient prediction import (the feature flag that
+docker-compose.yml sets); `--ls-default-import` runs it without (every import request then
+recounts every task of the project: minutes for 10,000). `LS_DATA_DIR` sets Label Studio's
+data directory (default: `--work`/ls-data).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
+import random
+import signal
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from run_record import REPO, Run, spread, spread_text, table  # also puts the repository on sys.path
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from backend.label_config import parse_label_config  # noqa: E402
 from backend.model_store import version_number  # noqa: E402
 from model.datasets import airline_tweets, movie_snippets  # noqa: E402
 from tests.support.label_studio import LabelStudioServer  # noqa: E402
@@ -36,123 +60,298 @@ from tests.support.ls_project import CONFIG, jobs_of, wait_until_idle  # noqa: E
 from tests.support.services import Services  # noqa: E402
 
 FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
+BASE_TEXTS = 2_000
+TARGET_RATIO = 1.2
+FIRST_LABELS = 40
+
+
+def project_texts(n: int) -> tuple[list[str], dict[str, str]]:
+    """N distinct task texts and the true label of each (copies carry their base's label)."""
+    pool = airline_tweets(("Positive", "Negative"))
+    movies = movie_snippets()
+    truth = dict(zip(pool.texts + movies.texts, pool.labels + movies.labels))
+    # The corpora are sorted by label; a fixed shuffle gives every size both classes.
+    base = sorted(truth)
+    random.Random(0).shuffle(base)
+    base = base[: min(n, BASE_TEXTS)]
+    texts = list(base)
+    copy = 1
+    while len(texts) < n:
+        texts.extend(f"{t} (#{copy})" for t in base[: n - len(texts)])
+        copy += 1
+    labels = {t: truth[t] for t in base}
+    labels.update({t: labels[t.rsplit(" (#", 1)[0]] for t in texts[len(base):]})
+    return texts, labels
+
+
+def fresh_backend_data(run_dir: Path) -> None:
+    """Remove everything of an earlier run but the encoding cache: Redis's saved queue, model
+    versions and task copies would otherwise meet a new Label Studio's reused project ids."""
+    import shutil
+
+    if run_dir.exists():
+        for path in run_dir.iterdir():
+            if not path.name.startswith("encodings.sqlite3"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def copy_encoding_cache(work: Path, run_dir: Path) -> None:
+    """Start a size's empty cache from another size's (SQLite's backup API: safe while that
+    one is in use), so the base texts are encoded once for all sizes."""
+    import sqlite3
+
+    target = run_dir / "encodings.sqlite3"
+    others = sorted(p for p in work.glob("backend-data-*/encodings.sqlite3") if p != target)
+    if target.exists() or not others:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    source, copy = sqlite3.connect(others[-1]), sqlite3.connect(target)
+    with copy:
+        source.backup(copy)
+    source.close()
+    copy.close()
+
+
+def fill_encoding_cache(data_dir: Path, texts: list[str], base_count: int) -> dict:
+    """Make the backend's cache hold every task's vector: base texts encoded for real (once),
+    copies given their base text's vector. Returns what was done, for the record."""
+    from backend.ml_backend import get_encoder
+    from backend.settings import Settings
+    from model.encoding_cache import EncodingCache, encode_with_cache
+
+    settings = Settings.from_env(data_dir=data_dir)
+    cache = EncodingCache(settings.encoding_cache_path)
+    encoder = get_encoder(settings)
+    base, copies = texts[:base_count], texts[base_count:]
+    started = time.monotonic()
+    vectors, encoded = encode_with_cache(encoder, cache, base)
+    encode_s = time.monotonic() - started
+    copied = 0
+    if copies:
+        _, missing = cache.lookup(encoder.id, copies)
+        if missing:
+            index = {t: i for i, t in enumerate(base)}
+            todo = [copies[i] for i in missing]
+            cache.store(encoder.id, todo, vectors[[index[t.rsplit(" (#", 1)[0]] for t in todo]])
+            copied = len(todo)
+    return {"encoder": encoder.id, "base_texts": len(base), "base_encoded_now": encoded,
+            "base_encode_s": round(encode_s, 1), "copies": len(copies), "copies_stored_now": copied}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=10000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--chunk", type=int, default=None, help="PREDICTION_CHUNK (default: the backend's)")
-    parser.add_argument("--ls-memory-efficient-import", action="store_true")
+    parser.add_argument("--ls-default-import", action="store_true",
+                        help=f"run Label Studio without {FLAG}")
     parser.add_argument("--workers", type=int, default=1, help="rq worker processes")
     parser.add_argument("--fanout", type=int, default=None,
                         help="FANOUT_TASKS: publish through slice jobs of at most this many predictions")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "atl-backend" / "bench-freshness")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "freshness.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result JSON (default bench/results/bench_freshness-<tasks>.json)")
     args = parser.parse_args()
+    # A SIGTERM (e.g. from `timeout`) unwinds the with-blocks below, which stop Label Studio,
+    # gunicorn, the workers and Redis, instead of leaving them running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from label_studio_sdk.client import LabelStudio
+    from label_studio_sdk.core.api_error import ApiError
 
-    pool = airline_tweets(("Positive", "Negative"))
-    movies = movie_snippets()
-    texts = (pool.texts + movies.texts)[: args.tasks]
-    truth = dict(zip(pool.texts + movies.texts, pool.labels + movies.labels))
-    ls_env = {FLAG: "true"} if args.ls_memory_efficient_import else {}
-    # One backend data dir across runs: the encoding cache is reused (projects get new ids).
-    run_dir = args.work / "backend-data"
-    extra = {"PREDICTION_CHUNK": str(args.chunk)} if args.chunk else {}
+    from backend.settings import Settings
+
+    run = Run("bench_freshness", out=args.out or REPO / "bench" / "results" / f"bench_freshness-{args.tasks}.json")
+    chunk = args.chunk or Settings.from_env().prediction_chunk
+    texts, truth = project_texts(args.tasks)
+    base_count = min(args.tasks, BASE_TEXTS)
+    # One backend data dir per size, kept across runs for its encoding cache (everything
+    # else is removed), so two sizes can run at once.
+    run_dir = args.work / f"backend-data-{args.tasks}{'-ls-default-import' if args.ls_default_import else ''}"
+    fresh_backend_data(run_dir)
+    copy_encoding_cache(args.work, run_dir)
+    ls_dir = Path(os.environ.get("LS_DATA_DIR") or args.work / "ls-data")
+    started = time.monotonic()
+    run["encoding_cache"] = fill_encoding_cache(run_dir, texts, base_count)
+    print(f"# encoding cache ready in {time.monotonic() - started:.0f} s: {run['encoding_cache']}", flush=True)
+
+    ls_env = {} if args.ls_default_import else {FLAG: "true"}
+    extra = {"PREDICTION_CHUNK": str(chunk)}
     if args.fanout is not None:
         extra["FANOUT_TASKS"] = str(args.fanout)
-    with LabelStudioServer(args.work / "ls-data", extra_env=ls_env) as ls, \
-            Services(run_dir, extra_env=extra) as services:
+    run["settings"] = {"tasks": args.tasks, "rounds": args.rounds, "prediction_chunk": chunk,
+                       "ls_memory_efficient_import": not args.ls_default_import, "rq_workers": args.workers,
+                       "fanout_tasks": args.fanout if args.fanout is not None else "default",
+                       "ls_data_dir": str(ls_dir)}
+    with LabelStudioServer(ls_dir, extra_env=ls_env) as ls, Services(run_dir, extra_env=extra) as services:
         services.start_redis()
         services.env.update(LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.api_key, RECONCILE_INTERVAL="0")
         services.start_web()
         for _ in range(args.workers):
             services.start_worker()
-        client = LabelStudio(base_url=ls.url, api_key=ls.api_key, timeout=600)
-        project = client.projects.create(title=f"freshness {args.tasks}", label_config=CONFIG)
+        client = LabelStudio(base_url=ls.url, api_key=ls.api_key, timeout=900)
+        project = client.projects.create(title=f"freshness {args.tasks} {time.time():.0f}", label_config=CONFIG)
         client.ml.create(url=services.url, project=project.id, title="ATL", is_interactive=False)
-        started = time.monotonic()
+        setup_started = time.monotonic()
         for start in range(0, len(texts), 5000):
             client.projects.import_tasks(id=project.id, request=[{"text": t} for t in texts[start:start + 5000]])
-        print(f"imported {len(texts)} tasks in {time.monotonic() - started:.1f}s", flush=True)
-        # TASKS_CREATED encodes them in the background; wait for the cache to hold them all.
+        run["import_tasks_s"] = round(time.monotonic() - setup_started, 1)
+        print(f"# imported {len(texts)} tasks in {run['import_tasks_s']} s", flush=True)
+        # TASKS_CREATED checks the cache in the background; wait until it saw every task.
         while True:
             encode = jobs_of(services, project.id)["last_encode"]
-            if encode and encode["tasks"] == len(texts):
+            if encode and encode.get("tasks") == len(texts) and encode.get("status") != "encoding":
                 break
             time.sleep(2)
-        print(f"background encoding done ({encode['encoded']} encoded, {encode['duration']:.0f}s)", flush=True)
+        print(f"# background encoding job: {encode.get('encoded')} encoded", flush=True)
 
-        tasks = [t.model_dump(mode="json") for t in client.tasks.list(project=project.id, include="id,data",
-                                                                      page_size=10000)]
+        tasks = [(t.id, t.data["text"]) for t in client.tasks.list(project=project.id, include="id,data",
+                                                                   page_size=5000)]
         by_label: dict[str, list[int]] = {"Positive": [], "Negative": []}
-        for task in tasks:
-            by_label[truth[task["data"]["text"]]].append(task["id"])
+        text_of = dict(tasks)
+        for task_id, text in tasks:
+            by_label[truth[text]].append(task_id)
         order = [tid for pair in zip(by_label["Positive"], by_label["Negative"]) for tid in pair]
 
+        def call(request):
+            """`request(client)`, sent once more with a new client after a 401: the SDK
+            refreshes its access token only before it sends, so a request that reaches a
+            busy Label Studio just after the token expired is refused (seen at 100,000 tasks,
+            load 8). Authentication comes first, so the refused request changed nothing."""
+            nonlocal client
+            try:
+                return request(client)
+            except ApiError as exc:
+                if exc.status_code != 401:
+                    raise
+                run.record["token_401_retries"] = run.record.get("token_401_retries", 0) + 1
+                client = LabelStudio(base_url=ls.url, api_key=ls.api_key, timeout=900)
+                return request(client)
+
         def annotate(task_id: int) -> None:
-            text = next(t["data"]["text"] for t in tasks if t["id"] == task_id)
-            client.annotations.create(id=task_id, result=[{
+            call(lambda c: c.annotations.create(id=task_id, result=[{
                 "from_name": "sentiment", "to_name": "text", "type": "choices",
-                "value": {"choices": [truth[text]]}}])
+                "value": {"choices": [truth[text_of[task_id]]]}}]))
 
-        for task_id in order[:40]:
+        for task_id in order[:FIRST_LABELS]:
             annotate(task_id)
-        first = wait_for_newer(client, project.id, 0, timeout=1800)
-        wait_until_idle(services, project.id, timeout=1800)
-        print(f"first model {first}", flush=True)
+        first = wait_for_newer(client, project.id, 0, timeout=3600)
+        wait_until_idle(services, project.id, timeout=3600)
+        run["first_model_s"] = round(time.monotonic() - setup_started, 1)
+        print(f"# first model {first} ({run['first_model_s']} s after the import started)", flush=True)
 
-        rounds = []
-        for r in range(args.rounds):
-            current = client.projects.get(id=project.id).model_version
-            t0 = time.monotonic()
-            annotate(order[40 + r])
-            version = wait_for_newer(client, project.id, version_number(current), timeout=1800)
-            elapsed = time.monotonic() - t0
-            last = wait_until_idle(services, project.id, timeout=1800)["last"]
-            row = {"round": r + 1, "model_version": version, "webhook_to_switched_s": round(elapsed, 2),
-                   "queue_wait_s": last.get("queue_wait"), **{f"{k}_s": v for k, v in last["timings"].items()},
-                   "sync": last.get("sync"), "encoded": last.get("encoded"), "publish": last.get("publish")}
-            rounds.append(row)
-            print(json.dumps(row), flush=True)
+        # The reference payload, built before the clock starts: one prediction per task in
+        # the project's result shape, as the backend sends them (backend/ml_backend.py).
+        config = parse_label_config(CONFIG)
+        rng = random.Random(0)
+        payload = [{"task": task_id, "result": config.result_for(rng.choice(list(config.choices))),
+                    "score": rng.random()} for task_id, _ in tasks]
 
-        # Every task carries a prediction of the final version.
+        def reference_import(label: str) -> None:
+            for start in range(0, len(payload), chunk):
+                part = [dict(p, model_version=label) for p in payload[start:start + chunk]]
+                call(lambda c: c.projects.import_predictions(id=project.id, request=part))
+
+        for r in range(1, args.rounds + 1):
+            sides = ["backend", "reference"] if r % 2 else ["reference", "backend"]
+            for side in sides:
+                if side == "reference":
+                    with run.measure(round=r, side="reference", predictions=len(payload)):
+                        reference_import(f"bench-reference-{r}")
+                    continue
+                current = call(lambda c: c.projects.get(id=project.id)).model_version
+                with run.measure(round=r, side="backend") as row:
+                    annotate(order[FIRST_LABELS + r - 1])
+                    row["model_version"] = wait_for_switch(services, project.id, version_number(current),
+                                                           timeout=3600)
+                switched = call(lambda c: c.projects.get(id=project.id)).model_version
+                if switched != row["model_version"]:
+                    raise RuntimeError(f"the backend reports {row['model_version']} but Label Studio's "
+                                       f"project is on {switched}")
+                last = wait_until_idle(services, project.id, timeout=3600)["last"]
+                row.update({"queue_wait_s": last.get("queue_wait"),
+                            **{f"{k}_s": v for k, v in (last.get("timings") or {}).items()},
+                            "publish_jobs": last.get("publish_jobs"), "publish": last.get("publish"),
+                            "sync": last.get("sync")})
+            pair = {m["side"]: m for m in run.measurements if m["round"] == r}
+            print(f"# round {r}: backend {pair['backend']['seconds']:.1f} s, reference "
+                  f"{pair['reference']['seconds']:.1f} s, ratio "
+                  f"{pair['backend']['seconds'] / pair['reference']['seconds']:.3f}, load "
+                  f"{pair['backend']['load_before']}–{pair['reference']['load_after']}", flush=True)
+
+        # Every task carries a prediction of the final version. Reading every task with all
+        # its predictions back takes longer than the rounds above 20,000 tasks; there the
+        # count is the backend's own (predictions Label Studio accepted for that version).
         final = client.projects.get(id=project.id).model_version
-        counted = sum(1 for t in client.tasks.list(project=project.id, fields="all", page_size=1000)
-                      if any(p.model_version == final for p in (t.predictions or [])))
+        if len(texts) <= 20000:
+            run["tasks_with_final_version"] = sum(
+                1 for t in client.tasks.list(project=project.id, fields="all", page_size=1000)
+                if any(p.model_version == final for p in (t.predictions or [])))
+        else:
+            uploaded = ((last.get("publish") or {}).get("uploaded"))
+            run["tasks_with_final_version"] = f"{uploaded} uploaded (the backend's count)"
 
-    result = {
-        "tasks": len(texts), "ls_memory_efficient_import": args.ls_memory_efficient_import,
-        "prediction_chunk": args.chunk or "default", "workers": args.workers,
-        "fanout_tasks": args.fanout if args.fanout is not None else "default", "rounds": rounds,
-        "tasks_with_final_version": counted,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    rows = []
+    ratios = []
+    for r in range(1, args.rounds + 1):
+        pair = {m["side"]: m for m in run.measurements if m["round"] == r}
+        b, ref = pair["backend"], pair["reference"]
+        ratios.append(b["seconds"] / ref["seconds"])
+        rows.append({"round": r, "first": "backend" if r % 2 else "reference",
+                     "backend s": b["seconds"], "reference s": ref["seconds"], "ratio": round(ratios[-1], 3),
+                     "read LS": b.get("read_label_studio_s"), "train": b.get("train_s"),
+                     "score": b.get("score_s"), "publish": b.get("publish_s"),
+                     "load": f"{b['load_before']}–{b['load_after']} / {ref['load_before']}–{ref['load_after']}",
+                     "CPU pressure % (during)": f"{b['cpu_pressure_during']} / {ref['cpu_pressure_during']}"})
+    backend_s = [m["seconds"] for m in run.measurements if m["side"] == "backend"]
+    reference_s = [m["seconds"] for m in run.measurements if m["side"] == "reference"]
+    loads = [m[k] for m in run.measurements for k in ("load_before", "load_after")]
+    run["summary"] = {
+        "ratio_definition": "backend seconds (annotation -> model_version switched) / reference seconds "
+                            "(bare chunked import of as many predictions), same round; median over rounds",
+        "ratio": spread(ratios), "backend_s": spread(backend_s), "reference_s": spread(reference_s),
+        "reference_ms_per_prediction": round(1000 * spread(reference_s)["median"] / len(payload), 3),
+        "load": spread(loads), "target_ratio": TARGET_RATIO,
+        "meets_target": spread(ratios)["median"] <= TARGET_RATIO,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    run["rounds"] = rows
     print()
-    print(f"| round | webhook → switched (s) | queue wait | read LS | encode | train | score | publish (upload + switch) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rounds:
-        print(f"| {row['round']} | {row['webhook_to_switched_s']} | {row['queue_wait_s']} | "
-              f"{row.get('read_label_studio_s')} | {row.get('encode_s')} | {row.get('train_s')} | "
-              f"{row.get('score_s')} | {row.get('publish_s')} |")
-    print(f"\ntasks with a prediction of the final version: {counted} / {len(texts)}; wrote {args.out}")
+    print(table(rows))
+    s = run["summary"]
+    print(f"\n{args.tasks} tasks: ratio backend/reference {spread_text(ratios, 3)}; target <= {TARGET_RATIO}: "
+          f"{'met' if s['meets_target'] else 'MISSED'}. backend {spread_text(backend_s, 1)} s, reference "
+          f"{spread_text(reference_s, 1)} s ({s['reference_ms_per_prediction']} ms per prediction), load "
+          f"{s['load']['min']}–{s['load']['max']}; tasks with a prediction of the final version: "
+          f"{run['tasks_with_final_version']} / {len(texts)}")
+    run.write()
     return 0
 
 
+def wait_for_switch(services, project_id: int, newer_than: int, timeout: float) -> str:
+    """Poll the backend's /jobs until its last finished job switched the project to a version
+    newer than `newer_than`. The job records that only after Label Studio accepted every
+    prediction and the project's model_version was set, so this is an upper bound of the
+    switch, within the 0.1 s poll. Polling the backend rather than Label Studio keeps the
+    measurement from loading Label Studio, which the reference does not have to share."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        last = jobs_of(services, project_id).get("last") or {}
+        if last.get("status") == "finished" and version_number(last.get("model_version") or "") > newer_than:
+            return last["model_version"]
+        time.sleep(0.1)
+    raise TimeoutError(f"no model version newer than {newer_than} within {timeout:.0f} s")
+
+
 def wait_for_newer(client, project_id: int, newer_than: int, timeout: float) -> str:
+    """Poll the project until its model_version is a backend version newer than `newer_than`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         version = client.projects.get(id=project_id).model_version
         if version_number(version or "") > newer_than:
             return version
         time.sleep(0.25)
-    raise TimeoutError(f"no model version newer than {newer_than}")
+    raise TimeoutError(f"no model version newer than {newer_than} within {timeout:.0f} s")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -6,26 +6,26 @@ layers) come from the encoding cache; the first run fills it, which takes minute
 not part of the timing. Each ordering is timed `--repeats` times after one warm-up call
 (imports, first allocations); the table shows the median and the slowest.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_orderings.py
-    # -> a table on stdout, bench/results/orderings.json
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_orderings.py [--repeats 3]
+    # -> a table on stdout, bench/results/bench_orderings.json
 
-Runs on one CPU thread (torch.set_num_threads(1)): the machine is shared.
+The figure that holds under load is each ordering's time divided by the reference measured
+in the same round: training the classifier head on the labeled set, which every retrain
+does anyway. Rounds interleave the reference and every ordering. Runs on one CPU thread
+(torch.set_num_threads(1)): the machine is shared.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from run_record import Run, spread, spread_text, table  # also puts the repository on sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CACHE = Path.home() / ".cache" / "atl-backend" / "orderings-encodings.sqlite3"
 LABELS = ["Negative", "Positive"]
@@ -44,9 +44,9 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=10_000)
     parser.add_argument("--labeled-tweets", type=int, default=500)
     parser.add_argument("--labeled-movies", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "orderings.json"))
+    parser.add_argument("--repeats", type=int, default=3, help="rounds")
     args = parser.parse_args()
+    run = Run("bench_orderings")
     torch.set_num_threads(1)
 
     encoder = Encoder()
@@ -81,60 +81,49 @@ def main() -> None:
 
     data = OrderingInput.from_all_layers(labeled_layers, labeled_y, pool_layers, classifier,
                                          batch_size=50, seed=0)
+    orderings = {name: get_ordering(name) for name in ORDERINGS}
+    results = {}
+    for name, ordering in orderings.items():
+        results[name] = ordering.score(data)  # warm-up: imports and first allocations are not the ordering
+    # Rounds: in each, the reference (training the head on the labeled set, as every retrain
+    # does) and then every ordering once, so a load spike touches one round of all of them.
+    for round_ in range(1, args.repeats + 1):
+        with run.measure(round=round_, ordering="reference: head fit"):
+            ClassifierHead(HeadConfig(labels=LABELS, input_dim=labeled_layers.shape[2])).fit(
+                labeled_layers[:, -1], labeled_y)
+        for name, ordering in orderings.items():
+            with run.measure(round=round_, ordering=name):
+                results[name] = ordering.score(data)
+
+    def seconds(name: str) -> list[float]:
+        return [m["seconds"] for m in run.measurements if m["ordering"] == name]
+
+    reference = seconds("reference: head fit")
     rows = []
     for name in ORDERINGS:
-        ordering = get_ordering(name)
-        ordering.score(data)  # warm-up: imports and first allocations are not the ordering
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            result = ordering.score(data)
-            times.append(time.perf_counter() - start)
-        info = result.info
-        rows.append(
-            {
-                "ordering": name,
-                "median_seconds": round(float(np.median(times)), 3),
-                "max_seconds": round(float(np.max(times)), 3),
-                "runs": [round(t, 3) for t in times],
-                "fallback": info.get("fallback"),
-                "batch_built": info.get("batch_built"),
-            }
-        )
-        print(f"  {name:20s} {np.median(times):7.2f}s (max {np.max(times):.2f}s)", flush=True)
-
+        times = seconds(name)
+        ratios = [t / r for t, r in zip(times, reference)]
+        info = results[name].info
+        rows.append({
+            "ordering": name,
+            "median s": round(float(np.median(times)), 3),
+            "range s": f"{min(times):.3f}–{max(times):.3f}",
+            "÷ head fit (median, range)": spread_text(ratios, 2),
+            "note": (f"batch built in rounds: {info['batch_built']} tasks" if info.get("batch_built") is not None
+                     else f"fallback: {info['fallback']}" if info.get("fallback") else ""),
+        })
+    loads = [m[k] for m in run.measurements for k in ("load_before", "load_after")]
+    run["settings"] = {"pool": len(pool_layers), "labeled": len(labeled_y), "labeled_movies": args.labeled_movies,
+                       "labeled_tweets": args.labeled_tweets, "rounds": args.repeats,
+                       "torch_threads": torch.get_num_threads()}
+    run["cache_read_seconds"] = round(cached_read, 3)
+    run["reference_head_fit_s"] = spread(reference)
+    run["orderings"] = rows
     print()
-    print(f"| ordering | median s | max s | pool {len(pool_layers):,}, labeled {len(labeled_y):,} |")
-    print("|---|---:|---:|---|")
-    for row in rows:
-        note = f"fallback: {row['fallback']}" if row["fallback"] else ""
-        if row["batch_built"] is not None:
-            note = f"batch built in rounds: {row['batch_built']} tasks"
-        print(f"| {row['ordering']} | {row['median_seconds']:.2f} | {row['max_seconds']:.2f} | {note} |")
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "pool": len(pool_layers),
-                "labeled": len(labeled_y),
-                "labeled_movies": args.labeled_movies,
-                "labeled_tweets": args.labeled_tweets,
-                "repeats": args.repeats,
-                "torch_threads": torch.get_num_threads(),
-                "cpu_count": os.cpu_count(),
-                "load_average_at_end": os.getloadavg(),
-                "python": platform.python_version(),
-                "cache_read_seconds": round(cached_read, 3),
-                "classifier_training_seconds": round(classifier_seconds, 3),
-                "orderings": rows,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"\nwrote {out}")
+    print(f"pool {len(pool_layers):,}, labeled {len(labeled_y):,}; reference: the head fit on the labeled set, "
+          f"{spread_text(reference, 3)} s; load {min(loads)}–{max(loads)}")
+    print(table(rows))
+    run.write()
 
 
 if __name__ == "__main__":

@@ -25,13 +25,15 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from run_record import Run, load, percentile, table  # also puts the repository on sys.path
+from run_record import Run, percentile, table  # also puts the repository on sys.path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -98,14 +100,33 @@ class Client:
         assert all(r["model_version"] == self.version and r["result"] for r in results), results[:1]
         return ms, results
 
+    def health(self) -> float:
+        """Milliseconds of one GET /health (no model, no Redis): the HTTP floor."""
+        started = time.perf_counter()
+        self.session.get(self.url.removesuffix("/predict") + "/health", timeout=30).raise_for_status()
+        return (time.perf_counter() - started) * 1000
 
-def summarize(name: str, tasks: int, latencies: list[float], target_p50: float | None) -> dict:
+
+def measure_case(run: Run, client: Client, name: str, tasks: int, requests_: int, texts,
+                 target_p50: float | None) -> dict:
+    """`requests_` POST /predict of `tasks` texts each (from `texts()`), each followed by a
+    GET /health on the same connection: the reference, an HTTP round trip to the same
+    server that does no work, measured in turns with the case itself."""
+    latencies, health = [], []
+    with run.measure(case=name, tasks=tasks) as measured:
+        for _ in range(requests_):
+            latencies.append(client.predict(texts())[0])
+            health.append(client.health())
     p50 = percentile(latencies, 50)
     row = {"case": name, "tasks/request": tasks, "requests": len(latencies),
            "p50 ms": round(p50, 1), "p95 ms": round(percentile(latencies, 95), 1),
-           "max ms": round(max(latencies), 1), "target p50": f"< {target_p50:g} ms" if target_p50 else "report",
+           "max ms": round(max(latencies), 1), "GET /health p50 ms": round(percentile(health, 50), 2),
+           "p50 / health p50": round(p50 / percentile(health, 50), 1),
+           "target p50": f"< {target_p50:g} ms" if target_p50 else "report",
            "met": ("yes" if p50 < target_p50 else f"NO (+{p50 - target_p50:.0f} ms)") if target_p50 else "-",
-           "load": load()}
+           "load": f"{measured['load_before']}–{measured['load_after']}",
+           "CPU pressure %": measured["cpu_pressure_during"]}
+    measured.update(row)
     print(table([row]), flush=True)
     return row
 
@@ -129,6 +150,8 @@ def main() -> None:
     parser.add_argument("--web-workers", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the temporary DATA_DIR")
     args = parser.parse_args()
+    # A SIGTERM unwinds the with-block below, which stops gunicorn and Redis.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     run = Run("bench_predict")
     data = airline_tweets()
@@ -150,7 +173,7 @@ def main() -> None:
             services.start_redis()
             services.start_web(workers=args.web_workers)
             client = Client(services.url, version)
-            run["web"] = f"gunicorn --workers {args.web_workers} (sync)"
+            run["web"] = f"gunicorn --workers {args.web_workers}, the worker class of make serve (tests/support/services.py)"
             rss = {"after_start": worker_rss(services)}
 
             # The very first calls: whichever worker answers imports torch and loads the head.
@@ -163,10 +186,10 @@ def main() -> None:
                     list(pool.map(lambda s: client.predict(list(rng.choice(cached, 100)), s), sessions))
             rss["after_cached_warmup"] = worker_rss(services)
 
-            latencies = [client.predict([cached[int(rng.integers(len(cached)))]])[0] for _ in range(args.single)]
-            rows.append(summarize("cached", 1, latencies, 20))
-            latencies = [client.predict(list(rng.choice(cached, 100, replace=False)))[0] for _ in range(args.hundred)]
-            rows.append(summarize("cached", 100, latencies, 200))
+            rows.append(measure_case(run, client, "cached", 1, args.single,
+                                     lambda: [cached[int(rng.integers(len(cached)))]], 20))
+            rows.append(measure_case(run, client, "cached", 100, args.hundred,
+                                     lambda: list(rng.choice(cached, 100, replace=False)), 200))
             rss["after_cached"] = worker_rss(services)
 
             # Unseen texts: the first in each worker loads the encoder (once per process).
@@ -181,15 +204,14 @@ def main() -> None:
             first_calls["unseen_warmup_requests_until_every_worker_loaded_the_encoder"] = warmups
             rss["after_unseen_warmup"] = worker_rss(services)
 
-            latencies = [client.predict([next(unseen)])[0] for _ in range(args.unseen_single)]
-            rows.append(summarize("unseen", 1, latencies, None))
-            latencies = [client.predict([next(unseen) for _ in range(100)])[0] for _ in range(args.unseen_hundred)]
-            rows.append(summarize("unseen", 100, latencies, None))
+            rows.append(measure_case(run, client, "unseen", 1, args.unseen_single, lambda: [next(unseen)], None))
+            rows.append(measure_case(run, client, "unseen", 100, args.unseen_hundred,
+                                     lambda: [next(unseen) for _ in range(100)], None))
             rss["after_unseen"] = worker_rss(services)
 
             # A cached call again: no slower after the unseen phase.
-            latencies = [client.predict([cached[int(rng.integers(len(cached)))]])[0] for _ in range(50)]
-            rows.append(summarize("cached, after the unseen phase", 1, latencies, 20))
+            rows.append(measure_case(run, client, "cached, after the unseen phase", 1, 50,
+                                     lambda: [cached[int(rng.integers(len(cached)))]], 20))
             rss["end"] = worker_rss(services)
             loads = encoder_loads(services)
     finally:
@@ -200,15 +222,17 @@ def main() -> None:
     spare = [next(unseen) for _ in range(20 * 1 + 5 * 100)]
     encoder.encode(spare[:3])  # warm-up
     encode_ms = {1: [], 100: []}
-    for i in range(20):
-        started = time.perf_counter()
-        encoder.encode([spare[i]])
-        encode_ms[1].append((time.perf_counter() - started) * 1000)
-    for i in range(5):
-        part = spare[20 + 100 * i: 20 + 100 * (i + 1)]
-        started = time.perf_counter()
-        encoder.encode(part)
-        encode_ms[100].append((time.perf_counter() - started) * 1000)
+    with run.measure(case="encoder alone", tasks=1):
+        for i in range(20):
+            started = time.perf_counter()
+            encoder.encode([spare[i]])
+            encode_ms[1].append((time.perf_counter() - started) * 1000)
+    with run.measure(case="encoder alone", tasks=100):
+        for i in range(5):
+            part = spare[20 + 100 * i: 20 + 100 * (i + 1)]
+            started = time.perf_counter()
+            encoder.encode(part)
+            encode_ms[100].append((time.perf_counter() - started) * 1000)
     encoder_rows = [{"batch": n, "encoder p50 ms (this process)": round(statistics.median(v), 1)}
                     for n, v in encode_ms.items()]
 
@@ -219,7 +243,7 @@ def main() -> None:
     run["encoder_loads_in_web_log"] = {"lines": len(loads), "distinct_pids": len(set(loads))}
     run["model_version"] = version
     print()
-    print(table(rows, ["case", "tasks/request", "requests", "p50 ms", "p95 ms", "max ms", "target p50", "met", "load"]))
+    print(table(rows))
     print()
     print(table(encoder_rows))
     print(f"\nfirst calls: cached {first_calls['cached_1_task_first_5_ms']} ms, "

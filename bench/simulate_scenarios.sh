@@ -8,11 +8,15 @@
 #
 # Each: a pool of 3,000 tasks and a held-out test set of 2,000 drawn per seed, batches of 50
 # up to 500 pool labels, every registered ordering against random. Writes
-# bench/results/<scenario>/{results.json,learning_curves.png,summary.md}.
+# bench/results/<scenario>/{results.json,learning_curves.png,summary.md}, and appends the
+# commit, machine, load and CPU pressure at the start and end of each scenario to
+# bench/results/<scenario>/run_record.jsonl (bench/run_record.py; refuses uncommitted changes
+# unless BENCH_ALLOW_DIRTY=1).
 #
 # Usage: bench/simulate_scenarios.sh [scenario ...]      (default: all three)
 # Environment: SEEDS (20), WORKERS (2 processes), ORDERINGS (all), RESUME=1 to reuse the
-# finished runs of an interrupted benchmark (only if the orderings' code did not change),
+# finished runs of an interrupted benchmark (the simulator refuses runs made by other model/
+# code),
 # PY (.venv/bin/python). Encodings come from the shared cache (~/.cache/atl-backend), so
 # only the first run of a machine encodes the corpora.
 #
@@ -37,7 +41,9 @@ run() {
     local out=bench/results/$scenario
     echo "== $scenario: $PY -m model.simulate $* ${common[*]} --out $out"
     local started=$SECONDS
+    "$PY" bench/run_record.py "$scenario" start
     "$PY" -m model.simulate "$@" "${common[@]}" --out "$out" >/dev/null
+    "$PY" bench/run_record.py "$scenario" end
     echo "== $scenario: $((SECONDS - started)) s; summary in $out/summary.md"
 }
 

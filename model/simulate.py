@@ -23,7 +23,9 @@ set is free: it is the data the team already has), and `summary.md` reports each
 ordering's difference from random per seed, not only the means.
 
 Outputs in DIR: `results.json`, `learning_curves.png`, `summary.md`, and `runs.jsonl`
-(one line per finished run, so `--resume` can continue an interrupted simulation).
+(one line per finished run, so `--resume` can continue an interrupted simulation). Each
+line records a hash of the `model/` source that produced it; `--resume` refuses a
+`runs.jsonl` written by other code, so a summary never mixes runs of two versions.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import numpy as np
 from model.datasets import LabeledTexts, airline_tweets, load_labeled_file, movie_snippets
 
 DEFAULT_CACHE = Path("~/.cache/atl-backend/encodings.sqlite3")
+MODEL_DIR = Path(__file__).resolve().parent
 CEILING = "__ceiling__"  # key of the all-pool-labels run in runs.jsonl
 
 BUILTIN = {
@@ -105,6 +108,31 @@ class SimulationConfig:
         }
         relevant["params"] = self.ordering_params.get(ordering, {})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def code_hash() -> str:
+    """SHA-256 (16 hex digits) of every `model/` source file, path and content.
+
+    A run's result depends on the simulator, the encoder, the head, the orderings and the
+    data loaders, all of which live in `model/`; the hash changes when any of them does.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(MODEL_DIR.rglob("*.py")):
+        digest.update(path.relative_to(MODEL_DIR).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def check_resumable(rows: list[dict], code: str, log_path: Path) -> None:
+    """Stop if any finished run in `log_path` was made by other code than `code`."""
+    other = [row for row in rows if row.get("code") != code]
+    if other:
+        seen = sorted({str(row.get("code") or "not recorded") for row in other})
+        raise SystemExit(
+            f"--resume: {len(other)} of the {len(rows)} runs in {log_path} were made by other code "
+            f"(model/ code hash {', '.join(seen)}; this code is {code}). Mixing them would compare "
+            "two versions of the orderings. Resume with the code that made them, or run without "
+            "--resume (which starts over and replaces the file), or use another --out.")
 
 
 @dataclass
@@ -748,9 +776,11 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
     log_path = out_dir / "runs.jsonl"
     keys = {n: config.run_key(n) for n in config.orderings}
     keys[CEILING] = config.run_key(CEILING)
+    code = code_hash()
     if resume and log_path.exists():
-        for line in log_path.read_text().splitlines():
-            row = json.loads(line)
+        rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        check_resumable(rows, code, log_path)
+        for row in rows:
             name, seed = row["ordering"], int(row["seed"])
             if keys.get(name) != row["key"] or seed not in config.seeds:
                 continue
@@ -767,7 +797,7 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
         (ceiling if name == CEILING else runs[name])[seed] = result
         seconds[name].append(took)
         with log_path.open("a") as handle:
-            handle.write(json.dumps({"ordering": name, "seed": seed, "key": keys[name],
+            handle.write(json.dumps({"ordering": name, "seed": seed, "key": keys[name], "code": code,
                                      "seconds": took, "result": result}) + "\n")
         bar.set_postfix_str(f"{'ceiling' if name == CEILING else name} seed {seed}", refresh=False)
         bar.update(1)
@@ -784,6 +814,7 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
 
     results = {
         "config": asdict(config),
+        "code": code,
         "encoder_id": enc_id,
         "labels": table.labels,
         "orderings": config.orderings,
@@ -865,7 +896,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed-data", default=None, help="draw the initial labeled set from this data instead")
     parser.add_argument("--test", default=None, help="test on this data instead of a held-out split")
     parser.add_argument("--ordering-params", default="{}",
-                        help='JSON: per-ordering parameters, e.g. \'{"atlas": {"rounds": 5}}\'')
+                        help='JSON: per-ordering parameters, e.g. \'{"atlas": {"per_round": 10}}\'')
     parser.add_argument("--report-at", type=_int_list, default=None,
                         help="budgets for the summary's columns, e.g. 100,200,300,500")
     parser.add_argument("--encoder", default=os.environ.get("ENCODER", "default"),
@@ -875,7 +906,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="parallel processes, one run each (default 1; 2 on a 2-core machine)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     parser.add_argument("--resume", action="store_true",
-                        help="reuse the finished runs in OUT/runs.jsonl with the same settings")
+                        help="reuse the finished runs in OUT/runs.jsonl with the same settings; "
+                             "refused if they were made by other model/ code")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -896,7 +928,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
     except json.JSONDecodeError as exc:
         raise SystemExit(f"--ordering-params is not valid JSON: {exc}") from None
     if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
-        raise SystemExit('--ordering-params must map ordering names to objects, e.g. {"atlas": {"rounds": 5}}')
+        raise SystemExit('--ordering-params must map ordering names to objects, e.g. {"atlas": {"per_round": 10}}')
     return SimulationConfig(
         data=args.data, orderings=orderings, seeds=seeds, initial=args.initial,
         batch_size=args.batch_size, budget=args.budget, pool_size=args.pool_size,

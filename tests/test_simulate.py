@@ -8,6 +8,7 @@ other two input formats (JSONL seed data, a Label Studio export as the test set)
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from model.datasets import airline_tweets, load_labeled_file, movie_snippets
 from model.orderings import ORDERINGS
 from model.orderings.base import OrderingResult
-from model.simulate import _exact_batch, aulc, main
+from model.simulate import _exact_batch, aulc, code_hash, main
 
 REPO = Path(__file__).resolve().parents[1]
 POOL, TEST, INITIAL, BATCH, BUDGET = 120, 150, 20, 20, 60
@@ -48,16 +49,17 @@ def workdir(tmp_path_factory):
     return root
 
 
+def in_domain_args(workdir, out) -> list[str]:
+    return ["--data", str(workdir / "tweets.csv"), "--out", str(out), "--seeds", "2", "--pool-size", str(POOL),
+            "--test-size", str(TEST), "--initial", str(INITIAL), "--batch-size", str(BATCH),
+            "--budget", str(BUDGET), "--cache", str(workdir / "enc.sqlite3")]
+
+
 @pytest.fixture(scope="module")
 def in_domain(workdir):
     """`python -m model.simulate` on a CSV: every ordering, 2 seeds, a pool of 2 processes."""
     out = workdir / "in_domain"
-    command = [
-        sys.executable, "-m", "model.simulate", "--data", str(workdir / "tweets.csv"), "--out", str(out),
-        "--seeds", "2", "--pool-size", str(POOL), "--test-size", str(TEST), "--initial", str(INITIAL),
-        "--batch-size", str(BATCH), "--budget", str(BUDGET), "--cache", str(workdir / "enc.sqlite3"),
-        "--workers", "2",
-    ]
+    command = [sys.executable, "-m", "model.simulate", *in_domain_args(workdir, out), "--workers", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -71,6 +73,39 @@ def test_writes_the_three_outputs_and_shows_progress(in_domain):
     assert "simulating" in finished.stderr and "100%" in finished.stderr
     # Every (ordering, seed) run and the two ceilings were logged for --resume.
     assert len((out / "runs.jsonl").read_text().splitlines()) == 2 * len(ORDERINGS) + 2
+
+
+def test_resume_reuses_runs_of_the_same_code_and_refuses_other_code(in_domain, workdir, tmp_path):
+    out, _, results = in_domain
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert {row["code"] for row in rows} == {code_hash()} == {results["code"]}
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    main([*in_domain_args(workdir, resumed), "--resume", "--quiet"])
+    # Nothing was re-run: the log still has exactly the first run's lines, and the same results.
+    assert [json.loads(line) for line in (resumed / "runs.jsonl").read_text().splitlines()] == rows
+    again = json.loads((resumed / "results.json").read_text())
+    assert again["runs"] == results["runs"] and again["aggregate"] == results["aggregate"]
+
+    # One run made by other code (or by a version that did not record its code): refused.
+    for other in ("0123456789abcdef", None):
+        tampered = [dict(rows[0], code=other), *rows[1:]]
+        (resumed / "runs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in tampered))
+        with pytest.raises(SystemExit, match="made by other code.*without --resume"):
+            main([*in_domain_args(workdir, resumed), "--resume", "--quiet"])
+
+
+def test_code_hash_follows_the_model_sources(tmp_path, monkeypatch):
+    import model.simulate as simulate
+
+    (tmp_path / "orderings").mkdir()
+    (tmp_path / "simulate.py").write_text("a = 1\n")
+    (tmp_path / "orderings" / "atlas.py").write_text("b = 2\n")
+    monkeypatch.setattr(simulate, "MODEL_DIR", tmp_path)
+    first = code_hash()
+    assert code_hash() == first
+    (tmp_path / "orderings" / "atlas.py").write_text("b = 3\n")
+    assert code_hash() != first
 
 
 def test_every_ordering_spends_exactly_the_budget_on_new_pool_tasks(in_domain):
