@@ -250,7 +250,7 @@ def main() -> int:
         def reference_import(label: str) -> None:
             for start in range(0, len(payload), chunk):
                 part = [dict(p, model_version=label) for p in payload[start:start + chunk]]
-                call(lambda c: c.projects.import_predictions(id=project.id, request=part))
+                call(lambda c, part=part: c.projects.import_predictions(id=project.id, request=part))
 
         for r in range(1, args.rounds + 1):
             sides = ["backend", "reference"] if r % 2 else ["reference", "backend"]

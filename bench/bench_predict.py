@@ -173,7 +173,7 @@ def main() -> None:
             services.start_redis()
             services.start_web(workers=args.web_workers)
             client = Client(services.url, version)
-            run["web"] = f"gunicorn --workers {args.web_workers}, the worker class of make serve (tests/support/services.py)"
+            run["web"] = f"gunicorn --workers {args.web_workers} (sync), as make serve starts it"
             rss = {"after_start": worker_rss(services)}
 
             # The very first calls: whichever worker answers imports torch and loads the head.

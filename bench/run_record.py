@@ -151,7 +151,8 @@ class Run:
         self.measurements: list[dict] = []
         self.record: dict = {
             "benchmark": name,
-            "command": " ".join([".venv/bin/python", f"bench/{name}.py", *(argv if argv is not None else sys.argv[1:])]),
+            "command": " ".join([".venv/bin/python", f"bench/{name}.py",
+                                 *(argv if argv is not None else sys.argv[1:])]),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "commit": git_commit(),
             "machine": machine(),

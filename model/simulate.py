@@ -375,6 +375,7 @@ def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
     grid = label_grid(config, plan)
     out = {"labels_used": [], "accuracy": [], "macro_f1": [], "batch_label_counts": [],
            "info": [], "seconds_train": 0.0, "seconds_ordering": 0.0, "filled_by_simulator": 0}
+    train_rows = head = None  # trained at the end of each round, used by the next one's ordering
     for round_number, target in enumerate(grid):
         if round_number:
             unlabeled = np.flatnonzero(~is_labeled)
@@ -494,7 +495,8 @@ def aggregate(runs: dict[str, dict[int, dict]], ceiling: dict[int, dict], seeds:
         f1 = np.array([per_seed[s]["macro_f1"] for s in done]) * 100
         aulcs = np.array([aulc(x, per_seed[s]["accuracy"]) for s in done])
         f1_aulcs = np.array([aulc(x, per_seed[s]["macro_f1"]) for s in done])
-        bought = np.zeros(len(per_seed[done[0]]["batch_label_counts"][0])) if per_seed[done[0]]["batch_label_counts"] else None
+        first_counts = per_seed[done[0]]["batch_label_counts"]
+        bought = np.zeros(len(first_counts[0])) if first_counts else None
         for s in done:
             for counts in per_seed[s]["batch_label_counts"]:
                 bought = bought + np.asarray(counts)
@@ -583,7 +585,8 @@ def write_summary(path: Path, results: dict, report_at: list[int] | None) -> Non
         f"- classes: {', '.join(results['labels'])}; pool {results['pool_size']} tasks "
         f"({_shares(results['pool_label_share'], results['labels'])}), test {results['test_size']} tasks",
         f"- batches of {meta['batch_size']} up to {meta['budget']} pool labels; "
-        f"{len(meta['seeds'])} paired seed{'s' if len(meta['seeds']) != 1 else ''}; every ordering trains the service's class-weighted head",
+        f"{len(meta['seeds'])} paired seed{'s' if len(meta['seeds']) != 1 else ''}; "
+        "every ordering trains the service's class-weighted head",
         f"- encoder `{results['encoder_id']}`; {results['seconds_total']:.0f} s in all",
         "",
         "## Accuracy (%), mean over seeds",

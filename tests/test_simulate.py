@@ -36,14 +36,14 @@ def workdir(tmp_path_factory):
         writer.writerows(zip(tweets.texts, tweets.labels))
     movies = movie_snippets().sample(120, seed=1)
     (root / "movies.jsonl").write_text(
-        "".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in zip(movies.texts, movies.labels)))
+        "".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in zip(movies.texts, movies.labels)))
     # A Label Studio export: the test set of the domain-shift run, drawn from the tweets file
     # itself (the first 100), as a user exporting a separately labeled test project would.
     export = [
         {"id": i, "data": {"text": t},
          "annotations": [{"id": i, "result": [{"type": "choices", "from_name": "sentiment", "to_name": "text",
-                                                "value": {"choices": [l]}}]}]}
-        for i, (t, l) in enumerate(zip(tweets.texts[:100], tweets.labels[:100]))
+                                                "value": {"choices": [label]}}]}]}
+        for i, (t, label) in enumerate(zip(tweets.texts[:100], tweets.labels[:100]))
     ]
     (root / "test_export.json").write_text(json.dumps(export))
     return root
