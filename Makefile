@@ -49,8 +49,9 @@ BENCH ?= encoding image_encoding predict scale orderings webhooks freshness
 FRESHNESS_TASKS ?= 10000
 FRESHNESS_ROUNDS ?= 3
 BENCH_ARGS_encoding ?= --texts 200 --rounds 6
-# 64 images x 9 rounds x (ours + bare): about 2.5 minutes at load 8.
-BENCH_ARGS_image_encoding ?= --images 64 --rounds 9 --cached 10000
+# 64 images x 15 rounds x (ours + bare): 1.5 minutes at load 4-6, about 3 at load 8;
+# single rounds range 0.35-1.1 under load, hence the many rounds.
+BENCH_ARGS_image_encoding ?= --images 64 --rounds 15 --cached 10000
 BENCH_ARGS_predict ?= --single 200 --hundred 50 --unseen-single 20 --unseen-hundred 5 --cached-texts 500
 BENCH_ARGS_scale ?= --tasks 100000 --repeats 3 --cycles 6
 BENCH_ARGS_orderings ?= --pool 3000 --labeled-tweets 250 --labeled-movies 250 --repeats 3
