@@ -49,8 +49,8 @@ BENCH ?= encoding image_encoding predict scale orderings webhooks freshness
 FRESHNESS_TASKS ?= 10000
 FRESHNESS_ROUNDS ?= 3
 BENCH_ARGS_encoding ?= --texts 200 --rounds 6
-# 64 images x 15 rounds x (ours + bare): 1.5 minutes at load 4-6, about 3 at load 8;
-# single rounds range 0.35-1.1 under load, hence the many rounds.
+# 64 images x 15 rounds x (ours + bare): 26 s on free cores, 98 s at load 3-5, about 3 min at load 8;
+# single rounds range 0.35-1.56 under load, hence the many rounds.
 BENCH_ARGS_image_encoding ?= --images 64 --rounds 15 --cached 10000
 BENCH_ARGS_predict ?= --single 200 --hundred 50 --unseen-single 20 --unseen-hundred 5 --cached-texts 500
 BENCH_ARGS_scale ?= --tasks 100000 --repeats 3 --cycles 6

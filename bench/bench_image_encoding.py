@@ -9,7 +9,7 @@ Both see the same images in the same batches, in one process:
   decoded, resized and normalised before the clock starts (`torch.inference_mode`).
 
 **Ratio** = ours images/s / bare images/s (1.0: decoding costs nothing; target >= 0.9). The
-two alternate within the run (ours first in even rounds, bare first in odd ones) so a load
+two alternate within the run (ours first in rounds 1, 3, 5..., bare first in the others) so a load
 spike from another process hits both about equally; the headline is the median of the
 per-round ratios, shown with their range over rounds. Also shown: decoding alone, one
 thread, to see what the overlap hides. Each timed pass (every round of each path, the
