@@ -40,19 +40,23 @@ lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .
 
 # Every speed benchmark, at sizes that finish in under 30 minutes on the 2-core machine even
-# at load 10 (20 minutes measured, BENCHMARKS.md). `make bench BENCH=freshness` runs one,
+# at load 10 (20 minutes measured without image_encoding, BENCHMARKS.md). `make bench BENCH=freshness` runs one,
 # `BENCH="encoding predict"` some; BENCH_ARGS_<name> overrides a benchmark's sizes. Results:
 # bench/results/*.json. Freshness at 100,000 tasks is its own size (about an hour at load
 # 8-12): make bench BENCH=freshness FRESHNESS_TASKS=100000 FRESHNESS_ROUNDS=2.
 # The label-efficiency scenarios take hours: bench/simulate_scenarios.sh (BENCHMARKS.md).
-BENCH ?= encoding predict scale orderings webhooks freshness
+BENCH ?= encoding image_encoding predict scale orderings webhooks freshness
 FRESHNESS_TASKS ?= 10000
 FRESHNESS_ROUNDS ?= 3
 BENCH_ARGS_encoding ?= --texts 200 --rounds 6
+# 64 images x 15 rounds x (ours + bare): 26 s on free cores, 98 s at load 3-5, about 3 min at load 8;
+# single rounds range 0.35-1.56 under load, hence the many rounds.
+BENCH_ARGS_image_encoding ?= --images 64 --rounds 15 --cached 10000
 BENCH_ARGS_predict ?= --single 200 --hundred 50 --unseen-single 20 --unseen-hundred 5 --cached-texts 500
 BENCH_ARGS_scale ?= --tasks 100000 --repeats 3 --cycles 6
 BENCH_ARGS_orderings ?= --pool 3000 --labeled-tweets 250 --labeled-movies 250 --repeats 3
-BENCH_ARGS_webhooks ?=
+# 9 bursts per setting, as in BENCHMARKS.md: 2 minutes at load 3, 3 at load 10.
+BENCH_ARGS_webhooks ?= --bursts 9
 BENCH_ARGS_freshness ?= --tasks $(FRESHNESS_TASKS) --rounds $(FRESHNESS_ROUNDS)
 
 bench: $(VENV)/.dev-installed

@@ -9,14 +9,18 @@ Both see the same images in the same batches, in one process:
   decoded, resized and normalised before the clock starts (`torch.inference_mode`).
 
 **Ratio** = ours images/s / bare images/s (1.0: decoding costs nothing; target >= 0.9). The
-two alternate within the run (ours first in even rounds, bare first in odd ones) so a load
+two alternate within the run (ours first in rounds 1, 3, 5..., bare first in the others) so a load
 spike from another process hits both about equally; the headline is the median of the
-per-round ratios. Also shown: decoding alone, one thread, to see what the overlap hides.
+per-round ratios, shown with their range over rounds. Also shown: decoding alone, one
+thread, to see what the overlap hides. Each timed pass (every round of each path, the
+decode-only pass and the cached re-read) is recorded through `Run.measure` with the commit,
+the machine, and the load and CPU pressure before and after.
 
 The images are crops of scikit-image's colour photos re-encoded as distinct JPEGs of
 `--size` (default 640x480, a typical web photo), so nothing is cached between rounds.
 
     .venv/bin/python bench/bench_image_encoding.py [--images 96] [--rounds 9] [--batch-size 32]
+    make bench BENCH=image_encoding      # at the Makefile's sizes
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from run_record import Run, load, table  # also puts the repository on sys.path
+from run_record import Run, spread, spread_text, table  # also puts the repository on sys.path
 
 from backend.images import ImageFetcher, ImageIndex, content_cache_text, encode_task_images  # noqa: E402
 from model.encoding_cache import EncodingCache  # noqa: E402
@@ -100,9 +104,9 @@ def main() -> None:
     encoder = ImageEncoder(device="cpu", batch_size=args.batch_size)
     network = encoder._inference  # the network `encode` runs: BatchNorm folded, channels-last
 
-    started = time.perf_counter()
-    arrays = [decode_center_crop(b) for b in blobs]
-    decode_seconds = time.perf_counter() - started
+    with run.measure(path="decode only, 1 thread", images=len(blobs)) as decode_row:
+        arrays = [decode_center_crop(b) for b in blobs]
+    decode_seconds = decode_row["seconds"]
     # The bare pass's input: the same batches, decoded and normalised before the clock starts.
     batches = [encoder._to_tensor(arrays[s:s + args.batch_size]) for s in range(0, len(arrays), args.batch_size)]
 
@@ -122,13 +126,11 @@ def main() -> None:
     for round_ in range(args.rounds):
         order = ["ours", "bare"] if round_ % 2 == 0 else ["bare", "ours"]
         for which in order:
-            before = load()
-            started = time.perf_counter()
-            vectors[which] = (ours if which == "ours" else bare)()
-            seconds = time.perf_counter() - started
-            rows.append({"round": round_ + 1, "path": which, "seconds": round(seconds, 3),
-                         "images_per_s": round(len(blobs) / seconds, 1),
-                         "load_before": before, "load_after": load()})
+            with run.measure(round=round_ + 1, path=which, images=len(blobs)) as row:
+                vectors[which] = (ours if which == "ours" else bare)()
+            row["images_per_s"] = round(len(blobs) / row["seconds"], 1)
+            rows.append({k: row[k] for k in ("round", "path", "seconds", "images_per_s", "load_before",
+                                             "load_after", "cpu_pressure_during")})
             print(table([rows[-1]]) if len(rows) == 1 else table([rows[-1]]).splitlines()[-1], flush=True)
 
     per_round = []
@@ -137,6 +139,7 @@ def main() -> None:
         per_round.append(r["ours"] / r["bare"])
     median = {w: statistics.median(row["images_per_s"] for row in rows if row["path"] == w) for w in ("ours", "bare")}
     ratio = statistics.median(per_round)
+    loads = [row[k] for row in rows for k in ("load_before", "load_after")]
     summary = {
         "images": len(blobs),
         "image_size": f"{args.width}x{args.height} JPEG q90",
@@ -148,25 +151,35 @@ def main() -> None:
         "decode_only_one_thread_images_per_s": round(len(blobs) / decode_seconds, 1),
         "ratio_definition": "ours images/s / bare images/s, median of the per-round ratios",
         "ratio_median_of_rounds": round(ratio, 3),
+        "ratio": spread(per_round),
         "ratio_per_round": [round(x, 3) for x in per_round],
         "ratio_of_medians": round(median["ours"] / median["bare"], 3),
         "target_ratio": 0.9,
         "meets_target": ratio >= 0.9,
         "max_abs_diff_ours_vs_bare": float(np.abs(vectors["ours"] - vectors["bare"]).max()),
+        "ours_images_per_s": spread(row["images_per_s"] for row in rows if row["path"] == "ours"),
+        "bare_images_per_s": spread(row["images_per_s"] for row in rows if row["path"] == "bare"),
+        "load": spread(loads),
     }
-    summary.update(cached_reread(encoder, args.cached))
+    with run.measure(path="cached re-read", images=args.cached) as cached_row:
+        cached_row.update(cached_reread(encoder, args.cached))
+    summary.update({k: cached_row[k] for k in ("cached_images", "cached_reread_s", "cached_downloads",
+                                               "cached_forwarded")})
     run["rounds"] = rows
     run["summary"] = summary
     print()
     print(table([
-        {"path": "ours (ImageEncoder.encode on JPEG bytes)", "median images/s": summary["ours_median_images_per_s"]},
-        {"path": "bare (network.features on ready tensors)", "median images/s": summary["bare_median_images_per_s"]},
+        {"path": "ours (ImageEncoder.encode on JPEG bytes)",
+         "images/s, median (range)": spread_text([r["images_per_s"] for r in rows if r["path"] == "ours"], 1)},
+        {"path": "bare (network.features on ready tensors)",
+         "images/s, median (range)": spread_text([r["images_per_s"] for r in rows if r["path"] == "bare"], 1)},
         {"path": "decoding + resizing alone, 1 thread",
-         "median images/s": summary["decode_only_one_thread_images_per_s"]},
+         "images/s, median (range)": f"{summary['decode_only_one_thread_images_per_s']} (once)"},
     ]))
-    print(f"\nratio ours/bare: {summary['ratio_median_of_rounds']} (median of rounds {summary['ratio_per_round']}; "
-          f"ratio of medians {summary['ratio_of_medians']}; target >= 0.9: "
-          f"{'met' if summary['meets_target'] else 'MISSED'}); {len(blobs)} distinct {summary['image_size']}, "
+    print(f"\nratio ours/bare (per round, ours images/s over bare images/s): {spread_text(per_round, 3)}; "
+          f"per round {summary['ratio_per_round']}; ratio of medians {summary['ratio_of_medians']}; target >= 0.9: "
+          f"{'met' if summary['meets_target'] else 'MISSED'}; load {summary['load']['min']}–{summary['load']['max']}; "
+          f"{len(blobs)} distinct {summary['image_size']}, "
           f"batch {args.batch_size}, {encoder.decode_threads} decode threads, {torch.get_num_threads()} torch threads; "
           f"same vectors: max |ours - bare| {summary['max_abs_diff_ours_vs_bare']:.2e}")
     print(f"re-reading {summary['cached_images']} cached images (a retrain with nothing new): "

@@ -30,7 +30,12 @@ each for a new project. Counted: retrain jobs created for the
 project (target: at most two). Whether the final model includes every annotation needs Label
 Studio; that is point 1's benchmark.
 
+Every burst (part A's, the paced one, the GET /health ones, part B's) is one `Run.measure`
+row in the JSON's "measurements", with the commit, the machine, and the load and CPU
+pressure before and after it.
+
     .venv/bin/python bench/bench_webhooks.py [--burst 200] [--bursts 5] [--configs sync:2,gthread:2x8,asgi-backlog:2]
+    make bench BENCH=webhooks            # at the Makefile's sizes (--bursts 9)
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from run_record import Run, load, percentile, table  # also puts the repository on sys.path
+from run_record import Run, percentile, table  # also puts the repository on sys.path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -243,18 +248,19 @@ def part_a(args, run: Run) -> list[dict]:
                 for config, web in servers:
                     project_id += 1
                     web_processes = server_processes(web)
-                    before = load()
                     overflows_before = listen_overflows()
                     cpu_before = cpu_seconds(web_processes), cpu_seconds(redis_processes)
-                    result = burst(web.port, project_id, args.burst)
+                    # The burst itself is the measurement (commit, load and CPU pressure around it).
+                    with run.measure(part="A", gunicorn=config["label"], round=round_ + 1,
+                                     project_id=project_id, webhooks=args.burst) as b:
+                        result = burst(web.port, project_id, args.burst)
                     cpu_web = (cpu_seconds(web_processes) - cpu_before[0]) * 1000 / args.burst
                     cpu_redis = (cpu_seconds(redis_processes) - cpu_before[1]) * 1000 / args.burst
                     config["overflows"] += listen_overflows() - overflows_before
                     config["pooled"].extend(result["latencies"])
                     time.sleep(0.2)
                     jobs = retrain_jobs(redis, Settings().queue_name, project_id)
-                    config["bursts"].append(b := {
-                        "project_id": project_id,
+                    b.update({
                         "p50_ms": round(percentile(result["latencies"], 50), 1),
                         "p99_ms": round(percentile(result["latencies"], 99), 1),
                         "max_ms": round(max(result["latencies"]), 1),
@@ -265,28 +271,32 @@ def part_a(args, run: Run) -> list[dict]:
                         "statuses": dict(result["statuses"]),
                         "retrain_jobs": sum(len(v) for k, v in jobs.items() if not k.endswith("counter")),
                         "jobs": jobs,
-                        "load_before": before,
-                        "load_after": load(),
                     })
+                    config["bursts"].append(b)
                     print(f"  round {round_ + 1}, {config['label']}: burst p50 {b['p50_ms']} ms, p99 {b['p99_ms']} ms, "
                           f"statuses {b['statuses']}, retrain jobs {b['retrain_jobs']}, load {b['load_after']}",
                           flush=True)
-            return [summary(args, config, web, project_id := project_id + 1) for config, web in servers]
+            return [summary(args, run, config, web, project_id := project_id + 1) for config, web in servers]
     finally:
         for _, web in servers:
             web.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def summary(args, config: dict, web: Services, project_id: int) -> dict:
+def summary(args, run: Run, config: dict, web: Services, project_id: int) -> dict:
     """One setting's row: its bursts, one paced burst and the GET /health floor."""
     bursts, pooled = config["bursts"], config["pooled"]
-    paced = burst(web.port, project_id, args.burst, spread_ms=args.paced_ms)
+    with run.measure(part="A paced", gunicorn=config["label"], project_id=project_id, webhooks=args.burst,
+                     spread_ms=args.paced_ms) as row:
+        paced = burst(web.port, project_id, args.burst, spread_ms=args.paced_ms)
+    row["p99_ms"] = round(percentile(paced["latencies"], 99), 1)
     # The stack's own floor: the same burst of GET /health (no JSON, no Redis).
     health = []
-    for _ in range(3):
-        result = asyncio.run(_burst(web.port, [health_request(web.port)] * args.burst))
-        health.append(percentile([ms for _, ms, _ in result], 99))
+    for n in range(3):
+        with run.measure(part="A health", gunicorn=config["label"], round=n + 1, requests=args.burst) as row:
+            result = asyncio.run(_burst(web.port, [health_request(web.port)] * args.burst))
+        row["p99_ms"] = round(percentile([ms for _, ms, _ in result], 99), 1)
+        health.append(row["p99_ms"])
     p99s = [b["p99_ms"] for b in bursts]
     cpu_ms = statistics.median(b["gunicorn_cpu_ms_per_webhook"] + b["redis_cpu_ms_per_webhook"] for b in bursts)
     statuses = Counter()
@@ -324,7 +334,7 @@ def summary(args, config: dict, web: Services, project_id: int) -> dict:
     }
 
 
-def part_b(args) -> list[dict]:
+def part_b(args, run: Run) -> list[dict]:
     rows = []
     for text in args.retrain_configs.split(","):
         config = parse_config(text)
@@ -347,7 +357,9 @@ def part_b(args) -> list[dict]:
                 for round_ in range(args.retrain_bursts):
                     project_id = 7 + round_  # a new project: nothing waits, the worker is idle
                     burst_started = time.time()
-                    result = burst(services.port, project_id, args.burst)
+                    with run.measure(part="B", gunicorn=config["label"], round=round_ + 1,
+                                     project_id=project_id, webhooks=args.burst) as measured:
+                        result = burst(services.port, project_id, args.burst)
                     time.sleep(args.retrain_wait)
                     jobs = retrain_jobs(redis, Settings().queue_name, project_id)
                     all_ids = sorted({j for k, v in jobs.items() if not k.endswith("counter") for j in v})
@@ -368,9 +380,10 @@ def part_b(args) -> list[dict]:
                         "coalesced (counter)": jobs["coalesced_counter"],
                         "first job started (ms after burst start)": started_at[0] if started_at else "not yet",
                         "at most two": "yes" if len(all_ids) <= 2 else "NO",
-                        "load": load(),
+                        "load": measured["load_after"],
                         "jobs": jobs,
                     })
+                    measured.update({k: v for k, v in rows[-1].items() if k not in ("gunicorn", "burst", "load")})
                     print(table([{k: v for k, v in rows[-1].items() if k != "jobs"}]), flush=True)
         finally:
             shutil.rmtree(data_dir, ignore_errors=True)
@@ -401,7 +414,7 @@ def main() -> None:
     run["niceness"] = os.nice(0)
     print(f"# niceness {run['niceness']}", flush=True)
     a = part_a(args, run)
-    b = part_b(args)
+    b = part_b(args, run)
     run["latency"] = a
     run["retrains"] = b
     print()
