@@ -86,4 +86,18 @@ def render(store, queue) -> str:
         last = s.get("last") or {}
         if "duration" in last:
             lines.append(f'atl_retrain_duration_seconds{{project="{s["project_id"]}"}} {float(last["duration"]):.3f}')
+    # The last version's stopping signals (model.stopping; several controls: the worst one's).
+    for name, key, help_text in (
+        ("atl_stopping_stabilised", "stabilised", "1 when the last version's predictions have stabilised"),
+        ("atl_stopping_kappa", "kappa", "Kappa of the last comparison of versions on the stop set"),
+        ("atl_pool_uncertainty", "uncertainty", "Mean normalised entropy of the unlabeled pool"),
+        ("atl_pool_predicted_incorrect", "predicted_incorrect", "Share of the pool the model expects to get wrong"),
+        ("atl_out_of_fold_accuracy", "oof_accuracy", "Out-of-fold accuracy on the labeled tasks"),
+        ("atl_out_of_fold_macro_f1", "oof_macro_f1", "Out-of-fold macro-F1 on the labeled tasks"),
+    ):
+        values = [(s["project_id"], ((s.get("last") or {}).get("stopping") or {}).get(key)) for s in statuses]
+        values = [(p, float(v)) for p, v in values if isinstance(v, (int, float))]
+        if values:
+            metric(name, "gauge", help_text)
+            lines.extend(f'{name}{{project="{p}"}} {v:.4f}' for p, v in values)
     return "\n".join(lines) + "\n"

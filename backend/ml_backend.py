@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -175,7 +174,10 @@ class ActiveLearningBackend:
         if trained.centroids is not None and trained.centroids is not centroids:
             self.store.write_centroids(self.project_id, trained.encoder_id, trained.centroids)
         previous = self.store.current_version(self.project_id)
-        previous_signals = self.store.read_meta(self.project_id, previous).get("stopping") if previous else None
+        try:
+            previous_signals = self.store.read_meta(self.project_id, previous).get("stopping") if previous else None
+        except (OSError, ValueError):  # a live version pruned or unreadable: the window restarts
+            previous_signals = None
         signals, reference = trained.stopping(previous_signals, read_stop_set(self.store, self.project_id, previous),
                                               spacing=choice["batch_size"])
         training_accuracy = min(h.training_accuracy for h in heads.values() if h.labeled)
@@ -312,27 +314,26 @@ class ActiveLearningBackend:
         started = time.perf_counter()
         _, _, _, data, sync = self._read_project(progress)
         # Every text object a control reads (title and body both), one text per object and task.
-        tasks = SimpleNamespace(texts=[text for texts in (data.object_texts or {"": data.texts}).values()
-                                       for text in texts])
+        texts = [text for per_object in (data.object_texts or {"": data.texts}).values() for text in per_object]
         encoder = get_encoder(self.settings)
         limit = self.settings.fanout_tasks
         # Only a project with more texts than the limit can have more to encode: smaller ones
         # skip this lookup, which encode_with_cache below makes again.
-        if fan_out is not None and 0 < limit < len(tasks.texts):
-            _, missing = self.cache.lookup(encoder.id, tasks.texts)
-            distinct = list(dict.fromkeys(tasks.texts[i] for i in missing))
+        if fan_out is not None and 0 < limit < len(texts):
+            _, missing = self.cache.lookup(encoder.id, texts)
+            distinct = list(dict.fromkeys(texts[i] for i in missing))
             if len(distinct) > limit:
                 size = min(limit, ENCODE_SLICE)
                 slices = [distinct[i:i + size] for i in range(0, len(distinct), size)]
-                result = EncodeResult(Status.ENCODING, tasks=len(tasks.texts), to_encode=len(distinct),
+                result = EncodeResult(Status.ENCODING, tasks=len(data.task_ids), to_encode=len(distinct),
                                       encode_jobs=len(slices), sync=sync, encoder=encoder.id)
                 fan_out(encoder.id, slices, result)
                 result.duration = round(time.perf_counter() - started, 3)
                 return result
-        progress("encoding", 0, len(tasks.texts))
-        _, encoded = encode_with_cache(encoder, self.cache, tasks.texts,
+        progress("encoding", 0, len(texts))
+        _, encoded = encode_with_cache(encoder, self.cache, texts,
                                        progress=lambda done, total: progress("encoding", done, total))
-        return EncodeResult(Status.FINISHED, tasks=len(tasks.texts), encoded=encoded, sync=sync,
+        return EncodeResult(Status.FINISHED, tasks=len(data.task_ids), encoded=encoded, sync=sync,
                             duration=round(time.perf_counter() - started, 3))
 
 

@@ -170,6 +170,8 @@ def test_multi_label_and_two_control_projects_learn_every_control(label_studio, 
     assert set(last["controls"]) == {"sentiment", "length"} and last["labeled"] == 36
     assert set(last["stopping"]["controls"]) == {"sentiment", "length"} and last["stopping"]["verdict"]
     assert jobs_of(services, multi.id)["last"]["stopping"]["oof_accuracy"] is not None
+    metrics = requests.get(f"{services.url}/metrics", timeout=10).text
+    assert f'atl_out_of_fold_accuracy{{project="{two.id}"}}' in metrics
 
     # Label Studio's labeling screen pre-fills every control from the prediction.
     page = login(browser, label_studio)
