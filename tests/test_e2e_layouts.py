@@ -143,9 +143,11 @@ def test_multi_label_and_two_control_projects_learn_every_control(label_studio, 
 
     multi = LayoutProject(client, MULTI_LABEL, multi_label_answer)
     two = LayoutProject(client, TWO_CONTROLS, two_controls_answer)
-    for project in (multi, two):
+    # One bad ordering parameter (out of range) falls back to its default with a warning;
+    # the rest of the extra params still apply.
+    for project, params in ((multi, {"min_class_fraction": 7}), (two, {})):
         client.ml.create(url=services.url, project=project.id, title="Active Transfer Learning",
-                         is_interactive=False, extra_params={"batch_size": 10})
+                         is_interactive=False, extra_params={"batch_size": 10, "params": params})
     # What /setup says of the two-control config: both controls learned, the TextArea ignored.
     setup = requests.post(f"{services.url}/setup", timeout=10,
                           json={"project": str(two.id), "schema": TWO_CONTROLS}).json()
@@ -169,7 +171,11 @@ def test_multi_label_and_two_control_projects_learn_every_control(label_studio, 
     assert [c["name"] for c in last["ignored_controls"]] == ["comment"]
     assert set(last["controls"]) == {"sentiment", "length"} and last["labeled"] == 36
     assert set(last["stopping"]["controls"]) == {"sentiment", "length"} and last["stopping"]["verdict"]
-    assert jobs_of(services, multi.id)["last"]["stopping"]["oof_accuracy"] is not None
+    last_multi = jobs_of(services, multi.id)["last"]
+    assert last_multi["stopping"]["oof_accuracy"] is not None
+    assert last_multi["ordering"]["batch_size"] == 10
+    assert any("min_class_fraction" in w for w in last_multi["param_warnings"]), last_multi
+    assert "param_warnings" not in last
     metrics = requests.get(f"{services.url}/metrics", timeout=10).text
     assert f'atl_out_of_fold_accuracy{{project="{two.id}"}}' in metrics
 
