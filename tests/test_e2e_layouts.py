@@ -225,6 +225,11 @@ def labeling_screen_checked(page, url: str, project_id: int, task_id: int, shot:
         if checked >= expected:
             break
         time.sleep(1)
+    try:  # let the editor finish drawing, so the screenshot shows what an annotator sees
+        page.wait_for_load_state("networkidle", timeout=20_000)
+        page.wait_for_timeout(1000)
+    except Exception:  # a page that keeps polling never goes idle; the count above stands
+        pass
     shot.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(shot), full_page=True)
     return checked
