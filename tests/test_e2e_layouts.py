@@ -179,6 +179,10 @@ def test_multi_label_and_two_control_projects_learn_every_control(label_studio, 
     metrics = requests.get(f"{services.url}/metrics", timeout=10).text
     assert f'atl_out_of_fold_accuracy{{project="{two.id}"}}' in metrics
 
+    # The project page shows the combined signals of the two controls, not "not computed yet".
+    page_html = requests.get(f"{services.url}/projects/{two.id}", timeout=10).text
+    assert "Still learning" in page_html or "Predictions have stabilised" in page_html
+
     # Label Studio's labeling screen pre-fills every control from the prediction.
     page = login(browser, label_studio)
     for project, expected in ((multi, 1), (two, 2)):
