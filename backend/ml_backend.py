@@ -25,10 +25,10 @@ from backend.job_results import EncodeResult, RetrainResult, Status
 from backend.label_config import LabelConfig, parse_label_config
 from backend.label_studio import LabelStudioProject
 from backend.model_store import LoadedModel, ModelStore
+from backend.progress import read_stop_set, write_queue_preview, write_stop_set
 from backend.publish import predictions_for, publish_inline
 from backend.settings import Settings
 from backend.task_store import TaskStore
-from backend.progress import read_stop_set, write_queue_preview, write_stop_set
 from backend.training_data import ProjectData, project_data, task_texts
 from model.encoding_cache import EncodingCache, encode_with_cache
 from model.heads import concat_inputs

@@ -9,14 +9,14 @@ the encoder's pretraining data, at the cost of minutes per retrain on a CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from model.classifier import ClassifierHead
-from model.heads import ControlHeads, ControlSpec, answered
 from model.encoder import Encoder
+from model.heads import ControlHeads, ControlSpec, answered
 
 
 def _transformer_layers(model):

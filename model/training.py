@@ -177,7 +177,7 @@ class TrainingResult:
     # Every head together, as a model version stores them (`ControlHeads.save`).
     control_heads: ControlHeads | None = None
     # Control name -> what its stopping signals need (`ControlStopping`).
-    stopping_inputs: dict[str, "ControlStopping"] = field(default_factory=dict)
+    stopping_inputs: dict[str, ControlStopping] = field(default_factory=dict)
 
     @property
     def mislabeling(self) -> np.ndarray:
@@ -367,7 +367,7 @@ def _encode_objects(encoder, cache: EncodingCache, objects: Mapping[str, list[st
     return {name: vectors[k * n:(k + 1) * n] for k, name in enumerate(names)}, encoded
 
 
-def _prediction_key(spec: ControlSpec, value) -> str:
+def _prediction_key(spec: ControlSpec, value) -> str | None:
     """A hashable form of one prediction or answer (multi-label: the chosen labels, in
     config order, joined), for kappa and out-of-fold accuracy."""
     if value is None:
