@@ -105,12 +105,16 @@ def create_app(settings: Settings | None = None) -> Flask:
         payload = body()
         project_id = project_id_from_ls(payload.get("project"))
         schema = payload.get("schema")
+        answer = {"model_version": store.current_version(project_id) or UNTRAINED}
         if schema is not None:
             try:
-                parse_label_config(schema)
+                config = parse_label_config(schema)
             except UnsupportedConfig as exc:
                 raise BadRequest(str(exc)) from None
-        return jsonify(model_version=store.current_version(project_id) or UNTRAINED)
+            # What the backend learns of the config, and what it leaves alone (TextArea, ...).
+            answer["controls"] = [c.name for c in config.controls]
+            answer["ignored_controls"] = config.ignored_summary
+        return jsonify(**answer)
 
     @app.post("/predict")
     def predict():

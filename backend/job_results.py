@@ -65,6 +65,10 @@ class RetrainResult(_Result):
     training_accuracy: float | None = None
     ordering: dict | None = None  # the ordering choice and where it came from
     mislabeled: int | None = None
+    controls: dict | None = None  # several controls: per control, what its head trained on
+    ignored_controls: list | None = None  # controls of the label config no head learns, and why
+    param_warnings: list | None = None  # bad ordering params that fell back to their defaults
+    stopping: dict | None = None  # the version's stopping signals (model.stopping), without history
     timings: dict | None = None  # seconds per stage
     publish_jobs: int | None = None  # slice jobs queued for the upload (fan-out)
     publish: dict | None = None  # after a fan-out: slices, workers, uploaded

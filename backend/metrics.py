@@ -36,6 +36,16 @@ PREDICT_LATENCY = Histogram("atl_predict_latency_seconds", "Latency of /predict"
                             registry=None)
 
 
+STOPPING_GAUGES = (
+    ("atl_stopping_stabilised", "stabilised", "1 when the last version's predictions have stabilised"),
+    ("atl_stopping_kappa", "kappa", "Kappa of the last comparison of versions on the stop set"),
+    ("atl_pool_uncertainty", "uncertainty", "Mean normalised entropy of the unlabeled pool"),
+    ("atl_pool_predicted_incorrect", "predicted_incorrect", "Share of the pool the model expects to get wrong"),
+    ("atl_out_of_fold_accuracy", "oof_accuracy", "Out-of-fold accuracy on the labeled tasks"),
+    ("atl_out_of_fold_macro_f1", "oof_macro_f1", "Out-of-fold macro-F1 on the labeled tasks"),
+)
+
+
 def observe_predict(seconds: float) -> None:
     PREDICT_LATENCY.observe(seconds)
 
@@ -91,6 +101,14 @@ class QueueCollector(Collector):
             if "duration" in last:
                 duration.add_metric([project], float(last["duration"]))
         yield from (current, outcomes, coalesced, duration)
+        # The last version's stopping signals (model.stopping; several controls: the worst one's).
+        for name, key, help_text in STOPPING_GAUGES:
+            gauge = GaugeMetricFamily(name, help_text, labels=["project"])
+            for status in statuses:
+                value = ((status.get("last") or {}).get("stopping") or {}).get(key)
+                if isinstance(value, (int, float)):  # bool counts: stabilised is 0 or 1
+                    gauge.add_metric([str(status["project_id"])], float(value))
+            yield gauge
 
     def _statuses(self) -> list[dict] | None:
         queue = self.queue()

@@ -25,12 +25,15 @@ from backend.job_results import EncodeResult, RetrainResult, Status
 from backend.label_config import LabelConfig, parse_label_config
 from backend.label_studio import LabelStudioProject
 from backend.model_store import LoadedModel, ModelStore
+from backend.progress import read_stop_set, write_queue_preview, write_stop_set
 from backend.publish import predictions_for, publish_inline
 from backend.settings import Settings
 from backend.task_store import TaskStore
-from backend.training_data import project_data, task_text
+from backend.training_data import ProjectData, project_data, task_texts
 from model.encoding_cache import EncodingCache, encode_with_cache
+from model.heads import concat_inputs
 from model.orderings import get_ordering
+from model.queue_scores import LABELED_FLOOR
 from model.training import (
     ControlLabels,
     FineTuning,
@@ -95,7 +98,9 @@ class ActiveLearningBackend:
 
     # -- /predict ----------------------------------------------------------------------
     def predict(self, tasks: list[dict], context: dict | None = None) -> list[dict]:
-        """One prediction per task, in order. Before the first retrain: empty results."""
+        """One prediction per task, in order, with one result per control the model learns
+        (multi-label: every choice at or above its threshold, at least the most likely one).
+        Before the first retrain: empty results."""
         if not tasks:
             return []
         model = self.store.load(self.project_id)
@@ -103,14 +108,21 @@ class ActiveLearningBackend:
             return [{"result": [], "score": 0.0, "model_version": UNTRAINED} for _ in tasks]
         config = model.label_config
         try:
-            texts = [task_text(task, config) for task in tasks]
+            texts = [task_texts(task, config) for task in tasks]
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        features = self.features(texts, model)
-        probabilities = model.head.predict_proba(features)
+        names = [obj.name for obj in config.objects]
+        vectors = self.features([row[name] for name in names for row in texts], model)
+        n = len(tasks)
+        by_object = {name: vectors[k * n:(k + 1) * n] for k, name in enumerate(names)}
+        heads = model.heads
+        # A version from before several controls names no inputs: it read the first object.
+        probabilities = heads.predict_proba(
+            [concat_inputs(by_object, spec.inputs or [config.primary.to_names[0]]) for spec in heads.specs])
+        confidence = heads.confidence(probabilities)
         return [
-            self._prediction(config, model, row)
-            for row in probabilities
+            {"result": config.results_for(answers), "score": float(score), "model_version": model.version}
+            for answers, score in zip(heads.answers(probabilities), confidence)
         ]
 
     def features(self, texts: list[str], model: LoadedModel) -> np.ndarray:
@@ -120,15 +132,6 @@ class ActiveLearningBackend:
             return vectors
         vectors, _ = encode_with_cache(get_encoder(self.settings, model), self.cache, texts)
         return vectors
-
-    @staticmethod
-    def _prediction(config: LabelConfig, model: LoadedModel, probabilities: np.ndarray) -> dict:
-        best = int(np.argmax(probabilities))
-        return {
-            "result": config.result_for(model.head.labels[best]),
-            "score": float(probabilities[best]),
-            "model_version": model.version,
-        }
 
     # -- retraining --------------------------------------------------------------------
     def fit(self, event: str, data: dict | None = None, progress: Progress = no_progress,
@@ -146,14 +149,14 @@ class ActiveLearningBackend:
         # 1. Read Label Studio: label config, tasks and annotations, the ordering to use.
         ls, project, config, tasks, sync = self._read_project(progress)
         choice = self._ordering_choice(ls)
-        examples = ProjectExamples(tasks.task_ids, tasks.texts,
-                                   {config.from_name: ControlLabels(config.choices, tasks.labels)})
+        examples = project_examples(tasks, config)
         laps.lap("read_label_studio")
         if not examples.labeled:
             return RetrainResult(Status.SKIPPED, reason="the project has no usable annotations yet",
-                                 tasks=len(examples.task_ids), timings=laps.timings)
+                                 tasks=len(examples.task_ids), timings=laps.timings,
+                                 ignored_controls=config.ignored_summary or None)
 
-        # 2. The model: encode (cached), train the head, score every task for the queue.
+        # 2. The model: encode (cached), train one head per control, score every task.
         encoder = get_encoder(self.settings)
         centroids = self.store.read_centroids(self.project_id, encoder.id)
         trained = train_and_score(
@@ -161,11 +164,23 @@ class ActiveLearningBackend:
             OrderingChoice(choice["ordering"], choice["batch_size"], choice["params"]),
             fine_tuning=self._fine_tuning(), centroids=centroids, progress=progress)
         laps.include(trained.timings)
-        head = trained.heads[config.from_name]
+        heads = trained.heads
+        first = heads[config.from_name]
+        warnings = list(dict.fromkeys(choice.get("warnings", []) +
+                                      list(trained.ordering_info.get("param_warnings") or [])))
 
-        # 3. Stage the new version: complete on disk, not served yet.
+        # 3. Stage the new version: complete on disk, not served yet, with its stopping
+        # signals (chained on the live version's) and its queue preview for the project page.
         if trained.centroids is not None and trained.centroids is not centroids:
             self.store.write_centroids(self.project_id, trained.encoder_id, trained.centroids)
+        previous = self.store.current_version(self.project_id)
+        try:
+            previous_signals = self.store.read_meta(self.project_id, previous).get("stopping") if previous else None
+        except (OSError, ValueError):  # a live version pruned or unreadable: the window restarts
+            previous_signals = None
+        signals, reference = trained.stopping(previous_signals, read_stop_set(self.store, self.project_id, previous),
+                                              spacing=choice["batch_size"])
+        training_accuracy = min(h.training_accuracy for h in heads.values() if h.labeled)
         meta = {
             "annotation_counts": annotation_counts(project),
             "label_config": config.to_dict(),
@@ -173,19 +188,30 @@ class ActiveLearningBackend:
             "fine_tune_layers": self.settings.fine_tune_layers,
             "ordering": choice,
             "ordering_info": trained.ordering_info,
-            "labeled": head.labeled,
+            "labeled": trained.labeled,
             "tasks": len(examples.task_ids),
-            "label_counts": head.label_counts,
-            "training_accuracy": head.training_accuracy,
+            "label_counts": first.label_counts,
+            "training_accuracy": training_accuracy,
+            "controls": control_summary(heads),
             "mislabeled": trained.mislabeled,
+            "stopping": signals,
             "event": event,
         }
-        version = self.store.stage(self.project_id, head.head, meta, encoder_dir=trained.encoder_dir)
+        version = self.store.stage(self.project_id, trained.control_heads, meta, encoder_dir=trained.encoder_dir)
+        write_stop_set(self.store, self.project_id, version, reference)
+        unlabeled = [i for i, score in enumerate(trained.scores) if score < LABELED_FLOOR]
+        write_queue_preview(self.store, self.project_id, version,
+                            [trained.task_ids[i] for i in unlabeled], [float(trained.scores[i]) for i in unlabeled],
+                            [_label_text(first.predicted[i]) for i in unlabeled],
+                            texts=[examples.texts[i] for i in unlabeled])
         laps.lap("stage")
         result = RetrainResult(
-            Status.FINISHED, model_version=version, tasks=len(examples.task_ids), labeled=head.labeled,
-            encoded=trained.encoded, sync=sync, training_accuracy=head.training_accuracy,
-            ordering=choice, mislabeled=trained.mislabeled, timings=laps.timings)
+            Status.FINISHED, model_version=version, tasks=len(examples.task_ids), labeled=trained.labeled,
+            encoded=trained.encoded, sync=sync, training_accuracy=training_accuracy,
+            ordering=choice, mislabeled=trained.mislabeled, timings=laps.timings,
+            controls=control_summary(heads) if len(heads) > 1 else None,
+            ignored_controls=config.ignored_summary or None, param_warnings=warnings or None,
+            stopping=signals_summary(signals))
 
         # 4. Publish: predictions into Label Studio, then the switch to the new version.
         predictions = predictions_for(config, trained, version)
@@ -234,7 +260,11 @@ class ActiveLearningBackend:
     def _ordering_choice(self, ls: LabelStudioProject) -> dict:
         """Ordering, batch size and parameters: the ML backend's extra params in Label Studio
         (JSON, e.g. {"ordering": "atlas", "batch_size": 50, "params": {...}}), else ORDERING
-        and BATCH_SIZE from the environment. A bad choice falls back to the default, loudly."""
+        and BATCH_SIZE from the environment. Each bad part falls back to its default on its
+        own, with a warning under "warnings" (the job result's `param_warnings`): an unknown
+        ordering, a bad batch size, params that are not an object; a bad value or unknown
+        name among the params is skipped by the ordering itself (`Ordering.checked`), the
+        others still apply."""
         choice = {"ordering": self.settings.ordering, "batch_size": self.settings.batch_size,
                   "params": {}, "source": "environment"}
         try:
@@ -244,18 +274,31 @@ class ActiveLearningBackend:
             extra = {}
         if not extra:
             return choice
-        wanted = {"ordering": extra.get("ordering", choice["ordering"]),
-                  "batch_size": extra.get("batch_size", choice["batch_size"]),
-                  "params": extra.get("params") or {}, "source": "extra_params"}
+        warnings: list[str] = []
+        wanted = dict(choice, source="extra_params")
+        ordering = extra.get("ordering", choice["ordering"])
         try:
-            if not isinstance(wanted["batch_size"], int) or wanted["batch_size"] < 1:
-                raise ValueError(f"batch_size must be a positive integer, got {wanted['batch_size']!r}")
-            if not isinstance(wanted["params"], dict):
-                raise ValueError("params must be a JSON object")
-            get_ordering(str(wanted["ordering"]), **wanted["params"])
-        except (ValueError, TypeError) as exc:
-            log.warning("project=%s ignoring the ML backend's extra params: %s", self.project_id, exc)
-            return dict(choice, error=f"extra params ignored: {exc}")
+            get_ordering(str(ordering))
+            wanted["ordering"] = str(ordering)
+        except ValueError as exc:
+            warnings.append(f"extra params: {exc}; using {choice['ordering']!r}")
+        batch_size = extra.get("batch_size", choice["batch_size"])
+        if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1:
+            wanted["batch_size"] = batch_size
+        else:
+            warnings.append(f"extra params: batch_size must be a positive integer, got {batch_size!r:.60}; "
+                            f"using {choice['batch_size']}")
+        params = extra.get("params") or {}
+        if isinstance(params, dict):
+            wanted["params"] = params
+            # Checked now, so /jobs shows a warning even when no unlabeled task is left to order.
+            warnings += get_ordering(wanted["ordering"]).checked(params)[1]
+        else:
+            warnings.append("extra params: params must be a JSON object; using none")
+        for warning in warnings:
+            log.warning("project=%s %s", self.project_id, warning)
+        if warnings:
+            wanted["warnings"] = warnings
         return wanted
 
     def encode_new_tasks(self, progress: Progress = no_progress,
@@ -269,27 +312,62 @@ class ActiveLearningBackend:
         status "encoding".
         """
         started = time.perf_counter()
-        _, _, _, tasks, sync = self._read_project(progress)
+        _, _, _, data, sync = self._read_project(progress)
+        # Every text object a control reads (title and body both), one text per object and task.
+        texts = [text for per_object in (data.object_texts or {"": data.texts}).values() for text in per_object]
         encoder = get_encoder(self.settings)
         limit = self.settings.fanout_tasks
         # Only a project with more texts than the limit can have more to encode: smaller ones
         # skip this lookup, which encode_with_cache below makes again.
-        if fan_out is not None and 0 < limit < len(tasks.texts):
-            _, missing = self.cache.lookup(encoder.id, tasks.texts)
-            distinct = list(dict.fromkeys(tasks.texts[i] for i in missing))
+        if fan_out is not None and 0 < limit < len(texts):
+            _, missing = self.cache.lookup(encoder.id, texts)
+            distinct = list(dict.fromkeys(texts[i] for i in missing))
             if len(distinct) > limit:
                 size = min(limit, ENCODE_SLICE)
                 slices = [distinct[i:i + size] for i in range(0, len(distinct), size)]
-                result = EncodeResult(Status.ENCODING, tasks=len(tasks.texts), to_encode=len(distinct),
+                result = EncodeResult(Status.ENCODING, tasks=len(data.task_ids), to_encode=len(distinct),
                                       encode_jobs=len(slices), sync=sync, encoder=encoder.id)
                 fan_out(encoder.id, slices, result)
                 result.duration = round(time.perf_counter() - started, 3)
                 return result
-        progress("encoding", 0, len(tasks.texts))
-        _, encoded = encode_with_cache(encoder, self.cache, tasks.texts,
+        progress("encoding", 0, len(texts))
+        _, encoded = encode_with_cache(encoder, self.cache, texts,
                                        progress=lambda done, total: progress("encoding", done, total))
-        return EncodeResult(Status.FINISHED, tasks=len(tasks.texts), encoded=encoded, sync=sync,
+        return EncodeResult(Status.FINISHED, tasks=len(data.task_ids), encoded=encoded, sync=sync,
                             duration=round(time.perf_counter() - started, 3))
+
+
+def project_examples(data: ProjectData, config: LabelConfig) -> ProjectExamples:
+    """The model's view of a project: every object's texts, every control's answers."""
+    controls = {c.name: ControlLabels(c.choices, [row[c.name] for row in data.answers], multi_label=c.multi_label,
+                                      inputs=c.to_names)
+                for c in config.controls}
+    return ProjectExamples(data.task_ids, data.texts, controls, object_texts=data.object_texts)
+
+
+def control_summary(heads: dict) -> dict:
+    """Per control: what its head trained on (meta.json, the job result)."""
+    return {name: {"labeled": h.labeled, "label_counts": h.label_counts,
+                   "training_accuracy": h.training_accuracy,
+                   "multi_label": bool(getattr(h.head, "multi_label", False))}
+            for name, h in heads.items()}
+
+
+def signals_summary(signals: dict) -> dict:
+    """The stopping signals for /jobs: everything but the per-version history (the project
+    page draws that), for each control too."""
+    summary = {k: v for k, v in signals.items() if k not in ("history", "controls")}
+    if "controls" in signals:
+        summary["controls"] = {name: {k: v for k, v in s.items() if k != "history"}
+                               for name, s in signals["controls"].items()}
+    return summary
+
+
+def _label_text(predicted) -> str:
+    """A predicted answer as the queue preview shows it (multi-label: the labels joined)."""
+    if predicted is None:
+        return "-"
+    return predicted if isinstance(predicted, str) else ", ".join(predicted)
 
 
 def annotation_counts(project: dict) -> dict:

@@ -4,8 +4,8 @@ Layout, per project::
 
     <DATA_DIR>/models/<project_id>/
         v0003-20261121-231502/      one directory per model version, complete or absent
-            classifier.safetensors
-            classifier.json
+            heads.safetensors       every control's head (model.heads.ControlHeads)
+            heads.json              (versions before several controls: classifier.*)
             meta.json               label config, encoder id, labels used, metrics
         CURRENT                     the name of the version /predict serves
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.label_config import LabelConfig
-from model.classifier import ClassifierHead
+from model.heads import ControlHeads
 
 META_FILE = "meta.json"
 ENCODER_DIR = "encoder"  # a fine-tuned encoder, when FINE_TUNE_LAYERS > 0
@@ -41,10 +41,15 @@ VERSION_RE = re.compile(r"^v(\d{4,})-\d{8}-\d{6}$")
 class LoadedModel:
     project_id: int
     version: str
-    head: ClassifierHead
+    heads: ControlHeads  # one head per learnable control of the version's label config
     meta: dict
 
     directory: Path
+
+    @property
+    def head(self):
+        """The first control's head (the single-control view)."""
+        return self.heads.heads[0]
 
     @property
     def label_config(self) -> LabelConfig:
@@ -93,10 +98,12 @@ class ModelStore:
             return []
         return sorted(int(p.name) for p in self.root.iterdir() if p.name.isdigit())
 
-    def stage(self, project_id: int, head: ClassifierHead, meta: dict,
+    def stage(self, project_id: int, heads: ControlHeads, meta: dict,
               encoder_dir: Path | None = None) -> str:
         """Write a complete new version (not yet served) and return its name.
 
+        `heads`: all heads of the version, saved together (`ControlHeads.save`; a lone
+        `ClassifierHead` is saved in the single-head format, which `load` reads too).
         `encoder_dir`, a fine-tuned encoder saved under the project directory, is moved in.
         """
         directory = self.project_dir(project_id)
@@ -106,7 +113,7 @@ class ModelStore:
         version = f"v{number:04d}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
         try:
-            head.save(staging)
+            heads.save(staging)
             if encoder_dir is not None:
                 os.rename(encoder_dir, staging / ENCODER_DIR)
             meta = dict(meta, model_version=version, project_id=int(project_id),
@@ -180,11 +187,14 @@ class ModelStore:
                 return self._cache[key]
         directory = self.project_dir(project_id) / version
         try:
+            meta = json.loads((directory / META_FILE).read_text())
+            # A single-head version does not record its control's name: its config does.
+            single_name = (meta.get("label_config") or {}).get("from_name") or "label"
             loaded = LoadedModel(
                 project_id=int(project_id),
                 version=version,
-                head=ClassifierHead.load(directory),
-                meta=json.loads((directory / META_FILE).read_text()),
+                heads=ControlHeads.load(directory, single_name=single_name),
+                meta=meta,
                 directory=directory,
             )
         except FileNotFoundError:

@@ -41,15 +41,15 @@ class Predictions:
 
 
 def predictions_for(config: LabelConfig, trained: TrainingResult, version: str) -> Predictions:
-    """One prediction per task in Label Studio's shape: the predicted choice, the queue
-    score (lower = label sooner), the k-means cluster and, for disputed labels, mislabeling."""
-    head = trained.heads[config.from_name]
+    """One prediction per task in Label Studio's shape: one result per control (its
+    predicted choice; multi-label: every chosen one), the queue score (lower = label
+    sooner), the k-means cluster and, for disputed labels, mislabeling."""
     mislabeling = trained.mislabeling
     bulk, one_by_one = [], []
     for i, task_id in enumerate(trained.task_ids):
         prediction = {
             "task": task_id,
-            "result": config.result_for(head.predicted[i]),
+            "result": config.results_for(trained.answers(i)),
             "score": float(trained.scores[i]),
             "model_version": version,
         }

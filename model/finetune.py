@@ -1,4 +1,4 @@
-"""Optional fine-tuning of the top N encoder layers together with the classifier head.
+"""Optional fine-tuning of the top N encoder layers together with the classifier heads.
 
 By default the encoder stays frozen and only the head is trained on cached vectors, which
 keeps a retrain to seconds. With FINE_TUNE_LAYERS=N the top N transformer layers are trained
@@ -9,13 +9,14 @@ the encoder's pretraining data, at the cost of minutes per retrain on a CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from model.classifier import ClassifierHead, HeadConfig, class_weights
+from model.classifier import ClassifierHead
 from model.encoder import Encoder
+from model.heads import ControlHeads, ControlSpec, answered
 
 
 def _transformer_layers(model):
@@ -46,15 +47,42 @@ def fine_tune(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Encoder, ClassifierHead]:
-    """Train the top `top_layers` layers and a head; save the encoder to `out_dir`.
+    """Train the top `top_layers` layers and one single-choice head; save the encoder to
+    `out_dir`. Returns the fine-tuned encoder (loaded from `out_dir`, its encodings cached
+    under `cache_id`) and the trained head. One control of `fine_tune_heads`."""
+    spec = ControlSpec(name="label", labels=list(labels), inputs=["text"])
+    tuned, heads = fine_tune_heads(encoder, {"text": list(texts)}, [spec], [np.asarray(y, dtype=np.int64)],
+                                   top_layers, out_dir, cache_id, epochs=epochs, batch_size=batch_size,
+                                   learning_rate=learning_rate, seed=seed, progress=progress)
+    return tuned, heads.heads[0]
 
-    Returns the fine-tuned encoder (loaded from `out_dir`, its encodings cached under
-    `cache_id`) and the trained head.
+
+def fine_tune_heads(
+    encoder: Encoder,
+    object_texts: dict[str, Sequence[str]],
+    specs: list[ControlSpec],
+    targets: list[np.ndarray],
+    top_layers: int,
+    out_dir: str | Path,
+    cache_id: str,
+    epochs: int = 2,
+    batch_size: int = 16,
+    learning_rate: float = 3e-5,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Encoder, ControlHeads]:
+    """Train the top `top_layers` encoder layers and one head per control on the **sum of
+    the heads' losses** (hard parameter sharing); save the encoder to `out_dir`.
+
+    `object_texts`: object name -> one text per training task; `targets[i]`: control i's
+    target array over the same tasks (`model.heads.encode_targets`, -1 where unanswered: a
+    head's loss counts only the tasks that answer it). Each head reads the pooled vectors of
+    its `spec.inputs` side by side, as it will at prediction time. Returns the fine-tuned
+    encoder (loaded from `out_dir`, its encodings cached under `cache_id`) and the heads.
     """
     import copy
 
     import torch
-    from torch import nn
 
     torch.manual_seed(seed)
     model = copy.deepcopy(encoder.model).train()
@@ -66,37 +94,48 @@ def fine_tune(
         for parameter in layer.parameters():
             parameter.requires_grad = True
 
-    head = ClassifierHead(HeadConfig(labels=list(labels), input_dim=encoder.dim, seed=seed),
-                          device=encoder.device)
-    y = np.asarray(y, dtype=np.int64)
-    weights = torch.as_tensor(class_weights(y, len(labels)), dtype=torch.float32, device=encoder.device)
-    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    heads = ControlHeads.build(specs, [encoder.dim * len(spec.inputs) for spec in specs],
+                               device=encoder.device, seed=seed)
+    targets = [np.asarray(t) for t in targets]
+    rows = [answered(t) for t in targets]
+    # Each head's loss (class or positive weights) from the tasks that answer it.
+    losses = [head._loss_function(head._as_targets(t[r])) if r.any() else None
+              for head, t, r in zip(heads.heads, targets, rows)]
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW([
         {"params": trainable, "lr": learning_rate},
-        {"params": list(head.body.parameters()) + list(head.out.parameters()), "lr": 1e-3},
+        {"params": [p for head in heads.heads for p in head.parameters()], "lr": 1e-3},
     ])
+    n = len(targets[0])
     rng = np.random.default_rng(seed)
-    steps = epochs * int(np.ceil(len(texts) / batch_size))
+    steps = epochs * int(np.ceil(n / batch_size))
     step = 0
-    head.body.train()
+    for head in heads.heads:
+        head.body.train()
     for _ in range(epochs):
-        order = rng.permutation(len(texts))
+        order = rng.permutation(n)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = encoder.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                      max_length=encoder.max_length, return_tensors="pt").to(encoder.device)
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            loss = loss_fn(head.out(head.body(pooled)), torch.as_tensor(y[idx], device=encoder.device))
+            pooled = {name: _pooled(model, encoder, [texts[i] for i in idx])
+                      for name, texts in object_texts.items()}
+            loss = 0.0
+            for head, spec, t, r, loss_fn in zip(heads.heads, specs, targets, rows, losses):
+                keep = r[idx]
+                if loss_fn is None or not keep.any():
+                    continue
+                x = torch.cat([pooled[name] for name in spec.inputs], dim=1)[torch.as_tensor(keep)]
+                wanted = torch.as_tensor(head._as_targets(t[idx][keep]), device=encoder.device)
+                loss = loss + loss_fn(head.out(head.body(x)), wanted)
+            if isinstance(loss, float):
+                continue  # no task of this batch answers any control
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             step += 1
             if progress is not None:
                 progress(step, steps)
-    head.body.eval()
+    for head in heads.heads:
+        head.body.eval()
     model.eval()
 
     out_dir = Path(out_dir)
@@ -105,4 +144,13 @@ def fine_tune(
     encoder.tokenizer.save_pretrained(out_dir)
     tuned = Encoder(str(out_dir), device=encoder.device, max_length=encoder.max_length,
                     batch_size=encoder.batch_size, cache_id=cache_id)
-    return tuned, head
+    return tuned, heads
+
+
+def _pooled(model, encoder: Encoder, texts: list[str]):
+    """Mean-pooled last hidden state of a batch of texts, with gradients."""
+    batch = encoder.tokenizer(texts, padding=True, truncation=True, max_length=encoder.max_length,
+                              return_tensors="pt").to(encoder.device)
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)

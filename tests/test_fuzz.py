@@ -520,7 +520,15 @@ def test_setup_with_a_valid_project_and_any_label_config(server, schema):
     response = send(server, "POST", "/setup", dumps({"project": f"{PROJECT}.1700000000", "schema": schema}))
     check(response, "POST")
     if response.status_code == 200:
-        assert response.json() == {"model_version": server.model_version}
+        answer = response.json()
+        assert answer["model_version"] == server.model_version
+        if schema is None:  # no config to read: the version only
+            assert answer == {"model_version": server.model_version}
+            return
+        assert set(answer) == {"model_version", "controls", "ignored_controls"}, answer
+        # An accepted config has a control to learn; each ignored one says why.
+        assert answer["controls"] and all(isinstance(c, str) for c in answer["controls"])
+        assert all(isinstance(c.get("reason"), str) and c["reason"] for c in answer["ignored_controls"])
 
 
 def test_oversized_bodies_get_413(server):
@@ -613,7 +621,8 @@ def test_the_service_still_answers_correctly_afterwards(server):
     setup = send(server, "POST", "/setup", dumps({"project": f"{PROJECT}.1700000000", "schema": CONFIG,
                                                   "hostname": "http://ls", "access_token": "x",
                                                   "extra_params": {}}))
-    assert setup.status_code == 200 and setup.json() == {"model_version": server.model_version}
+    assert setup.status_code == 200 and setup.json() == {"model_version": server.model_version,
+                                                         "controls": ["sentiment"], "ignored_controls": []}
 
     texts = ["a wonderful, moving film", "dull and far too long", "after the fuzzing"]
     predict = _valid_predict(server, texts)

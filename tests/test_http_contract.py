@@ -43,7 +43,22 @@ def test_setup_answers_the_current_version_before_any_model(client):
                                            "hostname": "http://ls", "access_token": "x",
                                            "extra_params": {}})
     assert response.status_code == 200
-    assert response.get_json() == {"model_version": "untrained"}
+    assert response.get_json() == {"model_version": "untrained", "controls": ["sentiment"],
+                                   "ignored_controls": []}
+
+
+def test_setup_names_the_controls_it_learns_and_those_it_ignores(client):
+    schema = ('<View><Text name="title" value="$title"/><Text name="body" value="$body"/>'
+              '<Choices name="topic" toName="title,body" choice="multiple">'
+              '<Choice value="film"/><Choice value="music"/><Choice value="sport"/></Choices>'
+              '<Choices name="urgency" toName="body"><Choice value="low"/><Choice value="high"/></Choices>'
+              '<TextArea name="comment" toName="body"/></View>')
+    response = client.post("/setup", json={"project": "3", "schema": schema})
+    assert response.status_code == 200
+    answer = response.get_json()
+    assert answer["controls"] == ["topic", "urgency"]
+    assert [(c["name"], c["tag"]) for c in answer["ignored_controls"]] == [("comment", "TextArea")]
+    assert "only <Choices>" in answer["ignored_controls"][0]["reason"]
 
 
 def test_predict_answers_one_entry_per_task_in_order(client):

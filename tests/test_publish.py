@@ -130,3 +130,53 @@ def test_a_failed_slice_leaves_the_project_on_its_previous_version(services, mon
     assert status["last"]["model_version"] == staged and status["last"]["job_id"] == "retrain-6-a"
     assert (status["succeeded"], status["failed"]) == (0, 1)
     assert status["publishing"] is None
+
+
+TWO_CONTROLS = ('<View><Text name="title" value="$title"/><Text name="body" value="$body"/>'
+                '<Choices name="topic" toName="title,body" choice="multiple">'
+                '<Choice value="film"/><Choice value="music"/><Choice value="sport"/></Choices>'
+                '<Choices name="urgency" toName="body"><Choice value="low"/><Choice value="high"/></Choices>'
+                '<TextArea name="comment" toName="body"/></View>')
+
+
+def test_a_stored_two_control_version_predicts_one_result_per_control(tmp_path):
+    """All heads of a version are stored together and /predict's model answers every control
+    (multi-label: at least one choice), in a shape the SDK's label interface accepts; an old
+    single-head version still loads and answers its one control."""
+    from label_studio_sdk.label_interface import LabelInterface
+
+    from backend.ml_backend import ActiveLearningBackend
+    from backend.model_store import ModelStore
+    from backend.training_data import control_specs
+    from model.encoder import encoder_id
+    from model.heads import ControlHeads
+
+    config = parse_label_config(TWO_CONTROLS)
+    settings = Settings(data_dir=tmp_path)
+    store = ModelStore(settings.models_dir)
+    rng = np.random.default_rng(0)
+    specs = control_specs(config)
+    heads = ControlHeads.build(specs, [768, 384], epochs=20)
+    heads.fit([rng.normal(size=(12, 768)).astype(np.float32), rng.normal(size=(12, 384)).astype(np.float32)],
+              [(rng.random((12, 3)) > 0.5).astype(np.int8), np.array([0, 1] * 6)])
+    meta = {"label_config": config.to_dict(), "encoder": encoder_id("default")}
+    store.activate(8, store.stage(8, heads, meta))
+    tasks = [{"id": i, "data": {"title": f"title {i}", "body": f"a film review number {i}"}} for i in range(4)]
+    predictions = ActiveLearningBackend(settings, 8, store=store).predict(tasks)
+    assert len(predictions) == 4
+    interface = LabelInterface(TWO_CONTROLS)
+    for prediction in predictions:
+        by_control = {r["from_name"]: r["value"]["choices"] for r in prediction["result"]}
+        assert set(by_control) == {"topic", "urgency"}
+        assert by_control["topic"] and set(by_control["topic"]) <= {"film", "music", "sport"}
+        assert len(by_control["urgency"]) == 1
+        assert 0 <= prediction["score"] <= 1
+        assert interface.validate_prediction(prediction, return_errors=True) == []
+    assert store.load(8).heads.names == ["topic", "urgency"]
+
+    single = parse_label_config(CONFIG)
+    head = ClassifierHead(HeadConfig(labels=["Positive", "Negative"], input_dim=384, epochs=5))
+    head.fit(rng.normal(size=(4, 384)).astype(np.float32), np.array([0, 1, 0, 1]))
+    store.activate(9, store.stage(9, head, {"label_config": single.to_dict(), "encoder": encoder_id("default")}))
+    old = ActiveLearningBackend(settings, 9, store=store).predict([{"id": 1, "data": {"text": "fine"}}])
+    assert [r["from_name"] for r in old[0]["result"]] == ["sentiment"]

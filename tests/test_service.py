@@ -40,7 +40,8 @@ def test_health_and_setup_answer_fast_without_a_model(web):
                           "access_token": "x", "extra_params": {}}) for _ in range(20)]
     assert all(r.status_code == 200 for r, _ in health + setup)
     assert health[0][0].json()["status"] == "UP"
-    assert setup[0][0].json() == {"model_version": "untrained"}
+    assert setup[0][0].json() == {"model_version": "untrained", "controls": ["sentiment"],
+                                  "ignored_controls": []}
     assert statistics.median(ms for _, ms in health) < 50
     assert statistics.median(ms for _, ms in setup) < 50
 

@@ -126,8 +126,78 @@ def test_project_examples_refuse_what_cannot_be_trained(encoder, tmp_path):
     two = ProjectExamples([1], ["a"], {"sentiment": ControlLabels(CHOICES, ["Positive"]),
                                        "topic": ControlLabels(("film", "music"), [None])})
     assert two.labeled == 1
-    with pytest.raises(ValueError, match="exactly one classification control"):
-        train_and_score(two, encoder, cache, OrderingChoice())
+    with pytest.raises(ValueError, match="not among the control's choices"):
+        ControlLabels(("film", "music"), [{"film", "jazz"}], multi_label=True)
+    with pytest.raises(ValueError, match="reads objects"):
+        ProjectExamples([1], ["a"], {"topic": ControlLabels(("film", "music"), [None], inputs=("title",))})
+
+
+TAGS = ("delay", "service", "thanks")
+
+
+def _two_controls(project, n=200):
+    """The tweets as a two-object, two-control project: "sentiment" (single-choice) reads
+    the body; "tags" (multi-label, keyword tags) reads title and body and is answered on
+    only half the labeled tasks, as a conditional question would be."""
+    examples, truth = project
+    texts = examples.texts[:n]
+    titles = [" ".join(t.split()[:4]) for t in texts]
+    sentiment = examples.controls["sentiment"].labels[:n]
+    tags = []
+    for i, (text, label) in enumerate(zip(texts, sentiment)):
+        words = text.lower()
+        chosen = {tag for tag, keys in (("delay", ("delay", "late", "hour", "wait")),
+                                        ("service", ("service", "staff", "agent", "rude")),
+                                        ("thanks", ("thank", "great", "love")))
+                  if any(k in words for k in keys)} or {"service"}
+        tags.append(chosen if label is not None and i % 2 == 0 else None)
+    return ProjectExamples(
+        examples.task_ids[:n], texts,
+        {"sentiment": ControlLabels(CHOICES, sentiment, inputs=("body",)),
+         "tags": ControlLabels(TAGS, tags, multi_label=True, inputs=("title", "body"))},
+        object_texts={"body": texts, "title": titles}), truth[:n]
+
+
+def test_two_controls_each_train_on_the_tasks_that_answer_them(encoder, project, tmp_path):
+    examples, _ = _two_controls(project)
+    cache = EncodingCache(tmp_path / "cache.sqlite3")
+    trained = train_and_score(examples, encoder, cache, OrderingChoice("least_confidence", batch_size=10))
+    assert list(trained.heads) == ["sentiment", "tags"]
+    sentiment, tags = trained.heads["sentiment"], trained.heads["tags"]
+    answered_tags = sum(label is not None for label in examples.controls["tags"].labels)
+    assert sentiment.labeled == 80 and tags.labeled == answered_tags and 20 < answered_tags < 60
+    assert trained.labeled == 80
+    # One encoding per object and task: 200 bodies and 200 titles, each distinct text once.
+    assert trained.encoded == len(set(examples.texts) | set(examples.objects["title"]))
+    assert trained.control_heads.names == ["sentiment", "tags"]
+    assert trained.control_heads.heads[1].config.input_dim == 2 * encoder.dim
+    # Multi-label: every task gets at least one tag, each one of the control's choices.
+    assert all(isinstance(p, list) and p and set(p) <= set(TAGS) for p in tags.predicted)
+    assert all(p in CHOICES for p in sentiment.predicted)
+    assert tags.label_counts["service"] > 0 and tags.training_accuracy > 0.5
+    labeled = np.array([a is not None for a in examples.controls["sentiment"].labels])
+    assert trained.scores[~labeled].max() < LABELED_FLOOR <= trained.scores[labeled].min()
+    assert trained.answers(0).keys() == {"sentiment", "tags"}
+
+    # Stopping: each control chained on its own, combined so the worst control decides.
+    signals, reference = trained.stopping(None, None, spacing=10)
+    assert set(signals["controls"]) == {"sentiment", "tags"}
+    assert set(reference["controls"]) == {"sentiment", "tags"} and reference["labeled"] == 80
+    tag_signals = signals["controls"]["tags"]
+    assert tag_signals["labeled"] == answered_tags and tag_signals["oof_n"] == answered_tags
+    assert signals["oof_accuracy"] == min(s["oof_accuracy"] for s in signals["controls"].values())
+    again, _ = trained.stopping(signals, reference, spacing=10)
+    assert len(again["controls"]["tags"]["history"]) == 2
+
+
+def test_fine_tuning_trains_every_head_with_the_encoder(encoder, project, tmp_path):
+    examples, _ = _two_controls(project, n=40)
+    cache = EncodingCache(tmp_path / "cache.sqlite3")
+    trained = train_and_score(examples, encoder, cache, OrderingChoice(batch_size=5),
+                              fine_tuning=FineTuning(1, tmp_path / "tuned"))
+    assert trained.encoder_id.startswith(encoder.id + "+ft-") and cache.count(encoder.id) == 0
+    assert list(trained.heads) == ["sentiment", "tags"]
+    assert all(p for p in trained.heads["tags"].predicted)
 
 
 def _features(encoder, texts):
