@@ -22,10 +22,10 @@ from typing import Callable
 import numpy as np
 
 from backend.job_results import EncodeResult, RetrainResult, Status
-from backend.label_config import LabelConfig, parse_label_config
+from backend.label_config import LabelConfig, UnsupportedConfig, parse_label_config
 from backend.label_studio import LabelStudioProject
 from backend.model_store import LoadedModel, ModelStore
-from backend.publish import predictions_for, publish_inline
+from backend.publish import UNTRAINED, predictions_for, publish_inline
 from backend.settings import Settings
 from backend.task_store import TaskStore
 from backend.training_data import project_data, task_text
@@ -44,7 +44,6 @@ from model.training import (
 
 log = logging.getLogger(__name__)
 
-UNTRAINED = "untrained"
 # Texts per encoding job when a large import fans out: small enough that the vectors a job
 # hands back through Redis stay around 1 MB (float16, 384 dims).
 ENCODE_SLICE = 2000
@@ -85,6 +84,18 @@ class BadRequest(ValueError):
     """Input the caller must fix; the web app answers 4xx with this message."""
 
 
+class ConfigRefused(UnsupportedConfig):
+    """The project's label config, as a retrain read it from Label Studio, has nothing this
+    backend can learn. A retry cannot help: only a change of the config can."""
+
+    def __init__(self, reason: str, label_config: str):
+        super().__init__(
+            f"The project's label config is not supported: {reason}. Change the labeling "
+            f"interface in Label Studio (Settings > Labeling Interface); the backend retrains "
+            f"by itself once the config changes.")
+        self.label_config = label_config
+
+
 class ActiveLearningBackend:
     def __init__(self, settings: Settings, project_id: int, store: ModelStore | None = None,
                  cache: EncodingCache | None = None):
@@ -95,12 +106,18 @@ class ActiveLearningBackend:
 
     # -- /predict ----------------------------------------------------------------------
     def predict(self, tasks: list[dict], context: dict | None = None) -> list[dict]:
-        """One prediction per task, in order. Before the first retrain: empty results."""
+        """One prediction per task, in order. Before the first retrain: for each task an
+        empty list of predictions, which Label Studio stores nothing for."""
         if not tasks:
             return []
         model = self.store.load(self.project_id)
         if model is None:
-            return [{"result": [], "score": 0.0, "model_version": UNTRAINED} for _ in tasks]
+            # Label Studio (ml/models.py, `_get_predictions_from_ml_backend`) takes each entry
+            # as one prediction or a list of them and stores every dict that has a `result`,
+            # even an empty one (a version card "untrained" full of empty predictions). An
+            # empty list per task keeps the one-entry-per-task shape (no fall-back to one
+            # request per task) and stores nothing, without an error in Label Studio's log.
+            return [[] for _ in tasks]
         config = model.label_config
         try:
             texts = [task_text(task, config) for task in tasks]
@@ -198,9 +215,10 @@ class ActiveLearningBackend:
             result.status, result.publish_jobs = Status.PUBLISHING, len(slices)
             fan_out(version, slices, result)
             return result
-        result.status = publish_inline(
-            ls, self.store, version, predictions, self.settings.prediction_chunk,
+        result.status, after = publish_inline(
+            ls, self.store, version, predictions, self.settings,
             progress=lambda done, total: progress("uploading predictions", done, total))
+        result.after_switch = after.to_dict() if after is not None else None
         laps.lap("publish")
         return result
 
@@ -222,7 +240,10 @@ class ActiveLearningBackend:
         ls = LabelStudioProject(self.settings, self.project_id)
         progress("reading Label Studio", 0, 0)
         project = ls.project()
-        config = parse_label_config(project.get("label_config") or "")
+        try:
+            config = parse_label_config(project.get("label_config") or "")
+        except UnsupportedConfig as exc:
+            raise ConfigRefused(str(exc), project.get("label_config") or "") from None
         store = TaskStore(self.settings.data_dir, self.project_id)
         # Each page is retried by the client (backend/label_studio.py), not the whole sync.
         tasks, sync = store.sync(ls, project.get("task_number"),
