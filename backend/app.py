@@ -186,7 +186,8 @@ def create_app(settings: Settings | None = None) -> Flask:
             raise ServiceUnavailable("the job queue (Redis) is unavailable; the event was not queued") from None
         # A burst of annotations is one queued retrain and many coalesced events: only the
         # queued one is worth a line at INFO (the coalesced count is in /jobs and /metrics).
-        log.log(logging.INFO if status == "queued" else logging.DEBUG,
+        # A refusal is worth a line too: it answers "why does it not retrain?".
+        log.log(logging.INFO if status in ("queued", "refused") else logging.DEBUG,
                 "project=%s webhook %s -> %s job=%s", project_id, action, status, job_id)
         return jsonify(status=status, job_id=job_id, project=project_id), 201 if status == "queued" else 200
 
@@ -249,17 +250,21 @@ def refused_setup(reason: str) -> Response:
 
     Label Studio (ml/api_connector.py, `MLApi._request`) calls `raise_for_status()` and keeps
     only `str(error)`: "400 Client Error: <reason phrase> for url: ...". The body never reaches
-    the user; the reason phrase does, into the connection dialog ("Reason: ...") and the
-    model card's error (ml/serializers.py, ml/models.py `update_state`). So the phrase
-    carries our reason: printable ASCII (RFC 9112), and no angle brackets, which Label
-    Studio's screen would take for HTML tags.
+    the user; the reason phrase does, into the connection dialog ("Reason: ...",
+    ml/serializers.py) and the model card's error (ml/models.py, `update_state`).
     """
     log.warning("400 POST /setup: %s", reason)
-    phrase = " ".join(reason.split()).replace("<", "").replace(">", "")
-    phrase = "".join(c if " " <= c <= "~" else "?" for c in phrase)
     response = jsonify(error=reason)
-    response.status = f"400 {phrase[:600]}"
+    response.status = f"400 {reason_phrase(reason)}"
     return response
+
+
+def reason_phrase(reason: str) -> str:
+    """`reason` as an HTTP reason phrase: one line of printable ASCII (RFC 9112, which
+    gunicorn enforces), without angle brackets, which Label Studio's screen would take for
+    HTML tags."""
+    phrase = " ".join(reason.split()).replace("<", "").replace(">", "")
+    return "".join(c if " " <= c <= "~" else "?" for c in phrase)[:600]
 
 
 def _queue_or_503(factory):

@@ -31,6 +31,7 @@ from backend.task_store import TaskStore
 from backend.training_data import project_data, task_text
 from model.encoding_cache import EncodingCache, encode_with_cache
 from model.orderings import get_ordering
+from model.queue_scores import LABELED_FLOOR
 from model.training import (
     ControlLabels,
     FineTuning,
@@ -179,6 +180,9 @@ class ActiveLearningBackend:
             fine_tuning=self._fine_tuning(), centroids=centroids, progress=progress)
         laps.include(trained.timings)
         head = trained.heads[config.from_name]
+        # Done in Label Studio but nothing to learn from (an empty submitted annotation): it
+        # sorts after every unlabeled task, first among the done ones, where a reviewer sees it.
+        trained.scores[tasks.done_unanswered_index] = LABELED_FLOOR
 
         # 3. Stage the new version: complete on disk, not served yet.
         if trained.centroids is not None and trained.centroids is not centroids:
