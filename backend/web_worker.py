@@ -332,12 +332,12 @@ class FastPath:
             status, job_id = self._queue().request_retrain(project_id, action)
         except LockError:
             return None
+        except Exception as exc:
+            self._redis_failed(exc)
+            return None
         if status == "refused":
             # Refused until the config changes, which only the webhook's body can tell: the
             # WSGI app reads it and asks again with the config.
-            return None
-        except Exception as exc:
-            self._redis_failed(exc)
             return None
         self.queued_in[project_id] = self.batches
         return project_id, action, status, job_id
