@@ -125,6 +125,7 @@ def test_label_all_tasks_serves_our_order_and_old_predictions_go(label_studio, s
     scores = _scores(project, first)
     unlabeled = sorted((s, i) for i, s in scores.items() if i not in project.annotated)
     served = _ls_get(client, f"api/projects/{project.id}/next/")
+    print(f"after {first}: next serves {served['id']}, lowest scores {unlabeled[:3]}")
     assert served["id"] == unlabeled[0][1], (served["id"], unlabeled[:3])
 
     # Version two: the served task annotated, and the next one in the queue submitted empty
@@ -139,6 +140,8 @@ def test_label_all_tasks_serves_our_order_and_old_predictions_go(label_studio, s
     unlabeled = sorted((s, i) for i, s in scores.items() if i not in done)
     assert scores[emptied] >= 0.9 > max(s for s, _ in unlabeled), "an empty annotation kept its rank"
     served = _ls_get(client, f"api/projects/{project.id}/next/")
+    print(f"after {second}: next serves {served['id']}, lowest scores {unlabeled[:3]}, "
+          f"emptied task {emptied} scored {scores[emptied]}")
     assert served["id"] == unlabeled[0][1], (served["id"], unlabeled[:3])
     assert "sampling" not in jobs["last"]["after_switch"]  # set once only
     older = [v for v in jobs["last"]["after_switch"]["kept"]]
@@ -169,10 +172,12 @@ def _assert_live_and_previous(client, project, live: str) -> list[str]:
     assert len(per_task) == 60
     assert all(versions == ours for versions in per_task.values()), per_task
     assert all(counts[v] == 60 for v in ours), counts
+    print(f"live {live}: predictions per task {sorted({len(v) for v in per_task.values()})}, "
+          f"per version {counts}")
     return ours
 
 
-def test_a_refused_config_says_why_and_waits_for_a_change(label_studio, services):
+def test_a_refused_config_says_why_and_waits_for_a_change(label_studio, services, monkeypatch):
     from label_studio_sdk.core.api_error import ApiError
 
     client = _start(label_studio, services)
@@ -183,6 +188,7 @@ def test_a_refused_config_says_why_and_waits_for_a_change(label_studio, services
     with pytest.raises(ApiError) as error:
         client.ml.create(url=services.url, project=refused.id, title="ATL", is_interactive=False)
     shown = str(error.value.body)
+    print(f"Label Studio's answer to connecting: {shown}")
     assert "no control this backend can learn" in shown and "TextArea" in shown, shown
 
     # A project connected with a good config, then changed to an unsupported one.
@@ -210,6 +216,12 @@ def test_a_refused_config_says_why_and_waits_for_a_change(label_studio, services
     client.annotations.create(id=tasks[1]["id"], result=comment)
     _wait_for(lambda: f"project={project.id} webhook ANNOTATION_CREATED -> refused" in
               services.log_tail("web.log", 10**6), "a refused webhook", services, project.id, timeout=30)
+    # The reconcile sees annotations the model never saw, and queues nothing either.
+    for name in ("REDIS_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "DATA_DIR"):
+        monkeypatch.setenv(name, services.env[name])
+    from backend.jobs import reconcile
+
+    assert project.id in reconcile()["refused"]
     jobs = jobs_of(services, project.id)
     assert (jobs["requested"], jobs["failed"], jobs["waiting"]) == (requested, 1, None), jobs
 
