@@ -397,6 +397,9 @@ def test_predict_never_fails_on_hostile_payloads(server, payload, auth):
         results = response.json()["results"]
         assert isinstance(payload.get("tasks"), list) and len(results) == len(payload["tasks"])
         for r in results:
+            if isinstance(r, list):  # a project without a model: nothing for Label Studio to store
+                assert r == []
+                continue
             assert isinstance(r["model_version"], str) and isinstance(r["result"], list)
             assert 0.0 <= r["score"] <= 1.0
 
