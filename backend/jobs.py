@@ -203,9 +203,14 @@ def encode_tasks(project_id: int) -> dict:
         queue.fan_out_encode(project_id, encoder_id, slices, partial.to_dict())
 
     queue.mark_encode_started(project_id)
-    with queue.training_lock(project_id, job_id):  # the task copy has one writer at a time
-        result = ActiveLearningBackend(settings, project_id).encode_new_tasks(
-            progress=_progress_reporter(job, project_id), fan_out=fan_out)
+    try:
+        with queue.training_lock(project_id, job_id):  # the task copy has one writer at a time
+            result = ActiveLearningBackend(settings, project_id).encode_new_tasks(
+                progress=_progress_reporter(job, project_id), fan_out=fan_out)
+    except ConfigRefused as exc:  # nothing to encode for: said in /jobs, not as a traceback
+        log.warning("project=%s job=%s encoding skipped: %s", project_id, job_id, exc)
+        return record(queue, project_id, EncodeResult(Status.FAILED, error=str(exc), job_id=job_id,
+                                                      finished_at=time.time()))
     result = replace(result, job_id=job_id, finished_at=time.time())
     if result.status is Status.ENCODING:  # `store_encodings` records the outcome
         log.info("project=%s job=%s handed %d texts to %d encoding jobs", project_id, job_id,

@@ -216,6 +216,12 @@ def test_a_refused_config_says_why_and_waits_for_a_change(label_studio, services
     client.annotations.create(id=tasks[1]["id"], result=comment)
     _wait_for(lambda: f"project={project.id} webhook ANNOTATION_CREATED -> refused" in
               services.log_tail("web.log", 10**6), "a refused webhook", services, project.id, timeout=30)
+    # An import: the encoding job says why it has nothing to do, once, in /jobs.
+    client.projects.import_tasks(id=project.id, request=[{"text": "a task imported later"}])
+    encode = _wait_for(lambda: (e := jobs_of(services, project.id)["last_encode"])
+                       and e["status"] == "failed" and e, "the refused encoding", services, project.id)
+    assert "label config is not supported" in encode["error"], encode
+
     # The reconcile sees annotations the model never saw, and queues nothing either.
     for name in ("REDIS_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "DATA_DIR"):
         monkeypatch.setenv(name, services.env[name])
