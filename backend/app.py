@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend import metrics
-from backend.job_queue import JobQueue, redis_connection
+from backend.job_queue import JobQueue, key, redis_connection
 from backend.label_config import UnsupportedConfig, parse_label_config
 from backend.ml_backend import UNTRAINED, ActiveLearningBackend, BadRequest, project_id_from_ls
 from backend.model_store import ModelStore
@@ -39,6 +39,9 @@ TRAIN_EVENTS = {
 }
 # New tasks: encode them in the background before anyone labels them.
 ENCODE_EVENTS = {"TASKS_CREATED"}
+# A project update may bring a new label config: a project whose config a retrain refused
+# is retrained once it changed (`JobQueue.config_updated`).
+CONFIG_EVENTS = {"PROJECT_UPDATED"}
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -65,6 +68,31 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     def redis_failed() -> None:
         state["redis_down_until"] = time.monotonic() + 1.0
+
+    # Projects this process knows /setup has seen: /setup then costs no Redis call at all.
+    seen_projects: set[int] = set()
+
+    def first_connection(project_id: int) -> None:
+        """A project /setup has never seen (no model yet, no mark in Redis): queue the
+        encoding of its tasks now, so the retrain after its first annotation finds them
+        cached. One SET NX per project and process; a Redis fault only skips this."""
+        if project_id in seen_projects:
+            return
+        if store.current_version(project_id) is not None:
+            seen_projects.add(project_id)
+            return
+        try:
+            q = queue()
+            if q.redis.set(key(project_id, "connected"), time.time(), nx=True):
+                status, job_id = q.request_encode(project_id)
+                log.info("project=%s connected for the first time: encoding its tasks %s job=%s",
+                         project_id, status, job_id)
+            seen_projects.add(project_id)
+        except ServiceUnavailable as exc:  # no Redis, or it failed within the last second
+            log.debug("project=%s /setup did not queue the encoding of its tasks: %s", project_id, exc)
+        except Exception as exc:  # Redis down: /setup answers all the same
+            redis_failed()
+            log.warning("project=%s /setup could not queue the encoding of its tasks: %s", project_id, exc)
 
     @app.before_request
     def authenticate():
@@ -110,10 +138,11 @@ def create_app(settings: Settings | None = None) -> Flask:
             try:
                 config = parse_label_config(schema)
             except UnsupportedConfig as exc:
-                raise BadRequest(str(exc)) from None
+                return refused_setup(str(exc))
             # What the backend learns of the config, and what it leaves alone (TextArea, ...).
             answer["controls"] = [c.name for c in config.controls]
             answer["ignored_controls"] = config.ignored_summary
+        first_connection(project_id)
         return jsonify(**answer)
 
     @app.post("/predict")
@@ -137,14 +166,23 @@ def create_app(settings: Settings | None = None) -> Flask:
         action = payload.get("action")
         if not isinstance(action, str) or not action:
             raise BadRequest("missing 'action': a Label Studio webhook names its event in 'action'")
-        if action not in TRAIN_EVENTS | ENCODE_EVENTS:
+        if action not in TRAIN_EVENTS | ENCODE_EVENTS | CONFIG_EVENTS:
             return jsonify(status="ignored", action=action)
         project_id = project_id_from_ls(webhook_project(payload))
+        project = payload.get("project")
+        label_config = project.get("label_config") if isinstance(project, dict) else None
+        label_config = label_config if isinstance(label_config, str) else None
+        if action in CONFIG_EVENTS and label_config is None:  # nothing to compare: no Redis call
+            return jsonify(status="ignored", action=action)
         try:
             if action in ENCODE_EVENTS:
                 status, job_id = queue().request_encode(project_id)
+            elif action in CONFIG_EVENTS:
+                status, job_id = queue().config_updated(project_id, label_config)
+                if status == "ignored":
+                    return jsonify(status="ignored", action=action)
             else:
-                status, job_id = queue().request_retrain(project_id, action)
+                status, job_id = queue().request_retrain(project_id, action, label_config)
         except ServiceUnavailable:
             raise
         except Exception as exc:  # Redis down or timing out
@@ -153,7 +191,8 @@ def create_app(settings: Settings | None = None) -> Flask:
             raise ServiceUnavailable("the job queue (Redis) is unavailable; the event was not queued") from None
         # A burst of annotations is one queued retrain and many coalesced events: only the
         # queued one is worth a line at INFO (the coalesced count is in /jobs and /metrics).
-        log.log(logging.INFO if status == "queued" else logging.DEBUG,
+        # A refusal is worth a line too: it answers "why does it not retrain?".
+        log.log(logging.INFO if status in ("queued", "refused") else logging.DEBUG,
                 "project=%s webhook %s -> %s job=%s", project_id, action, status, job_id)
         return jsonify(status=status, job_id=job_id, project=project_id), 201 if status == "queued" else 200
 
@@ -212,6 +251,28 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 class ServiceUnavailable(RuntimeError):
     pass
+
+
+def refused_setup(reason: str) -> Response:
+    """400 for a label config /setup refuses, with the reason in the status line too.
+
+    Label Studio (ml/api_connector.py, `MLApi._request`) calls `raise_for_status()` and keeps
+    only `str(error)`: "400 Client Error: <reason phrase> for url: ...". The body never reaches
+    the user; the reason phrase does, into the connection dialog ("Reason: ...",
+    ml/serializers.py) and the model card's error (ml/models.py, `update_state`).
+    """
+    log.warning("400 POST /setup: %s", reason)
+    response = jsonify(error=reason)
+    response.status = f"400 {reason_phrase(reason)}"
+    return response
+
+
+def reason_phrase(reason: str) -> str:
+    """`reason` as an HTTP reason phrase: one line of printable ASCII (RFC 9112, which
+    gunicorn enforces), without angle brackets, which Label Studio's screen would take for
+    HTML tags."""
+    phrase = " ".join(reason.split()).replace("<", "").replace(">", "")
+    return "".join(c if " " <= c <= "~" else "?" for c in phrase)[:600]
 
 
 def _queue_or_503(factory):

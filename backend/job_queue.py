@@ -21,6 +21,7 @@ reason)`), serialised as JSON rather than pickle.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import threading
@@ -76,6 +77,11 @@ def key(project_id: int, what: str) -> str:
     return f"{PREFIX}:project:{int(project_id)}:{what}"
 
 
+def config_digest(label_config: str) -> str:
+    """A short fingerprint of a label config's exact text: "has it changed since?"."""
+    return hashlib.sha256(label_config.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
 def coalesce_keys(project_id: int) -> list[str]:
     """KEYS of COALESCE_SCRIPT for a project; its one ARGV is RQ's job key prefix."""
     return [key(project_id, "waiting"), key(project_id, "coalesced"), key(project_id, "lock-wait")]
@@ -106,12 +112,18 @@ class JobQueue:
         return self.redis.lock(key(project_id, "enqueue"), timeout=10, sleep=0.002,
                                blocking_timeout=self.enqueue_lock_wait)
 
-    def request_retrain(self, project_id: int, reason: str) -> tuple[str, str]:
+    def request_retrain(self, project_id: int, reason: str,
+                        label_config: str | None = None) -> tuple[str, str | None]:
         """Queue a retrain unless one is already waiting. Returns (status, job id).
 
         Webhooks are hints and may be forged or floods: at most one retrain per project
         waits, and a follow-up starts no sooner than RETRAIN_MIN_INTERVAL seconds after the
         previous one was queued (it is scheduled for then instead; nothing is dropped).
+
+        A project whose label config a retrain refused (`refuse_config`) gets no retrain
+        ("refused", None) until its config changes: `label_config`, the config the caller
+        saw (a webhook's project, the reconcile's read), is compared with the refused one;
+        without it the refusal stands.
         """
         keys = coalesce_keys(project_id)
         waiting = self._coalesce(keys=keys, args=[Job.redis_job_namespace_prefix])
@@ -122,6 +134,12 @@ class JobQueue:
             waiting = self._coalesce(keys=keys, args=[Job.redis_job_namespace_prefix])
             if waiting:
                 return "coalesced", waiting.decode()
+            refused = self.redis.get(key(project_id, "refused-config"))
+            if refused is not None:
+                if label_config is None or config_digest(label_config) == refused.decode():
+                    return "refused", None
+                self.redis.delete(key(project_id, "refused-config"))
+                log.info("project=%s label config changed since it was refused; retraining", project_id)
             job_id = f"retrain-{int(project_id)}-{uuid.uuid4().hex[:12]}"
             now = time.time()
             last = float(self.redis.get(key(project_id, "last_queued")) or 0)
@@ -143,6 +161,18 @@ class JobQueue:
             )
             self.redis.incr(key(project_id, "requested"))
             return "queued", job_id
+
+    def refuse_config(self, project_id: int, label_config: str) -> None:
+        """Remember that a retrain refused this label config: no retrain is queued for the
+        project until its config differs (`request_retrain`)."""
+        self.redis.set(key(project_id, "refused-config"), config_digest(label_config))
+
+    def config_updated(self, project_id: int, label_config: str | None) -> tuple[str, str | None]:
+        """PROJECT_UPDATED: a project whose config was refused is retrained once its config
+        changed; any other project update is ignored (one Redis read)."""
+        if label_config is None or not self.redis.exists(key(project_id, "refused-config")):
+            return "ignored", None
+        return self.request_retrain(project_id, "label config changed", label_config)
 
     def request_encode(self, project_id: int) -> tuple[str, str | None]:
         """Queue encoding of a project's new tasks, unless such a job already waits.
@@ -318,8 +348,9 @@ class JobQueue:
             pipe.get(key(project_id, counter))
         pipe.get(key(project_id, "last_encode"))
         pipe.get(key(project_id, "publishing"))
+        pipe.exists(key(project_id, "refused-config"))
         (waiting, state, last, requested, succeeded, failed, coalesced, last_encode,
-         publishing) = pipe.execute()
+         publishing, refused) = pipe.execute()
         running_id = state.get(b"running", b"").decode() or None
         waiting_id = waiting.decode() if waiting else None
         if waiting_id:
@@ -341,6 +372,9 @@ class JobQueue:
             "last_encode": json.loads(last_encode) if last_encode else None,
             # A version whose predictions are still being uploaded by slice jobs (fan-out).
             "publishing": json.loads(publishing) if publishing else None,
+            # The last retrain refused the label config (`last.error` says why): no retrain
+            # until the config changes in Label Studio.
+            "label_config_refused": bool(refused),
         }
         if running_id:
             progress = {}

@@ -72,11 +72,25 @@ class RetrainResult(_Result):
     timings: dict | None = None  # seconds per stage
     publish_jobs: int | None = None  # slice jobs queued for the upload (fan-out)
     publish: dict | None = None  # after a fan-out: slices, workers, uploaded
+    after_switch: dict | None = None  # AfterSwitch: sampling, superseded predictions removed
     job_id: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
     duration: float | None = None
     queue_wait: float | None = None  # seconds between the webhook and the job's start
+
+
+@dataclass
+class AfterSwitch:
+    """What followed a switch to a new version (`backend.publish.after_switch`)."""
+
+    sampling: str | None = None  # what was done to the project's sampling, the first time
+    removed: dict[str, int] = dataclasses.field(default_factory=dict)  # version -> predictions deleted
+    kept: list[str] = dataclasses.field(default_factory=list)  # older versions whose predictions stay
+    errors: list[str] = dataclasses.field(default_factory=list)  # steps that failed; the version is live
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v or k == "removed"}
 
 
 @dataclass

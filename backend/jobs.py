@@ -6,7 +6,7 @@ import base64
 import logging
 import time
 from dataclasses import replace
-from datetime import timezone
+from datetime import UTC
 
 import numpy as np
 from rq import get_current_job
@@ -16,9 +16,9 @@ from rq.serializers import JSONSerializer
 from backend.job_queue import JobQueue, redis_connection
 from backend.job_results import EncodeResult, RetrainResult, Status, record
 from backend.label_studio import LabelStudioError, LabelStudioProject
-from backend.ml_backend import ActiveLearningBackend, annotation_counts, get_encoder
+from backend.ml_backend import ActiveLearningBackend, ConfigRefused, annotation_counts, get_encoder
 from backend.model_store import ModelStore
-from backend.publish import switch_version
+from backend.publish import go_live
 from backend.settings import Settings
 from backend.worker import PERIODIC_RECONCILE_ID
 from model.encoding_cache import EncodingCache, text_key
@@ -51,7 +51,7 @@ def _queue_wait(job, started: float) -> float | None:
     if created is None:
         return None
     if created.tzinfo is None:
-        created = created.replace(tzinfo=timezone.utc)
+        created = created.replace(tzinfo=UTC)
     return round(started - created.timestamp(), 3)
 
 
@@ -77,6 +77,18 @@ def retrain(project_id: int, reason: str = "") -> dict:
         with queue.training_lock(project_id, job_id, still_waiting=True):
             result = ActiveLearningBackend(settings, project_id).fit(
                 reason, progress=_progress_reporter(job, project_id), fan_out=fan_out)
+    except ConfigRefused as exc:
+        # Fails once, with the reason in /jobs, and stays refused (webhooks and the reconcile
+        # queue nothing) until the project's config changes: a retry cannot fix a config.
+        record(queue, project_id, RetrainResult(Status.FAILED, job_id=job_id, error=str(exc),
+                                                finished_at=time.time(),
+                                                duration=round(time.time() - started, 3)))
+        queue.refuse_config(project_id, exc.label_config)
+        if job is not None:
+            job.retries_left = 0  # RQ's worker reads it off this job object to decide on a retry
+        log.error("project=%s job=%s retrain refused: %s", project_id, job_id, exc)
+        # Without the traceback into fit: the message says all there is to say.
+        raise exc.with_traceback(None) from None
     except Exception as exc:
         record(queue, project_id, RetrainResult(Status.FAILED, job_id=job_id, error=str(exc),
                                                 finished_at=time.time(),
@@ -138,7 +150,8 @@ def finish_publish(project_id: int, version: str, slice_jobs: list[str], result:
     `result` is the retrain's result so far (status "publishing"). The switch runs under the
     project's training lock, so it cannot interleave with a newer retrain's own switch; a
     version older than the active one is not switched to ("superseded",
-    `backend.publish.switch_version`).
+    `backend.publish.switch_version`). Once live, `backend.publish.after_switch` runs, as
+    on the inline path.
     """
     settings = Settings.from_env()
     job = get_current_job()
@@ -152,8 +165,10 @@ def finish_publish(project_id: int, version: str, slice_jobs: list[str], result:
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(slice_jobs)} prediction uploads of {version} "
                                f"failed; the project stays on its previous version: {', '.join(failed)}")
+        uploaded = sum(s.get("uploaded", 0) for s in slices if s)
         with queue.training_lock(project_id, job_id):
-            status = switch_version(LabelStudioProject(settings, project_id), store, version)
+            status, after = go_live(LabelStudioProject(settings, project_id), store, version,
+                                    settings, uploaded)
     except Exception as exc:
         record(queue, project_id, replace(partial, status=Status.FAILED, error=str(exc),
                                           finished_at=time.time()))
@@ -162,8 +177,8 @@ def finish_publish(project_id: int, version: str, slice_jobs: list[str], result:
         raise
     workers = sorted({s.get("worker") for s in slices if s and s.get("worker")})
     outcome = replace(partial, status=status, finished_at=time.time(),
-                      publish={"slices": len(slice_jobs), "workers": workers,
-                               "uploaded": sum(s.get("uploaded", 0) for s in slices)})
+                      after_switch=after.to_dict() if after is not None else None,
+                      publish={"slices": len(slice_jobs), "workers": workers, "uploaded": uploaded})
     if outcome.started_at:
         outcome.duration = round(outcome.finished_at - outcome.started_at, 3)
     record(queue, project_id, outcome)  # a superseded one leaves the newer result in place
@@ -189,9 +204,14 @@ def encode_tasks(project_id: int) -> dict:
         queue.fan_out_encode(project_id, encoder_id, slices, partial.to_dict())
 
     queue.mark_encode_started(project_id)
-    with queue.training_lock(project_id, job_id):  # the task copy has one writer at a time
-        result = ActiveLearningBackend(settings, project_id).encode_new_tasks(
-            progress=_progress_reporter(job, project_id), fan_out=fan_out)
+    try:
+        with queue.training_lock(project_id, job_id):  # the task copy has one writer at a time
+            result = ActiveLearningBackend(settings, project_id).encode_new_tasks(
+                progress=_progress_reporter(job, project_id), fan_out=fan_out)
+    except ConfigRefused as exc:  # nothing to encode for: said in /jobs, not as a traceback
+        log.warning("project=%s job=%s encoding skipped: %s", project_id, job_id, exc)
+        return record(queue, project_id, EncodeResult(Status.FAILED, error=str(exc), job_id=job_id,
+                                                      finished_at=time.time()))
     result = replace(result, job_id=job_id, finished_at=time.time())
     if result.status is Status.ENCODING:  # `store_encodings` records the outcome
         log.info("project=%s job=%s handed %d texts to %d encoding jobs", project_id, job_id,
@@ -258,8 +278,8 @@ def store_encodings(project_id: int, encoder_id: str, slice_jobs: list[str], res
 def reconcile() -> dict:
     """Queue a retrain for every known project whose annotations changed since its model.
 
-    Runs when a worker starts and every RECONCILE_INTERVAL seconds (see `backend/worker.py`). It catches what webhooks missed, e.g.
-    annotations made while Redis was down and /webhook answered 503. It compares Label
+    Runs when a worker starts and every RECONCILE_INTERVAL seconds (see `backend/worker.py`).
+    It catches what webhooks missed, e.g. annotations made while Redis was down and /webhook answered 503. It compares Label
     Studio's annotation counters with those the current model was trained on; an edit that
     keeps every count equal is caught by the next webhook instead.
     """
@@ -273,12 +293,13 @@ def reconcile() -> dict:
     connection = job.connection if job is not None else redis_connection(settings.redis_url)
     queue = JobQueue(connection, settings)
     store = ModelStore(settings.models_dir)
-    queued, unchanged, unreachable = [], [], []
+    queued, unchanged, unreachable, refused = [], [], [], []
     for project_id in sorted(set(store.projects()) | set(queue.project_ids())):
         version = store.current_version(project_id)
         trained_on = store.read_meta(project_id, version).get("annotation_counts") if version else None
         try:
-            counts = annotation_counts(LabelStudioProject(settings, project_id).project())
+            project = LabelStudioProject(settings, project_id).project()
+            counts = annotation_counts(project)
         except LabelStudioError as exc:
             log.warning("project=%s reconcile: %s", project_id, exc)
             unreachable.append(project_id)
@@ -286,7 +307,10 @@ def reconcile() -> dict:
         if counts == trained_on or not any(counts.values()):
             unchanged.append(project_id)
             continue
-        status, job_id = queue.request_retrain(project_id, "reconcile")
+        status, job_id = queue.request_retrain(project_id, "reconcile", project.get("label_config"))
+        if status == "refused":  # its config was refused and has not changed since
+            refused.append(project_id)
+            continue
         log.info("project=%s reconcile: annotations changed, retrain %s job=%s", project_id, status, job_id)
         queued.append(project_id)
-    return {"queued": queued, "unchanged": unchanged, "unreachable": unreachable}
+    return {"queued": queued, "unchanged": unchanged, "unreachable": unreachable, "refused": refused}

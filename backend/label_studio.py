@@ -447,6 +447,50 @@ class LabelStudioProject:
             lambda: self.client.projects.update(id=self.project_id, model_version=version),
         )
 
+    def set_sampling(self, sampling: str) -> None:
+        """Set how "Label All Tasks" picks the next task (the project's `sampling`:
+        "Sequential sampling", "Uniform sampling" or "Uncertainty sampling")."""
+        self._call("update project sampling",
+                   lambda: self.client.projects.update(id=self.project_id, sampling=sampling))
+
+    def _raw(self, what: str, method: str, path: str, body: dict | None = None) -> Any:
+        """A call to an endpoint the SDK has no method for, through the SDK's own
+        authenticated HTTP client (it refreshes the access token); one attempt."""
+        from label_studio_sdk.core.api_error import ApiError
+
+        def send():
+            # Label Studio leaves `model-versions` out of its API schema, so the generated SDK
+            # lacks it; its HTTP client still carries the auth and base URL we need.
+            response = self.client._client_wrapper.httpx_client.request(path, method=method, json=body)
+            if not 200 <= response.status_code < 300:
+                try:
+                    detail = response.json()
+                except ValueError:
+                    detail = response.text
+                raise ApiError(status_code=response.status_code, headers=dict(response.headers), body=detail)
+            return response.json() if response.content else None
+
+        return self._once(what, send)
+
+    def prediction_versions(self) -> dict[str, int]:
+        """{model_version: number of predictions} of every version the project holds
+        (Label Studio's `GET /api/projects/<id>/model-versions/`, with counters)."""
+        answer = self._retry("list model versions", lambda _n: self._raw(
+            "list model versions", "GET", f"api/projects/{self.project_id}/model-versions/"))
+        return {str(k): int(v) for k, v in (answer or {}).items()}
+
+    def delete_predictions_of(self, version: str) -> int:
+        """Delete every prediction of `version` in one request; returns how many went.
+
+        Label Studio (`DELETE /api/projects/<id>/model-versions/`) also clears the
+        project's `model_version` when it names this version: never call it for the live one.
+        A retry after a lost answer deletes nothing more, so retrying is safe.
+        """
+        answer = self._retry("delete model version", lambda _n: self._raw(
+            "delete model version", "DELETE", f"api/projects/{self.project_id}/model-versions/",
+            {"model_version": version}))
+        return int((answer or {}).get("deleted_predictions", 0))
+
 
 def _run_with_retries(attempt: Callable[[int], Any], policy: RetryPolicy, what: str,
                       project_id: int | None,

@@ -17,16 +17,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from backend.job_results import EncodeResult, RetrainResult, Status
-from backend.label_config import LabelConfig, parse_label_config
+from backend.label_config import LabelConfig, UnsupportedConfig, parse_label_config
 from backend.label_studio import LabelStudioProject
 from backend.model_store import LoadedModel, ModelStore
 from backend.progress import read_stop_set, write_queue_preview, write_stop_set
-from backend.publish import predictions_for, publish_inline
+from backend.publish import UNTRAINED, predictions_for, publish_inline
 from backend.settings import Settings
 from backend.task_store import TaskStore
 from backend.training_data import ProjectData, project_data, task_texts
@@ -47,7 +47,6 @@ from model.training import (
 
 log = logging.getLogger(__name__)
 
-UNTRAINED = "untrained"
 # Texts per encoding job when a large import fans out: small enough that the vectors a job
 # hands back through Redis stay around 1 MB (float16, 384 dims).
 ENCODE_SLICE = 2000
@@ -88,6 +87,18 @@ class BadRequest(ValueError):
     """Input the caller must fix; the web app answers 4xx with this message."""
 
 
+class ConfigRefused(UnsupportedConfig):
+    """The project's label config, as a retrain read it from Label Studio, has nothing this
+    backend can learn. A retry cannot help: only a change of the config can."""
+
+    def __init__(self, reason: str, label_config: str):
+        super().__init__(
+            f"The project's label config is not supported: {reason}. Change the labeling "
+            f"interface in Label Studio (Settings > Labeling Interface); the backend retrains "
+            f"by itself once the config changes.")
+        self.label_config = label_config
+
+
 class ActiveLearningBackend:
     def __init__(self, settings: Settings, project_id: int, store: ModelStore | None = None,
                  cache: EncodingCache | None = None):
@@ -100,12 +111,18 @@ class ActiveLearningBackend:
     def predict(self, tasks: list[dict], context: dict | None = None) -> list[dict]:
         """One prediction per task, in order, with one result per control the model learns
         (multi-label: every choice at or above its threshold, at least the most likely one).
-        Before the first retrain: empty results."""
+        Before the first retrain: for each task an empty list of predictions, which Label
+        Studio stores nothing for."""
         if not tasks:
             return []
         model = self.store.load(self.project_id)
         if model is None:
-            return [{"result": [], "score": 0.0, "model_version": UNTRAINED} for _ in tasks]
+            # Label Studio (ml/models.py, `_get_predictions_from_ml_backend`) takes each entry
+            # as one prediction or a list of them and stores every dict that has a `result`,
+            # even an empty one (a version card "untrained" full of empty predictions). An
+            # empty list per task keeps the one-entry-per-task shape (no fall-back to one
+            # request per task) and stores nothing, without an error in Label Studio's log.
+            return [[] for _ in tasks]
         config = model.label_config
         try:
             texts = [task_texts(task, config) for task in tasks]
@@ -168,6 +185,9 @@ class ActiveLearningBackend:
         first = heads[config.from_name]
         warnings = list(dict.fromkeys(choice.get("warnings", []) +
                                       list(trained.ordering_info.get("param_warnings") or [])))
+        # Done in Label Studio but nothing to learn from (an empty submitted annotation): it
+        # sorts after every unlabeled task, first among the done ones, where a reviewer sees it.
+        trained.scores[tasks.done_unanswered_index] = LABELED_FLOOR
 
         # 3. Stage the new version: complete on disk, not served yet, with its stopping
         # signals (chained on the live version's) and its queue preview for the project page.
@@ -224,9 +244,10 @@ class ActiveLearningBackend:
             result.status, result.publish_jobs = Status.PUBLISHING, len(slices)
             fan_out(version, slices, result)
             return result
-        result.status = publish_inline(
-            ls, self.store, version, predictions, self.settings.prediction_chunk,
+        result.status, after = publish_inline(
+            ls, self.store, version, predictions, self.settings,
             progress=lambda done, total: progress("uploading predictions", done, total))
+        result.after_switch = after.to_dict() if after is not None else None
         laps.lap("publish")
         return result
 
@@ -248,7 +269,10 @@ class ActiveLearningBackend:
         ls = LabelStudioProject(self.settings, self.project_id)
         progress("reading Label Studio", 0, 0)
         project = ls.project()
-        config = parse_label_config(project.get("label_config") or "")
+        try:
+            config = parse_label_config(project.get("label_config") or "")
+        except UnsupportedConfig as exc:
+            raise ConfigRefused(str(exc), project.get("label_config") or "") from None
         store = TaskStore(self.settings.data_dir, self.project_id)
         # Each page is retried by the client (backend/label_studio.py), not the whole sync.
         tasks, sync = store.sync(ls, project.get("task_number"),
@@ -389,7 +413,8 @@ def project_id_from_ls(value) -> int:
         # ASCII only: str.isdigit() accepts digits int() rejects ("²"); and a bounded length,
         # since int() refuses strings of more than 4300 digits.
         if not (head.isascii() and head.isdigit()):
-            raise BadRequest(f"'project' must be a project id like \"12\" or \"12.1700000000\", got {str(value)[:40]!r}")
+            raise BadRequest("'project' must be a project id like \"12\" or \"12.1700000000\", "
+                             f"got {str(value)[:40]!r}")
         if len(head) > 20:
             raise BadRequest(f"'project' id out of range: {head[:40]}...")
         project_id = int(head)

@@ -5,19 +5,39 @@ Label Studio's project `model_version` and /predict's CURRENT are switched to it
 (`switch_version`). A failed upload therefore leaves the project on its previous version.
 A small project does both inside the retrain job (`publish_inline`); a large one uploads
 through slice jobs on any free worker and switches in `backend.jobs.finish_publish` once
-all are in. Both switch through `switch_version`.
+all are in. Both switch through `switch_version` and then run `after_switch`: once the
+new version is live, Label Studio's "Label All Tasks" is pointed at our order (the first time
+only) and the predictions of superseded versions are deleted, in bulk, keeping
+KEEP_PREDICTION_VERSIONS previous ones for a rollback.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from backend.job_results import Status
+from backend.job_results import AfterSwitch, Status
 from backend.label_config import LabelConfig
 from backend.label_studio import LabelStudioProject
-from backend.model_store import ModelStore, version_number
+from backend.model_store import VERSION_RE, ModelStore, version_number
+from backend.settings import Settings
 from model.training import TrainingResult
+
+log = logging.getLogger(__name__)
+
+# The model version /setup and /predict report before a project's first model.
+UNTRAINED = "untrained"
+# Label Studio's project `sampling` values ("Label All Tasks"): its default, and the one that
+# serves tasks holding a prediction of the project's model_version, lowest score first.
+SEQUENTIAL = "Sequential sampling"
+UNCERTAINTY = "Uncertainty sampling"
+# In the project's model-store directory once the backend has set (or left) the sampling:
+# from then on it is the owner's to change, and never touched again.
+SAMPLING_FILE = "sampling.json"
 
 # The bulk import keeps only these fields (Label Studio 1.23).
 BULK_FIELDS = ("task", "result", "score", "model_version")
@@ -76,9 +96,95 @@ def switch_version(ls: LabelStudioProject, store: ModelStore, version: str) -> S
     return Status.FINISHED
 
 
+def go_live(ls: LabelStudioProject, store: ModelStore, version: str, settings: Settings,
+            published: int) -> tuple[Status, AfterSwitch | None]:
+    """`switch_version`, then, if the switch happened, `after_switch`. Both publish paths
+    (inline and `backend.jobs.finish_publish`) end here, under the training lock."""
+    status = switch_version(ls, store, version)
+    if status is not Status.FINISHED:
+        return status, None
+    return status, after_switch(ls, store, version, settings, published)
+
+
 def publish_inline(ls: LabelStudioProject, store: ModelStore, version: str, predictions: Predictions,
-                   chunk: int, progress: Callable[[int, int], None] | None = None) -> Status:
-    """Upload every prediction of `version` from this job, then switch to it (under the
-    training lock the retrain holds)."""
-    ls.publish_predictions(predictions.bulk, predictions.one_by_one, chunk, progress=progress)
-    return switch_version(ls, store, version)
+                   settings: Settings, progress: Callable[[int, int], None] | None = None
+                   ) -> tuple[Status, AfterSwitch | None]:
+    """Upload every prediction of `version` from this job, then switch to it and tidy up
+    (under the training lock the retrain holds)."""
+    ls.publish_predictions(predictions.bulk, predictions.one_by_one, settings.prediction_chunk,
+                           progress=progress)
+    return go_live(ls, store, version, settings, len(predictions))
+
+
+def after_switch(ls: LabelStudioProject, store: ModelStore, version: str, settings: Settings,
+                 published: int) -> AfterSwitch:
+    """What follows a switch to `version`, which put `published` predictions into Label Studio.
+
+    Neither step can fail the retrain: the new version is live already. A failure is
+    logged and reported in the job result (`after_switch.errors`), and tried again after
+    the next retrain.
+    """
+    outcome = AfterSwitch()
+    if settings.uncertainty_sampling:
+        try:
+            outcome.sampling = _first_sampling(ls, store, version)
+        except Exception as exc:  # Label Studio unreachable, or refused the field
+            outcome.errors.append(f"setting the project's sampling failed: {exc}")
+    try:
+        outcome.removed, outcome.kept = remove_superseded(ls, version, published,
+                                                          settings.keep_prediction_versions)
+    except Exception as exc:
+        outcome.errors.append(f"removing superseded predictions failed: {exc}")
+    for error in outcome.errors:
+        log.warning("project=%s after switching to %s: %s", ls.project_id, version, error)
+    return outcome
+
+
+def _first_sampling(ls: LabelStudioProject, store: ModelStore, version: str) -> str | None:
+    """The first time a version of the project goes live: "Label All Tasks" serves our
+    order (Uncertainty sampling), unless the owner had chosen another than Label Studio's
+    default. Remembered in the project's directory, so a choice made afterwards in Label
+    Studio stands. Returns what was done, None when it was done before."""
+    marker = store.project_dir(ls.project_id) / SAMPLING_FILE
+    if marker.exists():
+        return None
+    current = ls.project().get("sampling") or SEQUENTIAL
+    if current == SEQUENTIAL:
+        ls.set_sampling(UNCERTAINTY)
+        done = f"set to {UNCERTAINTY}"
+    else:
+        done = f"left at {current}, the project's own choice"
+    tmp = marker.with_name(f".{SAMPLING_FILE}.{os.getpid()}")
+    tmp.write_text(json.dumps({"sampling": done, "model_version": version,
+                               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+    os.replace(tmp, marker)
+    log.info("project=%s Label Studio's sampling %s", ls.project_id, done)
+    return done
+
+
+def remove_superseded(ls: LabelStudioProject, live: str, published: int,
+                      keep: int) -> tuple[dict[str, int], list[str]]:
+    """Delete the predictions of our versions older than `live`, but the `keep` newest of
+    them (a rollback finds its predictions still there), one bulk request per version.
+
+    Only after Label Studio holds at least `published` predictions of `live` (what was
+    uploaded): a task never loses its last prediction. Versions that are not ours (another
+    model's, imported ones) and versions newer than `live` (a fan-out still uploading) are
+    never touched; our empty `untrained` predictions of older backends always go.
+    Returns ({version: predictions deleted}, versions kept).
+    """
+    counts = ls.prediction_versions()
+    if counts.get(live, 0) < published:
+        raise RuntimeError(f"Label Studio holds {counts.get(live, 0)} predictions of {live}, "
+                           f"{published} were uploaded; older versions are kept")
+    older = sorted((v for v in counts if VERSION_RE.match(v) and version_number(v) < version_number(live)),
+                   key=version_number, reverse=True)
+    kept = older[:max(keep, 0)]
+    removed = {}
+    for version in [v for v in older if v not in kept] + ([UNTRAINED] if UNTRAINED in counts else []):
+        if counts[version] > 0:
+            removed[version] = ls.delete_predictions_of(version)
+    if removed:
+        log.info("project=%s removed the predictions of superseded versions %s, kept %s",
+                 ls.project_id, removed, kept)
+    return removed, kept

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     ordering: str = "least_confidence"
     batch_size: int = 50
     reconcile_interval: int = 300
+    # When a project's first version goes live, set its sampling to "Uncertainty sampling"
+    # so "Label All Tasks" serves our order (once; the owner may change it afterwards).
+    uncertainty_sampling: bool = True
+    # Superseded model versions whose predictions stay in Label Studio (for a rollback).
+    keep_prediction_versions: int = Field(1, ge=0)
 
     @field_validator("label_studio_url")
     @classmethod

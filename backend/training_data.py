@@ -94,6 +94,8 @@ class ProjectData:
     object_texts: dict[str, list[str]] | None = None
     # Per task, control name -> answer (None: unanswered), from one annotation.
     answers: list[dict] | None = None
+    # Per task: it holds a submitted (not cancelled) annotation, whatever it answers.
+    submitted: list[bool] | None = None
 
     @property
     def labeled_index(self) -> list[int]:
@@ -102,6 +104,13 @@ class ProjectData:
             return [i for i, label in enumerate(self.labels) if label is not None]
         return [i for i, row in enumerate(self.answers) if any(a is not None for a in row.values())]
 
+    @property
+    def done_unanswered_index(self) -> list[int]:
+        """Tasks Label Studio counts as done (a submitted annotation) whose annotations answer
+        no learnable control, e.g. `result: []` after a pre-filled choice was clicked off."""
+        labeled = set(self.labeled_index)
+        return [i for i, done in enumerate(self.submitted or []) if done and i not in labeled]
+
     def answered_index(self, control: str) -> list[int]:
         """Tasks whose annotation answers `control`: the ones its head trains on."""
         return [i for i, row in enumerate(self.answers or []) if row.get(control) is not None]
@@ -109,7 +118,7 @@ class ProjectData:
 
 def project_data(tasks: list[dict], config: LabelConfig) -> ProjectData:
     """Texts and answers of every task, in the order given."""
-    ids, texts, labels, answers = [], [], [], []
+    ids, texts, labels, answers, submitted = [], [], [], [], []
     object_texts: dict[str, list[str]] = {obj.name: [] for obj in config.objects}
     for task in tasks:
         ids.append(int(task["id"]))
@@ -120,7 +129,8 @@ def project_data(tasks: list[dict], config: LabelConfig) -> ProjectData:
         row = latest_answers(task, config)
         answers.append(row)
         labels.append(row[config.from_name])
-    return ProjectData(ids, texts, labels, object_texts, answers)
+        submitted.append(bool(_newest_first(task)))
+    return ProjectData(ids, texts, labels, object_texts, answers, submitted)
 
 
 def control_specs(config: LabelConfig) -> list[ControlSpec]:

@@ -42,21 +42,21 @@ def test_large_project_publishes_through_slice_jobs_on_several_workers(label_stu
     client.ml.create(url=services.url, project=project.id, title="Active Transfer Learning",
                      is_interactive=False)
 
-    # An import after the connection: Label Studio sends TASKS_CREATED, and all 320 texts of
-    # the project (none encoded yet) are encoded by slice jobs of at most 100.
+    # Connecting (/setup of a project the backend has never seen) queued the encoding of its
+    # 300 tasks, none encoded yet: slice jobs of at most 100, on both workers.
+    encode = _encoding_done(services, project.id)
+    assert encode["status"] == "finished", encode
+    assert (encode["to_encode"], encode["encoded"], encode["encode_jobs"]) == (300, 300, 3), encode
+    assert len(encode["workers"]) == 2, f"the encoding ran on one worker only: {encode}"
+
+    # An import after the connection: Label Studio sends TASKS_CREATED, and the 20 new texts
+    # are encoded by one job (fewer than FANOUT_TASKS).
     extra = movie_snippets().sample(340, seed=8)
     new = [(t, label) for t, label in zip(extra.texts, extra.labels) if t not in project.truth][:20]
     client.projects.import_tasks(id=project.id, request=[{"text": t} for t, _ in new])
     project.truth.update(new)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        encode = jobs_of(services, project.id)["last_encode"]
-        if encode and encode["status"] != "encoding":
-            break
-        time.sleep(1)
-    assert encode["status"] == "finished", encode
-    assert (encode["to_encode"], encode["encoded"], encode["encode_jobs"]) == (320, 320, 4), encode
-    assert len(encode["workers"]) == 2, f"the encoding ran on one worker only: {encode}"
+    encode = _encoding_done(services, project.id, tasks=320)
+    assert (encode["status"], encode["encoded"]) == ("finished", 20), encode
 
     # Label Studio's "Start training" event: one retrain.
     response = requests.post(f"{services.url}/webhook", timeout=10,
@@ -76,6 +76,8 @@ def test_large_project_publishes_through_slice_jobs_on_several_workers(label_stu
     assert publish["uploaded"] == 320, publish
     assert len(publish["workers"]) == 2, f"the slices ran on one worker only: {publish}"
     assert jobs["succeeded"] == 1 and jobs["failed"] == 0, jobs
+    # The switch of the fan-out path ran the same after-switch steps as the inline one.
+    assert last["after_switch"] == {"sampling": "set to Uncertainty sampling", "removed": {}}, last
 
     # The version was switched only after every slice had finished uploading.
     redis = Redis.from_url(services.redis_url)
@@ -98,3 +100,15 @@ def test_large_project_publishes_through_slice_jobs_on_several_workers(label_stu
     assert flagged == last["mislabeled"], (flagged, last["mislabeled"])
     assert project.model_version() == version
     assert jobs_of(services, project.id)["model_version"] == version
+
+
+def _encoding_done(services, project_id: int, tasks: int | None = None, timeout: float = 300) -> dict:
+    """The project's last encoding result once it is no longer running (of `tasks` tasks)."""
+    deadline = time.monotonic() + timeout
+    encode = None
+    while time.monotonic() < deadline:
+        encode = jobs_of(services, project_id)["last_encode"]
+        if encode and encode["status"] != "encoding" and tasks in (None, encode.get("tasks")):
+            return encode
+        time.sleep(1)
+    raise AssertionError(f"encoding of project {project_id} not done: {encode}")

@@ -400,6 +400,9 @@ def test_predict_never_fails_on_hostile_payloads(server, payload, auth):
         results = response.json()["results"]
         assert isinstance(payload.get("tasks"), list) and len(results) == len(payload["tasks"])
         for r in results:
+            if isinstance(r, list):  # a project without a model: nothing for Label Studio to store
+                assert r == []
+                continue
             assert isinstance(r["model_version"], str) and isinstance(r["result"], list)
             assert 0.0 <= r["score"] <= 1.0
 
@@ -638,7 +641,7 @@ def test_the_service_still_answers_correctly_afterwards(server):
     assert _valid_predict(server, texts).json()["results"] == results
 
     untrained = send(server, "POST", "/predict", dumps({"tasks": [{"data": {"text": "x"}}], "project": 4242}))
-    assert untrained.json() == {"results": [{"result": [], "score": 0.0, "model_version": "untrained"}]}
+    assert untrained.json() == {"results": [[]]}
 
     project = 4243  # fresh: no job of it queued by the fuzzing
     hook = send(server, "POST", "/webhook", dumps({"action": "ANNOTATION_CREATED", "project": {"id": project},

@@ -68,7 +68,9 @@ def test_predict_answers_one_entry_per_task_in_order(client):
     assert response.status_code == 200
     results = response.get_json()["results"]
     assert len(results) == len(tasks)
-    assert all(set(r) >= {"result", "score", "model_version"} for r in results)
+    # Before the first model: an empty list of predictions per task, which Label Studio
+    # stores nothing for (a result without a model would show up as a version card).
+    assert results == [[] for _ in tasks]
 
 
 def test_predict_with_no_tasks_answers_an_empty_list(client):

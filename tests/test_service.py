@@ -53,7 +53,7 @@ def test_predict_before_any_model_gives_one_valid_result_per_task(web):
     assert response.status_code == 200
     results = response.json()["results"]
     assert len(results) == 5
-    assert all(r["model_version"] == "untrained" and r["result"] == [] for r in results)
+    assert results == [[]] * 5  # nothing for Label Studio to store (README: /predict)
 
 
 @pytest.mark.parametrize(
