@@ -279,9 +279,9 @@ def reconcile() -> dict:
     """Queue a retrain for every known project whose annotations changed since its model.
 
     Runs when a worker starts and every RECONCILE_INTERVAL seconds (see `backend/worker.py`).
-    It catches what webhooks missed, e.g. annotations made while Redis was down and /webhook answered 503. It compares Label
-    Studio's annotation counters with those the current model was trained on; an edit that
-    keeps every count equal is caught by the next webhook instead.
+    It catches what webhooks missed, e.g. annotations made while Redis was down and /webhook
+    answered 503. It compares Label Studio's annotation counters with those the current model
+    was trained on; an edit that keeps every count equal is caught by the next webhook instead.
     """
     settings = Settings.from_env()
     job = get_current_job()

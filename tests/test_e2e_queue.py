@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from backend.model_store import VERSION_RE, version_number
-from tests.support.ls_project import CONFIG, SnippetProject, jobs_of, wait_until_idle
+from tests.support.ls_project import SnippetProject, jobs_of, wait_until_idle
 
 pytestmark = pytest.mark.e2e
 
