@@ -5,14 +5,15 @@ retries and the periodic reconcile come out of RQ's scheduled-job registry. The 
 (`backend.jobs.reconcile`) runs
 
 * once when a worker starts, so annotations made while the backend was down are picked up
-  at once instead of after a whole interval;
+  at once instead of after a whole interval, and again when a worker's maintenance pass
+  sees that Redis restarted (its `run_id` changed): webhooks got 503 meanwhile;
 * every RECONCILE_INTERVAL seconds, as one repeating RQ job (`Repeat`) shared by all
   workers: its fixed id and RQ's unique enqueue keep it to one per Redis however many
   workers run, and only the worker holding RQ's scheduler lock moves it to the queue. Every
-  worker's maintenance pass (once a minute) puts it back if it failed, ran out of repeats,
+  worker's maintenance pass (every 30 s) puts it back if it failed, ran out of repeats,
   or was lost with Redis's data.
 
-RECONCILE_INTERVAL=0 turns both off.
+RECONCILE_INTERVAL=0 turns all of them off.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class RetrainWorker(SimpleWorker):
         self.reconcile_interval = reconcile_interval  # None: leave the schedule alone (burst runs)
         self.stop_requested = False  # SIGTERM/SIGINT, busy or idle
         self.reconciled_at_start = False
+        self.redis_run_id: str | None = None  # Redis's own id of its process: it changes on a restart
 
     def handle_warm_shutdown_request(self):
         # RQ's hook on the first SIGTERM/SIGINT, whether a job runs (RQ finishes it first) or
@@ -122,11 +124,23 @@ class RetrainWorker(SimpleWorker):
         if self.reconcile_interval <= 0:
             keep_reconcile_scheduled(self.queues[0], 0)
             return
+        restarted = self._redis_restarted()
         if not self.reconciled_at_start:
             if request_reconcile_now(self.queues[0]):
                 log.info("reconcile queued at worker start")
             self.reconciled_at_start = True
+        elif restarted:
+            # Webhooks sent while Redis was down got 503 and are gone: reconcile now rather
+            # than after a whole RECONCILE_INTERVAL.
+            if request_reconcile_now(self.queues[0]):
+                log.warning("Redis restarted since this worker's last check; reconcile queued")
         keep_reconcile_scheduled(self.queues[0], self.reconcile_interval)
+
+    def _redis_restarted(self) -> bool:
+        run_id = self.connection.info("server").get("run_id")
+        restarted = self.redis_run_id is not None and run_id != self.redis_run_id
+        self.redis_run_id = run_id
+        return restarted
 
 
 def redis_errors() -> tuple[type[Exception], ...]:
@@ -146,10 +160,12 @@ def run_worker(settings: Settings, burst: bool = False) -> int:
     stop = threading.Event()
     quits: list[float] = []
     while True:
-        # Maintenance every minute: RQ then re-queues a job whose worker was killed mid-run,
-        # and the reconcile schedule is checked.
+        # Maintenance every 30 s: RQ then re-queues a job whose worker was killed mid-run and
+        # restarts its scheduler if a Redis outage ended it, and the reconcile schedule is
+        # checked. RQ runs it between its blocking waits for a job, which last worker_ttl - 15
+        # seconds: with RQ's default (7 minutes) a Redis restart went unnoticed that long.
         rq_worker = RetrainWorker([job_queue.queue], connection=connection, serializer=JSONSerializer,
-                                  maintenance_interval=60,
+                                  maintenance_interval=30, worker_ttl=45,
                                   reconcile_interval=None if burst else settings.reconcile_interval)
         if not burst and settings.reconcile_interval <= 0:
             # Before this worker's RQ scheduler starts: the scheduler moves a due job from its
