@@ -66,7 +66,7 @@ def _scores(project, version: str) -> dict[int, float]:
 
 def _predict_calls(services) -> int:
     metrics = requests.get(f"{services.url}/metrics", timeout=5).text
-    return sum(int(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in metrics.splitlines()
                if line.startswith("atl_predict_latency_seconds_count"))
 
 

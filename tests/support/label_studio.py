@@ -343,6 +343,10 @@ class LabelStudioServer:
                 # let LS call an ML backend / webhook receiver on 127.0.0.1
                 "ML_BLOCK_LOCAL_IP": "false",
                 "SSRF_PROTECTION_ENABLED": "false",
+                # Local Storage (/data/local-files/?d=...) under <data dir>/mydata, for the
+                # image-fetching tests; said outright rather than left to the start directory.
+                "LOCAL_FILES_SERVING_ENABLED": "true",
+                "LOCAL_FILES_DOCUMENT_ROOT": str(self.data_dir),
                 # no phoning home: PyPI version check, usage analytics, Sentry
                 "LATEST_VERSION_CHECK": "false",
                 "COLLECT_ANALYTICS": "false",
