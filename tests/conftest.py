@@ -31,3 +31,25 @@ def label_studio():
     data_dir = Path(os.environ.get("LS_DATA_DIR", Path.home() / ".cache" / "atl-backend" / "ls-test-data"))
     with LabelStudioServer(data_dir) as server:
         yield server
+
+
+# Debian's chromium, driven by Playwright (its own browser download does not work offline).
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def browser():
+    """A real headless Chromium; `make test` installs it (apt-get install chromium)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium "
+                    f"(apt-get install -y chromium), or point CHROMIUM at a Chromium binary")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()

@@ -23,9 +23,6 @@ from tests.support.ls_project import jobs_of, wait_until_idle
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 SHOTS = Path(os.environ.get("E2E_SCREENSHOTS", "/tmp/e2e-layouts"))
 
 MULTI_LABEL = """<View>
@@ -192,19 +189,6 @@ def test_multi_label_and_two_control_projects_learn_every_control(label_studio, 
         assert checked >= expected, f"project {project.id} task {task_id}: {checked} choices shown selected"
 
 
-@pytest.fixture
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium "
-                    f"(apt-get install -y chromium), or point CHROMIUM at a Chromium binary")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 def login(browser, label_studio):

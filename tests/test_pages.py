@@ -20,10 +20,6 @@ from backend.progress import read_queue_preview, read_stop_set, write_queue_prev
 from model import stopping
 from model.classifier import ClassifierHead, HeadConfig
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-# Playwright's own browser download does not work offline: drive Debian's chromium instead.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 LABELS = ["Positive", "Negative", "Neutral"]
 LS_URL = "http://labelstudio.test:8080"
 USER, PASSWORD = "team", "s3cret-pass"
@@ -80,19 +76,6 @@ def train_versions(store: ModelStore, project_id: int, rounds: list[int], seed: 
 
 # -- headless browser against the real services -------------------------------------------
 
-@pytest.fixture
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium "
-                    f"(apt-get install -y chromium), or point CHROMIUM at a Chromium binary")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 def test_project_page_in_a_real_browser_shows_the_numbers_of_a_trained_project(services, browser, tmp_path):

@@ -56,26 +56,7 @@ def test_predict_before_any_model_gives_one_valid_result_per_task(web):
     assert results == [[]] * 5  # nothing for Label Studio to store (README: /predict)
 
 
-@pytest.mark.parametrize(
-    "path, body, fragment",
-    [
-        ("/predict", b"{not json", "must be JSON"),
-        ("/predict", b"[1, 2]", "JSON object"),
-        ("/predict", b'{"project": "1.2"}', "'tasks' must be a list"),
-        ("/predict", b'{"tasks": [], "project": "abc"}', "project id"),
-        ("/setup", b'{"project": "1.1", "schema": "<View><Image name=\\"i\\" value=\\"$i\\"/></View>"}',
-         "supports a label config"),
-        ("/webhook", b'{"project": {"id": 1}}', "missing 'action'"),
-        ("/webhook", b'{"action": "ANNOTATION_CREATED"}', "missing 'project'"),
-        ("/webhook", b'{"action": "ANNOTATION_CREATED", "project": {"id": "x"}}', "project id"),
-    ],
-)
-def test_bad_input_gets_a_4xx_json_message(web, path, body, fragment):
-    response = requests.post(web.url + path, data=body, timeout=5,
-                             headers={"Content-Type": "application/json"})
-    assert 400 <= response.status_code < 500
-    assert fragment in response.json()["error"]
-    assert "Traceback" not in response.text
+# Bad input and its 4xx messages: tests/test_http_contract.py (Flask's test client).
 
 
 def test_events_that_do_not_change_annotations_are_ignored(web):
