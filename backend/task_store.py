@@ -3,8 +3,10 @@
 Reading every task with its annotations from Label Studio costs tens of seconds for 10,000
 tasks (its serializer also returns every prediction of every model version). A retrain after
 one annotation only needs what changed: Label Studio moves a task's `updated_at` when one
-of its annotations is created, updated or deleted (not when predictions are imported), so
-each sync asks only for tasks updated since the newest `updated_at` seen. Deleted tasks are
+of its annotations is created, updated or deleted, so each sync asks only for tasks updated
+since the newest `updated_at` seen. Predictions imported in bulk leave `updated_at` alone;
+one created through the single-prediction API (a disputed label's, see backend.publish)
+moves it, so those few labeled tasks are read again at the next sync. Deleted tasks are
 noticed by the project's task count and trigger a cheap id listing.
 
 One SQLite file per project under DATA_DIR/projects/<id>/; only the retraining job (which
