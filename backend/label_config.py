@@ -1,4 +1,4 @@
-"""Reading a Label Studio label config: which classification questions we learn, on which text.
+"""Reading a Label Studio label config: which classification questions we learn, on which data.
 
 The config is read with the SDK's own `label_studio_sdk.label_interface.LabelInterface`, the
 parser Label Studio's tooling uses, so tag names, `toName` lists, `alias` values and the
@@ -6,13 +6,17 @@ parser Label Studio's tooling uses, so tag names, `toName` lists, `alias` values
 the backend can learn:
 
 * every `<Choices>` control with at least two fixed `<Choice>` values whose `toName` names
-  only `<Text>`/`<HyperText>` objects reading a task field (`value="$field"`) becomes a
-  head: single-choice (`choice="single"`, `"single-radio"` or none; the SDK's
-  `is_multiple_choice` is the test) or multi-label (`choice="multiple"`);
+  only `<Text>`/`<HyperText>` objects or `<Image>` objects reading a task field
+  (`value="$field"`) becomes a head: single-choice (`choice="single"`, `"single-radio"` or
+  none; the SDK's `is_multiple_choice` is the test) or multi-label (`choice="multiple"`).
+  A text object is read by the text encoder, an image object by the image encoder
+  (`model.image_encoder`, its file fetched by `backend.images`); a control over both reads
+  their vectors side by side;
 * conditional controls (`visibleWhen`, `whenTagName`/`whenChoiceValue`) are learned like the
   others: a head trains only on the tasks whose annotation answers it;
-* every other control (`TextArea`, `Rating`, `Number`, `Labels`, `Taxonomy`, a `<Choices>`
-  on an image, ...) is **ignored** and listed in `LabelConfig.ignored`, with the reason,
+* every other control (`TextArea`, `Rating`, `Number`, `Labels`, `RectangleLabels`,
+  `Taxonomy`, a `<Choices>` per region or on an `<Image valueList>` gallery, on audio or
+  video, ...) is **ignored** and listed in `LabelConfig.ignored`, with the reason,
   as long as one learnable control remains; a config with none is refused
   (`UnsupportedConfig`) with a message that says what to change.
 """
@@ -23,10 +27,12 @@ from dataclasses import dataclass, field
 
 SUPPORTED = (
     "this backend supports a label config with one or more <Choices> controls (single- or "
-    "multiple-choice, at least two <Choice> values each) whose toName points at <Text> or "
-    "<HyperText> objects that read a task field (value=\"$field\"); other controls are ignored"
+    "multiple-choice, at least two <Choice> values each) whose toName points at <Text>, "
+    "<HyperText> or <Image> objects that read a task field (value=\"$field\"); other controls "
+    "are ignored"
 )
 TEXT_OBJECTS = ("Text", "HyperText")
+IMAGE_OBJECTS = ("Image",)
 
 
 class UnsupportedConfig(ValueError):
@@ -35,11 +41,17 @@ class UnsupportedConfig(ValueError):
 
 @dataclass(frozen=True)
 class TextObject:
-    """A `<Text>` or `<HyperText>` object: where a task's text comes from."""
+    """An object a control reads: `<Text>`/`<HyperText>` (a task's text) or `<Image>` (the
+    URL or path of a task's image). The name stays from when only text was learned."""
 
-    name: str  # <Text name="...">
+    name: str  # <Text name="...">, <Image name="...">
     data_key: str  # the task data field, `$text` -> "text"
-    object_type: str  # "Text" or "HyperText"
+    object_type: str  # "Text", "HyperText" or "Image"
+
+    @property
+    def is_image(self) -> bool:
+        """An image: its vectors come from the image encoder, not the text encoder."""
+        return self.object_type in IMAGE_OBJECTS
 
 
 @dataclass(frozen=True)
@@ -128,7 +140,17 @@ class LabelConfig:
         for obj in self.objects:
             if obj.name == name:
                 return obj
-        raise KeyError(f"no text object {name!r} in the label config")
+        raise KeyError(f"no text or image object {name!r} in the label config")
+
+    @property
+    def image_objects(self) -> tuple[TextObject, ...]:
+        """The `<Image>` objects the controls read (encoded by the image encoder)."""
+        return tuple(obj for obj in self.objects if obj.is_image)
+
+    @property
+    def text_objects(self) -> tuple[TextObject, ...]:
+        """The `<Text>`/`<HyperText>` objects the controls read (encoded by the text encoder)."""
+        return tuple(obj for obj in self.objects if not obj.is_image)
 
     def results_for(self, answers: dict) -> list[dict]:
         """One Label Studio result per control given an answer in `answers` (control name ->
@@ -243,11 +265,17 @@ def _why_not_learnable(control, objects: dict) -> str | None:
         obj = objects.get(name)
         if obj is None:
             return f"its toName \"{name}\" names no object of the config"
-        if obj.tag not in TEXT_OBJECTS:
-            return f"it points at <{obj.tag} name=\"{name}\">, which is not text; point it at a <Text> or <HyperText>"
+        if obj.tag not in TEXT_OBJECTS + IMAGE_OBJECTS:
+            return (f"it points at <{obj.tag} name=\"{name}\">, which is neither text nor an image; "
+                    f"point it at a <Text>, <HyperText> or <Image>")
+        if obj.tag in IMAGE_OBJECTS and obj.attr.get("valueList"):
+            return (f"<Image name=\"{name}\"> shows a gallery (valueList), and this backend "
+                    f"classifies one image per task; use value=\"$image\"")
         if not str(obj.value or "").startswith("$") or len(obj.value) < 2:
-            return (f"<{obj.tag} name=\"{name}\"> shows fixed text, not a task field; "
-                    f"give it a value like \"$text\"")
+            example = "$image" if obj.tag in IMAGE_OBJECTS else "$text"
+            shown = "a fixed image" if obj.tag in IMAGE_OBJECTS else "fixed text"
+            return (f"<{obj.tag} name=\"{name}\"> shows {shown}, not a task field; "
+                    f"give it a value like \"{example}\"")
     if len(control.labels or []) < 2:
         return f"it has {len(control.labels or [])} <Choice> value(s); a classifier needs at least two"
     return None

@@ -46,8 +46,18 @@ def task_text(task: dict, config: LabelConfig) -> str:
 
 
 def task_texts(task: dict, config: LabelConfig) -> dict[str, str]:
-    """Object name -> text, for every text object a learnable control reads."""
-    return {obj.name: field_text(task, obj.data_key) for obj in config.objects}
+    """Object name -> text, for every object a learnable control reads (an `<Image>`'s: the
+    URL or path of the task's image). A task without its image field gets "" there: a
+    missing image is that task's error when images are fetched, not the whole project's."""
+    return {obj.name: image_value(task, obj.data_key) if obj.is_image else field_text(task, obj.data_key)
+            for obj in config.objects}
+
+
+def image_value(task: dict, data_key: str) -> str:
+    """The task's image reference (`data[data_key]`), or "" when it has none."""
+    data = task.get("data") if isinstance(task, dict) else None
+    value = data.get(data_key) if isinstance(data, dict) else None
+    return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
 def _annotation_order(annotation: dict) -> tuple:

@@ -61,7 +61,7 @@ MULTI_CONFIG = """<View>
   <Number name="count" toName="body"/>
   <Labels name="entities" toName="body"><Label value="PER"/></Labels>
   <Taxonomy name="tree" toName="body"><Choice value="A"/></Taxonomy>
-  <Image name="picture" value="$image"/>
+  <Image name="picture" valueList="$images"/>
   <Choices name="photo" toName="picture"><Choice value="x"/><Choice value="y"/></Choices>
 </View>"""
 
@@ -78,7 +78,7 @@ def test_several_controls_objects_and_conditionals_are_read_and_the_rest_is_igno
     ignored = {i.name: (i.tag, i.reason) for i in config.ignored}
     assert set(ignored) == {"comment", "stars", "count", "entities", "tree", "photo"}
     assert ignored["comment"][0] == "TextArea" and "learns only <Choices>" in ignored["comment"][1]
-    assert "not text" in ignored["photo"][1]
+    assert "gallery (valueList)" in ignored["photo"][1]
     assert config.ignored_summary[0] == {"name": "comment", "tag": "TextArea",
                                          "reason": ignored["comment"][1]}
     # The single-control view is the first control.
@@ -126,7 +126,10 @@ IMAGE_CHOICES = ('<View><Image name="i" value="$img"/><Choices name="c" toName="
         ("<View><Text", "not valid XML"),
         ('<?xml version="1.0"?><!DOCTYPE v [<!ENTITY x "y">]><View/>', "declares a DTD"),
         ('<View><Text name="t" value="$t"/></View>', "found no <Choices> control"),
-        (IMAGE_CHOICES, "not text; point it at a <Text> or <HyperText>"),
+        (IMAGE_CHOICES.replace("<Image ", "<Audio "), "neither text nor an image"),
+        (IMAGE_CHOICES.replace('value="$img"', 'value="https://example.org/cat.jpg"'),
+         "shows a fixed image, not a task field"),
+        (IMAGE_CHOICES.replace('value="$img"', 'valueList="$imgs"'), "gallery (valueList)"),
         (TEXT_CONFIG.replace('toName="text"', 'toName="other"'), 'toName "other" names no object'),
         (TEXT_CONFIG.replace('value="$review"', 'value="Read this"'), "shows fixed text, not a task field"),
         (TEXT_CONFIG.replace('<Choice value="Negative"/>', ""), "needs at least two"),
@@ -243,3 +246,64 @@ def test_project_data_gives_texts_per_object_and_answers_per_control():
     assert urgency_t.tolist() == [0, -1, -1] and why_t.tolist() == [-1, -1, -1]
     with pytest.raises(MissingTextField, match="no data field 'html'"):
         project_data([{"id": 8, "data": {"title": "no body"}}], config)
+
+
+IMAGE_CONFIG = """<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <Choices name="animal" toName="image" choice="single-radio" required="true">
+    <Choice value="Cat"/><Choice value="Dog"/><Choice value="Bird" alias="bird"/>
+  </Choices>
+  <Choices name="tags" toName="image" choice="multiple">
+    <Choice value="Indoor"/><Choice value="Outdoor"/><Choice value="Blurry"/>
+  </Choices>
+  <RectangleLabels name="boxes" toName="image"><Label value="Cat"/></RectangleLabels>
+  <Choices name="region" toName="image" perRegion="true"><Choice value="a"/><Choice value="b"/></Choices>
+</View>"""
+
+
+def test_image_classification_single_and_multi_label_are_learned():
+    config = parse_label_config(IMAGE_CONFIG)
+    assert [(c.name, c.multi_label, c.to_names) for c in config.controls] == [
+        ("animal", False, ("image",)), ("tags", True, ("image",))]
+    assert config.controls[0].choices == ("Cat", "Dog", "bird")
+    (image,) = config.objects
+    assert (image.name, image.data_key, image.object_type, image.is_image) == ("image", "image", "Image", True)
+    assert config.image_objects == (image,) and config.text_objects == ()
+    ignored = {i.name: (i.tag, i.reason) for i in config.ignored}
+    assert set(ignored) == {"boxes", "region"}
+    assert "not a classification" in ignored["boxes"][1] and "perRegion" in ignored["region"][1]
+    assert config.results_for({"animal": "bird", "tags": {"Outdoor", "Indoor"}}) == [
+        {"from_name": "animal", "to_name": "image", "type": "choices", "value": {"choices": ["bird"]}},
+        {"from_name": "tags", "to_name": "image", "type": "choices", "value": {"choices": ["Indoor", "Outdoor"]}},
+    ]
+    from label_studio_sdk.label_interface import LabelInterface
+
+    results = config.results_for({"animal": "Cat", "tags": {"Blurry"}})
+    assert LabelInterface(IMAGE_CONFIG).validate_prediction({"result": results}, return_errors=True) == []
+    assert LabelConfig.from_dict(config.to_dict()) == config
+
+
+def test_a_control_over_an_image_and_a_caption_reads_both():
+    xml = """<View>
+      <Image name="photo" value="$url"/><Text name="caption" value="$caption"/>
+      <Choices name="topic" toName="photo,caption"><Choice value="News"/><Choice value="Ad"/></Choices>
+      <Choices name="tone" toName="caption"><Choice value="Calm"/><Choice value="Loud"/></Choices>
+    </View>"""
+    config = parse_label_config(xml)
+    assert [c.to_names for c in config.controls] == [("photo", "caption"), ("caption",)]
+    assert [(o.name, o.object_type) for o in config.image_objects] == [("photo", "Image")]
+    assert [(o.name, o.object_type) for o in config.text_objects] == [("caption", "Text")]
+    tasks = [{"id": 1, "data": {"url": "/data/upload/1/a.jpg", "caption": "hello"}},
+             {"id": 2, "data": {"caption": "no image field"}}]
+    data = project_data(tasks, config)
+    assert data.object_texts["photo"] == ["/data/upload/1/a.jpg", ""]  # a missing image: a per-task error later
+    assert data.object_texts["caption"] == ["hello", "no image field"]
+    with pytest.raises(MissingTextField, match="no data field 'caption'"):
+        project_data([{"id": 3, "data": {"url": "x.jpg"}}], config)
+
+
+def test_an_image_only_config_with_no_learnable_control_is_refused_with_the_reasons():
+    xml = ('<View><Image name="i" value="$img"/><RectangleLabels name="b" toName="i">'
+           '<Label value="Car"/></RectangleLabels></View>')
+    with pytest.raises(UnsupportedConfig, match=r'<RectangleLabels name="b">: a <RectangleLabels> is not'):
+        parse_label_config(xml)
