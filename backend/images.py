@@ -503,3 +503,79 @@ def _encode_chunk(rows, images, sources, encoder, cache, fetcher, index, pool, f
             for row in missing:  # pragma: no cover - stored just above
                 result.errors[row] = "the encoding could not be stored"
     index.put([(sources[row], digest, decode_errors.get(digest)) for row, digest in digest_of.items()])
+
+
+# --------------------------------------------------------------------------- a project's image objects
+
+# Examples of per-task image errors a job result shows (the count covers them all).
+ERROR_EXAMPLES = 5
+
+
+def fetcher_for(settings) -> ImageFetcher:
+    """An `ImageFetcher` with the backend's Label Studio, token, time-out and size limit."""
+    return ImageFetcher(label_studio_url=settings.label_studio_url, api_key=settings.label_studio_api_key or None,
+                        read_timeout=settings.image_fetch_timeout, max_bytes=settings.image_max_bytes)
+
+
+@dataclass
+class ProjectImages:
+    """The vectors of every `<Image>` object a project's controls read, one row per task.
+
+    `failed` are the rows (tasks) with a broken image in any object: they get no prediction
+    and do not train; `errors` says why, per row and object.
+    """
+
+    encoder_id: str
+    encodings: dict[str, ImageEncodings]  # object name -> its vectors over all tasks
+    task_ids: list[int]
+
+    @property
+    def failed(self) -> list[int]:
+        return sorted({row for enc in self.encodings.values() for row in enc.errors})
+
+    @property
+    def downloaded(self) -> int:
+        return sum(enc.downloaded for enc in self.encodings.values())
+
+    @property
+    def encoded(self) -> int:
+        return sum(enc.encoded for enc in self.encodings.values())
+
+    def error_report(self) -> tuple[int, list[dict]]:
+        """(tasks with a broken image, a few examples {task, object, error}) for /jobs."""
+        examples = []
+        for name, enc in self.encodings.items():
+            for row in sorted(enc.errors)[:ERROR_EXAMPLES]:
+                examples.append({"task": self.task_ids[row], "object": name, "error": enc.errors[row]})
+        examples.sort(key=lambda e: e["task"])
+        return len(self.failed), examples[:ERROR_EXAMPLES]
+
+    def object_vectors(self, rows: Sequence[int]) -> dict:
+        """Object name -> `model.training.ObjectVectors` of the given rows."""
+        from model.training import ObjectVectors
+
+        index = np.asarray(rows, dtype=np.int64)
+        return {name: ObjectVectors(self.encoder_id, enc.features[index], enc.stages[index])
+                for name, enc in self.encodings.items()}
+
+
+def encode_project_images(encoder: ImageEncoder, cache: EncodingCache, fetcher: ImageFetcher,
+                          task_ids: Sequence[int], object_values: dict[str, Sequence[str]],
+                          progress: Callable[[int, int], None] | None = None) -> ProjectImages:
+    """Encode each image object's value of every task (object name -> one value per task),
+    through the cache: a retrain downloads and encodes only images it has never seen."""
+    index = ImageIndex(cache.path)
+    names = list(object_values)
+    total = len(task_ids) * len(names)
+    encodings = {}
+    for k, name in enumerate(names):
+        before = k * len(task_ids)
+        report = None if progress is None else (lambda done, _n, before=before: progress(before + done, total))
+        encodings[name] = encode_task_images(encoder, cache, fetcher, list(zip(task_ids, object_values[name])),
+                                             index=index, progress=report)
+    result = ProjectImages(encoder.id, encodings, list(task_ids))
+    failed, examples = result.error_report()
+    if failed:
+        log.warning("%d of %d tasks have an image that could not be used (they get no prediction), "
+                    "e.g. task %s: %s", failed, len(task_ids), examples[0]["task"], examples[0]["error"])
+    return result

@@ -60,8 +60,10 @@ class RetrainResult(_Result):
     error: str | None = None  # why it failed, in words a user can act on
     tasks: int | None = None
     labeled: int | None = None
-    encoded: int | None = None  # texts that had to be encoded
+    encoded: int | None = None  # texts and images that had to be encoded
     sync: dict | None = None  # how the task copy was brought up to date (backend.task_store)
+    image_errors: int | None = None  # tasks left out: their image could not be fetched or decoded
+    image_error_examples: list | None = None  # a few of them: {task, object, error}
     training_accuracy: float | None = None
     ordering: dict | None = None  # the ordering choice and where it came from
     mislabeled: int | None = None
@@ -106,6 +108,8 @@ class EncodeResult(_Result):
     encode_jobs: int | None = None
     encoded: int | None = None
     sync: dict | None = None
+    image_errors: int | None = None  # tasks whose image could not be fetched or decoded
+    image_error_examples: list | None = None  # a few of them: {task, object, error}
     encoder: str | None = None
     workers: list[str] | None = None  # after a fan-out: the workers that encoded
     job_id: str | None = None

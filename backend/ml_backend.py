@@ -8,6 +8,11 @@ webhook body is only a hint), train and score on the model side
 task), stage a new model version, and publish it (`backend.publish`), so the queue sorted
 by prediction score shows the most useful task first.
 
+Image classification (`<Image>` + `<Choices>`) runs the same loop: before training, each
+task's image is fetched and encoded by the image encoder (`backend.images`, cached by
+content), a task whose image cannot be used is left out (no prediction, counted and shown
+in the job result) and the heads train on the image vectors.
+
 Score convention: **lower = label sooner** (Label Studio serves ascending scores first).
 With the plain ordering the score is the classifier's confidence in its predicted class.
 """
@@ -21,6 +26,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from backend.images import ProjectImages, encode_project_images, fetcher_for
 from backend.job_results import EncodeResult, RetrainResult, Status
 from backend.label_config import LabelConfig, UnsupportedConfig, parse_label_config
 from backend.label_studio import LabelStudioProject
@@ -54,6 +60,7 @@ ENCODE_SLICE = 2000
 FanOut = Callable[[str, list[tuple[list[dict], list[dict]]], RetrainResult], None]
 
 _encoders: dict[tuple, object] = {}
+_image_encoders: dict[tuple, object] = {}
 _encoders_lock = threading.Lock()
 
 
@@ -81,6 +88,21 @@ def get_encoder(settings: Settings, model: LoadedModel | None = None):
             )
             log.info("loaded encoder %s in %.1fs", _encoders[cache_key].id, time.perf_counter() - started)
         return _encoders[cache_key]
+
+
+def get_image_encoder(settings: Settings):
+    """The image encoder of IMAGE_ENCODER, one per process, loaded on first use (as `get_encoder`)."""
+    from model.image_encoder import ImageEncoder
+
+    cache_key = (settings.image_encoder, settings.device, settings.encode_batch_size)
+    with _encoders_lock:
+        if cache_key not in _image_encoders:
+            started = time.perf_counter()
+            _image_encoders[cache_key] = ImageEncoder(settings.image_encoder, device=settings.device,
+                                                      batch_size=settings.encode_batch_size)
+            log.info("loaded image encoder %s in %.1fs", _image_encoders[cache_key].id,
+                     time.perf_counter() - started)
+        return _image_encoders[cache_key]
 
 
 class BadRequest(ValueError):
@@ -128,19 +150,48 @@ class ActiveLearningBackend:
             texts = [task_texts(task, config) for task in tasks]
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        names = [obj.name for obj in config.objects]
-        vectors = self.features([row[name] for name in names for row in texts], model)
+        names = [obj.name for obj in config.text_objects]
         n = len(tasks)
-        by_object = {name: vectors[k * n:(k + 1) * n] for k, name in enumerate(names)}
+        by_object = {}
+        if names:
+            vectors = self.features([row[name] for name in names for row in texts], model)
+            by_object = {name: vectors[k * n:(k + 1) * n] for k, name in enumerate(names)}
+        failed: set[int] = set()
+        if config.image_objects:
+            images = self.image_features(tasks, texts, config, model)
+            by_object.update({name: enc.features for name, enc in images.encodings.items()})
+            failed = set(images.failed)
         heads = model.heads
         # A version from before several controls names no inputs: it read the first object.
         probabilities = heads.predict_proba(
             [concat_inputs(by_object, spec.inputs or [config.primary.to_names[0]]) for spec in heads.specs])
         confidence = heads.confidence(probabilities)
+        # A task whose image could not be used gets no prediction (an empty list: Label
+        # Studio stores nothing), the others theirs.
         return [
+            [] if i in failed else
             {"result": config.results_for(answers), "score": float(score), "model_version": model.version}
-            for answers, score in zip(heads.answers(probabilities), confidence)
+            for i, (answers, score) in enumerate(zip(heads.answers(probabilities), confidence))
         ]
+
+    def image_features(self, tasks: list[dict], texts: list[dict], config: LabelConfig,
+                       model: LoadedModel) -> ProjectImages:
+        """Vectors of the tasks' images under the model's image encoder (cached ones are read
+        back; a new image is fetched and encoded here)."""
+        encoder = get_image_encoder(self.settings)
+        trained_with = model.meta.get("image_encoder")
+        if trained_with and trained_with != encoder.id:
+            raise RuntimeError(
+                f"model version {model.version} was trained with image encoder {trained_with}, this "
+                f"process has {encoder.id}: give every process the IMAGE_ENCODER the model was trained "
+                f"with, or retrain (Settings > Model > Start Training)")
+        ids = [int(task["id"]) if isinstance(task.get("id"), int) else None for task in tasks]
+        values = {obj.name: [row[obj.name] for row in texts] for obj in config.image_objects}
+        fetcher = fetcher_for(self.settings)
+        try:
+            return encode_project_images(encoder, self.cache, fetcher, ids, values)
+        finally:
+            fetcher.close()
 
     def features(self, texts: list[str], model: LoadedModel) -> np.ndarray:
         """Cached encodings under the model's encoder; only unseen texts run the encoder."""
@@ -166,20 +217,28 @@ class ActiveLearningBackend:
         # 1. Read Label Studio: label config, tasks and annotations, the ordering to use.
         ls, project, config, tasks, sync = self._read_project(progress)
         choice = self._ordering_choice(ls)
-        examples = project_examples(tasks, config)
         laps.lap("read_label_studio")
-        if not examples.labeled:
-            return RetrainResult(Status.SKIPPED, reason="the project has no usable annotations yet",
-                                 tasks=len(examples.task_ids), timings=laps.timings,
-                                 ignored_controls=config.ignored_summary or None)
+        skipped = RetrainResult(Status.SKIPPED, reason="the project has no usable annotations yet",
+                                tasks=len(tasks.task_ids), timings=laps.timings,
+                                ignored_controls=config.ignored_summary or None)
+        if not tasks.labeled_index:
+            return skipped
 
-        # 2. The model: encode (cached), train one head per control, score every task.
-        encoder = get_encoder(self.settings)
-        centroids = self.store.read_centroids(self.project_id, encoder.id)
+        # 2. The model: encode (cached; images fetched first, a broken one leaves its task
+        # out), train one head per control, score every task.
+        images, tasks, vectors = self._images_of(tasks, config, progress)
+        examples = project_examples(tasks, config, vectors)
+        if images is not None:
+            laps.lap("encode_images")
+            skipped.image_errors, skipped.image_error_examples = _image_errors(images)
+        if not examples.labeled:
+            return skipped
+        encoder = get_encoder(self.settings) if config.text_objects else get_image_encoder(self.settings)
+        centroids = self.store.read_centroids(self.project_id, _feature_space(encoder.id, images))
         trained = train_and_score(
             examples, encoder, self.cache,
             OrderingChoice(choice["ordering"], choice["batch_size"], choice["params"]),
-            fine_tuning=self._fine_tuning(), centroids=centroids, progress=progress)
+            fine_tuning=self._fine_tuning(images is not None), centroids=centroids, progress=progress)
         laps.include(trained.timings)
         heads = trained.heads
         first = heads[config.from_name]
@@ -192,7 +251,8 @@ class ActiveLearningBackend:
         # 3. Stage the new version: complete on disk, not served yet, with its stopping
         # signals (chained on the live version's) and its queue preview for the project page.
         if trained.centroids is not None and trained.centroids is not centroids:
-            self.store.write_centroids(self.project_id, trained.encoder_id, trained.centroids)
+            self.store.write_centroids(self.project_id, _feature_space(trained.encoder_id, images),
+                                       trained.centroids)
         previous = self.store.current_version(self.project_id)
         try:
             previous_signals = self.store.read_meta(self.project_id, previous).get("stopping") if previous else None
@@ -205,7 +265,7 @@ class ActiveLearningBackend:
             "annotation_counts": annotation_counts(project),
             "label_config": config.to_dict(),
             "encoder": trained.encoder_id,
-            "fine_tune_layers": self.settings.fine_tune_layers,
+            "fine_tune_layers": 0 if images is not None else self.settings.fine_tune_layers,
             "ordering": choice,
             "ordering_info": trained.ordering_info,
             "labeled": trained.labeled,
@@ -217,6 +277,8 @@ class ActiveLearningBackend:
             "stopping": signals,
             "event": event,
         }
+        if images is not None:
+            meta["image_encoder"] = images.encoder_id
         version = self.store.stage(self.project_id, trained.control_heads, meta, encoder_dir=trained.encoder_dir)
         write_stop_set(self.store, self.project_id, version, reference)
         unlabeled = [i for i, score in enumerate(trained.scores) if score < LABELED_FLOOR]
@@ -227,7 +289,9 @@ class ActiveLearningBackend:
         laps.lap("stage")
         result = RetrainResult(
             Status.FINISHED, model_version=version, tasks=len(examples.task_ids), labeled=trained.labeled,
-            encoded=trained.encoded, sync=sync, training_accuracy=training_accuracy,
+            encoded=trained.encoded + (images.encoded if images is not None else 0), sync=sync,
+            training_accuracy=training_accuracy, image_errors=skipped.image_errors,
+            image_error_examples=skipped.image_error_examples,
             ordering=choice, mislabeled=trained.mislabeled, timings=laps.timings,
             controls=control_summary(heads) if len(heads) > 1 else None,
             ignored_controls=config.ignored_summary or None, param_warnings=warnings or None,
@@ -251,10 +315,33 @@ class ActiveLearningBackend:
         laps.lap("publish")
         return result
 
-    def _fine_tuning(self) -> FineTuning | None:
+    def _images_of(self, data: ProjectData, config: LabelConfig, progress: Progress):
+        """(ProjectImages or None, the tasks whose images could be used, their image vectors):
+        every `<Image>` object's image of every task fetched and encoded (cached)."""
+        if not config.image_objects:
+            return None, data, None
+        fetcher = fetcher_for(self.settings)
+        try:
+            images = encode_project_images(
+                get_image_encoder(self.settings), self.cache, fetcher, data.task_ids,
+                {obj.name: data.object_texts[obj.name] for obj in config.image_objects},
+                progress=lambda done, total: progress("encoding images", done, total))
+        finally:
+            fetcher.close()
+        failed = set(images.failed)
+        keep = [i for i in range(len(data.task_ids)) if i not in failed]
+        return images, data.subset(keep) if failed else data, images.object_vectors(keep)
+
+    def _fine_tuning(self, has_images: bool = False) -> FineTuning | None:
         """Where a fine-tuned encoder goes (FINE_TUNE_LAYERS > 0): a temporary directory in the
-        project's model directory, which `ModelStore.stage` moves into the version."""
+        project's model directory, which `ModelStore.stage` moves into the version. Fine-tuning
+        trains the text encoder only: a project that reads images keeps its encoders frozen."""
         if self.settings.fine_tune_layers <= 0:
+            return None
+        if has_images:
+            log.info("project=%s FINE_TUNE_LAYERS=%d is ignored: the project reads images, and only the "
+                     "text encoder is fine-tuned; the image encoder stays frozen",
+                     self.project_id, self.settings.fine_tune_layers)
             return None
         import tempfile
         from pathlib import Path
@@ -336,9 +423,18 @@ class ActiveLearningBackend:
         status "encoding".
         """
         started = time.perf_counter()
-        _, _, _, data, sync = self._read_project(progress)
-        # Every text object a control reads (title and body both), one text per object and task.
-        texts = [text for per_object in (data.object_texts or {"": data.texts}).values() for text in per_object]
+        _, _, config, data, sync = self._read_project(progress)
+        # Images first, in this job (their fetching is the slow part, and per-task errors are
+        # reported here already); then every text object a control reads (title and body
+        # both), one text per object and task.
+        images = self._images_of(data, config, progress)[0]
+        image_errors, error_examples = _image_errors(images) if images is not None else (None, None)
+        image_encoded = images.encoded if images is not None else 0
+        texts = [text for obj in config.text_objects for text in data.object_texts[obj.name]]
+        if not texts:
+            return EncodeResult(Status.FINISHED, tasks=len(data.task_ids), encoded=image_encoded, sync=sync,
+                                image_errors=image_errors, image_error_examples=error_examples,
+                                duration=round(time.perf_counter() - started, 3))
         encoder = get_encoder(self.settings)
         limit = self.settings.fanout_tasks
         # Only a project with more texts than the limit can have more to encode: smaller ones
@@ -350,23 +446,41 @@ class ActiveLearningBackend:
                 size = min(limit, ENCODE_SLICE)
                 slices = [distinct[i:i + size] for i in range(0, len(distinct), size)]
                 result = EncodeResult(Status.ENCODING, tasks=len(data.task_ids), to_encode=len(distinct),
-                                      encode_jobs=len(slices), sync=sync, encoder=encoder.id)
+                                      encode_jobs=len(slices), sync=sync, encoder=encoder.id,
+                                      image_errors=image_errors, image_error_examples=error_examples)
                 fan_out(encoder.id, slices, result)
                 result.duration = round(time.perf_counter() - started, 3)
                 return result
         progress("encoding", 0, len(texts))
         _, encoded = encode_with_cache(encoder, self.cache, texts,
                                        progress=lambda done, total: progress("encoding", done, total))
-        return EncodeResult(Status.FINISHED, tasks=len(data.task_ids), encoded=encoded, sync=sync,
+        return EncodeResult(Status.FINISHED, tasks=len(data.task_ids), encoded=encoded + image_encoded, sync=sync,
+                            image_errors=image_errors, image_error_examples=error_examples,
                             duration=round(time.perf_counter() - started, 3))
 
 
-def project_examples(data: ProjectData, config: LabelConfig) -> ProjectExamples:
-    """The model's view of a project: every object's texts, every control's answers."""
+def project_examples(data: ProjectData, config: LabelConfig,
+                     object_vectors: dict | None = None) -> ProjectExamples:
+    """The model's view of a project: every object's texts, every control's answers, and the
+    vectors of the image objects (`ProjectImages.object_vectors`)."""
     controls = {c.name: ControlLabels(c.choices, [row[c.name] for row in data.answers], multi_label=c.multi_label,
                                       inputs=c.to_names)
                 for c in config.controls}
-    return ProjectExamples(data.task_ids, data.texts, controls, object_texts=data.object_texts)
+    return ProjectExamples(data.task_ids, data.texts, controls, object_texts=data.object_texts,
+                           object_vectors=object_vectors or None)
+
+
+def _image_errors(images: ProjectImages) -> tuple[int | None, list | None]:
+    """(count, examples) of the tasks with a broken image, None when there is none."""
+    count, examples = images.error_report()
+    return (count, examples) if count else (None, None)
+
+
+def _feature_space(encoder_id: str, images: ProjectImages | None) -> str:
+    """What the task vectors the centroids live in are made by: the encoder, and the image
+    encoder beside it for a project that reads images."""
+    ids = [encoder_id] + ([images.encoder_id] if images is not None else [])
+    return "+".join(dict.fromkeys(ids))
 
 
 def control_summary(heads: dict) -> dict:

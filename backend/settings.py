@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     fanout_tasks: int = 20000
     max_length: int = 128
     encode_batch_size: int = 64
+    # Image projects (<Image> objects): "default" is the packaged EfficientNet-Lite0.
+    image_encoder: str = "default"
+    image_fetch_timeout: float = Field(30.0, gt=0)  # seconds without a byte from the image's server
+    image_max_bytes: int = Field(50 * 1024 * 1024, ge=1)  # a larger image file is that task's error
     log_level: str = "INFO"
     log_format: str = "text"  # read by backend.logs.configure_logging
     queue_name: str = Field("atl", validation_alias="RQ_QUEUE")

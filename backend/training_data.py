@@ -121,6 +121,14 @@ class ProjectData:
         labeled = set(self.labeled_index)
         return [i for i, done in enumerate(self.submitted or []) if done and i not in labeled]
 
+    def subset(self, rows: list[int]) -> ProjectData:
+        """The same project limited to the tasks at `rows` (e.g. those whose image could be read)."""
+        pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
+        return ProjectData(
+            task_ids=pick(self.task_ids), texts=pick(self.texts), labels=pick(self.labels),
+            object_texts=None if self.object_texts is None else {k: pick(v) for k, v in self.object_texts.items()},
+            answers=pick(self.answers), submitted=pick(self.submitted))
+
     def answered_index(self, control: str) -> list[int]:
         """Tasks whose annotation answers `control`: the ones its head trains on."""
         return [i for i, row in enumerate(self.answers or []) if row.get(control) is not None]

@@ -8,6 +8,10 @@ backend reads the project, hands it over as `ProjectExamples`, and turns the
 `TrainingResult` into predictions and a model version (`backend/ml_backend.py`,
 `backend/publish.py`).
 
+Image objects come in already encoded (`ObjectVectors`: the backend fetches and encodes
+task images through `backend.images` with `model.image_encoder`), so the same heads and
+orderings run over image vectors, text vectors, or both side by side.
+
 The types are keyed by the name of the classification control (Label Studio's
 `<Choices name="...">`): a project with several controls gets one head per control over
 the one shared encoder (`model.heads`), each trained on the tasks that answer it, and one
@@ -86,17 +90,34 @@ class ControlLabels:
 
 
 @dataclass(frozen=True)
+class ObjectVectors:
+    """One object's vectors, computed before training (an `<Image>`: the image encoder's).
+
+    `features` (n, dim) feed the heads; `all_layers` (n, width), every stage pooled side by
+    side, serve the orderings that look at all layers (domain-likeness).
+    """
+
+    encoder_id: str  # the encoder that made them (recorded with the model version)
+    features: np.ndarray
+    all_layers: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
 class ProjectExamples:
     """A project as the model sees it: every task's id and texts, and the labels per control.
 
     `texts` is the first text object's text per task; `object_texts` (object name -> one text
     per task) holds every object the controls read, when there are several (title + body).
+    `object_vectors` (object name -> `ObjectVectors`) gives the vectors of objects that are
+    not encoded as text (images); their `object_texts` entry is then only what the task
+    shows (the image URL), for previews.
     """
 
     task_ids: list[int]
     texts: list[str]
     controls: Mapping[str, ControlLabels]  # control name (<Choices name>) -> its labels
     object_texts: Mapping[str, list[str]] | None = None
+    object_vectors: Mapping[str, ObjectVectors] | None = None
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.task_ids):
@@ -104,6 +125,11 @@ class ProjectExamples:
         for name, texts in (self.object_texts or {}).items():
             if len(texts) != len(self.task_ids):
                 raise ValueError(f"object {name!r} has {len(texts)} texts for {len(self.task_ids)} tasks")
+        for name, given in (self.object_vectors or {}).items():
+            if name not in self.objects:
+                raise ValueError(f"vectors for object {name!r}, which is not among the objects {list(self.objects)}")
+            if len(given.features) != len(self.task_ids):
+                raise ValueError(f"object {name!r} has {len(given.features)} vectors for {len(self.task_ids)} tasks")
         for name, control in self.controls.items():
             if len(control.labels) != len(self.task_ids):
                 raise ValueError(f"control {name!r} has {len(control.labels)} labels for "
@@ -117,6 +143,12 @@ class ProjectExamples:
         """Object name -> texts, first object first (one object called "text" when only
         `texts` is given)."""
         return dict(self.object_texts) if self.object_texts else {"text": self.texts}
+
+    @property
+    def text_objects(self) -> dict[str, list[str]]:
+        """The objects the text encoder reads: every object without given vectors."""
+        given = self.object_vectors or {}
+        return {name: texts for name, texts in self.objects.items() if name not in given}
 
     def inputs_of(self, control: ControlLabels) -> list[str]:
         """The objects a control reads (its own, else the first object)."""
@@ -273,12 +305,15 @@ def train_and_score(
 
     `encoder` is a `model.encoder.Encoder`; `cache` keeps its vectors across retrains, so
     only texts never seen before are encoded (each object's text of each task once; a
-    control's head reads its objects' vectors side by side). `centroids`: the k-means
+    control's head reads its objects' vectors side by side). Objects with
+    `examples.object_vectors` (images) are not encoded here; when every object has them,
+    `encoder` only names the device the heads train on and the id the result carries (pass
+    the `model.image_encoder.ImageEncoder` that made them). `centroids`: the k-means
     centroids of the project's previous scoring under this encoder, if any (see
     `queue_scores.cluster_ids`); the ones used come back in `TrainingResult.centroids` (with
     `fine_tuning` they are ignored: the fine-tuned encoder's vectors live in another space).
     `fine_tuning` trains the top encoder layers with every head (on the sum of their losses)
-    and encodes every text again with them. The retrain's one out-of-fold pass
+    and encodes every text again with them (text only: refused with given vectors). The retrain's one out-of-fold pass
     (`model.heads.train_heads`) sets the multi-label thresholds and serves the mislabeling
     score, the ordering and the stopping signals.
     Raises ValueError when no task answers any control.
@@ -288,8 +323,13 @@ def train_and_score(
     if not examples.labeled:
         names = ", ".join(repr(n) for n in examples.controls)
         raise ValueError(f"no task answers the control(s) {names}: nothing to train on")
+    given = dict(examples.object_vectors or {})
+    if fine_tuning is not None and given:
+        raise ValueError("fine-tuning trains the text encoder only; train with fine_tuning=None "
+                         "when some objects come with their own vectors (images)")
     laps = Laps()
     objects = examples.objects
+    text_objects = examples.text_objects
     names = list(examples.controls)
     controls = [examples.controls[name] for name in names]
     specs = [c.spec(name, examples.inputs_of(c)) for name, c in zip(names, controls)]
@@ -319,9 +359,10 @@ def train_and_score(
         oof = heads.out_of_fold([x[labeled] for x in head_features], labeled_targets, folds=folds)
         heads.set_thresholds(oof, labeled_targets)
     else:
-        progress("encoding", 0, sum(len(t) for t in objects.values()))
+        progress("encoding", 0, sum(len(t) for t in text_objects.values()))
         object_features, encoded = _encode_objects(
-            encoder, cache, objects, lambda done, total: progress("encoding", done, total))
+            encoder, cache, text_objects, lambda done, total: progress("encoding", done, total))
+        object_features.update({name: v.features for name, v in given.items()})
         laps.lap("encode")
         progress("training", 0, len(labeled))
         head_features = [concat_inputs(object_features, spec.inputs) for spec in specs]
@@ -335,9 +376,19 @@ def train_and_score(
     if get_ordering(ordering.ordering).needs_all_layers:
         progress("encoding all layers", 0, len(examples.task_ids))
         all_layers, _ = _encode_objects(
-            encoder, cache, objects, lambda done, total: progress("encoding all layers", done, total),
+            encoder, cache, text_objects, lambda done, total: progress("encoding all layers", done, total),
             all_layers=True)
-        all_layers = np.concatenate([all_layers[name] for name in objects], axis=-1)
+        if given:
+            missing = [name for name, v in given.items() if v.all_layers is None]
+            if missing:
+                raise ValueError(f"ordering {ordering.ordering!r} needs every layer's vectors; "
+                                 f"objects {missing} came without all_layers")
+            # Image stages have other widths than text layers: each object flattened, side by side.
+            all_layers.update({name: v.all_layers for name, v in given.items()})
+            all_layers = np.concatenate([all_layers[name].reshape(len(examples.task_ids), -1)
+                                         for name in objects], axis=-1)
+        else:
+            all_layers = np.concatenate([all_layers[name] for name in objects], axis=-1)
     queue = queue_scores_multi(task_features, heads, head_features, targets, ordering=ordering.ordering,
                                batch_size=ordering.batch_size, params=dict(ordering.params),
                                all_layers=all_layers, centroids=centroids, out_of_fold=oof)
@@ -357,8 +408,10 @@ def train_and_score(
 def _encode_objects(encoder, cache: EncodingCache, objects: Mapping[str, list[str]],
                     progress: Callable[[int, int], None], all_layers: bool = False):
     """Object name -> vectors of its text per task, in one pass over every object's texts
-    (a text two objects share, or two tasks, is encoded once)."""
+    (a text two objects share, or two tasks, is encoded once). No objects: nothing encoded."""
     names = list(objects)
+    if not names:
+        return {}, 0
     n = len(objects[names[0]])
     every = [text for name in names for text in objects[name]]
     vectors, encoded = encode_with_cache(encoder, cache, every, progress=progress, all_layers=all_layers)

@@ -9,7 +9,14 @@ from model.encoder import Encoder
 from model.encoding_cache import EncodingCache
 from model.orderings.least_confidence import least_confidence_score
 from model.queue_scores import LABELED_FLOOR
-from model.training import ControlLabels, FineTuning, OrderingChoice, ProjectExamples, train_and_score
+from model.training import (
+    ControlLabels,
+    FineTuning,
+    ObjectVectors,
+    OrderingChoice,
+    ProjectExamples,
+    train_and_score,
+)
 
 CHOICES = ("Positive", "Negative")
 
@@ -203,3 +210,75 @@ def test_fine_tuning_trains_every_head_with_the_encoder(encoder, project, tmp_pa
 def _features(encoder, texts):
     # The cache rounds vectors through float16; so does this, to see what the head saw.
     return encoder.encode(texts).astype(np.float16).astype(np.float32)
+
+
+def _image_project(project, n=200, dim=24, seed=3):
+    """The tweets as captions beside an image object whose vectors are given: two kinds of
+    picture drawn around two centres (what an image encoder's features of two classes look
+    like to a head), 30 of each labeled, and every stage's vectors wider than the top."""
+    examples, truth = project
+    rng = np.random.default_rng(seed)
+    kinds = np.array(["Cat", "Dog"])[rng.integers(0, 2, n)]
+    centres = {"Cat": rng.normal(0, 1, dim), "Dog": rng.normal(0, 1, dim)}
+    features = np.stack([centres[k] + rng.normal(0, 0.6, dim) for k in kinds]).astype(np.float32)
+    stages = np.concatenate([features, rng.normal(0, 1, (n, 40)).astype(np.float32)], axis=1)
+    seen = {"Cat": 0, "Dog": 0}
+    labels = []
+    for kind in kinds:
+        labels.append(kind if seen[kind] < 30 else None)
+        seen[kind] += 1
+    vectors = {"photo": ObjectVectors("image-encoder-x", features, stages)}
+    controls = {"kind": ControlLabels(("Cat", "Dog"), labels, inputs=("photo",)),
+                "sentiment": ControlLabels(CHOICES, examples.controls["sentiment"].labels[:n], inputs=("caption",))}
+    urls = [f"/data/upload/1/{i}.jpg" for i in range(n)]
+    captions = examples.texts[:n]
+    return ProjectExamples(task_ids=examples.task_ids[:n], texts=urls, controls=controls,
+                           object_texts={"photo": urls, "caption": captions}, object_vectors=vectors), kinds
+
+
+def test_image_vectors_train_their_head_and_only_text_objects_are_encoded(encoder, project, tmp_path):
+    examples, kinds = _image_project(project)
+    cache = EncodingCache(tmp_path / "cache.sqlite3")
+    # domain_likeness reads every layer: the image's stages and the caption's layers side by side.
+    trained = train_and_score(examples, encoder, cache, OrderingChoice("domain_likeness", batch_size=10))
+    assert set(trained.heads) == {"kind", "sentiment"}
+    kind = trained.heads["kind"]
+    assert kind.labeled == 60 and kind.label_counts == {"Cat": 30, "Dog": 30}
+    unlabeled = [i for i, label in enumerate(examples.controls["kind"].labels) if label is None]
+    hits = np.mean([kind.predicted[i] == kinds[i] for i in unlabeled])
+    assert hits > 0.9, hits  # two well separated centres
+    # The image URLs never reach the text encoder: only the captions are encoded and cached.
+    assert trained.encoded == len(set(examples.object_texts["caption"]))
+    assert cache.count(encoder.id) == trained.encoded
+    assert ((trained.scores >= 0) & (trained.scores <= 1)).all()
+    assert trained.ordering_info.get("fallback") is None, trained.ordering_info
+
+
+def test_image_only_examples_need_no_text_encoding(encoder, project, tmp_path):
+    examples, _ = _image_project(project)
+    only_images = ProjectExamples(task_ids=examples.task_ids, texts=examples.texts,
+                                  controls={"kind": examples.controls["kind"]},
+                                  object_texts={"photo": examples.object_texts["photo"]},
+                                  object_vectors=examples.object_vectors)
+    cache = EncodingCache(tmp_path / "cache.sqlite3")
+    for ordering in ("least_confidence", "atlas", "domain_likeness"):
+        trained = train_and_score(only_images, encoder, cache, OrderingChoice(ordering, batch_size=10))
+        assert trained.encoded == 0 and cache.count() == 0, ordering
+        unlabeled = trained.scores[trained.scores < LABELED_FLOOR]
+        assert len(unlabeled) == 140 and len(set(np.round(unlabeled, 6))) > 1, ordering
+
+
+def test_given_vectors_are_checked(encoder, project, tmp_path):
+    examples, _ = _image_project(project)
+    cache = EncodingCache(tmp_path / "cache.sqlite3")
+    short = {"photo": ObjectVectors("x", examples.object_vectors["photo"].features[:5])}
+    with pytest.raises(ValueError, match="5 vectors for 200 tasks"):
+        ProjectExamples(examples.task_ids, examples.texts, examples.controls,
+                        object_texts=examples.object_texts, object_vectors=short)
+    with pytest.raises(ValueError, match="fine-tuning trains the text encoder only"):
+        train_and_score(examples, encoder, cache, OrderingChoice(), fine_tuning=FineTuning(1, tmp_path / "ft"))
+    top_only = {"photo": ObjectVectors("x", examples.object_vectors["photo"].features)}
+    without_stages = ProjectExamples(examples.task_ids, examples.texts, examples.controls,
+                                     object_texts=examples.object_texts, object_vectors=top_only)
+    with pytest.raises(ValueError, match="came without all_layers"):
+        train_and_score(without_stages, encoder, cache, OrderingChoice("domain_likeness"))
