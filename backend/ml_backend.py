@@ -185,7 +185,8 @@ class ActiveLearningBackend:
                 f"model version {model.version} was trained with image encoder {trained_with}, this "
                 f"process has {encoder.id}: give every process the IMAGE_ENCODER the model was trained "
                 f"with, or retrain (Settings > Model > Start Training)")
-        ids = [int(task["id"]) if isinstance(task.get("id"), int) else None for task in tasks]
+        # A task id is only needed for cloud URIs (resolved per task); a missing one is that task's error.
+        ids = [task["id"] if isinstance(task, dict) and type(task.get("id")) is int else None for task in tasks]
         values = {obj.name: [row[obj.name] for row in texts] for obj in config.image_objects}
         fetcher = fetcher_for(self.settings)
         try:

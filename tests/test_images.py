@@ -327,3 +327,31 @@ def test_an_image_in_label_studio_local_storage(label_studio, encoder, tmp_path)
     finally:
         client.projects.delete(id=project.id)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_project_s_image_objects_report_their_broken_tasks(site, encoder, tmp_path):
+    from backend.images import encode_project_images
+
+    cache = EncodingCache(tmp_path / "encodings.sqlite3")
+    f = fetcher_for("http://127.0.0.1:1")
+    task_ids = [11, 12, 13, 14]
+    values = {
+        "photo": [site.url + "/cat.png", site.url + "/page.html", site.url + "/coffee.png", ""],
+        "thumb": [site.url + p for p in ("/rocket.jpg", "/rocket.jpg", "/truncated.jpg", "/cat.png")],
+    }
+    seen = []
+    images = encode_project_images(encoder, cache, f, task_ids, values, progress=lambda d, t: seen.append((d, t)))
+    assert images.failed == [1, 2, 3]  # a row fails when any of its images does
+    count, examples = images.error_report()
+    assert count == 3
+    assert [(e["task"], e["object"]) for e in examples] == [(12, "photo"), (13, "thumb"), (14, "photo")]
+    assert "text/html" in examples[0]["error"] and "complete" in examples[1]["error"]
+    assert "not a URL or path" in examples[2]["error"]  # a task without its image field
+    assert seen[-1] == (8, 8)
+    vectors = images.object_vectors([0])
+    assert set(vectors) == {"photo", "thumb"} and vectors["photo"].features.shape == (1, encoder.dim)
+    assert vectors["thumb"].all_layers.shape == (1, sum(encoder.stage_dims))
+    # cat, coffee, rocket: the second cat was cached, the truncated file failed
+    assert vectors["photo"].encoder_id == encoder.id and images.encoded == 3
+    again = encode_project_images(encoder, cache, f, task_ids, values)
+    assert again.encoded == 0 and again.failed == images.failed
