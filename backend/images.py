@@ -511,10 +511,12 @@ def _encode_chunk(rows, images, sources, encoder, cache, fetcher, index, pool, f
 ERROR_EXAMPLES = 5
 
 
-def fetcher_for(settings) -> ImageFetcher:
-    """An `ImageFetcher` with the backend's Label Studio, token, time-out and size limit."""
+def fetcher_for(settings, client=None) -> ImageFetcher:
+    """An `ImageFetcher` with the backend's Label Studio, token, time-out and size limit;
+    `client`: the job's SDK client, whose access token it reuses (else it makes its own)."""
     return ImageFetcher(label_studio_url=settings.label_studio_url, api_key=settings.label_studio_api_key or None,
-                        read_timeout=settings.image_fetch_timeout, max_bytes=settings.image_max_bytes)
+                        client=client, read_timeout=settings.image_fetch_timeout,
+                        max_bytes=settings.image_max_bytes)
 
 
 @dataclass

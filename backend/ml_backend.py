@@ -227,7 +227,7 @@ class ActiveLearningBackend:
 
         # 2. The model: encode (cached; images fetched first, a broken one leaves its task
         # out), train one head per control, score every task.
-        images, tasks, vectors = self._images_of(tasks, config, progress)
+        images, tasks, vectors = self._images_of(tasks, config, progress, ls)
         examples = project_examples(tasks, config, vectors)
         if images is not None:
             laps.lap("encode_images")
@@ -316,12 +316,12 @@ class ActiveLearningBackend:
         laps.lap("publish")
         return result
 
-    def _images_of(self, data: ProjectData, config: LabelConfig, progress: Progress):
+    def _images_of(self, data: ProjectData, config: LabelConfig, progress: Progress, ls: LabelStudioProject):
         """(ProjectImages or None, the tasks whose images could be used, their image vectors):
         every `<Image>` object's image of every task fetched and encoded (cached)."""
         if not config.image_objects:
             return None, data, None
-        fetcher = fetcher_for(self.settings)
+        fetcher = fetcher_for(self.settings, ls.client)
         try:
             images = encode_project_images(
                 get_image_encoder(self.settings), self.cache, fetcher, data.task_ids,
@@ -424,11 +424,11 @@ class ActiveLearningBackend:
         status "encoding".
         """
         started = time.perf_counter()
-        _, _, config, data, sync = self._read_project(progress)
+        ls, _, config, data, sync = self._read_project(progress)
         # Images first, in this job (their fetching is the slow part, and per-task errors are
         # reported here already); then every text object a control reads (title and body
         # both), one text per object and task.
-        images = self._images_of(data, config, progress)[0]
+        images = self._images_of(data, config, progress, ls)[0]
         image_errors, error_examples = _image_errors(images) if images is not None else (None, None)
         image_encoded = images.encoded if images is not None else 0
         texts = [text for obj in config.text_objects for text in data.object_texts[obj.name]]

@@ -1,4 +1,5 @@
-"""End to end with an image classification project: `<Image>` + `<Choices>`.
+"""End to end with an image classification project: `<Image>` + `<Choices>`, one single-choice
+and one multi-label control.
 
 A real Label Studio 1.23.2, the backend under gunicorn and a real rq worker. The images are
 real photos and textures (scikit-image's sample data), uploaded to Label Studio itself as
@@ -29,10 +30,22 @@ CONFIG = """<View>
     <Choice value="Photo"/>
     <Choice value="Texture"/>
   </Choices>
+  <Choices name="look" toName="image" choice="multiple">
+    <Choice value="Gray"/>
+    <Choice value="Wide"/>
+    <Choice value="Other"/>
+  </Choices>
 </View>"""
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")
 TEXTURES = ("brick.png", "grass.png", "gravel.png", "chessboard_RGB.png")
+GRAY = {"brick.png", "grass.png", "gravel.png"}
+WIDE = {"chelsea.png", "coffee.png"}  # wider than tall by half or more
+
+
+def look(name: str) -> list[str]:
+    """The multi-label answer: what the sample image looks like."""
+    return [tag for tag, names in (("Gray", GRAY), ("Wide", WIDE)) if name in names] or ["Other"]
 
 
 def variants(name: str) -> list[bytes]:
@@ -93,8 +106,10 @@ def test_an_image_project_learns_from_uploaded_images_and_reports_a_broken_one(l
     labeled = sorted(i for i in tasks if i != broken and truth(i)[2] == 0)
     assert len(labeled) == len(PHOTOS) + len(TEXTURES)
     for task_id in labeled:
+        kind, name, _ = truth(task_id)
         client.annotations.create(id=task_id, result=[
-            {"from_name": "kind", "to_name": "image", "type": "choices", "value": {"choices": [truth(task_id)[0]]}}])
+            {"from_name": "kind", "to_name": "image", "type": "choices", "value": {"choices": [kind]}},
+            {"from_name": "look", "to_name": "image", "type": "choices", "value": {"choices": look(name)}}])
 
     deadline = time.monotonic() + 300
     while version_number(client.projects.get(id=project.id).model_version or "") < 1:
@@ -123,11 +138,15 @@ def test_an_image_project_learns_from_uploaded_images_and_reports_a_broken_one(l
         assert len(mine) == (0 if task["id"] == broken else 1), (task["id"], task["predictions"])
         if mine:
             current[task["id"]] = mine[0]
+            # Both controls answered: the single choice once, the multi-label one at least once.
+            chosen = {r["from_name"]: r["value"]["choices"] for r in mine[0]["result"]}
+            assert set(chosen) == {"kind", "look"} and len(chosen["kind"]) == 1 and chosen["look"], chosen
     assert set(current) == set(tasks) - {broken}
     # The head learned the sample images: a mirrored or cropped copy gets its original's kind.
     unlabeled = sorted(set(current) - set(labeled))
     hits = sum(current[i]["result"][0]["value"]["choices"] == [truth(i)[0]] for i in unlabeled)
     assert hits >= 0.75 * len(unlabeled), (hits, len(unlabeled))
+    assert set(last["controls"]) == {"kind", "look"} and last["controls"]["look"]["multi_label"], last
     # The queue: the model's order, not the task ids', among the tasks nobody labeled.
     by_score = sorted(unlabeled, key=lambda i: (current[i]["score"], i))
     assert by_score != unlabeled, "the queue is in task id order"
