@@ -159,4 +159,7 @@ def test_an_image_project_learns_from_uploaded_images_and_reports_a_broken_one(l
     good, bad = answer["results"]
     assert good["model_version"] == version and good["result"][0]["value"]["choices"], good
     assert bad == []
+    # The project page lists the queue's next tasks by their image.
+    page = requests.get(f"{services.url}/projects/{project.id}", timeout=30)
+    assert page.status_code == 200 and tasks[by_score[0]]["data"]["image"] in page.text
     client.projects.delete(id=project.id)
