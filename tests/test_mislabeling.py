@@ -35,7 +35,7 @@ def test_the_rule_as_written():
     y = np.array([0, 0, 1, 1, 1, 0])
     thresholds = mislabeling.class_thresholds(p, y, min_labels=1)
     assert np.allclose(thresholds, [(0.9 + 0.8 + 0.3) / 3, (0.7 + 0.6 + 0.4) / 3])
-    values = mislabeling.single_choice(p, y, min_labels=1)
+    values = mislabeling.single_choice(p, y, min_labels=1, chance_level=None)
     assert np.allclose(values, [0, 0, 0, 0, 0, 0.7 - 0.3])
 
 
@@ -77,6 +77,18 @@ def test_the_neighbours_veto_a_flag_that_only_the_head_raises():
     assert mislabeling.single_choice(p, y, x)[0] == 0
 
 
+def test_a_head_no_better_than_chance_flags_nothing():
+    rng = np.random.default_rng(5)
+    y = np.arange(40) % 2
+    p = rng.dirichlet([0.3, 0.3], size=40)  # confident, and unrelated to the labels
+    assert not mislabeling.better_than_chance(p, y)
+    assert (mislabeling.single_choice(p, y) == 0).all()
+    assert (mislabeling.single_choice(p, y, chance_level=None) > 0).sum() >= 5
+    # Always answering the majority class is chance too, however often it is right.
+    majority = np.tile([0.9, 0.1], (40, 1))
+    assert not mislabeling.better_than_chance(majority, np.r_[np.zeros(34, int), np.ones(6, int)])
+
+
 def test_too_few_labels_or_one_class_flag_nothing():
     p = np.array([[0.1, 0.9]] * 4 + [[0.9, 0.1]] * 4)
     y = np.array([0] * 4 + [1] * 4)  # every label contradicted, but only 4 per class
@@ -84,10 +96,10 @@ def test_too_few_labels_or_one_class_flag_nothing():
     assert (mislabeling.single_choice(p[:6], np.zeros(6, dtype=int)) == 0).all()
     # A class with too few labels: its tasks are never flagged, even where the head and
     # the neighbours both point elsewhere (with a lower minimum some are).
-    x, y3, p3 = _clusters(seed=3, n=60)
-    y3 = y3.copy()
+    x, y3, p3 = _clusters(seed=3, n=90)
+    keep = y3 != 2  # tasks of classes 0 and 1; three of class 0 labeled 2
+    x, y3, p3 = x[keep], y3[keep].copy(), p3[keep]
     rare = np.flatnonzero(y3 == 0)[:3]
-    y3[y3 == 2] = 1
     y3[rare] = 2
     assert (mislabeling.single_choice(p3, y3, x)[rare] == 0).all()
     assert (mislabeling.single_choice(p3, y3, x, min_labels=3)[rare] > 0).any()
