@@ -109,8 +109,9 @@ def go_live(ls: LabelStudioProject, store: ModelStore, version: str, settings: S
 def publish_inline(ls: LabelStudioProject, store: ModelStore, version: str, predictions: Predictions,
                    settings: Settings, progress: Callable[[int, int], None] | None = None
                    ) -> tuple[Status, AfterSwitch | None]:
-    """Upload every prediction of `version` from this job, then switch to it and tidy up
-    (under the training lock the retrain holds)."""
+    """Upload every prediction of `version` from this job (the disputed ones beside the bulk
+    chunks, `LabelStudioProject.publish_predictions`), then switch to it and tidy up (under
+    the training lock the retrain holds)."""
     ls.publish_predictions(predictions.bulk, predictions.one_by_one, settings.prediction_chunk,
                            progress=progress)
     return go_live(ls, store, version, settings, len(predictions))
@@ -124,7 +125,7 @@ def after_switch(ls: LabelStudioProject, store: ModelStore, version: str, settin
     logged and reported in the job result (`after_switch.errors`), and tried again after
     the next retrain.
     """
-    outcome = AfterSwitch()
+    outcome = AfterSwitch(switched_at=round(time.time(), 3))
     if settings.uncertainty_sampling:
         try:
             outcome.sampling = _first_sampling(ls, store, version)
@@ -137,6 +138,7 @@ def after_switch(ls: LabelStudioProject, store: ModelStore, version: str, settin
         outcome.errors.append(f"removing superseded predictions failed: {exc}")
     for error in outcome.errors:
         log.warning("project=%s after switching to %s: %s", ls.project_id, version, error)
+    outcome.seconds = round(time.time() - outcome.switched_at, 3)
     return outcome
 
 
