@@ -183,7 +183,10 @@ def main() -> int:
     run["settings"] = {"tasks": args.tasks, "rounds": args.rounds, "prediction_chunk": chunk,
                        "ls_memory_efficient_import": not args.ls_default_import, "rq_workers": args.workers,
                        "fanout_tasks": args.fanout if args.fanout is not None else "default",
-                       "ls_data_dir": str(ls_dir)}
+                       "ls_data_dir": str(ls_dir),
+                       # KEEP_PREDICTION_VERSIONS=1000 keeps Label Studio from deleting a
+                       # version's predictions between rounds (BENCHMARKS.md, freshness).
+                       "keep_prediction_versions": os.environ.get("KEEP_PREDICTION_VERSIONS", "default")}
     with LabelStudioServer(ls_dir, extra_env=ls_env) as ls, Services(run_dir, extra_env=extra) as services:
         services.start_redis()
         services.env.update(LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.api_key, RECONCILE_INTERVAL="0")
