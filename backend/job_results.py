@@ -92,6 +92,7 @@ class AfterSwitch:
     # freshness ends at the switch; deleting superseded predictions comes after.
     switched_at: float | None = None
     seconds: float | None = None
+    marked: int = 0  # disputed labels given their mislabeling value after the switch
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v or k == "removed"}

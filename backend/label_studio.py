@@ -441,7 +441,9 @@ class LabelStudioProject:
         """`bulk` through the chunked import and, at the same time on a few threads,
         `one_by_one` (disputed labels, which keep `mislabeling` and `cluster` only through
         the single-prediction API). Safe to run again for the same version: one listing
-        first finds the tasks that already hold it, and they are not sent twice.
+        first finds the tasks that already hold it, and they are not sent twice. Used by the
+        slice jobs of a fan-out; a retrain that publishes itself imports everything in bulk
+        and marks the disputed labels after the switch (`backend.publish.publish_inline`).
 
         Sent one after the other, the single creates cost a round trip each before the
         first bulk chunk (0.2 s each on an idle machine, 3-5 of them per retrain at 10,000
@@ -466,6 +468,23 @@ class LabelStudioProject:
             self._import_chunks(rest, chunk, len(bulk), progress)
             for future in created:
                 future.result()  # the first failed create fails the upload, as before
+
+    def mark_disputed(self, disputed: list[dict]) -> int:
+        """Set `mislabeling` and `cluster` on predictions that went in through the bulk
+        import (which drops both), one update each; the prediction of each task is found
+        by task and model version. Idempotent: an update sent twice sets the same values.
+        Returns how many were updated (a task without the prediction is skipped)."""
+        updated = 0
+        for version in sorted({p["model_version"] for p in disputed}):
+            mine = [p for p in disputed if p["model_version"] == version]
+            stored = self._stored(version, sorted({p["task"] for p in mine}))
+            for prediction in mine:
+                for prediction_id in stored.get(prediction["task"], [])[:1]:
+                    self._call("update prediction", partial(
+                        self.client.predictions.update, id=prediction_id,
+                        mislabeling=prediction["mislabeling"], cluster=prediction["cluster"]))
+                    updated += 1
+        return updated
 
     def set_model_version(self, version: str) -> None:
         """Point the project's `model_version` at `version` (the score column and the
