@@ -90,6 +90,11 @@ class AfterSwitch:
     removed: dict[str, int] = dataclasses.field(default_factory=dict)  # version -> predictions deleted
     kept: list[str] = dataclasses.field(default_factory=list)  # older versions whose predictions stay
     errors: list[str] = dataclasses.field(default_factory=list)  # steps that failed; the version is live
+    # When the version went live (epoch seconds), and how long these steps took after it:
+    # freshness ends at the switch; deleting superseded predictions comes after.
+    switched_at: float | None = None
+    seconds: float | None = None
+    marked: int = 0  # disputed labels given their mislabeling value after the switch
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v or k == "removed"}

@@ -41,6 +41,10 @@ RETRYABLE_STATUS = frozenset({408, 429})
 # (GET), which must stay well under the 8 KB a reverse proxy in front of Label Studio allows.
 IDS_PER_QUERY = 200
 
+# Single-prediction creates in flight at once beside the bulk import (`publish_predictions`):
+# a few, so a large batch of disputed labels does not crowd out the chunks' requests.
+ONE_BY_ONE_THREADS = 4
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -365,9 +369,15 @@ class LabelStudioProject:
         version; and since a failed request may still be committed later, the tasks of
         every chunk that needed a retry are checked for duplicates once all chunks are in.
         """
-        total = len(predictions)
         # An upload run again (an RQ retry of a publish job) sends only what is missing.
-        predictions = self._without_stored(predictions, listing_first=True) if predictions else []
+        missing = self._without_stored(predictions, listing_first=True) if predictions else []
+        self._import_chunks(missing, chunk, len(predictions), progress, on_retry)
+
+    def _import_chunks(self, predictions: list[dict], chunk: int, total: int,
+                       progress: Callable[[int, int], None] | None,
+                       on_retry: Callable[[int, Exception], None] | None = None) -> None:
+        """`upload_predictions` after its check of what is stored: `predictions` are the
+        missing ones of `total`."""
         skipped = total - len(predictions)
         suspects: list[dict] = []
         for start in range(0, len(predictions), chunk):
@@ -405,19 +415,14 @@ class LabelStudioProject:
         self._retry("import predictions", attempt, on_retry)
         return failed
 
-    def upload_predictions_one_by_one(self, predictions: list[dict],
-                                      on_retry: Callable[[int, Exception], None] | None = None) -> None:
-        """Create predictions through the single-prediction API.
+    def _create_prediction(self, prediction: dict, on_retry) -> None:
+        """Create one prediction through the single-prediction API.
 
         Label Studio 1.23's bulk import keeps only task, result, score and model_version;
         `mislabeling` and `cluster` survive only this way, one request per prediction, so it
         is used for the few labeled tasks whose label the model disputes. Idempotent like
         the bulk path: a retried create first asks whether the task got the prediction.
         """
-        for prediction in self._without_stored(predictions, listing_first=True) if predictions else []:
-            self._create_prediction(prediction, on_retry)
-
-    def _create_prediction(self, prediction: dict, on_retry) -> None:
         task, version = prediction["task"], prediction["model_version"]
 
         def attempt(number: int) -> None:
@@ -433,11 +438,53 @@ class LabelStudioProject:
 
     def publish_predictions(self, bulk: list[dict], one_by_one: list[dict], chunk: int,
                             progress: Callable[[int, int], None] | None = None) -> None:
-        """`one_by_one` (disputed labels, which keep `mislabeling` and `cluster` only through
-        the single-prediction API) first, then `bulk` through the chunked import. Safe to
-        run again for the same version: tasks that already hold it are not sent twice."""
-        self.upload_predictions_one_by_one(one_by_one)
-        self.upload_predictions(bulk, chunk, progress=progress)
+        """`bulk` through the chunked import and, at the same time on a few threads,
+        `one_by_one` (disputed labels, which keep `mislabeling` and `cluster` only through
+        the single-prediction API). Safe to run again for the same version: one listing
+        first finds the tasks that already hold it, and they are not sent twice. Used by the
+        slice jobs of a fan-out; a retrain that publishes itself imports everything in bulk
+        and marks the disputed labels after the switch (`backend.publish.publish_inline`).
+
+        Sent one after the other, the single creates cost a round trip each before the
+        first bulk chunk (0.2 s each on an idle machine, 3-5 of them per retrain at 10,000
+        tasks under the argmax rule); Label Studio serves requests on threads and takes a
+        create while it imports a chunk, so they overlap instead.
+        """
+        if not bulk and not one_by_one:
+            return
+        missing = self._without_stored(one_by_one + bulk, listing_first=True)
+        disputed = {id(p) for p in one_by_one}
+        singles = [p for p in missing if id(p) in disputed]
+        rest = [p for p in missing if id(p) not in disputed]
+        if not singles:
+            self._import_chunks(rest, chunk, len(bulk), progress)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.client  # noqa: B018  (connect once here, not from several threads at once)
+        with ThreadPoolExecutor(max_workers=min(ONE_BY_ONE_THREADS, len(singles)),
+                                thread_name_prefix=f"ls-create-{self.project_id}") as pool:
+            created = [pool.submit(self._create_prediction, p, None) for p in singles]
+            self._import_chunks(rest, chunk, len(bulk), progress)
+            for future in created:
+                future.result()  # the first failed create fails the upload, as before
+
+    def mark_disputed(self, disputed: list[dict]) -> int:
+        """Set `mislabeling` and `cluster` on predictions that went in through the bulk
+        import (which drops both), one update each; the prediction of each task is found
+        by task and model version. Idempotent: an update sent twice sets the same values.
+        Returns how many were updated (a task without the prediction is skipped)."""
+        updated = 0
+        for version in sorted({p["model_version"] for p in disputed}):
+            mine = [p for p in disputed if p["model_version"] == version]
+            stored = self._stored(version, sorted({p["task"] for p in mine}))
+            for prediction in mine:
+                for prediction_id in stored.get(prediction["task"], [])[:1]:
+                    self._call("update prediction", partial(
+                        self.client.predictions.update, id=prediction_id,
+                        mislabeling=prediction["mislabeling"], cluster=prediction["cluster"]))
+                    updated += 1
+        return updated
 
     def set_model_version(self, version: str) -> None:
         """Point the project's `model_version` at `version` (the score column and the

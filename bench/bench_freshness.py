@@ -11,7 +11,8 @@ a load spike from another process hits both about equally):
   `model_version` switched to the new version (the job switches it only after Label Studio
   accepted every prediction; the benchmark watches the backend's `/jobs` and then checks
   Label Studio): webhook, queue, reading Label Studio, training, scoring and the upload of
-  N predictions;
+  N predictions, up to the switch the job stamps (`after_switch.switched_at`); the deletion
+  of superseded predictions that follows is reported apart (`tidy_s`);
 * **reference**: the bare upload of N predictions of the same shape (one per task, the
   project's Choices result, a float score, one model version) with the same SDK call
   (`projects.import_predictions`) in chunks of the backend's PREDICTION_CHUNK, one after
@@ -182,7 +183,10 @@ def main() -> int:
     run["settings"] = {"tasks": args.tasks, "rounds": args.rounds, "prediction_chunk": chunk,
                        "ls_memory_efficient_import": not args.ls_default_import, "rq_workers": args.workers,
                        "fanout_tasks": args.fanout if args.fanout is not None else "default",
-                       "ls_data_dir": str(ls_dir)}
+                       "ls_data_dir": str(ls_dir),
+                       # KEEP_PREDICTION_VERSIONS=1000 keeps Label Studio from deleting a
+                       # version's predictions between rounds (BENCHMARKS.md, freshness).
+                       "keep_prediction_versions": os.environ.get("KEEP_PREDICTION_VERSIONS", "default")}
     with LabelStudioServer(ls_dir, extra_env=ls_env) as ls, Services(run_dir, extra_env=extra) as services:
         services.start_redis()
         services.env.update(LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.api_key, RECONCILE_INTERVAL="0")
@@ -261,6 +265,7 @@ def main() -> int:
                     continue
                 current = call(lambda c: c.projects.get(id=project.id)).model_version
                 with run.measure(round=r, side="backend") as row:
+                    annotated_at = time.time()
                     annotate(order[FIRST_LABELS + r - 1])
                     row["model_version"] = wait_for_switch(services, project.id, version_number(current),
                                                            timeout=3600)
@@ -269,6 +274,13 @@ def main() -> int:
                     raise RuntimeError(f"the backend reports {row['model_version']} but Label Studio's "
                                        f"project is on {switched}")
                 last = wait_until_idle(services, project.id, timeout=3600)["last"]
+                # Freshness ends at the switch, which the job stamps; what the job does after
+                # it (deleting superseded predictions) is timed apart, as tidy_s.
+                after = last.get("after_switch") or {}
+                if after.get("switched_at"):
+                    row["job_finished_s"] = row["seconds"]
+                    row["seconds"] = round(after["switched_at"] - annotated_at, 3)
+                    row["tidy_s"] = after.get("seconds")
                 row.update({"queue_wait_s": last.get("queue_wait"),
                             **{f"{k}_s": v for k, v in (last.get("timings") or {}).items()},
                             "publish_jobs": last.get("publish_jobs"), "publish": last.get("publish"),
@@ -300,7 +312,7 @@ def main() -> int:
         rows.append({"round": r, "first": "backend" if r % 2 else "reference",
                      "backend s": b["seconds"], "reference s": ref["seconds"], "ratio": round(ratios[-1], 3),
                      "read LS": b.get("read_label_studio_s"), "train": b.get("train_s"),
-                     "score": b.get("score_s"), "publish": b.get("publish_s"),
+                     "score": b.get("score_s"), "publish": b.get("publish_s"), "tidy": b.get("tidy_s"),
                      "load": f"{b['load_before']}–{b['load_after']} / {ref['load_before']}–{ref['load_after']}",
                      "CPU pressure % (during)": f"{b['cpu_pressure_during']} / {ref['cpu_pressure_during']}"})
     backend_s = [m["seconds"] for m in run.measurements if m["side"] == "backend"]

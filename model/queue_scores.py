@@ -7,16 +7,16 @@
   before any labeled one.
 * **cluster**: k-means on the encoder vectors, so Label Studio Enterprise can rotate
   through clusters when it serves tasks.
-* **mislabeling**: for labeled tasks, how strongly an out-of-fold classifier disagrees
-  with the human label (0 when it agrees), so reviewers can sort suspicious labels first.
+* **mislabeling**: for labeled tasks, how strongly an out-of-fold classifier prefers another
+  label where confident learning finds evidence against the human one (`model.mislabeling`;
+  0 elsewhere), so reviewers can sort suspicious labels first.
 
 Several controls (`queue_scores_multi`): the ordering combines the heads (its docstring
 says how); a labeled task's confidence is the lowest over its controls
-(`ControlHeads.confidence`), and its mislabeling the strongest disagreement over the
-controls it answers (multi-label: over the choices where the out-of-fold prediction differs
-from the human's, 1 - P(the human's yes/no)). The retrain's one out-of-fold pass
-(`model.heads.ControlHeads.out_of_fold`, with the ordering's `folds`, else 3) serves the
-mislabeling score and the ordering alike; `train_heads` hands it over, else it runs here.
+(`ControlHeads.confidence`), and its mislabeling the strongest over the controls it
+answers (multi-label: over its choices; `model.mislabeling` says how). The retrain's one
+out-of-fold pass (`model.heads.ControlHeads.out_of_fold`, with the ordering's `folds`, else
+3) serves the mislabeling score and the ordering alike; `train_heads` hands it over, else it runs here.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from model import mislabeling
 from model.classifier import ClassifierHead, HeadConfig
-from model.heads import ControlHeads, OutOfFold, answered, labeled_tasks
+from model.heads import ControlHeads, OutOfFold, labeled_tasks
 from model.orderings import get_ordering
 from model.orderings.base import OrderingInput
 
@@ -87,42 +88,35 @@ def cluster_ids(features: np.ndarray, seed: int = 0, max_clusters: int = 50,
     return ids, model.cluster_centers_.astype(np.float32)
 
 
-def disagreement(heads: ControlHeads, oof: OutOfFold, targets: list[np.ndarray]) -> np.ndarray:
-    """Mislabeling per task of the out-of-fold pass: the strongest disagreement over the
-    controls it answers, 0 where every out-of-fold prediction agrees with the human.
-
-    Single-choice: 1 - P(human label) where the argmax is another label. Multi-label: where
-    the predicted set differs, the largest 1 - P(the human's yes/no) over the differing
-    choices. A control whose answers hold one label only says nothing (0)."""
+def disagreement(heads: ControlHeads, oof: OutOfFold, targets: list[np.ndarray],
+                 features: list[np.ndarray] | None = None) -> np.ndarray:
+    """Mislabeling per task of the out-of-fold pass: confident learning's verdict
+    (`model.mislabeling`: the rule, its thresholds and what the value means), the strongest
+    over the controls the task answers; 0 where no control has evidence against its label.
+    `features[i]`: control i's input for the same tasks, for the neighbours' second opinion
+    (None: the heads' opinion alone)."""
     n = len(oof.probabilities[0])
     result = np.zeros(n)
-    for head, p, scored, t in zip(heads.heads, oof.probabilities, oof.scored, targets):
+    for i, (head, p, scored, t) in enumerate(zip(heads.heads, oof.probabilities, oof.scored, targets)):
         t = np.asarray(t)
-        rows = scored & answered(t)
-        if rows.sum() < 2 or len(np.unique(t[rows], axis=0)) < 2:
-            continue
-        predicted = head.predict(p)
-        if t.ndim == 1:
-            p_label = p[np.arange(n), np.maximum(t, 0)]
-            value = np.where(predicted != t, 1.0 - p_label, 0.0)
-        else:
-            differs = predicted != (t == 1)
-            p_human = np.where(t == 1, p, 1.0 - p)
-            value = np.where(differs, 1.0 - p_human, 0.0).max(axis=1)
-        result = np.where(rows, np.maximum(result, value), result)
+        # Rows the pass did not score (answered but left out) say nothing.
+        t = np.where(scored if t.ndim == 1 else scored[:, None], t, -1)
+        rule = mislabeling.multi_label if getattr(head, "multi_label", False) else mislabeling.single_choice
+        result = np.maximum(result, rule(p, t, None if features is None else features[i]))
     return result
 
 
 def out_of_fold_disagreement(features: np.ndarray, y: np.ndarray, config: HeadConfig,
                              folds: int = MISLABELING_FOLDS, seed: int = 0) -> np.ndarray:
-    """1 - P(human label) from heads that never saw the task, where they predict otherwise
-    (one single-choice control; see `disagreement`)."""
+    """Mislabeling per task from heads that never saw it and from its nearest labeled
+    neighbours (one single-choice control; see `disagreement`)."""
     heads = ControlHeads.single(ClassifierHead(config))
     y = np.asarray(y, dtype=np.int64)
     if len(y) < 2:
         return np.zeros(len(y))
-    oof = heads.out_of_fold([np.asarray(features, dtype=np.float32)], [y], folds=folds, seed=seed)
-    return disagreement(heads, oof, [y])
+    features = np.asarray(features, dtype=np.float32)
+    oof = heads.out_of_fold([features], [y], folds=folds, seed=seed)
+    return disagreement(heads, oof, [y], [features])
 
 
 def out_of_fold_folds(ordering: str, params: dict | None = None) -> int:
@@ -226,7 +220,8 @@ def queue_scores_multi(
 
     mislabeling = np.zeros(n)
     if out_of_fold is not None:
-        mislabeling[labeled] = disagreement(heads, out_of_fold, labeled_targets)
+        mislabeling[labeled] = disagreement(heads, out_of_fold, labeled_targets,
+                                            [np.asarray(x)[labeled] for x in head_features])
     clusters, centroids = cluster_ids(task_features, seed=seed, centroids=centroids)
     # The first control's class per task (multi-label: its most likely choice).
     predicted = np.asarray(probabilities[0]).argmax(axis=1)

@@ -395,7 +395,7 @@ def train_and_score(
     trained, stopping_inputs = {}, {}
     for i, (spec, head) in enumerate(zip(specs, heads.heads)):
         trained[spec.name], stopping_inputs[spec.name] = _describe_head(
-            spec, head, i, targets, labeled, queue, oof, heads)
+            spec, head, i, targets, labeled, queue, oof, heads, head_features[i])
     laps.lap("score")
     return TrainingResult(
         task_ids=list(examples.task_ids), heads=trained, scores=queue.scores, clusters=queue.clusters,
@@ -433,7 +433,8 @@ def _prediction_key(spec: ControlSpec, value) -> str | None:
 
 
 def _describe_head(spec: ControlSpec, head, i: int, targets: list[np.ndarray], labeled: np.ndarray,
-                   queue, oof: OutOfFold, heads: ControlHeads) -> tuple[TrainedHead, ControlStopping]:
+                   queue, oof: OutOfFold, heads: ControlHeads,
+                   features: np.ndarray) -> tuple[TrainedHead, ControlStopping]:
     """One control's predictions, dispute score, counts and stopping inputs."""
     t = np.asarray(targets[i])
     rows = answered(t)
@@ -454,7 +455,7 @@ def _describe_head(spec: ControlSpec, head, i: int, targets: list[np.ndarray], l
     mislabeling = np.zeros(n)
     one = ControlHeads([spec], [head])
     one_oof = OutOfFold([oof.probabilities[i]], [oof.hidden[i]], [oof.scored[i]], oof.folds, oof.seed)
-    mislabeling[labeled] = disagreement(one, one_oof, [t[labeled]])
+    mislabeling[labeled] = disagreement(one, one_oof, [t[labeled]], [np.asarray(features)[labeled]])
     trained = TrainedHead(head=head, predicted=predicted, mislabeling=mislabeling, labeled=int(rows.sum()),
                           label_counts=counts,
                           training_accuracy=float(hits.mean()) if rows.any() else 0.0)

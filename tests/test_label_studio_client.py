@@ -279,6 +279,35 @@ def test_publishing_the_same_version_again_sends_only_what_is_missing(label_stud
     assert all(len(p) == 1 for p in _predictions_per_task(client, project_id, other).values())
 
 
+@pytest.mark.e2e
+def test_disputed_labels_imported_in_bulk_get_their_mislabeling_after_the_switch(label_studio):
+    """The inline publish path: every prediction through the bulk import (which drops
+    `mislabeling` and `cluster`), then one update per disputed label, even where an update's
+    answer is lost (sent again: it sets the same values)."""
+    from backend.publish import Predictions
+
+    client = _client(label_studio)
+    project_id = _new_project(client, 30)
+    proxy = _proxy(label_studio)
+    ls = _through(proxy, label_studio, project_id)
+    ids = ls.task_ids()
+    version = "v0004-20261201-140000"
+    disputed = [dict(p, cluster=2, mislabeling=0.75) for p in _predictions(ids[:3], version)]
+    predictions = Predictions(bulk=_predictions(ids[3:], version), one_by_one=disputed)
+    ls.upload_predictions(predictions.all_in_bulk(), chunk=10)
+    before = _predictions_per_task(client, project_id, version)
+    assert all(len(before[i]) == 1 for i in ids)
+    assert all(not before[i][0].mislabeling for i in ids[:3])  # the bulk import dropped it
+
+    proxy.drop_next(b"PATCH /api/predictions", when="response", skip=1)
+    assert ls.mark_disputed(disputed) == 3
+    assert proxy.faults_fired() == 1
+    after = _predictions_per_task(client, project_id, version)
+    assert [(after[i][0].mislabeling, after[i][0].cluster) for i in ids[:3]] == [(0.75, 2)] * 3
+    assert all(not after[i][0].mislabeling for i in ids[3:])
+    assert [after[i][0].id for i in ids] == [before[i][0].id for i in ids]  # updated, not added
+
+
 def _log_since(label_studio, offset):
     with open(label_studio.log_path, "rb") as log:
         log.seek(offset)

@@ -41,6 +41,11 @@ def test_every_task_gets_one_prediction_and_disputed_labels_go_one_by_one():
         "task": 104, "result": config.result_for("Positive"), "score": pytest.approx(0.8),
         "model_version": "v0002-x", "cluster": 0, "mislabeling": pytest.approx(0.54)}
     assert predictions.bulk[0]["result"] == config.result_for("Negative")
+    # Published inline, all go through the bulk import; the disputed ones are marked later.
+    everything = predictions.all_in_bulk()
+    assert [p["task"] for p in everything] == [100, 102, 103, 105, 101, 104]
+    assert all(tuple(p) == BULK_FIELDS for p in everything)
+    assert everything[-1]["score"] == predictions.one_by_one[1]["score"]
     assert all(p["model_version"] == "v0002-x" for p in predictions.bulk + predictions.one_by_one)
 
 
