@@ -17,11 +17,12 @@ tasks of each cold-start order:
 For each it reports the classes seen, and the test accuracy and macro-F1 of the service's
 head (`ClassifierHead`, `HeadConfig` defaults, seeded by the seed) trained on those labels
 (plus the free movie labels in `domain_shift`), each variant's paired difference from random
-with a 95% interval, and the zero-shot guess's own test accuracy (what pre-filling shows),
-with the template and with the bare names.
+with a 95% interval, and the zero-shot guess's own test accuracy (what pre-filling shows):
+with the name vectors the service uses (the mean over `cold_start.TEMPLATES`) and with each
+template alone.
 
     .venv/bin/python bench/cold_start.py --seeds 20                      # all three scenarios
-    .venv/bin/python bench/cold_start.py --scenarios in_domain_three_class --seeds 5 --clusters 25
+    .venv/bin/python bench/cold_start.py --scenarios in_domain_three_class --seeds 5 --clusters 100
 
 Prints Markdown tables; writes bench/results/cold_start.json (every seed's numbers, with the
 commit, machine and load of each scenario, `bench/run_record.py`).
@@ -79,7 +80,7 @@ def _model_order(features, y, labels, plan, budget: int, batch: int = 50) -> np.
     return np.asarray(picked, dtype=np.int64)
 
 
-def run_scenario(name: str, seeds: list[int], clusters: int, template: str, cache: str | None) -> dict:
+def run_scenario(name: str, seeds: list[int], clusters: int, cache: str | None) -> dict:
     from model.encoder import Encoder, encoder_id
     from model.encoding_cache import EncodingCache, encode_with_cache
 
@@ -96,27 +97,31 @@ def run_scenario(name: str, seeds: list[int], clusters: int, template: str, cach
     encoder = Encoder(config.encoder)
     assert encoder.id == encoder_id(config.encoder)
     store = EncodingCache(Path(config.cache).expanduser())
-    named = {"template": encode_with_cache(encoder, store, cold_start.sentences_for(labels, template))[0],
-             "bare": encode_with_cache(encoder, store, cold_start.sentences_for(labels, "{name}"))[0]}
-    guess_p = cold_start.zero_shot(features, named["template"])
-    bare_guess = cold_start.zero_shot(features, named["bare"]).argmax(axis=1)
+    encoded = encode_with_cache(encoder, store, cold_start.sentences_for(labels))[0]
+    guess_p = cold_start.zero_shot(features, cold_start.name_vectors(encoded, len(labels)))
+    # Each template alone, for the record (the service uses their mean).
+    single = {template: cold_start.zero_shot(features, encoded[i * len(labels):(i + 1) * len(labels)]).argmax(axis=1)
+              for i, template in enumerate(cold_start.TEMPLATES)}
     variants = list(VARIANTS) + (["model"] if len(table.seed_rows) else [])
     per_seed: dict[int, dict] = {}
     for plan in plans:
         pool_features, p_pool = features[plan.pool], guess_p[plan.pool]
         started = time.perf_counter()
+        plain = cold_start.representative_order(pool_features, clusters, seed=plan.seed)
+        clustering = (plain.clusters, cold_start.kmeans_centroids(pool_features, plain.clusters))
         orders = {
             "random": np.arange(len(plan.pool)),
-            "kmeans": cold_start.representative_order(pool_features, clusters, seed=plan.seed).order,
+            "kmeans": plain.order,
             "zero_shot": cold_start.zero_shot_order(p_pool),
-            "zero_shot_kmeans": cold_start.representative_order(pool_features, clusters, seed=plan.seed,
-                                                                guess=p_pool.argmax(axis=1)).order,
+            "zero_shot_kmeans": cold_start.representative_order(pool_features, clusters, guess=p_pool.argmax(axis=1),
+                                                                clustering=clustering).order,
         }
         ordering_seconds = time.perf_counter() - started
         if "model" in variants:
             orders["model"] = _model_order(features, y, labels, plan, max(BUDGETS))
         row = {"zero_shot_test_accuracy": float((guess_p[plan.test].argmax(axis=1) == y[plan.test]).mean()),
-               "zero_shot_bare_test_accuracy": float((bare_guess[plan.test] == y[plan.test]).mean()),
+               "zero_shot_single_template_test_accuracy": {
+                   t: float((g[plan.test] == y[plan.test]).mean()) for t, g in single.items()},
                "zero_shot_pool_guess_share": np.bincount(p_pool.argmax(axis=1), minlength=len(labels)).tolist(),
                "ordering_seconds": round(ordering_seconds, 3), "variants": {}}
         for variant in variants:
@@ -134,7 +139,7 @@ def run_scenario(name: str, seeds: list[int], clusters: int, template: str, cach
         print(f"{name} seed {plan.seed}: " + ", ".join(
             f"{v} {100 * row['variants'][v]['100']['accuracy']:.1f}" for v in variants), file=sys.stderr)
     return {"config": {k: getattr(config, k) for k in ("data", "seed_data", "initial", "pool_size", "test_size")},
-            "labels": labels, "variants": variants, "clusters": clusters, "template": template,
+            "labels": labels, "variants": variants, "clusters": clusters, "templates": list(cold_start.TEMPLATES),
             "seeds": per_seed}
 
 
@@ -180,13 +185,14 @@ def summarise(name: str, result: dict) -> tuple[list[str], dict]:
         aggregate[variant] = entry
         lines.append("| " + " | ".join(cells) + " |")
     zs = np.array([s["zero_shot_test_accuracy"] for s in seeds]) * 100
-    bare = np.array([s["zero_shot_bare_test_accuracy"] for s in seeds]) * 100
     aggregate["zero_shot_test_accuracy_mean"] = float(zs.mean())
-    aggregate["zero_shot_bare_test_accuracy_mean"] = float(bare.mean())
+    alone = {t: 100 * float(np.mean([s["zero_shot_single_template_test_accuracy"][t] for s in seeds]))
+             for t in result["templates"]}
+    aggregate["zero_shot_single_template_test_accuracy_mean"] = alone
     share = np.sum([s["zero_shot_pool_guess_share"] for s in seeds], axis=0)
     lines += ["", f"Zero-shot guess alone (what pre-filling shows), test accuracy: {zs.mean():.1f} "
-                  f"with the template \"{result['template']}\", {bare.mean():.1f} with the bare names; "
-                  f"it guesses " + " / ".join(f"{label} {100 * v / share.sum():.0f}%"
+                  "(each template alone: " + ", ".join(f"\"{t}\" {v:.1f}" for t, v in alone.items())
+              + "); it guesses " + " / ".join(f"{label} {100 * v / share.sum():.0f}%"
                                              for label, v in zip(result["labels"], share))
               + f" of the pool. {n} paired seeds, {result['clusters']} k-means clusters.", ""]
     return lines, aggregate
@@ -198,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, of: {', '.join(SCENARIOS)}")
     parser.add_argument("--seeds", type=int, default=20, help="paired seeds 0..N-1 (default 20)")
     parser.add_argument("--clusters", type=int, default=cold_start.DEFAULT_CLUSTERS)
-    parser.add_argument("--template", default=cold_start.TEMPLATE)
     parser.add_argument("--cache", default=None, help="encoding cache (default: the simulator's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "cold_start.json")
     args = parser.parse_args(argv)
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     results, report = {}, []
     for name in names:
         with run.measure(scenario=name) as row:
-            results[name] = run_scenario(name, list(range(args.seeds)), args.clusters, args.template, args.cache)
+            results[name] = run_scenario(name, list(range(args.seeds)), args.clusters, args.cache)
         lines, results[name]["aggregate"] = summarise(name, results[name])
         report += lines + [f"{row['seconds']:.0f} s, load {row['load_before']}–{row['load_after']}, "
                            f"commit {row['commit']}", ""]

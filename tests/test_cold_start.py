@@ -60,6 +60,10 @@ def test_a_guess_interleaves_the_clusters_turns_by_guessed_class():
     assert list(guess[plain.order[:4]]) == [0, 0, 1, 1]
     assert list(guess[mixed.order[:4]]) == [0, 1, 0, 1]
     assert sorted(mixed.order) == list(range(len(x)))
+    # The clustering of one call serves another on the same features.
+    clustering = (mixed.clusters, cold_start.kmeans_centroids(x, mixed.clusters))
+    again = cold_start.representative_order(x, n_clusters=4, guess=guess, clustering=clustering)
+    assert list(again.order) == list(mixed.order)
 
 
 def test_zero_shot_guesses_the_nearest_name_and_sums_to_one():
@@ -101,7 +105,12 @@ def test_names_are_words(names, expected):
     assert cold_start.names_are_words(names) is expected
 
 
-def test_sentences_for_puts_each_name_in_the_template():
-    assert cold_start.sentences_for([" Positive ", "off-topic"]) == [
-        "This text is about Positive.", "This text is about off-topic."]
-    assert cold_start.sentences_for(["x"], "{name}") == ["x"]
+def test_each_name_gets_every_template_and_one_mean_vector():
+    sentences = cold_start.sentences_for([" Positive ", "off-topic"])
+    assert sentences == ["Positive", "off-topic", "This text is about Positive.", "This text is about off-topic."]
+    assert cold_start.sentences_for(["x"], ("{name}",)) == ["x"]
+    encoded = np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [0.0, 1.0]])  # Positive twice, off-topic twice
+    vectors = cold_start.name_vectors(encoded, 2)
+    assert np.allclose(vectors, [[0.5, 0.5], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="names"):
+        cold_start.name_vectors(encoded[:3], 2)
