@@ -42,6 +42,9 @@ TEMPLATES = ("{name}", "This text is about {name}.")
 # Clusters of the representative order: the first this many labels each come from another
 # cluster; more than the pool has tasks is capped.
 DEFAULT_CLUSTERS = 50
+# The orders a project can start with (the service's COLD_START_ORDER; bench/cold_start.py
+# compares them with random).
+ORDERS = ("kmeans", "zero_shot", "zero_shot_kmeans", "random")
 # Above this many tasks k-means runs on mini-batches (seconds at 100,000 tasks, not minutes).
 FULL_KMEANS_LIMIT = 20000
 

@@ -114,3 +114,84 @@ def test_each_name_gets_every_template_and_one_mean_vector():
     assert np.allclose(vectors, [[0.5, 0.5], [0.0, 1.0]])
     with pytest.raises(ValueError, match="names"):
         cold_start.name_vectors(encoded[:3], 2)
+
+
+# -- the service side (backend/cold_start.py): what it publishes, on plain arrays ------------
+
+THREE_CONTROLS = """<View>
+  <Text name="title" value="$title"/>
+  <Text name="body" value="$body"/>
+  <Choices name="sentiment" toName="body" choice="single">
+    <Choice value="Positive"/><Choice value="Negative"/>
+  </Choices>
+  <Choices name="grade" toName="title,body" choice="single">
+    <Choice value="A"/><Choice value="B"/>
+  </Choices>
+  <Choices name="topics" toName="title" choice="multiple">
+    <Choice value="billing"/><Choice value="delay"/><Choice value="food"/>
+  </Choices>
+</View>"""
+
+
+def _project(n=30, seed=0):
+    from backend.label_config import parse_label_config
+    from backend.training_data import project_data
+
+    config = parse_label_config(THREE_CONTROLS)
+    tasks = [{"id": 100 + i, "data": {"title": f"t{i}", "body": f"b{i}"}} for i in range(n)]
+    data = project_data(tasks, config)
+    rng = np.random.default_rng(seed)
+    vectors = {"title": rng.normal(size=(n, 6)), "body": rng.normal(size=(n, 6))}
+    return config, data, vectors
+
+
+def test_plan_guesses_only_the_controls_with_word_names_and_ranks_every_task():
+    from backend.cold_start import plan
+
+    config, data, vectors = _project()
+    worded = {c.name: np.eye(6)[:len(c.choices)] for c in config.controls
+              if cold_start.names_are_words(c.choices)}
+    assert sorted(worded) == ["sentiment", "topics"]  # "A"/"B" are codes: no guess
+    for order in cold_start.ORDERS:
+        ranks, guesses = plan(config, data, vectors, worded, order, seed=3)
+        assert sorted(ranks) == list(range(30)), order
+        assert sorted(guesses) == ["sentiment", "topics"]
+        # The sentiment guess is the nearest name to the body's vector (its one input).
+        expected = cold_start.zero_shot(vectors["body"], worded["sentiment"]).argmax(axis=1)
+        assert list(guesses["sentiment"]) == list(expected)
+    # The zero-shot order serves the guessed classes of the first control in turn.
+    ranks, guesses = plan(config, data, vectors, worded, "zero_shot")
+    first_two = np.argsort(ranks)[:2]
+    assert guesses["sentiment"][first_two[0]] != guesses["sentiment"][first_two[1]]
+    # With no control to guess for, a zero-shot order falls back to k-means.
+    ranks_none, none = plan(config, data, vectors, {}, "zero_shot")
+    assert none == {} and sorted(ranks_none) == list(range(30))
+
+
+def test_no_cold_start_once_the_project_has_annotations_or_a_model(tmp_path):
+    from backend.cold_start import is_cold_start_version, why_not
+    from backend.label_config import parse_label_config
+    from backend.model_store import ModelStore
+    from backend.settings import Settings
+    from backend.training_data import project_data
+
+    store = ModelStore(tmp_path)
+    config, data, _ = _project(n=4)
+    assert why_not(Settings(), store, 1, data) is None
+    assert "COLD_START" in why_not(Settings(cold_start=False), store, 1, data)
+    annotated = project_data([{"id": 1, "data": {"title": "t", "body": "b"}, "annotations": [
+        {"id": 9, "result": [{"from_name": "sentiment", "to_name": "body", "type": "choices",
+                              "value": {"choices": ["Positive"]}}]}]}], parse_label_config(THREE_CONTROLS))
+    assert "annotations" in why_not(Settings(), store, 1, annotated)
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "CURRENT").write_text("v0001-20261201-000000")
+    assert "model" in why_not(Settings(), store, 1, data)
+    assert is_cold_start_version("cold-start-3") and not is_cold_start_version("cold-start-x")
+    assert not is_cold_start_version("v0001-20261201-000000")
+
+
+def test_an_unknown_cold_start_order_stops_the_backend_with_the_choices():
+    from backend.settings import Settings
+
+    with pytest.raises(SystemExit, match="COLD_START_ORDER.*kmeans, zero_shot"):
+        Settings.from_env(cold_start_order="clever")
