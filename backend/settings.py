@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     keep_prediction_versions: int = Field(1, ge=0)
     # Before a project's first annotation, publish a cold-start order (backend/cold_start.py).
     cold_start: bool = True
-    cold_start_order: str = "zero_shot"
+    cold_start_order: str = "kmeans"
 
     @field_validator("cold_start_order")
     @classmethod

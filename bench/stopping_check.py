@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="builtin:airline")
     parser.add_argument("--ordering", default="least_confidence")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", default="5",
+                        help="number of seeds (0..N-1), or a list like 3,4,5 (to add seeds to a run)")
     parser.add_argument("--pool-size", type=int, default=3000)
     parser.add_argument("--test-size", type=float, default=2000)
     parser.add_argument("--batch-size", type=int, default=50)
@@ -137,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{args.seed_data.replace('builtin:', '')}-to-{name}"
     # Commit, machine and load with every seed (refuses uncommitted code, as every benchmark).
     record = Run("stopping_check", argv, out=out / f"{name}-record.json")
-    config = SimulationConfig(data=args.data, orderings=[args.ordering], seeds=list(range(args.seeds)),
+    seeds = list(range(int(args.seeds))) if args.seeds.strip().isdigit() else \
+        [int(v) for v in args.seeds.replace(",", " ").split()]
+    config = SimulationConfig(data=args.data, orderings=[args.ordering], seeds=seeds,
                               initial=args.initial, batch_size=args.batch_size, budget=args.budget,
                               pool_size=args.pool_size, test_size=args.test_size, seed_data=args.seed_data,
                               **({"cache": args.cache} if args.cache else {}))

@@ -45,8 +45,8 @@ TEMPLATES = ("{name}", "This text is about {name}.")
 # second most central task, near copies of the first (3 seeds of bench/cold_start.py, three
 # classes: accuracy at 100 labels 68.2 with 50 clusters, 71.8 with 100, random 69.9).
 DEFAULT_CLUSTERS = 100
-# The orders a project can start with (the service's COLD_START_ORDER; bench/cold_start.py
-# compares them with random).
+# The orders a project can start with (the service's COLD_START_ORDER, default kmeans: the
+# winner of bench/cold_start.py's comparison with random).
 ORDERS = ("kmeans", "zero_shot", "zero_shot_kmeans", "random")
 # Above this many tasks k-means runs on mini-batches (seconds at 100,000 tasks, not minutes).
 FULL_KMEANS_LIMIT = 20000

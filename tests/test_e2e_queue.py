@@ -202,9 +202,10 @@ def test_cold_start_orders_the_queue_and_prefills_until_the_first_model(label_st
     assert all(0 <= s < 0.9 for s in scores.values()) and len(set(scores.values())) == 40
     queue = sorted(scores, key=scores.get)
 
-    # Label All Tasks: Label Studio's own next serves the cold start's first pick, not the
-    # lowest id, with its zero-shot guess on the labeling screen; the first two picks have
-    # different guesses (the zero-shot order takes turns over the guessed classes).
+    # Label All Tasks: Label Studio's own next serves the cold start's first pick (the
+    # default k-means order), not the lowest id, with its zero-shot guess on the labeling
+    # screen. The guess is rough but better than a coin on these snippets (25 of 40 right
+    # when this test was written).
     served = _ls_get(client, f"api/projects/{project.id}/next/")
     assert served["id"] == queue[0] != min(scores), (served["id"], queue[:3], min(scores))
     guesses = {t["id"]: p["result"][0]["value"]["choices"] for t in project.tasks()
@@ -212,9 +213,10 @@ def test_cold_start_orders_the_queue_and_prefills_until_the_first_model(label_st
     shown = [p for p in served["predictions"] if p["model_version"] == "cold-start-1"]
     assert len(shown) == 1 and shown[0]["result"][0]["from_name"] == "sentiment", served["predictions"]
     assert shown[0]["result"][0]["value"]["choices"] == guesses[queue[0]]
-    assert guesses[queue[0]] != guesses[queue[1]], [guesses[i] for i in queue[:4]]
-    print(f"cold start: next serves {served['id']} (lowest id {min(scores)}), guesses of the first "
-          f"four {[guesses[i][0] for i in queue[:4]]}")
+    by_text = {t["id"]: t["data"]["text"] for t in project.tasks()}
+    right = sum(guesses[i] == [project.truth[by_text[i]]] for i in guesses)
+    assert len(guesses) == 40 and right > 20, f"{right} of 40 zero-shot guesses right"
+    print(f"cold start: next serves {served['id']} (lowest id {min(scores)}), {right} of 40 guesses right")
 
     # The first annotations: the real model version replaces the cold start everywhere.
     by_id = {t["id"]: t for t in project.tasks()}
