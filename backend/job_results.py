@@ -117,6 +117,7 @@ class EncodeResult(_Result):
     image_error_examples: list | None = None  # a few of them: {task, object, error}
     encoder: str | None = None
     workers: list[str] | None = None  # after a fan-out: the workers that encoded
+    cold_start: dict | None = None  # the cold-start order published, or why not (backend.cold_start)
     job_id: str | None = None
     started_at: float | None = None
     finished_at: float | None = None

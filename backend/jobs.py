@@ -262,6 +262,9 @@ def store_encodings(project_id: int, encoder_id: str, slice_jobs: list[str], res
         stored += part["count"]
     workers = sorted({part["worker"] for part in slices if part.get("worker")})
     partial = EncodeResult.from_dict(result)
+    if not failed:  # every text cached: the project may get its cold-start order now
+        with queue.training_lock(project_id, job.id if job is not None else "inline"):
+            partial = replace(partial, cold_start=ActiveLearningBackend(settings, project_id).cold_start())
     now = time.time()
     outcome = replace(partial, status=Status.FAILED if failed else Status.FINISHED, encoded=stored,
                       workers=workers, finished_at=now,

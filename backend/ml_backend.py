@@ -457,7 +457,30 @@ class ActiveLearningBackend:
                                        progress=lambda done, total: progress("encoding", done, total))
         return EncodeResult(Status.FINISHED, tasks=len(data.task_ids), encoded=encoded + image_encoded, sync=sync,
                             image_errors=image_errors, image_error_examples=error_examples,
+                            cold_start=self.cold_start(ls, config, data, progress),
                             duration=round(time.perf_counter() - started, 3))
+
+    def cold_start(self, ls: LabelStudioProject | None = None, config: LabelConfig | None = None,
+                   data: ProjectData | None = None, progress: Progress = no_progress) -> dict:
+        """Once a project's tasks are encoded: publish the cold-start order (and zero-shot
+        guess) when it has no model and no annotation (`backend.cold_start`). Reads the
+        project unless given it. Never fails the encoding: an error is reported instead."""
+        from backend import cold_start
+
+        try:
+            if data is None:
+                ls, _, config, data, _ = self._read_project(progress)
+            if config.image_objects:
+                return {"skipped": "the cold start orders text projects; an image project waits for its first model"}
+            reason = cold_start.why_not(self.settings, self.store, self.project_id, data)
+            if reason is not None:
+                return {"skipped": reason}
+            progress("publishing the cold-start order", 0, len(data.task_ids))
+            return cold_start.publish(self.settings, ls, self.store, self.cache, get_encoder(self.settings),
+                                      config, data)
+        except Exception as exc:  # the texts are cached either way; the first retrain orders the queue
+            log.warning("project=%s cold start failed: %s", self.project_id, exc)
+            return {"error": f"publishing the cold-start order failed: {exc}"}
 
 
 def project_examples(data: ProjectData, config: LabelConfig,

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from backend.cold_start import is_cold_start_version
 from backend.job_results import AfterSwitch, Status
 from backend.label_config import LabelConfig
 from backend.label_studio import LabelStudioProject
@@ -146,7 +147,7 @@ def after_switch(ls: LabelStudioProject, store: ModelStore, version: str, settin
             outcome.errors.append(f"marking {len(disputed)} disputed labels failed: {exc}")
     if settings.uncertainty_sampling:
         try:
-            outcome.sampling = _first_sampling(ls, store, version)
+            outcome.sampling = first_sampling(ls, store, version)
         except Exception as exc:  # Label Studio unreachable, or refused the field
             outcome.errors.append(f"setting the project's sampling failed: {exc}")
     try:
@@ -160,12 +161,14 @@ def after_switch(ls: LabelStudioProject, store: ModelStore, version: str, settin
     return outcome
 
 
-def _first_sampling(ls: LabelStudioProject, store: ModelStore, version: str) -> str | None:
-    """The first time a version of the project goes live: "Label All Tasks" serves our
-    order (Uncertainty sampling), unless the owner had chosen another than Label Studio's
-    default. Remembered in the project's directory, so a choice made afterwards in Label
-    Studio stands. Returns what was done, None when it was done before."""
+def first_sampling(ls: LabelStudioProject, store: ModelStore, version: str) -> str | None:
+    """The first time a version of the project goes live (a model's, or the cold start's,
+    `backend.cold_start`): "Label All Tasks" serves our order (Uncertainty sampling),
+    unless the owner had chosen another than Label Studio's default. Remembered in the
+    project's directory, so a choice made afterwards in Label Studio stands. Returns what
+    was done, None when it was done before."""
     marker = store.project_dir(ls.project_id) / SAMPLING_FILE
+    marker.parent.mkdir(parents=True, exist_ok=True)
     if marker.exists():
         return None
     current = ls.project().get("sampling") or SEQUENTIAL
@@ -190,7 +193,8 @@ def remove_superseded(ls: LabelStudioProject, live: str, published: int,
     Only after Label Studio holds at least `published` predictions of `live` (what was
     uploaded): a task never loses its last prediction. Versions that are not ours (another
     model's, imported ones) and versions newer than `live` (a fan-out still uploading) are
-    never touched; our empty `untrained` predictions of older backends always go.
+    never touched; our empty `untrained` predictions of older backends and the cold-start
+    versions (`backend.cold_start`, never a rollback target) always go.
     Returns ({version: predictions deleted}, versions kept).
     """
     counts = ls.prediction_versions()
@@ -201,7 +205,8 @@ def remove_superseded(ls: LabelStudioProject, live: str, published: int,
                    key=version_number, reverse=True)
     kept = older[:max(keep, 0)]
     removed = {}
-    for version in [v for v in older if v not in kept] + ([UNTRAINED] if UNTRAINED in counts else []):
+    always = [v for v in counts if v == UNTRAINED or is_cold_start_version(v)]
+    for version in [v for v in older if v not in kept] + always:
         if counts[version] > 0:
             removed[version] = ls.delete_predictions_of(version)
     if removed:

@@ -62,6 +62,18 @@ class Settings(BaseSettings):
     uncertainty_sampling: bool = True
     # Superseded model versions whose predictions stay in Label Studio (for a rollback).
     keep_prediction_versions: int = Field(1, ge=0)
+    # Before a project's first annotation, publish a cold-start order (backend/cold_start.py).
+    cold_start: bool = True
+    cold_start_order: str = "kmeans"
+
+    @field_validator("cold_start_order")
+    @classmethod
+    def _known_order(cls, value: str) -> str:
+        from model.cold_start import ORDERS
+
+        if value not in ORDERS:
+            raise ValueError(f"must be one of {', '.join(ORDERS)}")
+        return value
 
     @field_validator("label_studio_url")
     @classmethod

@@ -9,6 +9,10 @@ held-out test accuracy flattens (first within 1 point of the best it reaches wit
 budget), and the accuracy given up by stopping there.
 
     python -m bench.stopping_check --data builtin:airline --seeds 5 --out bench/results/stopping
+    python -m bench.stopping_check --data builtin:airline --seed-data builtin:movies --initial 1000 ...
+
+With `--seed-data` (the simulator's option) the initial labeled set is drawn from other data
+and is free: the label counts are pool labels only, as in `model.simulate`.
 
 Writes DIR/<name>.json (every round of every seed) and prints a table in Markdown.
 """
@@ -59,7 +63,8 @@ def run_seed(features, y, labels, plan, config, ordering_name: str) -> list[dict
             chosen = unlabeled[np.asarray(top, dtype=np.int64)]
             is_labeled[chosen] = True
             labeled.extend(int(i) for i in chosen)
-        train_rows = plan.pool[np.asarray(labeled, dtype=np.int64)]
+        # A --seed-data set stays in the training set for free, as in model.simulate.
+        train_rows = np.concatenate([plan.seed_rows, plan.pool[np.asarray(labeled, dtype=np.int64)]])
         head = ClassifierHead(HeadConfig(labels=list(labels), input_dim=features.shape[1], seed=plan.seed))
         head.fit(features[train_rows], y[train_rows])
         probabilities = head.predict_proba(features[plan.pool])
@@ -110,34 +115,51 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="builtin:airline")
     parser.add_argument("--ordering", default="least_confidence")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", default="5",
+                        help="number of seeds (0..N-1), or a list like 3,4,5 (to add seeds to a run)")
     parser.add_argument("--pool-size", type=int, default=3000)
     parser.add_argument("--test-size", type=float, default=2000)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--budget", type=int, default=1000)
-    parser.add_argument("--initial", type=int, default=50)
+    parser.add_argument("--initial", type=int, default=50,
+                        help="initial labeled set: random pool tasks, or examples of --seed-data (free)")
+    parser.add_argument("--seed-data", default=None,
+                        help="draw the initial labeled set from this data (e.g. builtin:movies)")
     parser.add_argument("--cache", default=None)
     parser.add_argument("--out", default="bench/results/stopping")
     args = parser.parse_args(argv)
     import sklearn.metrics  # noqa: F401  (imported once here, so the per-version timing is the work alone)
-    config = SimulationConfig(data=args.data, orderings=[args.ordering], seeds=list(range(args.seeds)),
+
+    from bench.run_record import Run
+
+    out = Path(args.out)
+    name = f"{args.data.replace('builtin:', '')}-{args.ordering}"
+    if args.seed_data:
+        name = f"{args.seed_data.replace('builtin:', '')}-to-{name}"
+    # Commit, machine and load with every seed (refuses uncommitted code, as every benchmark).
+    record = Run("stopping_check", argv, out=out / f"{name}-record.json")
+    seeds = list(range(int(args.seeds))) if args.seeds.strip().isdigit() else \
+        [int(v) for v in args.seeds.replace(",", " ").split()]
+    config = SimulationConfig(data=args.data, orderings=[args.ordering], seeds=seeds,
                               initial=args.initial, batch_size=args.batch_size, budget=args.budget,
-                              pool_size=args.pool_size, test_size=args.test_size,
+                              pool_size=args.pool_size, test_size=args.test_size, seed_data=args.seed_data,
                               **({"cache": args.cache} if args.cache else {}))
-    table = build_table(load_source(args.data), None, None)
+    seed_data = load_source(args.seed_data) if args.seed_data else None
+    table = build_table(load_source(args.data), seed_data, None)
     plans = [plan_seed(table, config, seed) for seed in config.seeds]
     features, _, _ = encode_table(table, plans, config, all_layers=False)
     runs = {}
     for plan in plans:
         started = time.perf_counter()
-        runs[plan.seed] = run_seed(features, table.y, table.labels, plan, config, args.ordering)
+        with record.measure(seed=plan.seed):
+            runs[plan.seed] = run_seed(features, table.y, table.labels, plan, config, args.ordering)
         print(f"seed {plan.seed}: {len(runs[plan.seed])} rounds in {time.perf_counter() - started:.0f} s",
               file=sys.stderr)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.data.replace('builtin:', '')}-{args.ordering}"
+    record.write()
     (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
-    print("\n".join(summarise(f"{args.data}, {args.ordering}, pool {args.pool_size}, batches of "
+    seeded = f", {args.initial} free labels of {args.seed_data} to start" if args.seed_data else ""
+    print("\n".join(summarise(f"{args.data}{seeded}, {args.ordering}, pool {args.pool_size}, batches of "
                               f"{args.batch_size} to {args.budget} labels", runs)))
     return 0
 
