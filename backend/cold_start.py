@@ -158,8 +158,12 @@ def publish(settings: Settings, ls: LabelStudioProject, store: ModelStore, cache
     # Older cold starts go once this one is in (a task never loses its last prediction).
     held = ls.prediction_versions()
     if held.get(version, 0) >= n:
-        outcome["removed"] = {v: ls.delete_predictions_of(v) for v, count in held.items()
-                              if is_cold_start_version(v) and v != version and count > 0}
+        older = {v: count for v, count in held.items() if is_cold_start_version(v) and v != version and count > 0}
+        limit = settings.prune_max_predictions  # why: backend.publish.superseded_plan
+        outcome["removed"] = {v: ls.delete_predictions_of(v) for v, count in older.items()
+                              if not limit or count <= limit}
+        if too_large := {v: count for v, count in older.items() if limit and count > limit}:
+            outcome["too_large"] = too_large
     _write_state(store, ls.project_id, {"number": number, "model_version": version, "tasks": n,
                                         "tasks_hash": ids_hash, "order": settings.cold_start_order,
                                         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

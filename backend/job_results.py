@@ -89,6 +89,8 @@ class AfterSwitch:
     sampling: str | None = None  # what was done to the project's sampling, the first time
     removed: dict[str, int] = dataclasses.field(default_factory=dict)  # version -> predictions deleted
     kept: list[str] = dataclasses.field(default_factory=list)  # older versions whose predictions stay
+    # superseded versions left in place for their size (PRUNE_MAX_PREDICTIONS): version -> predictions
+    too_large: dict[str, int] = dataclasses.field(default_factory=dict)
     errors: list[str] = dataclasses.field(default_factory=list)  # steps that failed; the version is live
     # When the version went live (epoch seconds), and how long these steps took after it:
     # freshness ends at the switch; deleting superseded predictions comes after.

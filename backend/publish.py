@@ -151,8 +151,8 @@ def after_switch(ls: LabelStudioProject, store: ModelStore, version: str, settin
         except Exception as exc:  # Label Studio unreachable, or refused the field
             outcome.errors.append(f"setting the project's sampling failed: {exc}")
     try:
-        outcome.removed, outcome.kept = remove_superseded(ls, version, published,
-                                                          settings.keep_prediction_versions)
+        outcome.removed, outcome.kept, outcome.too_large = remove_superseded(
+            ls, version, published, settings.keep_prediction_versions, settings.prune_max_predictions)
     except Exception as exc:
         outcome.errors.append(f"removing superseded predictions failed: {exc}")
     for error in outcome.errors:
@@ -185,31 +185,50 @@ def first_sampling(ls: LabelStudioProject, store: ModelStore, version: str) -> s
     return done
 
 
-def remove_superseded(ls: LabelStudioProject, live: str, published: int,
-                      keep: int) -> tuple[dict[str, int], list[str]]:
-    """Delete the predictions of our versions older than `live`, but the `keep` newest of
-    them (a rollback finds its predictions still there), one bulk request per version.
+def superseded_plan(counts: dict[str, int], live: str, keep: int,
+                    max_predictions: int = 0) -> tuple[list[str], list[str], dict[str, int]]:
+    """Which prediction versions to delete once `live` is live: (delete, kept, too large).
 
-    Only after Label Studio holds at least `published` predictions of `live` (what was
-    uploaded): a task never loses its last prediction. Versions that are not ours (another
-    model's, imported ones) and versions newer than `live` (a fan-out still uploading) are
-    never touched; our empty `untrained` predictions of older backends and the cold-start
-    versions (`backend.cold_start`, never a rollback target) always go.
-    Returns ({version: predictions deleted}, versions kept).
+    Our versions older than `live` go but the `keep` newest (a rollback finds their
+    predictions still there); the empty `untrained` predictions of older backends and the
+    cold-start versions (`backend.cold_start`, never a rollback target) always go. Versions
+    that are not ours (another model's, imported ones) and versions newer than `live` (a
+    fan-out still uploading) are never touched. A version of more than `max_predictions`
+    predictions (0: no limit) is left in place and reported instead: Label Studio deletes
+    a version's predictions one by one inside one transaction (a count and a task save
+    each), and on its default SQLite database that holds the write lock for about a minute
+    per 10,000 predictions at load, during which submitting an annotation fails with
+    "database is locked".
+    """
+    older = sorted((v for v in counts if VERSION_RE.match(v) and version_number(v) < version_number(live)),
+                   key=version_number, reverse=True)
+    kept = older[:max(keep, 0)]
+    always = [v for v in counts if v == UNTRAINED or is_cold_start_version(v)]
+    candidates = [v for v in [v for v in older if v not in kept] + always if counts[v] > 0]
+    too_large = {v: counts[v] for v in candidates if max_predictions and counts[v] > max_predictions}
+    return [v for v in candidates if v not in too_large], kept, too_large
+
+
+def remove_superseded(ls: LabelStudioProject, live: str, published: int, keep: int,
+                      max_predictions: int = 0) -> tuple[dict[str, int], list[str], dict[str, int]]:
+    """Delete the predictions of the versions `superseded_plan` names, one bulk request per
+    version, only after Label Studio holds at least `published` predictions of `live` (what
+    was uploaded): a task never loses its last prediction.
+    Returns ({version: predictions deleted}, versions kept, {version: predictions} left in
+    place for being larger than `max_predictions`).
     """
     counts = ls.prediction_versions()
     if counts.get(live, 0) < published:
         raise RuntimeError(f"Label Studio holds {counts.get(live, 0)} predictions of {live}, "
                            f"{published} were uploaded; older versions are kept")
-    older = sorted((v for v in counts if VERSION_RE.match(v) and version_number(v) < version_number(live)),
-                   key=version_number, reverse=True)
-    kept = older[:max(keep, 0)]
-    removed = {}
-    always = [v for v in counts if v == UNTRAINED or is_cold_start_version(v)]
-    for version in [v for v in older if v not in kept] + always:
-        if counts[version] > 0:
-            removed[version] = ls.delete_predictions_of(version)
+    delete, kept, too_large = superseded_plan(counts, live, keep, max_predictions)
+    removed = {version: ls.delete_predictions_of(version) for version in delete}
     if removed:
         log.info("project=%s removed the predictions of superseded versions %s, kept %s",
                  ls.project_id, removed, kept)
-    return removed, kept
+    if too_large:
+        log.warning("project=%s left the predictions of superseded versions %s in Label Studio: deleting "
+                    "more than PRUNE_MAX_PREDICTIONS=%s at once locks its database while annotators work; "
+                    "delete them at a quiet time (Settings > Predictions) or raise the setting",
+                    ls.project_id, too_large, max_predictions)
+    return removed, kept, too_large

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     uncertainty_sampling: bool = True
     # Superseded model versions whose predictions stay in Label Studio (for a rollback).
     keep_prediction_versions: int = Field(1, ge=0)
+    # Superseded versions with more predictions than this are left for a person to delete at a
+    # quiet time (backend.publish.superseded_plan says why); 0 = no limit.
+    prune_max_predictions: int = Field(2000, ge=0)
     # Before a project's first annotation, publish a cold-start order (backend/cold_start.py).
     cold_start: bool = True
     cold_start_order: str = "kmeans"

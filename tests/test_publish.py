@@ -185,3 +185,20 @@ def test_a_stored_two_control_version_predicts_one_result_per_control(tmp_path):
     store.activate(9, store.stage(9, head, {"label_config": single.to_dict(), "encoder": encoder_id("default")}))
     old = ActiveLearningBackend(settings, 9, store=store).predict([{"id": 1, "data": {"text": "fine"}}])
     assert [r["from_name"] for r in old[0]["result"]] == ["sentiment"]
+
+
+def test_superseded_versions_go_but_the_kept_ones_and_those_too_large_to_delete_at_once():
+    from backend.publish import superseded_plan
+
+    v0, v1, v2, v3, v4 = (f"v000{k}-20261201-12000{k}" for k in range(5))
+    counts = {v3: 300, v2: 300, v1: 300, v4: 300, "cold-start-1": 300, "untrained": 5,
+              "someone-elses": 300, v0: 0}
+    delete, kept, too_large = superseded_plan(counts, v3, keep=1)
+    # v4 is newer than the live v3 (a fan-out still uploading); a version not ours is never touched.
+    assert kept == [v2] and too_large == {}
+    assert sorted(delete) == ["cold-start-1", "untrained", v1]
+    # A limit leaves larger versions in place and names them; 0 is no limit.
+    counts.update({v1: 10_000, "cold-start-1": 10_000})
+    delete, kept, too_large = superseded_plan(counts, v3, keep=1, max_predictions=2000)
+    assert delete == ["untrained"] and too_large == {v1: 10_000, "cold-start-1": 10_000}
+    assert sorted(superseded_plan(counts, v3, keep=0, max_predictions=0)[0]) == ["cold-start-1", "untrained", v1, v2]
