@@ -21,7 +21,8 @@ descriptions with their Debtags; see `model.datasets`).
 several label columns (`--label-columns topic,urgency`, `--multi-label` for the multi-label
 ones), are the controls of one project. Then every round trains the retrain's own heads
 (`model.heads.train_heads`: one head per control, the out-of-fold pass that sets the
-multi-label thresholds) and hands them, with that pass, to the ordering as the service does
+multi-label thresholds, with the same number of folds for every ordering so the seeds stay
+paired) and hands them, with that pass, to the ordering as the service does
 (`model.queue_scores.queue_scores_multi`). Each control is scored on the test set
 (single-choice: accuracy and macro-F1; multi-label: exact-match accuracy, i.e. the predicted
 set is the true set, and macro-F1 over its choices), and **overall**: a test task counts as
@@ -469,21 +470,25 @@ def _head(input_dim: int, seed: int):
     return ClassifierHead(HeadConfig(labels=list(_CONTEXT["labels"]), input_dim=input_dim, seed=seed))
 
 
-def train_round(rows: np.ndarray, seed: int, folds: int):
+def train_round(rows: np.ndarray, seed: int):
     """(heads, out-of-fold pass or None) trained on the table rows `rows`.
 
     One single-choice control: the single `ClassifierHead` as before (an ordering that needs
     an out-of-fold pass runs its own). Otherwise the retrain's own step,
-    `model.heads.train_heads`, with `folds` folds (the ordering's, as the service uses).
+    `model.heads.train_heads`, with `MISLABELING_FOLDS` folds for every ordering: the
+    service would use the ordering's own `folds` there, but then the multi-label thresholds,
+    and so every score, would differ between orderings before they picked anything, and
+    the seeds would not be paired. An ordering with other `folds` runs its own pass.
     """
     from model.heads import ControlHeads, train_heads
+    from model.queue_scores import MISLABELING_FOLDS
 
     features, targets, specs = _CONTEXT["features"], _CONTEXT["targets"], _CONTEXT["specs"]
     x = np.asarray(features[rows], dtype=np.float32)
     if _one_single_choice():
         return ControlHeads.single(_head(features.shape[1], seed).fit(x, targets[0][rows]), specs[0].name), None
     return train_heads(specs, [x] * len(specs), [np.asarray(t[rows]) for t in targets],
-                       labeled=np.arange(len(rows)), folds=folds, seed=seed)
+                       labeled=np.arange(len(rows)), folds=MISLABELING_FOLDS, seed=seed)
 
 
 def score_controls(specs: list, predicted: list[np.ndarray], truth: list[np.ndarray]) -> dict:
@@ -537,13 +542,14 @@ def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
     """Replay the labeling loop for one ordering on one seed's paired setup."""
     from model.orderings import OrderingInput, get_ordering
     from model.orderings.base import jsonable
-    from model.queue_scores import out_of_fold_folds
+    from model.queue_scores import MISLABELING_FOLDS, out_of_fold_folds
 
     features, layers, targets, specs = _CONTEXT["features"], _CONTEXT["layers"], _CONTEXT["targets"], _CONTEXT["specs"]
     single = _one_single_choice()
     params = config.ordering_params.get(name, {})
     ordering = get_ordering(name, **params)
-    folds = out_of_fold_folds(name, params)
+    # The heads' pass serves the ordering only where it asks for the same number of folds.
+    shares_pass = out_of_fold_folds(name, params) == MISLABELING_FOLDS
     labeled = [int(i) for i in plan.initial]  # positions in the pool
     is_labeled = np.zeros(len(plan.pool), dtype=bool)
     is_labeled[labeled] = True
@@ -580,7 +586,7 @@ def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
                 inputs.head_features_unlabeled = [pool_x] * len(heads)
                 inputs.targets = [np.asarray(t[train_rows]) for t in targets]
                 inputs.head_probabilities_unlabeled = probabilities
-                inputs.out_of_fold = oof
+                inputs.out_of_fold = oof if shares_pass else None
             started = time.perf_counter()
             result = ordering.score(inputs)
             out["seconds_ordering"] += time.perf_counter() - started
@@ -597,7 +603,7 @@ def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
                         bought_counts(spec, t[plan.pool[chosen]]))
         train_rows = np.concatenate([plan.seed_rows, plan.pool[np.asarray(labeled, dtype=np.int64)]])
         started = time.perf_counter()
-        heads, oof = train_round(train_rows, plan.seed, folds)
+        heads, oof = train_round(train_rows, plan.seed)
         out["seconds_train"] += time.perf_counter() - started
         scores = _evaluate(heads, plan.test)
         out["labels_used"].append(len(labeled))
@@ -634,10 +640,8 @@ def _exact_batch(result, need: int) -> tuple[np.ndarray, int]:
 
 def run_ceiling(plan: SeedPlan, config: SimulationConfig) -> dict:
     """Accuracy with every pool label (plus the seed set): what labeling everything buys."""
-    from model.queue_scores import MISLABELING_FOLDS
-
     rows = np.concatenate([plan.seed_rows, plan.pool])
-    heads, _ = train_round(rows, plan.seed, MISLABELING_FOLDS)
+    heads, _ = train_round(rows, plan.seed)
     scores = _evaluate(heads, plan.test)
     result = {"labels_used": len(plan.pool), "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
     if not _one_single_choice():
