@@ -355,10 +355,15 @@ def _label_studio_export(tasks: list, path: Path, label_columns: list[str] | Non
         if answers and text is not None:
             texts.append(text)
             per_task.append(answers)
+    controls = list(dict.fromkeys(name for answers in per_task for name in answers))
     if label_columns is None:
         # Without names: every control any task answers, in order of first appearance; a
         # single control keeps the old behaviour of reading only single-choice answers.
-        label_columns = list(dict.fromkeys(name for answers in per_task for name in answers))
+        label_columns = controls
+    elif len(label_columns) == 1 and len(controls) == 1 and label_columns != controls:
+        # One column asked, one control answered: the same question under the project's own
+        # control name (a test set exported from Label Studio for data read from a CSV).
+        per_task = [{label_columns[0]: a[controls[0]]} for a in per_task]
     multi = {c for c in label_columns
              if c in multi_label or any(len(a.get(c, ())) > 1 for a in per_task)}
     if len(label_columns) == 1 and not multi:
