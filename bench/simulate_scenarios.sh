@@ -12,8 +12,8 @@
 #                          4 tags) and implemented-in (multi-label, 6 languages); 20 to start
 #
 # The first three: a pool of 3,000 tasks and a held-out test set of 2,000 drawn per seed,
-# batches of 50 up to 500 pool labels. multi_label: pool 600, test 600, batches of 25 up to
-# 150; two_controls: pool 400, test 400, batches of 20 up to 80 (every round trains one head
+# batches of 50 up to 500 pool labels. multi_label: pool 500, test 500, batches of 25 up to
+# 100; two_controls: pool 400, test 400, batches of 20 up to 80 (every round trains one head
 # per control plus the out-of-fold pass, on a shared 2-core machine). Every registered
 # ordering against random. Writes
 # bench/results/<scenario>/{results.json,learning_curves.png,summary.md}, and appends the
@@ -65,8 +65,8 @@ for scenario in "${scenarios[@]}"; do
         in_domain_three_class) run "$scenario" --data builtin:airline3 --initial 50 "${sentiment[@]}" ;;
         domain_shift)          run "$scenario" --data builtin:airline --seed-data builtin:movies --initial 1000 \
                                    "${sentiment[@]}" ;;
-        multi_label)           run "$scenario" --data builtin:debian_use --initial 25 --pool-size 600 \
-                                   --test-size 600 --batch-size 25 --budget 150 --report-at 50,75,100,150 ;;
+        multi_label)           run "$scenario" --data builtin:debian_use --initial 25 --pool-size 500 \
+                                   --test-size 500 --batch-size 25 --budget 100 --report-at 50,75,100 ;;
         two_controls)          run "$scenario" --data builtin:debian_role_language --initial 20 --pool-size 400 \
                                    --test-size 400 --batch-size 20 --budget 80 --report-at 40,60,80 ;;
         *) echo "unknown scenario $scenario (in_domain_binary, in_domain_three_class, domain_shift, multi_label," \
