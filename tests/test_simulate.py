@@ -227,3 +227,180 @@ def test_aulc_and_exact_batches_on_plain_arrays():
     result = OrderingResult(scores=np.array([0.5, 0.1, 0.9, 0.2]), batch=np.array([3, 3, 1]))
     picked, filled = _exact_batch(result, 3)
     assert sorted(picked.tolist()) == [0, 1, 3] and filled == 1
+
+
+# -- several controls and multi-label data (issue 13, point 5) ---------------------------------
+
+
+def test_score_controls_per_control_and_overall_on_plain_arrays():
+    from model.heads import ControlSpec
+    from model.simulate import score_controls
+
+    topic = ControlSpec("topic", ["a", "b", "c"])
+    tags = ControlSpec("tags", ["x", "y"], multi_label=True)
+    # Five tasks; the last answers only `topic`, the fourth only `tags`.
+    topic_truth = np.array([0, 1, 2, -1, 1])
+    topic_pred = np.array([0, 1, 0, 2, 1])  # wrong on task 2; task 3 does not count
+    tags_truth = np.array([[1, 0], [1, 1], [0, 1], [0, 1], [-1, -1]], dtype=np.int8)
+    tags_pred = np.array([[1, 0], [1, 0], [0, 1], [0, 1], [1, 1]], dtype=bool)  # task 1 misses y
+    scores = score_controls([topic, tags], [topic_pred, tags_pred], [topic_truth, tags_truth])
+    assert scores["per_control"]["topic"]["accuracy"] == pytest.approx(3 / 4)
+    # Exact match: the predicted set must be the true set (task 1's {x} is not {x, y}).
+    assert scores["per_control"]["tags"]["accuracy"] == pytest.approx(3 / 4)
+    # Macro-F1 over the choices: x (P 1, R 1) and y (P 1, R 2/3).
+    assert scores["per_control"]["tags"]["macro_f1"] == pytest.approx((1 + 0.8) / 2)
+    # Topic macro-F1 over its three labels: a F1 2/3, b 1, c 0.
+    assert scores["per_control"]["topic"]["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    # Overall: tasks 0, 3 and 4 have every answered control right; 1 and 2 do not.
+    assert scores["accuracy"] == pytest.approx(3 / 5)
+    assert scores["macro_f1"] == pytest.approx(np.mean([(2 / 3 + 1) / 3, 0.9]))
+    # One single-choice control: the overall figures are that control's.
+    alone = score_controls([topic], [topic_pred], [topic_truth])
+    assert alone["accuracy"] == alone["per_control"]["topic"]["accuracy"] == pytest.approx(3 / 4)
+    assert alone["macro_f1"] == alone["per_control"]["topic"]["macro_f1"]
+
+
+def test_the_initial_set_covers_every_choice_of_every_control():
+    from model.heads import ControlSpec
+    from model.simulate import choice_matrix, cover_choices
+
+    rng = np.random.default_rng(0)
+    specs = [ControlSpec("role", ["p", "q", "r"]), ControlSpec("lang", ["c", "py", "pl", "rare"], multi_label=True)]
+    n = 200
+    role = rng.choice(3, size=n, p=[0.9, 0.07, 0.03])
+    lang = (rng.random((n, 4)) < [0.6, 0.3, 0.2, 0.0]).astype(np.int8)
+    lang[[17, 123], 3] = 1  # two tasks use the rare choice
+    uses = choice_matrix(specs, [role, lang])
+    assert uses.shape == (n, 7) and (uses[:, :3].sum(axis=1) == 1).all()
+    initial = np.arange(10)
+    covered = cover_choices(initial, uses, np.random.default_rng(1))
+    assert len(covered) == 10 and len(set(covered.tolist())) == 10
+    assert uses[covered].any(axis=0).tolist() == uses.any(axis=0).tolist()
+    # A choice no pool task uses cannot be covered and is not an error.
+    uses[:, 6] = False
+    assert not uses[cover_choices(initial, uses, np.random.default_rng(1))][:, 6].any()
+
+
+def test_several_label_columns_and_multi_label_files(tmp_path):
+    from model.datasets import load_annotated_file
+
+    csv_path = tmp_path / "tickets.csv"
+    csv_path.write_text("text,labels,urgency\n"
+                        "refund please,billing|refunds,high\n"
+                        "app crashes,bug,\n"
+                        "what is this,,\n"  # answers nothing: an unlabeled task, skipped
+                        'both again,"[""bug"", ""billing""]",low\n', encoding="utf-8")
+    data = load_annotated_file(csv_path, label_columns=["labels", "urgency"])
+    assert data.texts == ["refund please", "app crashes", "both again"]
+    labels, urgency = data.columns
+    assert labels.multi_label and not urgency.multi_label
+    assert labels.answers == [("billing", "refunds"), ("bug",), ("bug", "billing")]
+    assert urgency.answers == ["high", None, "low"]
+    assert labels.choices() == ["billing", "bug", "refunds"]
+    # Without names: the `labels` column alone.
+    assert [c.name for c in load_annotated_file(csv_path).columns] == ["labels"]
+
+    jsonl = tmp_path / "tickets.jsonl"
+    rows = [{"text": "t1", "topic": ["a", "b"], "tone": "calm"}, {"text": "t2", "topic": ["a"], "tone": "angry"},
+            {"text": "t3", "topic": "b", "tone": "calm"}]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    topic, tone = load_annotated_file(jsonl, label_columns=["topic", "tone"]).columns
+    assert topic.multi_label and topic.answers == [("a", "b"), ("a",), ("b",)]
+    assert tone.answers == ["calm", "angry", "calm"]
+    # --multi-label makes a column of single values multi-label.
+    assert load_annotated_file(jsonl, ["tone"], multi_label=["tone"]).columns[0].answers == [
+        ("calm",), ("angry",), ("calm",)]
+    with pytest.raises(ValueError, match="no column 'urgency'"):
+        load_annotated_file(jsonl, ["urgency"])
+
+    export = [{"id": 1, "data": {"text": "t1"}, "annotations": [{"id": 1, "result": [
+        {"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": ["a", "b"]}},
+        {"from_name": "tone", "to_name": "text", "type": "choices", "value": {"choices": ["calm"]}}]}]},
+        {"id": 2, "data": {"text": "t2"}, "annotations": [{"id": 2, "result": [
+            {"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": ["b"]}}]}]}]
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    topic, tone = load_annotated_file(tmp_path / "export.json").columns
+    assert (topic.name, tone.name) == ("topic", "tone")
+    assert topic.multi_label and topic.answers == [("a", "b"), ("b",)]
+    assert not tone.multi_label and tone.answers == ["calm", None]
+
+
+DEBIAN_INDEX = """Package: editor-one
+Description: small text editor for the terminal
+Tag: interface::commandline, role::program, use::editing, works-with::text
+
+Package: viewer-two
+Description: image viewer and converter
+Tag: role::program, use::converting, use::viewing, works-with::image:raster
+
+Package: viewer-two-dup
+Description: image viewer and converter
+Tag: role::program, use::viewing
+
+Package: lib-three
+Description: library for parsing things
+Tag: role::devel-lib, role::shared-lib, use::TODO
+
+Package: untagged
+Description: nothing to learn here
+"""
+
+
+def test_debian_package_index_as_label_columns():
+    from model.datasets import debian_packages, parse_debian_packages
+
+    packages = parse_debian_packages(DEBIAN_INDEX)
+    # Untagged packages and repeated descriptions are skipped; image:raster counts as image.
+    assert [d for d, _ in packages] == ["small text editor for the terminal", "image viewer and converter",
+                                        "library for parsing things"]
+    assert packages[1][1]["works-with"] == {"image"} and "use" not in packages[2][1]  # TODO dropped
+    use = debian_packages(multi=("use",), index=DEBIAN_INDEX)
+    assert use.texts == ["small text editor for the terminal", "image viewer and converter"]
+    assert use.columns[0].multi_label and use.columns[0].answers == [("editing",), ("converting", "viewing")]
+    # A single-choice facet keeps only packages with exactly one tag in it (lib-three has two).
+    both = debian_packages(single=("role",), multi=("works-with",), index=DEBIAN_INDEX)
+    assert [c.answers for c in both.columns] == [["program", "program"], [("text",), ("image",)]]
+
+
+def test_two_label_columns_through_the_command_line(tmp_path):
+    """Two controls (one single-choice, one multi-label) from a JSONL file, end to end. The
+    plumbing needs no particular corpus (Debian's package index is not on every machine):
+    airline tweets with their sentiment as `role`, and as the multi-label `lang` the marks
+    each tweet carries (a question, an exclamation, neither)."""
+    from model.datasets import airline_tweets
+
+    tweets = airline_tweets(("Positive", "Negative", "Neutral")).sample(240, seed=3)
+
+    def marks(text: str) -> list[str]:
+        found = [name for name, mark in (("question", "?"), ("exclaim", "!")) if mark in text]
+        return found or ["plain"]
+
+    path = tmp_path / "packages.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "role": r, "lang": marks(t)}) + "\n"
+                            for t, r in zip(tweets.texts, tweets.labels)))
+    out = tmp_path / "out"
+    main(["--data", str(path), "--label-columns", "role,lang", "--multi-label", "lang", "--out", str(out),
+          "--seeds", "2", "--orderings", "predicted_incorrect", "--pool-size", "100", "--test-size", "80",
+          "--initial", "20", "--batch-size", "20", "--budget", "40", "--cache", str(tmp_path / "enc.sqlite3"),
+          "--quiet"])
+    results = json.loads((out / "results.json").read_text())
+    assert [(c["name"], c["multi_label"]) for c in results["controls"]] == [("role", False), ("lang", True)]
+    for name in ("random", "predicted_incorrect"):
+        for seed in ("0", "1"):
+            run = results["runs"][name][seed]
+            assert run["labels_used"] == [20, 40] and len(set(run["picked"])) == 20
+            for control in ("role", "lang"):
+                curve = run["per_control"][control]
+                assert len(curve["accuracy"]) == len(curve["macro_f1"]) == 2
+                assert all(0 <= v <= 1 for v in curve["accuracy"] + curve["macro_f1"])
+            # Overall: every control right is at most as often as each control alone.
+            assert all(a <= min(run["per_control"][c]["accuracy"][i] for c in ("role", "lang")) + 1e-9
+                       for i, a in enumerate(run["accuracy"]))
+        # Same initial set and test set in a seed: every ordering starts from the same point.
+    assert results["runs"]["random"]["0"]["accuracy"][0] == results["runs"]["predicted_incorrect"]["0"]["accuracy"][0]
+    per_control = results["aggregate_per_control"]
+    assert set(per_control) == {"role", "lang"}
+    assert "macro_f1_aulc_diff_vs_random_ci95" in per_control["lang"]["predicted_incorrect"]
+    summary = (out / "summary.md").read_text()
+    assert "## Control `role` (single-choice)" in summary and "## Control `lang` (multi-label)" in summary
+    assert "every control right" in summary and "exact-match accuracy" in summary
