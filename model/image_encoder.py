@@ -228,6 +228,21 @@ def load_lite0(weights: str | Path | None = None):
     return network.eval()
 
 
+# --------------------------------------------------------------------------- cache keys
+
+
+def content_digest(data: bytes) -> str:
+    """SHA-256 of an image file's bytes: what its encodings are cached under."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def content_cache_text(digest: str) -> str:
+    """The string an image's vectors are stored under in `EncodingCache` (which keys by the
+    SHA-256 of a string): it names the content, so equal files share one encoding. The
+    service (backend.images) and the simulator both use it, so they share cached vectors."""
+    return "image-sha256:" + digest
+
+
 # --------------------------------------------------------------------------- decoding
 
 
