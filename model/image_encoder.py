@@ -577,8 +577,12 @@ class ImageEncoder:
         torch = _torch()
         tensor = torch.from_numpy(np.stack(arrays)).to(self.device)
         if self.processor is None:
-            # uint8 NHWC -> normalised float NCHW, left in channels-last memory as the network runs it
-            tensor = (tensor.permute(0, 3, 1, 2).float() - self._mean) / self._std
+            # uint8 NHWC -> normalised float NCHW in channels-last memory, as the network runs
+            # it: the permuted view already has channels-last strides, which the float copy
+            # keeps, so normalising in place makes the batch with one float allocation (this
+            # runs on the network's thread, between two forward passes).
+            tensor = tensor.permute(0, 3, 1, 2).float()
+            tensor.sub_(self._mean).div_(self._std)
             return tensor.contiguous(memory_format=torch.channels_last)
         return tensor.contiguous()
 
