@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: serve test test-fast lint venv clean-venv bench
+.PHONY: serve test test-fast lint venv clean-venv bench bench-data
 
 $(VENV)/.runtime-installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,7 +60,15 @@ BENCH_ARGS_orderings ?= --pool 3000 --labeled-tweets 250 --labeled-movies 250 --
 BENCH_ARGS_webhooks ?= --bursts 9
 BENCH_ARGS_freshness ?= --tasks $(FRESHNESS_TASKS) --rounds $(FRESHNESS_ROUNDS)
 
-bench: $(VENV)/.dev-installed
+# Data the benchmarks read that no pip package carries: Fashion-MNIST for the image scenario
+# of bench/simulate_scenarios.sh, from the Debian package (apt-get, as for chromium above).
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+bench-data:
+	@test -f $(FASHION_MNIST) || ! command -v apt-get >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; } || true
+	@test -f $(FASHION_MNIST) || echo "warning: no $(FASHION_MNIST); the fashion_mnist scenario needs it (apt-get install dataset-fashion-mnist)" >&2
+
+bench: $(VENV)/.dev-installed bench-data
 	@for name in $(BENCH); do test -f bench/bench_$$name.py || { \
 		echo "no benchmark bench/bench_$$name.py; BENCH takes: $(patsubst bench_%,%,$(notdir $(basename $(wildcard bench/bench_*.py))))"; exit 2; }; done
 	$(foreach name,$(BENCH),date -u +"== %H:%M:%S bench_$(name)" && HF_HUB_OFFLINE=1 $(PY) bench/bench_$(name).py $(BENCH_ARGS_$(name)) && ) date -u +"== %H:%M:%S done"

@@ -43,7 +43,13 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from model.encoding_cache import EncodingCache
-from model.image_encoder import ImageEncoder, ImageError, bounded_map
+from model.image_encoder import (  # noqa: F401 - the cache keys are re-exported for callers
+    ImageEncoder,
+    ImageError,
+    bounded_map,
+    content_cache_text,
+    content_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -340,16 +346,6 @@ class ImageIndex:
 
     def count(self) -> int:
         return self._db().execute("SELECT COUNT(*) FROM image_sources").fetchone()[0]
-
-
-def content_digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def content_cache_text(digest: str) -> str:
-    """The string an image's vectors are stored under in `EncodingCache` (which keys by the
-    SHA-256 of a string): it names the content, so equal files share one encoding."""
-    return "image-sha256:" + digest
 
 
 # --------------------------------------------------------------------------- encoding a project's images

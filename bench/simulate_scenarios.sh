@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The simulator scenarios of BENCHMARKS.md (issue 6, point 5; issue 13, point 5), 20 paired
+# The simulator scenarios of BENCHMARKS.md (issue 6, point 5; issue 13, point 5; issue 14, point 4), 20 paired
 # seeds each:
 #
 #   in_domain_binary       airline tweets Positive/Negative: 50 random pool labels to start
@@ -10,8 +10,18 @@
 #                          package is used for (Debtags use::, 10 tags); 25 random labels to start
 #   two_controls           Debian package descriptions, two controls: role (single-choice,
 #                          4 tags) and implemented-in (multi-label, 6 languages); 20 to start
+#   fashion_mnist          images: Fashion-MNIST (10 classes), a fixed subset of 2,000
+#                          training images of which each seed's pool is 500, tested on a
+#                          fixed 1,000 of the test split; 20 random pool labels to start,
+#                          batches of 20 up to 100. Small, so that it runs in under an hour on
+#                          2 loaded cores: the 1,280-dim image features make every head fit
+#                          (and domain-likeness's 2,096-dim stage features its fits) several
+#                          times dearer than on text. EfficientNet-Lite0 encodes 4-6 images/s
+#                          here at load 11-15, so the 3,000 images take ~10 minutes the first
+#                          time. Needs the Debian package dataset-fashion-mnist (`make bench`
+#                          or `make bench-data` installs it).
 #
-# The first three: a pool of 3,000 tasks and a held-out test set of 2,000 drawn per seed,
+# The text scenarios: a pool of 3,000 tasks and a held-out test set of 2,000 drawn per seed,
 # batches of 50 up to 500 pool labels. multi_label: pool 500, test 500, batches of 25 up to
 # 100; two_controls: pool 400, test 400, batches of 20 up to 80 (every round trains one head
 # per control plus the out-of-fold pass, on a shared 2-core machine). Every registered
@@ -21,12 +31,13 @@
 # bench/results/<scenario>/run_record.jsonl (bench/run_record.py; refuses uncommitted changes
 # unless BENCH_ALLOW_DIRTY=1).
 #
-# Usage: bench/simulate_scenarios.sh [scenario ...]      (default: all five)
+# Usage: bench/simulate_scenarios.sh [scenario ...]      (default: all six)
 # Environment: SEEDS (20), WORKERS (2 processes), ORDERINGS (all), RESUME=1 to reuse the
 # finished runs of an interrupted benchmark (the simulator refuses runs made by other model/
 # code),
 # PY (.venv/bin/python). Encodings come from the shared cache (~/.cache/atl-backend), so
-# only the first run of a machine encodes the corpora.
+# only the first run of a machine encodes the corpora (images: keyed by file content, as
+# the service caches a project's images).
 #
 # Random is run with the class guard off: the control is what a team gets by labeling
 # tasks in a uniformly random order, without any help from the model.
@@ -47,17 +58,18 @@ if [[ "${RESUME:-0}" == 1 ]]; then common+=(--resume); fi
 run() {
     local scenario=$1; shift
     local out=bench/results/$scenario
-    echo "== $scenario: $PY -m model.simulate $* ${common[*]} --out $out"
+    echo "== $scenario: $PY -m model.simulate ${common[*]} $* --out $out"
     local started=$SECONDS
     "$PY" bench/run_record.py "$scenario" start
-    "$PY" -m model.simulate "$@" "${common[@]}" --out "$out" >/dev/null
+    # The scenario's own options come last, so they override the common sizes.
+    "$PY" -m model.simulate "${common[@]}" "$@" --out "$out" >/dev/null
     "$PY" bench/run_record.py "$scenario" end
     echo "== $scenario: $((SECONDS - started)) s; summary in $out/summary.md"
 }
 
 scenarios=("$@")
 if [[ ${#scenarios[@]} -eq 0 ]]; then
-    scenarios=(in_domain_binary in_domain_three_class domain_shift multi_label two_controls)
+    scenarios=(in_domain_binary in_domain_three_class domain_shift multi_label two_controls fashion_mnist)
 fi
 for scenario in "${scenarios[@]}"; do
     case $scenario in
@@ -69,7 +81,10 @@ for scenario in "${scenarios[@]}"; do
                                    --test-size 500 --batch-size 25 --budget 100 --report-at 50,75,100 ;;
         two_controls)          run "$scenario" --data builtin:debian_role_language --initial 20 --pool-size 400 \
                                    --test-size 400 --batch-size 20 --budget 80 --report-at 40,60,80 ;;
+        fashion_mnist)         run "$scenario" --data builtin:fashion_mnist:2000 --test builtin:fashion_mnist_test:1000 \
+                                   --pool-size 500 --initial 20 --batch-size 20 --budget 100 \
+                                   --report-at 40,60,80,100 ;;
         *) echo "unknown scenario $scenario (in_domain_binary, in_domain_three_class, domain_shift, multi_label," \
-                "two_controls)" >&2; exit 2 ;;
+                "two_controls, fashion_mnist)" >&2; exit 2 ;;
     esac
 done

@@ -18,16 +18,21 @@ questions about the same text (`debian_packages`).
 one or more label columns (a `label` column; a `labels` column with several values per row
 for multi-label data; or the columns the caller names), or a Label Studio JSON export.
 `load_labeled_file` is its one-column, single-choice form.
+
+Labeled images: `fashion_mnist` reads Zalando's Fashion-MNIST from the files of the Debian
+package `dataset-fashion-mnist` (IDX format, `read_idx`).
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
+import gzip
 import importlib.util
 import io
 import json
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -381,3 +386,93 @@ def _label_studio_export(tasks: list, path: Path, label_columns: list[str] | Non
         values = [per_task[i].get(c) for i in keep]
         columns.append(LabelColumn(c, [v if v is None or c in multi else v[0] for v in values], c in multi))
     return AnnotatedTexts([texts[i] for i in keep], columns, source=str(path))
+
+
+# --------------------------------------------------------------------------- labeled images
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+@dataclass
+class LabeledImages:
+    """Labeled image files: `images` are encoded files (bytes), as a project's tasks would show."""
+
+    images: list[bytes]
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index) -> LabeledImages:
+        return LabeledImages([self.images[i] for i in index], [self.labels[i] for i in index])
+
+    def sample(self, n: int, seed: int = 0) -> LabeledImages:
+        return self.subset(_sample_index(len(self.images), n, seed))
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (the MNIST format, gzipped or not) as a numpy array of its stored shape.
+
+    The format is a 4-byte magic (two zero bytes, a type code, the number of dimensions),
+    one big-endian uint32 size per dimension, then the values. Only unsigned bytes (type
+    0x08), which the MNIST files use, are read. Written here since numpy reads the body and
+    the header is three lines; no maintained reader exists without a framework attached.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+    if raw[2] != 0x08:
+        raise ValueError(f"{path}: IDX value type 0x{raw[2]:02x} is not unsigned bytes (0x08)")
+    ndim = raw[3]
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: {body.size} values for shape {shape}: the file is truncated")
+    return body.reshape(shape)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _sample_index(total: int, n: int, seed: int = 0) -> np.ndarray:
+    """The rows `sample(n, seed)` keeps: a fixed random subset, in file order."""
+    return np.sort(np.random.default_rng(seed).permutation(total)[: min(n, total)])
+
+
+def fashion_mnist(split: str = "train", sample: int | None = None,
+                  directory: str | Path | None = None) -> LabeledImages:
+    """Zalando's Fashion-MNIST: 28 x 28 greyscale photos of clothes, 10 classes.
+
+    `split`: "train" (60,000) or "test" (10,000); `sample`: keep only that many, a fixed
+    random subset (the same as `.sample(n)`, without making PNGs of the rest). Read from the files the Debian package
+    `dataset-fashion-mnist` installs; each image becomes a PNG file, the form an uploaded
+    task image has, so its encodings are cached by file content as the service caches them.
+    """
+    directory = Path(directory) if directory is not None else FASHION_MNIST_DIR
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images_path = directory / f"{prefix}-images-idx3-ubyte.gz"
+    labels_path = directory / f"{prefix}-labels-idx1-ubyte.gz"
+    if not images_path.exists() or not labels_path.exists():
+        raise FileNotFoundError(
+            f"Fashion-MNIST is not installed ({images_path} is missing): install the Debian "
+            f"package {FASHION_MNIST_PACKAGE} (apt-get install {FASHION_MNIST_PACKAGE}), "
+            "or run `make bench-data`, which installs it"
+        )
+    pixels, labels = read_idx(images_path), read_idx(labels_path)
+    if pixels.ndim != 3 or labels.ndim != 1 or len(pixels) != len(labels):
+        raise ValueError(f"{directory}: {pixels.shape} images but {labels.shape} labels")
+    if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+        raise ValueError(f"{labels_path}: label {int(labels.max())} is not one of the 10 classes")
+    index = _sample_index(len(pixels), sample) if sample is not None else range(len(pixels))
+    return LabeledImages([_png(pixels[i]) for i in index], [FASHION_MNIST_CLASSES[int(labels[i])] for i in index])

@@ -228,6 +228,21 @@ def load_lite0(weights: str | Path | None = None):
     return network.eval()
 
 
+# --------------------------------------------------------------------------- cache keys
+
+
+def content_digest(data: bytes) -> str:
+    """SHA-256 of an image file's bytes: what its encodings are cached under."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def content_cache_text(digest: str) -> str:
+    """The string an image's vectors are stored under in `EncodingCache` (which keys by the
+    SHA-256 of a string): it names the content, so equal files share one encoding. The
+    service (backend.images) and the simulator both use it, so they share cached vectors."""
+    return "image-sha256:" + digest
+
+
 # --------------------------------------------------------------------------- decoding
 
 
@@ -562,8 +577,12 @@ class ImageEncoder:
         torch = _torch()
         tensor = torch.from_numpy(np.stack(arrays)).to(self.device)
         if self.processor is None:
-            # uint8 NHWC -> normalised float NCHW, left in channels-last memory as the network runs it
-            tensor = (tensor.permute(0, 3, 1, 2).float() - self._mean) / self._std
+            # uint8 NHWC -> normalised float NCHW in channels-last memory, as the network runs
+            # it: the permuted view already has channels-last strides, which the float copy
+            # keeps, so normalising in place makes the batch with one float allocation (this
+            # runs on the network's thread, between two forward passes).
+            tensor = tensor.permute(0, 3, 1, 2).float()
+            tensor.sub_(self._mean).div_(self._std)
             return tensor.contiguous(memory_format=torch.channels_last)
         return tensor.contiguous()
 

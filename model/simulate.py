@@ -31,6 +31,11 @@ task needs to change nothing), and the overall macro-F1 is the mean of the contr
 With one single-choice column everything is as before: the overall figures are that
 column's, and the head is the single `ClassifierHead`.
 
+Labeled images: `builtin:fashion_mnist` (and
+`builtin:fashion_mnist_test`, Zalando's test split; Debian package `dataset-fashion-mnist`),
+encoded with the service's `model.image_encoder.ImageEncoder` and cached by image content
+as the service caches a project's images. `builtin:NAME:N` keeps a fixed subset of N.
+
 Honest statistics (issue 6): seeds are paired (in one seed every ordering starts from the
 same initial labeled set and is scored on the same test set, with the same head
 initialisation), the x axis counts only labels bought from the pool (a `--seed-data`
@@ -60,8 +65,11 @@ import numpy as np
 
 from model.datasets import (
     AnnotatedTexts,
+    LabelColumn,
+    LabeledImages,
     airline_tweets,
     debian_packages,
+    fashion_mnist,
     load_annotated_file,
     movie_snippets,
 )
@@ -70,39 +78,55 @@ DEFAULT_CACHE = Path("~/.cache/atl-backend/encodings.sqlite3")
 MODEL_DIR = Path(__file__).resolve().parent
 CEILING = "__ceiling__"  # key of the all-pool-labels run in runs.jsonl
 
+def _sampled(data, n: int | None):
+    return data if n is None else data.sample(n)
+
+
+# name -> (what it is, loader taking the sample size or None)
 BUILTIN = {
-    "airline": ("airline tweets, Positive/Negative", lambda: airline_tweets(("Positive", "Negative"))),
-    "airline3": (
-        "airline tweets, Positive/Negative/Neutral",
-        lambda: airline_tweets(("Positive", "Negative", "Neutral")),
-    ),
-    "movies": ("Rotten Tomatoes critic snippets, Positive (fresh)/Negative (rotten)", movie_snippets),
+    "airline": ("airline tweets, Positive/Negative",
+                lambda n: _sampled(airline_tweets(("Positive", "Negative")), n)),
+    "airline3": ("airline tweets, Positive/Negative/Neutral",
+                 lambda n: _sampled(airline_tweets(("Positive", "Negative", "Neutral")), n)),
+    "movies": ("Rotten Tomatoes critic snippets, Positive (fresh)/Negative (rotten)",
+               lambda n: _sampled(movie_snippets(), n)),
     "debian_use": (
         "Debian package descriptions, multi-label: what the package is used for (Debtags use::, 10 tags)",
-        lambda: debian_packages(multi=("use",), top=10),
+        lambda n: _sampled(debian_packages(multi=("use",), top=10), n),
     ),
     "debian_role_language": (
         "Debian package descriptions, two controls: role (single-choice, 4 tags) and "
         "implemented-in (multi-label, 6 languages)",
-        lambda: debian_packages(single=("role",), multi=("implemented-in",), top={"role": 4, "implemented-in": 6}),
+        lambda n: _sampled(debian_packages(single=("role",), multi=("implemented-in",),
+                                           top={"role": 4, "implemented-in": 6}), n),
     ),
+    "fashion_mnist": ("Fashion-MNIST training images (60,000, 10 classes of clothes)",
+                      lambda n: fashion_mnist("train", sample=n)),
+    "fashion_mnist_test": ("Fashion-MNIST test images (10,000)", lambda n: fashion_mnist("test", sample=n)),
 }
 
 
 def load_source(spec: str, label_columns: list[str] | None = None,
-                multi_label: list[str] | tuple = ()) -> AnnotatedTexts:
-    """A labeled file (CSV, JSONL, Label Studio JSON export) or `builtin:NAME`."""
+                multi_label: list[str] | tuple = ()) -> AnnotatedTexts | LabeledImages:
+    """A labeled file (CSV, JSONL, Label Studio JSON export) or `builtin:NAME[:N]`.
+
+    `:N` keeps a fixed random subset of N examples (the same every time), e.g.
+    `builtin:fashion_mnist:2000`: the seeds then draw their pools from those N, so only
+    they are encoded.
+    """
     if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        if name not in BUILTIN:
+        name, _, count = spec.split(":", 1)[1].partition(":")
+        if name not in BUILTIN or (count and not count.isdigit()):
             raise SystemExit(
-                f"unknown built-in dataset {name!r}; choose one of: "
-                + ", ".join(f"builtin:{k}" for k in BUILTIN)
+                f"unknown built-in dataset {spec!r}; choose one of: "
+                + ", ".join(f"builtin:{k}" for k in BUILTIN) + " (optionally :N for a subset of N)"
             )
         try:
-            data = BUILTIN[name][1]()
+            data = BUILTIN[name][1](int(count) if count else None)
         except FileNotFoundError as exc:
             raise SystemExit(f"{spec}: {exc}") from None
+        if isinstance(data, LabeledImages):
+            return data
         data = data.as_annotated() if hasattr(data, "as_annotated") else data
         if label_columns:
             data = AnnotatedTexts(data.texts, [data.column(c) for c in label_columns], data.source)
@@ -133,6 +157,7 @@ class SimulationConfig:
     test: str | None = None
     ordering_params: dict = field(default_factory=dict)
     encoder: str = "default"
+    image_encoder: str = "default"  # for image data (IMAGE_ENCODER)
     cache: str = str(DEFAULT_CACHE)
     workers: int = 1
     threads: int = 1
@@ -144,7 +169,7 @@ class SimulationConfig:
         relevant = {
             k: getattr(self, k)
             for k in ("data", "initial", "batch_size", "budget", "pool_size", "test_size",
-                      "seed_data", "test", "encoder", "label_columns", "multi_label")
+                      "seed_data", "test", "encoder", "label_columns", "multi_label", "image_encoder")
         }
         relevant["params"] = self.ordering_params.get(ordering, {})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
@@ -201,6 +226,7 @@ class TextTable:
     seed_rows: np.ndarray
     test_rows: np.ndarray
     source: str = ""
+    images: bool = False  # rows are image files (bytes), encoded with the image encoder
 
     @property
     def labels(self) -> list[str]:
@@ -218,10 +244,17 @@ class TextTable:
         return len(self.specs) == 1 and not self.specs[0].multi_label
 
 
-def build_table(data: AnnotatedTexts, seed_data: AnnotatedTexts | None,
-                test: AnnotatedTexts | None) -> TextTable:
+def build_table(data, seed_data=None, test=None) -> TextTable:
+    """One table of `data`, `seed_data` and `test`: all `AnnotatedTexts`, or all
+    `LabeledImages` (image files with one single-choice label, a control named "label")."""
     from model.heads import ControlSpec, encode_targets
 
+    images = isinstance(data, LabeledImages)
+    if any(isinstance(p, LabeledImages) != images for p in (seed_data, test) if p is not None):
+        raise SystemExit("--data, --seed-data and --test must all be texts or all be images")
+    if images:
+        data, seed_data, test = (None if p is None else AnnotatedTexts(p.images, [LabelColumn("label", p.labels)])
+                                 for p in (data, seed_data, test))
     names = [c.name for c in data.columns]
     parts = [data] + [p for p in (seed_data, test) if p is not None]
     for part, flag in ((seed_data, "--seed-data"), (test, "--test")):
@@ -256,6 +289,7 @@ def build_table(data: AnnotatedTexts, seed_data: AnnotatedTexts | None,
         seed_rows=np.arange(n_data, n_data + n_seed),
         test_rows=np.arange(n_data + n_seed, n_data + n_seed + n_test),
         source=data.source,
+        images=images,
     )
 
 
@@ -370,8 +404,10 @@ def encode_table(table: TextTable, plans: list[SeedPlan], config: SimulationConf
     """Vectors for every row a seed uses, from the encoding cache (encoding what is missing).
 
     Returns (features (n_rows, dim), all-layers features (n_rows, layers, dim) or None, the
-    encoder id). Rows no seed uses stay zero.
+    encoder id). Rows no seed uses stay zero. Image rows go to `encode_images`.
     """
+    if table.images:
+        return encode_images(table, plans, config, all_layers, progress)
     from model.encoder import encoder_id
     from model.encoding_cache import EncodingCache, encode_with_cache
 
@@ -424,6 +460,55 @@ def encode_table(table: TextTable, plans: list[SeedPlan], config: SimulationConf
                                           progress=lambda done, total: pbar.update(done - pbar.n))
     features = np.zeros((len(table.texts), cached.shape[1]), dtype=np.float32)
     features[needed] = cached
+    return features, layers, enc_id
+
+
+def encode_images(table: TextTable, plans: list[SeedPlan], config: SimulationConfig,
+                  all_layers: bool, progress: bool = True, chunk: int = 256):
+    """`encode_table` for image rows: the service's `ImageEncoder` and cache keys.
+
+    Vectors are cached by encoder id and image content (`content_cache_text`), top features
+    and every stage from one pass, exactly as `backend.images` stores a project's images, so
+    the service and the simulator share them. All-layers features are the stages side by
+    side, (n_rows, width), the shape domain-likeness gets in the service.
+    """
+    from tqdm import tqdm
+
+    from model.encoding_cache import EncodingCache
+    from model.image_encoder import ImageEncoder, content_cache_text, content_digest, image_encoder_id
+
+    cache = EncodingCache(Path(config.cache).expanduser())
+    needed = np.unique(np.concatenate([np.concatenate([p.pool, p.test, p.seed_rows]) for p in plans]))
+    keys = [content_cache_text(content_digest(table.texts[i])) for i in needed]
+    enc_id = image_encoder_id(config.image_encoder)
+    stage_key = f"{enc_id}/all-stages"
+    missing = sorted(set(cache.lookup(enc_id, keys)[1]) | set(cache.lookup(stage_key, keys)[1]))
+    first, queued = [], set()  # one row per distinct content
+    for j in missing:
+        if keys[j] not in queued:
+            queued.add(keys[j])
+            first.append(j)
+    if first:
+        encoder = ImageEncoder(config.image_encoder)
+        with tqdm(total=len(first), desc="encoding images", unit="image", disable=not progress,
+                  leave=False) as bar:
+            # In chunks, each stored at once: an interrupted run keeps what it encoded.
+            for start in range(0, len(first), chunk):
+                part = first[start : start + chunk]
+                top, stages = encoder.encode_both([table.texts[needed[j]] for j in part], stages=True)
+                texts = [keys[j] for j in part]
+                cache.store(enc_id, texts, top)
+                cache.store(stage_key, texts, stages)
+                bar.update(len(part))
+    # Read back through the cache's float16, as the service does: fresh and cached agree.
+    top, _ = cache.lookup(enc_id, keys)
+    features = np.zeros((len(table.texts), top.shape[1]), dtype=np.float32)
+    features[needed] = top
+    layers = None
+    if all_layers:
+        stages, _ = cache.lookup(stage_key, keys)
+        layers = np.zeros((len(table.texts), stages.shape[1]), dtype=np.float32)
+        layers[needed] = stages
     return features, layers, enc_id
 
 
@@ -1051,8 +1136,8 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
 
     columns, multi = config.label_columns, config.multi_label
     data = load_source(config.data, columns, multi)
-    if columns is None:  # seed and test data answer the same questions as the data
-        columns = [c.name for c in data.columns]
+    if columns is None and not isinstance(data, LabeledImages):
+        columns = [c.name for c in data.columns]  # seed and test data answer the same questions
     seed_data = load_source(config.seed_data, columns, multi) if config.seed_data else None
     test = load_source(config.test, columns, multi) if config.test else None
     table = build_table(data, seed_data, test)
@@ -1181,7 +1266,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Replay active learning on labeled data and compare orderings against random.",
         epilog="FILE: CSV or JSONL with a 'text' column and a 'label' column (or 'labels', several "
                "values per row separated by '|', or the columns --label-columns names), a Label Studio "
-               "JSON export, or builtin:" + " | builtin:".join(BUILTIN) + ".",
+               "JSON export, or builtin:" + " | builtin:".join(BUILTIN) + " (fashion_mnist*: images, from "
+               "the Debian package dataset-fashion-mnist); builtin:NAME:N keeps a fixed subset of N.",
     )
     parser.add_argument("--data", required=True, help="labeled pool (and test set unless --test)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
@@ -1212,6 +1298,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="budgets for the summary's columns, e.g. 100,200,300,500")
     parser.add_argument("--encoder", default=os.environ.get("ENCODER", "default"),
                         help="encoder name or path (default: $ENCODER or the offline MiniLM)")
+    parser.add_argument("--image-encoder", default=os.environ.get("IMAGE_ENCODER", "default"),
+                        help="image encoder for image data (default: $IMAGE_ENCODER or EfficientNet-Lite0)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help=f"encoding cache (default {DEFAULT_CACHE})")
     parser.add_argument("--workers", type=int, default=1,
                         help="parallel processes, one run each (default 1; 2 on a 2-core machine)")
@@ -1244,7 +1332,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         data=args.data, orderings=orderings, seeds=seeds, initial=args.initial,
         batch_size=args.batch_size, budget=args.budget, pool_size=args.pool_size,
         test_size=args.test_size, seed_data=args.seed_data, test=args.test,
-        ordering_params=params, encoder=args.encoder, cache=args.cache,
+        ordering_params=params, encoder=args.encoder, image_encoder=args.image_encoder, cache=args.cache,
         workers=args.workers, threads=args.threads,
         label_columns=_names(args.label_columns) or None, multi_label=_names(args.multi_label),
     )

@@ -222,3 +222,35 @@ def test_orientation_transparency_and_16_bit_images_are_shown_as_a_viewer_would(
     ramp = Image.fromarray(np.tile(np.linspace(1000, 3000, 64, dtype=np.uint16), (64, 1)))
     gray = decode_center_crop(encoded(ramp, format="PNG")).astype(int)
     assert gray[:, 0].mean() < 20 and gray[:, -1].mean() > 235  # stretched to 8 bits, not clipped
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_dct_scale_with_nearly_the_same_vectors(encoder):
+    """The draft path: a JPEG with a short side of at least twice the 256 pixels the crop
+    needs is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (several times cheaper),
+    and what the network sees barely changes from a full-size decode."""
+    from PIL import Image
+
+    from model.image_encoder import CROP_FRACTION, LITE0_RESOLUTION, _crop_resize, open_checked
+
+    photo = Image.open(io.BytesIO(sample_photo("chelsea.png"))).convert("RGB")  # 451 x 300
+    large = encoded(photo.resize((1800, 1200), Image.Resampling.BICUBIC), format="JPEG", quality=95)
+    image = open_checked(large)
+    drafted = _crop_resize(image, LITE0_RESOLUTION, CROP_FRACTION)
+    assert image.size == (450, 300)  # decoded at 1/4: the short side 300 still covers the 256 needed
+
+    # The same crop and resize from a full-size decode (no draft).
+    full = Image.open(io.BytesIO(large)).convert("RGB")
+    side = 1200 * CROP_FRACTION
+    box = ((1800 - side) / 2, (1200 - side) / 2, (1800 + side) / 2, (1200 + side) / 2)
+    reference = np.asarray(full.resize((LITE0_RESOLUTION,) * 2, Image.Resampling.BICUBIC, box=box,
+                                       reducing_gap=3.0))
+    assert np.abs(drafted.astype(int) - reference.astype(int)).mean() < 3
+    with torch.inference_mode():
+        ours = encoder.encode([large])[0]
+        theirs = encoder._forward(encoder._to_tensor([reference]), False)[0][0].numpy()
+    assert float(ours @ theirs / np.linalg.norm(ours) / np.linalg.norm(theirs)) > 0.99
+
+    # A 640 x 480 photo has no scale that keeps 256 pixels: decoded at full size.
+    medium = open_checked(encoded(photo.resize((640, 480)), format="JPEG", quality=90))
+    _crop_resize(medium, LITE0_RESOLUTION, CROP_FRACTION)
+    assert medium.size == (640, 480)
