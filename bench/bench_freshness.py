@@ -319,9 +319,9 @@ def main() -> int:
         else:
             uploaded = ((last.get("publish") or {}).get("uploaded"))
             run["tasks_with_final_version"] = f"{uploaded} uploaded (the backend's count)"
+        if three is not None:
+            three.count_final_predictions()
 
-    if three is not None:
-        three.count_final_predictions()
     rows = []
     ratios = []
     for r in range(1, args.rounds + 1):
