@@ -47,9 +47,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("before", type=Path, help="checkout of the code before the change")
     parser.add_argument("--pairs", type=int, default=2)
-    parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="-- then bench_orderings.py's arguments")
-    args = parser.parse_args()
-    bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    bench_args = argv[split + 1:]  # after "--": bench_orderings.py's own arguments
     run = Run("interleave_orderings", out=REPO / "bench" / "results" / "interleave_orderings.json")
     out_dir = REPO / "bench" / "results" / "interleave"
     out_dir.mkdir(parents=True, exist_ok=True)
