@@ -43,7 +43,10 @@ multi-label tone), in the same Label Studio and backend; its first labels and ev
 round's annotation answer all three. Each round then measures the three-control backend
 too, in turns with the one-control one (one-control first in odd rounds, three-control
 first in even ones), and reports **3-control / 1-control backend seconds of the same
-round**, median and range; target <= 1.3.
+round**, median and range; target <= 1.3. In two runs at load 13-17 the second round
+stopped: Label Studio took over a minute to delete the three-control project's superseded
+version (10,000 predictions), its SQLite stayed locked, and the next annotation got a 500;
+`--keep-prediction-versions` (at least --rounds) keeps every version for the run.
 
     .venv/bin/python bench/bench_freshness.py --tasks 10000 --rounds 4 --three-controls
 """
@@ -164,6 +167,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="result JSON (default bench/results/bench_freshness-<tasks>.json, "
                              "bench_freshness-<tasks>-3-controls.json with --three-controls)")
+    parser.add_argument("--keep-prediction-versions", type=int, default=None,
+                        help="KEEP_PREDICTION_VERSIONS (default: the backend's): with at least --rounds, no "
+                             "superseded version is deleted during the run")
     parser.add_argument("--three-controls", action="store_true",
                         help="also measure a project with three Choices controls, in turns with the "
                              "one-control project: ratio 3-control / 1-control per round")
@@ -197,10 +203,12 @@ def main() -> int:
     extra = {"PREDICTION_CHUNK": str(chunk)}
     if args.fanout is not None:
         extra["FANOUT_TASKS"] = str(args.fanout)
+    if args.keep_prediction_versions is not None:
+        extra["KEEP_PREDICTION_VERSIONS"] = str(args.keep_prediction_versions)
     run["settings"] = {"tasks": args.tasks, "rounds": args.rounds, "prediction_chunk": chunk,
                        "ls_memory_efficient_import": not args.ls_default_import, "rq_workers": args.workers,
                        "fanout_tasks": args.fanout if args.fanout is not None else "default",
-                       "ls_data_dir": str(ls_dir)}
+                       "ls_data_dir": str(ls_dir), "keep_prediction_versions": args.keep_prediction_versions}
     with LabelStudioServer(ls_dir, extra_env=ls_env) as ls, Services(run_dir, extra_env=extra) as services:
         services.start_redis()
         services.env.update(LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.api_key, RECONCILE_INTERVAL="0")

@@ -18,18 +18,31 @@ import contextlib
 import functools
 import sys
 
+_controller = None
+_modules_seen = -1
+
+
+def _thread_pools():
+    """threadpoolctl's view of the loaded BLAS/OpenMP libraries, found again only when modules
+    were imported since (finding them walks every loaded shared library: 15 ms with torch
+    loaded on the busy machine, and the heads' forward passes enter `one_thread` often)."""
+    global _controller, _modules_seen
+    from threadpoolctl import ThreadpoolController
+
+    if _controller is None or len(sys.modules) != _modules_seen:
+        _controller, _modules_seen = ThreadpoolController(), len(sys.modules)
+    return _controller
+
 
 @contextlib.contextmanager
 def one_thread():
     """Run the enclosed maths on one thread (torch, if loaded, and every BLAS/OpenMP pool)."""
-    from threadpoolctl import threadpool_limits
-
     torch = sys.modules.get("torch")  # not loaded: nothing of torch runs here
     previous = torch.get_num_threads() if torch is not None else None
     if torch is not None:
         torch.set_num_threads(1)
     try:
-        with threadpool_limits(limits=1):
+        with _thread_pools().limit(limits=1):
             yield
     finally:
         if torch is not None:
