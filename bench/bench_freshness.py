@@ -414,8 +414,8 @@ class ThreeControlProject:
             if encode and encode.get("tasks") == len(self.texts) and encode.get("status") != "encoding":
                 break
             time.sleep(2)
-        tasks = [(t.id, t.data["text"]) for t in client.tasks.list(project=self.id, include="id,data",
-                                                                    page_size=5000)]
+        tasks = self.call(lambda c: [(t.id, t.data["text"]) for t in c.tasks.list(
+            project=self.id, include="id,data", page_size=5000)])
         self.text_of = dict(tasks)
         by_label: dict[str, list[int]] = {"Positive": [], "Negative": []}
         for task_id, text in tasks:
@@ -497,9 +497,16 @@ def wait_for_switch(services, project_id: int, newer_than: int, timeout: float) 
 
 def wait_for_newer(client, project_id: int, newer_than: int, timeout: float) -> str:
     """Poll the project until its model_version is a backend version newer than `newer_than`."""
+    from label_studio_sdk.core.api_error import ApiError
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        version = client.projects.get(id=project_id).model_version
+        try:
+            version = client.projects.get(id=project_id).model_version
+        except ApiError as exc:  # a token that expired in flight (see `call` in main): poll again
+            if exc.status_code != 401:
+                raise
+            version = None
         if version_number(version or "") > newer_than:
             return version
         time.sleep(0.25)
