@@ -37,6 +37,19 @@ Label Studio runs with its memory-efficient prediction import (the feature flag 
 docker-compose.yml sets); `--ls-default-import` runs it without (every import request then
 recounts every task of the project: minutes for 10,000). `LS_DATA_DIR` sets Label Studio's
 data directory (default: `--work`/ls-data).
+
+`--three-controls` (issue 13, point 6) adds a second project of the same N tasks under a
+label config of three Choices controls (`bench/three_controls.py`: sentiment, length,
+multi-label tone), in the same Label Studio and backend; its first labels and every
+round's annotation answer all three. Each round then measures the three-control backend
+too, in turns with the one-control one (one-control first in odd rounds, three-control
+first in even ones), and reports **3-control / 1-control backend seconds of the same
+round**, median and range; target <= 1.3. In two runs at load 13-17 the second round
+stopped: Label Studio took over a minute to delete the three-control project's superseded
+version (10,000 predictions), its SQLite stayed locked, and the next annotation got a 500;
+`--keep-prediction-versions` (at least --rounds) keeps every version for the run.
+
+    .venv/bin/python bench/bench_freshness.py --tasks 10000 --rounds 4 --three-controls
 """
 
 from __future__ import annotations
@@ -49,6 +62,7 @@ import sys
 import time
 from pathlib import Path
 
+import three_controls
 from run_record import REPO, Run, spread, spread_text, table  # also puts the repository on sys.path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,6 +78,7 @@ FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
 BASE_TEXTS = 2_000
 TARGET_RATIO = 1.2
 FIRST_LABELS = 40
+THREE_CONTROLS_TARGET = 1.3
 
 
 def project_texts(n: int) -> tuple[list[str], dict[str, str]]:
@@ -151,7 +166,14 @@ def main() -> int:
                         help="FANOUT_TASKS: publish through slice jobs of at most this many predictions")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "atl-backend" / "bench-freshness")
     parser.add_argument("--out", type=Path, default=None,
-                        help="result JSON (default bench/results/bench_freshness-<tasks>.json)")
+                        help="result JSON (default bench/results/bench_freshness-<tasks>.json, "
+                             "bench_freshness-<tasks>-3-controls.json with --three-controls)")
+    parser.add_argument("--keep-prediction-versions", type=int, default=None,
+                        help="KEEP_PREDICTION_VERSIONS (default: the backend's): with at least --rounds, no "
+                             "superseded version is deleted during the run")
+    parser.add_argument("--three-controls", action="store_true",
+                        help="also measure a project with three Choices controls, in turns with the "
+                             "one-control project: ratio 3-control / 1-control per round")
     args = parser.parse_args()
     # A SIGTERM (e.g. from `timeout`) unwinds the with-blocks below, which stop Label Studio,
     # gunicorn, the workers and Redis, instead of leaving them running.
@@ -162,7 +184,9 @@ def main() -> int:
 
     from backend.settings import Settings
 
-    run = Run("bench_freshness", out=args.out or REPO / "bench" / "results" / f"bench_freshness-{args.tasks}.json")
+    suffix = "-3-controls" if args.three_controls else ""
+    run = Run("bench_freshness",
+              out=args.out or REPO / "bench" / "results" / f"bench_freshness-{args.tasks}{suffix}.json")
     chunk = args.chunk or Settings.from_env().prediction_chunk
     texts, truth = project_texts(args.tasks)
     base_count = min(args.tasks, BASE_TEXTS)
@@ -180,13 +204,17 @@ def main() -> int:
     extra = {"PREDICTION_CHUNK": str(chunk)}
     if args.fanout is not None:
         extra["FANOUT_TASKS"] = str(args.fanout)
+    if args.keep_prediction_versions is not None:
+        extra["KEEP_PREDICTION_VERSIONS"] = str(args.keep_prediction_versions)
     run["settings"] = {"tasks": args.tasks, "rounds": args.rounds, "prediction_chunk": chunk,
                        "ls_memory_efficient_import": not args.ls_default_import, "rq_workers": args.workers,
                        "fanout_tasks": args.fanout if args.fanout is not None else "default",
                        "ls_data_dir": str(ls_dir),
-                       # KEEP_PREDICTION_VERSIONS=1000 keeps Label Studio from deleting a
-                       # version's predictions between rounds (BENCHMARKS.md, freshness).
-                       "keep_prediction_versions": os.environ.get("KEEP_PREDICTION_VERSIONS", "default")}
+                       # --keep-prediction-versions (or KEEP_PREDICTION_VERSIONS in the environment)
+                       # keeps Label Studio from deleting a version's predictions between rounds.
+                       "keep_prediction_versions": (args.keep_prediction_versions if args.keep_prediction_versions
+                                                    is not None else os.environ.get("KEEP_PREDICTION_VERSIONS",
+                                                                                    "default"))}
     with LabelStudioServer(ls_dir, extra_env=ls_env) as ls, Services(run_dir, extra_env=extra) as services:
         services.start_redis()
         services.env.update(LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.api_key, RECONCILE_INTERVAL="0")
@@ -243,6 +271,12 @@ def main() -> int:
         wait_until_idle(services, project.id, timeout=3600)
         run["first_model_s"] = round(time.monotonic() - setup_started, 1)
         print(f"# first model {first} ({run['first_model_s']} s after the import started)", flush=True)
+        three = None
+        if args.three_controls:
+            three = ThreeControlProject(call, services, texts, truth)
+            run["three_controls_first_model_s"] = three.set_up(client, f"freshness {args.tasks} three controls")
+            print(f"# three-control project {three.id}: first model after "
+                  f"{run['three_controls_first_model_s']} s", flush=True)
 
         # The reference payload, built before the clock starts: one prediction per task in
         # the project's result shape, as the backend sends them (backend/ml_backend.py).
@@ -258,7 +292,12 @@ def main() -> int:
 
         for r in range(1, args.rounds + 1):
             sides = ["backend", "reference"] if r % 2 else ["reference", "backend"]
+            if three is not None:
+                sides = ["backend", "backend-3", "reference"] if r % 2 else ["reference", "backend-3", "backend"]
             for side in sides:
+                if side == "backend-3":
+                    three.measure(run, r)
+                    continue
                 if side == "reference":
                     with run.measure(round=r, side="reference", predictions=len(payload)):
                         reference_import(f"bench-reference-{r}")
@@ -302,6 +341,8 @@ def main() -> int:
         else:
             uploaded = ((last.get("publish") or {}).get("uploaded"))
             run["tasks_with_final_version"] = f"{uploaded} uploaded (the backend's count)"
+        if three is not None:
+            three.count_final_predictions()
 
     rows = []
     ratios = []
@@ -327,6 +368,8 @@ def main() -> int:
         "meets_target": spread(ratios)["median"] <= TARGET_RATIO,
     }
     run["rounds"] = rows
+    if three is not None:
+        run["three_controls"] = three.summary(run, args.rounds)
     print()
     print(table(rows))
     s = run["summary"]
@@ -335,8 +378,120 @@ def main() -> int:
           f"{spread_text(reference_s, 1)} s ({s['reference_ms_per_prediction']} ms per prediction), load "
           f"{s['load']['min']}–{s['load']['max']}; tasks with a prediction of the final version: "
           f"{run['tasks_with_final_version']} / {len(texts)}")
+    if three is not None:
+        t = run["three_controls"]
+        print()
+        print(table(t["table"]))
+        print(f"\n{args.tasks} tasks: 3-control / 1-control backend {t['ratio_text']}; target <= "
+              f"{THREE_CONTROLS_TARGET}: {'met' if t['meets_target'] else 'MISSED'}. 3-control backend "
+              f"{spread_text(t['seconds_list'], 1)} s; tasks of the three-control project with a "
+              f"prediction of its final version filling all three controls: {t['tasks_fully_predicted']} "
+              f"/ {len(texts)}")
     run.write()
     return 0
+
+
+class ThreeControlProject:
+    """`--three-controls`: the same tasks in a second project under `three_controls.CONFIG`,
+    trained by the same backend and measured in turns with the one-control project."""
+
+    def __init__(self, call, services, texts: list[str], truth: dict[str, str]):
+        self.call, self.services, self.texts, self.truth = call, services, texts, truth
+        self.config = parse_label_config(three_controls.CONFIG)
+        self.id: int | None = None
+        self.order: list[int] = []
+        self.text_of: dict[int, str] = {}
+        self.tasks_fully_predicted: int | None = None
+
+    def result(self, text: str) -> list[dict]:
+        """An annotation answering all three controls (a copy answers as its base text)."""
+        base = text.rsplit(" (#", 1)[0]
+        return self.config.results_for(three_controls.answers(base, self.truth[text]))
+
+    def annotate(self, task_id: int) -> None:
+        result = self.result(self.text_of[task_id])
+        self.call(lambda c: c.annotations.create(id=task_id, result=result))
+
+    def set_up(self, client, title: str) -> float:
+        """Create the project, import the tasks, give it FIRST_LABELS answered tasks and wait
+        for its first model. Returns the seconds that took."""
+        started = time.monotonic()
+        project = self.call(lambda c: c.projects.create(title=f"{title} {time.time():.0f}",
+                                                        label_config=three_controls.CONFIG))
+        self.id = project.id
+        self.call(lambda c: c.ml.create(url=self.services.url, project=self.id, title="ATL", is_interactive=False))
+        for start in range(0, len(self.texts), 5000):
+            part = [{"text": t} for t in self.texts[start:start + 5000]]
+            self.call(lambda c, part=part: c.projects.import_tasks(id=self.id, request=part))
+        while True:  # the TASKS_CREATED job checks the encoding cache for every task
+            encode = jobs_of(self.services, self.id)["last_encode"]
+            if encode and encode.get("tasks") == len(self.texts) and encode.get("status") != "encoding":
+                break
+            time.sleep(2)
+        tasks = self.call(lambda c: [(t.id, t.data["text"]) for t in c.tasks.list(
+            project=self.id, include="id,data", page_size=5000)])
+        self.text_of = dict(tasks)
+        by_label: dict[str, list[int]] = {"Positive": [], "Negative": []}
+        for task_id, text in tasks:
+            by_label[self.truth[text]].append(task_id)
+        self.order = [tid for pair in zip(by_label["Positive"], by_label["Negative"]) for tid in pair]
+        for task_id in self.order[:FIRST_LABELS]:
+            self.annotate(task_id)
+        wait_for_newer(client, self.id, 0, timeout=3600)
+        wait_until_idle(self.services, self.id, timeout=3600)
+        return round(time.monotonic() - started, 1)
+
+    def measure(self, run: Run, round_: int) -> None:
+        """One round's three-control measurement, as the one-control backend side is taken:
+        annotate one task (all three controls) until the project switched version."""
+        current = self.call(lambda c: c.projects.get(id=self.id)).model_version
+        with run.measure(round=round_, side="backend-3") as row:
+            self.annotate(self.order[FIRST_LABELS + round_ - 1])
+            row["model_version"] = wait_for_switch(self.services, self.id, version_number(current), timeout=3600)
+        switched = self.call(lambda c: c.projects.get(id=self.id)).model_version
+        if switched != row["model_version"]:
+            raise RuntimeError(f"the backend reports {row['model_version']} for the three-control project "
+                               f"but Label Studio's project is on {switched}")
+        last = wait_until_idle(self.services, self.id, timeout=3600)["last"]
+        row.update({**{f"{k}_s": v for k, v in (last.get("timings") or {}).items()},
+                    "publish": last.get("publish")})
+        print(f"# round {round_}: three-control backend {row['seconds']:.1f} s", flush=True)
+
+    def count_final_predictions(self) -> None:
+        """Tasks whose prediction of the project's final version holds a result for every control."""
+        final = self.call(lambda c: c.projects.get(id=self.id)).model_version
+        names = {c.name for c in self.config.controls}
+        tasks = self.call(lambda c: list(c.tasks.list(project=self.id, fields="all", page_size=1000)))
+        self.tasks_fully_predicted = sum(
+            1 for t in tasks
+            if any(p.model_version == final and names <= {_from_name(r) for r in (p.result or [])}
+                   for p in (t.predictions or [])))
+
+    def summary(self, run: Run, rounds: int) -> dict:
+        """Per round 3-control / 1-control backend seconds, and their median and range."""
+        rows, ratios = [], []
+        for r in range(1, rounds + 1):
+            pair = {m["side"]: m for m in run.measurements if m["round"] == r}
+            one, three = pair["backend"], pair["backend-3"]
+            ratios.append(three["seconds"] / one["seconds"])
+            rows.append({"round": r, "first": "1 control" if r % 2 else "3 controls",
+                         "1 control s": one["seconds"], "3 controls s": three["seconds"],
+                         "ratio 3/1": round(ratios[-1], 3),
+                         "train (1 / 3)": f"{one.get('train_s')} / {three.get('train_s')}",
+                         "score (1 / 3)": f"{one.get('score_s')} / {three.get('score_s')}",
+                         "publish (1 / 3)": f"{one.get('publish_s')} / {three.get('publish_s')}",
+                         "load (1 / 3)": f"{one['load_before']}–{one['load_after']} / "
+                                         f"{three['load_before']}–{three['load_after']}"})
+        seconds = [m["seconds"] for m in run.measurements if m["side"] == "backend-3"]
+        return {"ratio_definition": "three-control backend seconds / one-control backend seconds, same round",
+                "project": self.id, "ratio": spread(ratios), "ratio_text": spread_text(ratios, 3),
+                "seconds": spread(seconds), "seconds_list": seconds, "target_ratio": THREE_CONTROLS_TARGET,
+                "meets_target": spread(ratios)["median"] <= THREE_CONTROLS_TARGET,
+                "tasks_fully_predicted": self.tasks_fully_predicted, "table": rows}
+
+
+def _from_name(region) -> str | None:
+    return region.get("from_name") if isinstance(region, dict) else getattr(region, "from_name", None)
 
 
 def wait_for_switch(services, project_id: int, newer_than: int, timeout: float) -> str:
@@ -356,9 +511,16 @@ def wait_for_switch(services, project_id: int, newer_than: int, timeout: float) 
 
 def wait_for_newer(client, project_id: int, newer_than: int, timeout: float) -> str:
     """Poll the project until its model_version is a backend version newer than `newer_than`."""
+    from label_studio_sdk.core.api_error import ApiError
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        version = client.projects.get(id=project_id).model_version
+        try:
+            version = client.projects.get(id=project_id).model_version
+        except ApiError as exc:  # a token that expired in flight (see `call` in main): poll again
+            if exc.status_code != 401:
+                raise
+            version = None
         if version_number(version or "") > newer_than:
             return version
         time.sleep(0.25)

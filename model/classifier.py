@@ -15,7 +15,6 @@ Weights are stored as safetensors plus JSON, never pickle.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,26 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+# The small head's maths runs on one thread: why in model/threads.py.
+from model.threads import one_thread
+
 WEIGHTS_FILE = "classifier.safetensors"
 CONFIG_FILE = "classifier.json"
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run the small head's maths on one thread.
-
-    Its matrices are tiny: extra intra-op threads only add synchronisation, and on a busy
-    machine (web workers, other jobs) OpenMP's spinning threads made a 50-example fit take
-    20 s instead of 0.5 s. The encoder keeps all threads.
-    """
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:

@@ -49,6 +49,21 @@ def test_every_task_gets_one_prediction_and_disputed_labels_go_one_by_one():
     assert all(p["model_version"] == "v0002-x" for p in predictions.bulk + predictions.one_by_one)
 
 
+def test_building_predictions_leaves_the_garbage_collector_as_it_was():
+    import gc
+
+    config = parse_label_config(CONFIG)
+    assert gc.isenabled()
+    assert len(predictions_for(config, _trained(3, disputed=set()), "v0002-x")) == 3
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        predictions_for(config, _trained(3, disputed=set()), "v0002-x")
+        assert not gc.isenabled()  # paused by someone else: not switched on behind their back
+    finally:
+        gc.enable()
+
+
 def test_slices_share_out_every_prediction_exactly_once():
     predictions = Predictions(bulk=[{"task": i} for i in range(10)],
                               one_by_one=[{"task": 100 + i} for i in range(3)])

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from model.threads import on_one_thread
+
 
 # -- parameter rules: each takes a value and returns it (normalised) or raises ValueError ------
 def flag() -> Callable:
@@ -265,6 +267,14 @@ class Ordering(ABC):
     def __init__(self, **params):
         self._check(params)
         self.params = dict(params)
+
+    def __init_subclass__(cls, **kwargs):
+        # Every ordering's `score` runs on one thread (model/threads.py): its logistic heads,
+        # matrix products and k-means are small, and under load the BLAS/OpenMP pools'
+        # threads made them 10-80 times slower.
+        super().__init_subclass__(**kwargs)
+        if "score" in cls.__dict__ and not getattr(cls.__dict__["score"], "__isabstractmethod__", False):
+            cls.score = on_one_thread(cls.__dict__["score"])
 
     @classmethod
     def known_params(cls) -> dict:

@@ -199,6 +199,26 @@ class BinaryHead:
         return expit(self.positive_logit(features, offset))
 
 
+def stacked_logits(heads: list[BinaryHead], features: np.ndarray, rows: np.ndarray | None = None,
+                   chunk: int = 2048) -> np.ndarray:
+    """`positive_logit` of several offset-free heads on `features[rows]` (all rows if None),
+    (n, len(heads)).
+
+    The standardisation is folded into each head's weights (x @ (coef / scale) + intercept
+    - (mean / scale) @ coef, equal up to rounding), so the rows are read once, in chunks,
+    instead of once per head with a standardised float64 copy each: for 8,500 pool tasks of
+    all encoder layers (2,688 values) that copy was most of domain-likeness's time.
+    """
+    weights = np.column_stack([h.coef / h.scale for h in heads])
+    intercepts = np.array([h.intercept - (h.mean / h.scale) @ h.coef for h in heads])
+    rows = np.arange(len(features)) if rows is None else np.asarray(rows, dtype=np.int64)
+    logits = np.empty((len(rows), len(heads)))
+    for start in range(0, len(rows), chunk):
+        part = np.asarray(features[rows[start:start + chunk]], dtype=np.float64)
+        logits[start:start + chunk] = part @ weights + intercepts
+    return logits
+
+
 # -- training vs application ---------------------------------------------------------------
 def training_probabilities(
     labeled: np.ndarray,
@@ -214,6 +234,8 @@ def training_probabilities(
     heads train on (at most `max_per_side` per side), and the average of the fold heads for
     the tasks left out of training.
     """
+    from scipy.special import expit
+
     labeled = np.asarray(labeled, dtype=np.float32)
     unlabeled = np.asarray(unlabeled, dtype=np.float32)
     n_labeled, n_unlabeled = len(labeled), len(unlabeled)
@@ -232,18 +254,17 @@ def training_probabilities(
     out_of_fold = np.zeros(len(x))
     left_out_labeled = np.setdiff1d(np.arange(n_labeled), chosen_labeled)
     left_out_unlabeled = np.setdiff1d(np.arange(n_unlabeled), chosen_unlabeled)
-    ensemble_labeled = np.zeros(len(left_out_labeled))
-    ensemble_unlabeled = np.zeros(len(left_out_unlabeled))
+    heads = []
     for fold in range(folds):
         train, held_out = fold_of != fold, fold_of == fold
         head = BinaryHead(regularization).fit(
             x[train], is_training[train], balanced_weights(is_training[train], np.ones(train.sum()))
         )
         out_of_fold[held_out] = head.positive_probability(x[held_out])
-        if len(left_out_labeled):
-            ensemble_labeled += head.positive_probability(labeled[left_out_labeled]) / folds
-        if len(left_out_unlabeled):
-            ensemble_unlabeled += head.positive_probability(unlabeled[left_out_unlabeled]) / folds
+        heads.append(head)
+    # The tasks left out of training: the mean of the fold heads' probabilities.
+    ensemble_labeled = expit(stacked_logits(heads, labeled, left_out_labeled)).mean(axis=1)
+    ensemble_unlabeled = expit(stacked_logits(heads, unlabeled, left_out_unlabeled)).mean(axis=1)
 
     p_labeled = np.zeros(n_labeled)
     p_unlabeled = np.zeros(n_unlabeled)
