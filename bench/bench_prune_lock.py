@@ -96,9 +96,9 @@ def main() -> None:
             print(f"# {n} predictions: delete {row['delete_s']} s, annotations {outcome['ok']} ok / "
                   f"{outcome['failed']} failed, slowest ok {row['slowest_ok_s']} s, load {row['load_before']}",
                   flush=True)
-    print(table(["predictions", "delete s", "annotations ok", "failed", "slowest ok s", "load"],
-                [[r["predictions"], r["delete_s"], r["annotations_ok"], r["annotations_failed"],
-                  r["slowest_ok_s"], f"{r['load_before']}–{r['load_after']}"] for r in rows]))
+    print(table([{"predictions": r["predictions"], "delete s": r["delete_s"], "annotations ok": r["annotations_ok"],
+                  "failed": r["annotations_failed"], "slowest ok s": r["slowest_ok_s"],
+                  "load": f"{r['load_before']}–{r['load_after']}"} for r in rows]))
     print(f"# wrote {run.write()}")
 
 
