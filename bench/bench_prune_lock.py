@@ -99,7 +99,7 @@ def main() -> None:
     print(table([{"predictions": r["predictions"], "delete s": r["delete_s"], "annotations ok": r["annotations_ok"],
                   "failed": r["annotations_failed"], "slowest ok s": r["slowest_ok_s"],
                   "load": f"{r['load_before']}–{r['load_after']}"} for r in rows]))
-    print(f"# wrote {run.write()}")
+    run.write()
 
 
 if __name__ == "__main__":
