@@ -212,7 +212,8 @@ def superseded_plan(counts: dict[str, int], live: str, keep: int,
 
     Our versions older than `live` go but the `keep` newest (a rollback finds their
     predictions still there); the empty `untrained` predictions of older backends and the
-    cold-start versions (`backend.cold_start`, never a rollback target) always go. Versions
+    cold-start versions (`backend.cold_start`, never a rollback target) other than `live`
+    always go (a live cold start has no model versions before it). Versions
     that are not ours (another model's, imported ones) and versions newer than `live` (a
     fan-out still uploading) are never touched. A version of more than `max_predictions`
     predictions (0: no limit) is left in place and reported instead: Label Studio deletes
@@ -224,7 +225,7 @@ def superseded_plan(counts: dict[str, int], live: str, keep: int,
     older = sorted((v for v in counts if VERSION_RE.match(v) and version_number(v) < version_number(live)),
                    key=version_number, reverse=True)
     kept = older[:max(keep, 0)]
-    always = [v for v in counts if v == UNTRAINED or is_cold_start_version(v)]
+    always = [v for v in counts if v != live and (v == UNTRAINED or is_cold_start_version(v))]
     candidates = [v for v in [v for v in older if v not in kept] + always if counts[v] > 0]
     too_large = {v: counts[v] for v in candidates if max_predictions and counts[v] > max_predictions}
     return [v for v in candidates if v not in too_large], kept, too_large

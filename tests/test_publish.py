@@ -217,3 +217,6 @@ def test_superseded_versions_go_but_the_kept_ones_and_those_too_large_to_delete_
     delete, kept, too_large = superseded_plan(counts, v3, keep=1, max_predictions=2000)
     assert delete == ["untrained"] and too_large == {v1: 10_000, "cold-start-1": 10_000}
     assert sorted(superseded_plan(counts, v3, keep=0, max_predictions=0)[0]) == ["cold-start-1", "untrained", v1, v2]
+    # A live cold start (no model yet): only the other cold starts and `untrained` go.
+    counts.update({"cold-start-2": 300})
+    assert sorted(superseded_plan(counts, "cold-start-2", keep=1)[0]) == ["cold-start-1", "untrained"]
