@@ -39,8 +39,9 @@
 # only the first run of a machine encodes the corpora (images: keyed by file content, as
 # the service caches a project's images).
 #
-# Random is run with the class guard off: the control is what a team gets by labeling
-# tasks in a uniformly random order, without any help from the model.
+# Random runs with the class guard off (the simulator's default for the control, see
+# model/simulate.py CONTROL_PARAMS): what a team gets by labeling tasks in a uniformly random
+# order, without any help from the model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,8 +51,7 @@ WORKERS=${WORKERS:-2}
 ORDERINGS=${ORDERINGS:-all}
 export HF_HUB_OFFLINE=1
 
-common=(--seeds "$SEEDS" --orderings "$ORDERINGS" --workers "$WORKERS"
-        --ordering-params '{"random": {"class_guard": false}}')
+common=(--seeds "$SEEDS" --orderings "$ORDERINGS" --workers "$WORKERS")
 sentiment=(--pool-size 3000 --test-size 2000 --batch-size 50 --budget 500 --report-at 100,200,300,500)
 if [[ "${RESUME:-0}" == 1 ]]; then common+=(--resume); fi
 

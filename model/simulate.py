@@ -77,6 +77,8 @@ from model.datasets import (
 DEFAULT_CACHE = Path("~/.cache/atl-backend/encodings.sqlite3")
 MODEL_DIR = Path(__file__).resolve().parent
 CEILING = "__ceiling__"  # key of the all-pool-labels run in runs.jsonl
+CONTROL_PARAMS = {"class_guard": False}  # random's defaults here (SimulationConfig)
+INVOCATIONS = "invocations.json"  # the time of each invocation into one DIR (--resume)
 
 def _sampled(data, n: int | None):
     return data if n is None else data.sample(n)
@@ -163,6 +165,12 @@ class SimulationConfig:
     threads: int = 1
     label_columns: list[str] | None = None  # None: `label` (or `labels`), or the built-in's columns
     multi_label: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # The control is a team labeling in a uniformly random order, with no help from the
+        # model (BENCHMARKS.md): random's class guard is off unless asked for explicitly.
+        self.ordering_params = dict(self.ordering_params)
+        self.ordering_params["random"] = {**CONTROL_PARAMS, **self.ordering_params.get("random", {})}
 
     def run_key(self, ordering: str) -> str:
         """What a finished run depends on; `--resume` reuses runs with the same key."""
@@ -490,16 +498,20 @@ def encode_images(table: TextTable, plans: list[SeedPlan], config: SimulationCon
             first.append(j)
     if first:
         encoder = ImageEncoder(config.image_encoder)
-        with tqdm(total=len(first), desc="encoding images", unit="image", disable=not progress,
-                  leave=False) as bar:
-            # In chunks, each stored at once: an interrupted run keeps what it encoded.
+        # One pass gives the top features and every stage (domain-likeness's features), both
+        # cached: a second run, with or without domain-likeness, encodes nothing.
+        with tqdm(total=len(first), desc="encoding images (features and stages)", unit="image",
+                  disable=not progress, leave=False) as bar:
+            # In chunks, each stored at once: an interrupted run keeps what it encoded. The bar
+            # moves after every encoder batch within a chunk.
             for start in range(0, len(first), chunk):
                 part = first[start : start + chunk]
-                top, stages = encoder.encode_both([table.texts[needed[j]] for j in part], stages=True)
+                top, stages = encoder.encode_both([table.texts[needed[j]] for j in part], stages=True,
+                                                  progress=lambda done, _total, at=start: bar.update(at + done - bar.n))
                 texts = [keys[j] for j in part]
                 cache.store(enc_id, texts, top)
                 cache.store(stage_key, texts, stages)
-                bar.update(len(part))
+                bar.update(start + len(part) - bar.n)
     # Read back through the cache's float16, as the service does: fresh and cached agree.
     top, _ = cache.lookup(enc_id, keys)
     features = np.zeros((len(table.texts), top.shape[1]), dtype=np.float32)
@@ -908,7 +920,7 @@ def write_summary(path: Path, results: dict, report_at: list[int] | None) -> Non
         + ("every ordering trains the retrain's heads (model.heads.train_heads: one per control, "
            "multi-label thresholds out of fold)" if several
            else "every ordering trains the service's class-weighted head"),
-        f"- encoder `{results['encoder_id']}`; {results['seconds_total']:.0f} s in all",
+        f"- encoder `{results['encoder_id']}`; {_time_spent(results)}",
         "",
     ]
     if several:
@@ -1009,6 +1021,16 @@ def write_summary(path: Path, results: dict, report_at: list[int] | None) -> Non
     path.write_text("\n".join(lines) + "\n")
 
 
+def _time_spent(results: dict) -> str:
+    """'812 s in all' or, after --resume, '812 s in all over 3 invocations (500 + 300 + 12 s)'."""
+    total = results["seconds_total"]
+    invocations = results.get("invocations") or []
+    if len(invocations) < 2:
+        return f"{total:.0f} s in all"
+    parts = " + ".join(f"{i['seconds']:.0f}" for i in invocations)
+    return f"{total:.0f} s in all over {len(invocations)} invocations ({parts} s)"
+
+
 def _diff_cells(entry: dict, name: str, key: str, won: str) -> list[str]:
     """'+1.23 [+0.10, +2.40]' and 'k/n' for a paired difference from random, or dashes."""
     if name == "random" or entry.get(f"{key}_mean") is None:
@@ -1059,7 +1081,14 @@ def _shares(share: list[float], labels: list[str]) -> str:
     return " / ".join(f"{label} {100 * s:.0f}%" for label, s in zip(labels, share))
 
 
-def plot_curves(path: Path, results: dict) -> None:
+def plot_curves(path: Path, results: dict):
+    """Write `learning_curves.png` from `results` (results.json) and return the figure's axes.
+
+    Every ordering is drawn so that it stays visible where it overlaps another: its own
+    colour, line style and hollow marker, random (the control) on top in black; each panel
+    has its own legend. The paired-difference panel draws each ordering's 95 % interval as
+    an error bar, shifted a little sideways per ordering, so four or more stay apart.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1070,46 +1099,70 @@ def plot_curves(path: Path, results: dict) -> None:
     names = [g[0] for g in groups]
     legend = {g[0]: " = ".join(g) for g in groups}
     has_random = "random" in agg
-    n_seeds = len(results["config"]["seeds"])
-    panels = 3 if has_random else 2
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.8), constrained_layout=True)
-    colors = plt.get_cmap("tab10")
     others = [n for n in names if n != "random"]
-    style = {"random": dict(color="black", linestyle="--", linewidth=2.2, zorder=5)}
+    colors = plt.get_cmap("tab10")
+    dashes = ["-", "--", "-.", ":"]
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
+    style = {"random": dict(color="black", linestyle="-", linewidth=2.4, marker="o", zorder=10)}
     for i, n in enumerate(others):
-        style[n] = dict(color=colors(i % 10), linewidth=1.8)
-    for ax, metric, title in ((axes[0], "accuracy", "Accuracy"), (axes[1], "macro_f1", "Macro-F1")):
+        # Later orderings thinner and above: a line hidden under another still shows its edges.
+        style[n] = dict(color=colors(i % 10), linestyle=dashes[i % len(dashes)], marker=markers[i % len(markers)],
+                        linewidth=max(2.2 - 0.25 * i, 1.0), zorder=3 + i)
+    panels = 3 if has_random else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels, 5.2), constrained_layout=True)
+    for ax, metric, title in ((axes[0], "accuracy", "Accuracy (%)"), (axes[1], "macro_f1", "Macro-F1 (%)")):
         for n in names:
             e = agg[n]
             x = np.asarray(e["labels_used"])
-            mean, std = np.asarray(e[f"{metric}_mean"]), np.asarray(e[f"{metric}_std"])
-            ax.plot(x, mean, label=legend[n], marker="o", markersize=3, **style[n])
-            ax.fill_between(x, mean - std, mean + std, color=style[n]["color"], alpha=0.12, linewidth=0)
+            mean, std = np.asarray(e[f"{metric}_mean"], dtype=float), np.asarray(e[f"{metric}_std"], dtype=float)
+            ax.plot(x, mean, label=legend[n], markersize=5, markerfacecolor="none", **style[n])
+            ax.fill_between(x, mean - std, mean + std, color=style[n]["color"], alpha=0.08, linewidth=0)
         if "_ceiling" in agg:
-            c = agg["_ceiling"][f"{metric}_mean"]
-            ax.axhline(c, color="grey", linestyle=":", linewidth=1.5,
-                       label=f"ceiling: all {agg['_ceiling']['labels_used']} pool labels")
-        ax.set_title(f"{title} (%): mean over {n_seeds} seeds, band ± 1 sd")
-        ax.set_xlabel("labels used (pool)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(loc="lower right", fontsize=9)
+            ax.axhline(agg["_ceiling"][f"{metric}_mean"], color="grey", linestyle=(0, (1, 2)), linewidth=1.5,
+                       label=f"all {agg['_ceiling']['labels_used']} pool labels")
+        ax.set_title(f"{title}, mean ± 1 sd")
+        _finish_panel(ax)
     if has_random:
         ax = axes[2]
-        ax.axhline(0, color="black", linestyle="--", linewidth=2)
-        for n in others:
+        ax.axhline(0, color="black", linewidth=2.4, label="random", zorder=10)
+        xs = np.asarray(agg["random"]["labels_used"], dtype=float)
+        step = float(np.min(np.diff(xs))) if len(xs) > 1 else 1.0
+        width = 0.5 * step / max(len(others), 1)  # the orderings share half a batch sideways
+        for i, n in enumerate(others):
             e = agg[n]
-            x = np.asarray(e["labels_used"])
-            mean = np.asarray(e["accuracy_diff_vs_random_mean"])
-            half = np.asarray(e["accuracy_diff_vs_random_ci95_half"])
-            ax.plot(x, mean, label=legend[n], marker="o", markersize=3, **style[n])
-            ax.fill_between(x, mean - half, mean + half, color=style[n]["color"], alpha=0.12, linewidth=0)
-        ax.set_title("Accuracy minus random, same seed (points), band = 95% CI")
-        ax.set_xlabel("labels used (pool)")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{results['config']['data']}: {results['pool_size']}-task pool, "
-                 f"batches of {results['config']['batch_size']}", fontsize=11)
+            if e.get("accuracy_diff_vs_random_mean") is None:
+                continue
+            x = np.asarray(e["labels_used"], dtype=float) + (i - (len(others) - 1) / 2) * width
+            mean = np.asarray(e["accuracy_diff_vs_random_mean"], dtype=float)
+            half = np.asarray(e["accuracy_diff_vs_random_ci95_half"], dtype=float)
+            ax.errorbar(x, mean, yerr=np.nan_to_num(half), label=legend[n], capsize=2, elinewidth=1,
+                        markersize=5, markerfacecolor="none", **style[n])
+        ax.set_title("Accuracy − random, same seed (points), 95% CI")
+        _finish_panel(ax)
+    n_seeds = len(results["config"]["seeds"])
+    fig.suptitle(f"{results['config']['data']}: {results['pool_size']}-task pool, {n_seeds} paired "
+                 f"seed{'s' if n_seeds != 1 else ''}", fontsize=12)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return list(axes)
+
+
+def _finish_panel(ax) -> None:
+    ax.set_xlabel("labels used (pool)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8, framealpha=0.85)
+
+
+def replot(out_dir: Path, report_at: list[int] | None = None) -> dict:
+    """Rewrite `learning_curves.png` and `summary.md` from `out_dir/results.json`, without
+    running anything (`--replot`)."""
+    path = out_dir / "results.json"
+    if not path.exists():
+        raise SystemExit(f"--replot: {path} does not exist; run the simulation into {out_dir} first")
+    results = json.loads(path.read_text())
+    write_summary(out_dir / "summary.md", results, report_at or results.get("report_at"))
+    plot_curves(out_dir / "learning_curves.png", results)
+    return results
 
 
 # -- driver -----------------------------------------------------------------------------------
@@ -1167,6 +1220,14 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
             (ceiling if name == CEILING else runs[name])[seed] = row["result"]
     elif log_path.exists():
         log_path.unlink()
+    invocations = previous_invocations(out_dir) if resume else []
+    this = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": 0.0,
+            "runs": 0, "seconds_encoding": seconds_encoding}
+
+    def save_invocations() -> None:
+        # Rewritten after every run: an interrupted invocation still counts up to its last run.
+        this["seconds"] = time.perf_counter() - started
+        write_invocations(out_dir, invocations + [this])
 
     jobs = [("ceiling", p, CEILING) for p in plans if p.seed not in ceiling]
     # Seed-major order: the first seeds complete for every ordering first.
@@ -1179,6 +1240,8 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
         with log_path.open("a") as handle:
             handle.write(json.dumps({"ordering": name, "seed": seed, "key": keys[name], "code": code,
                                      "seconds": took, "result": result}) + "\n")
+        this["runs"] += 1
+        save_invocations()
         bar.set_postfix_str(f"{'ceiling' if name == CEILING else name} seed {seed}", refresh=False)
         bar.update(1)
 
@@ -1195,6 +1258,7 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
     def share(spec, t) -> list[float]:
         return (np.asarray(bought_counts(spec, t)) / max(len(t), 1)).tolist()
 
+    save_invocations()
     pool0 = plans[0].pool
     results = {
         "config": asdict(config),
@@ -1217,13 +1281,35 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
             runs, ceiling, config.seeds, [spec.name for spec in table.specs])),
         "seconds_encoding": seconds_encoding,
         "seconds_per_run": {n: float(np.mean(v)) for n, v in seconds.items() if v},
-        "seconds_total": time.perf_counter() - started,
+        # Every invocation into this DIR (several with --resume), and their sum.
+        "invocations": invocations + [this],
+        "report_at": report_at,  # the summary's columns, kept for --replot
+        "seconds_this_invocation": this["seconds"],
+        "seconds_total": float(sum(i["seconds"] for i in invocations + [this])),
     }
     results = _finite(results)  # strict JSON: an undefined spread (one seed) is null
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))
     write_summary(out_dir / "summary.md", results, report_at)
     plot_curves(out_dir / "learning_curves.png", results)
     return results
+
+
+def previous_invocations(out_dir: Path) -> list[dict]:
+    """The invocations recorded in `out_dir` (empty if none): what `--resume` adds to."""
+    path = out_dir / INVOCATIONS
+    try:
+        recorded = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [i for i in recorded if isinstance(i, dict) and isinstance(i.get("seconds"), (int, float))]
+
+
+def write_invocations(out_dir: Path, invocations: list[dict]) -> None:
+    """Replace `out_dir`'s invocation record atomically (a kill never leaves half a file)."""
+    path = out_dir / INVOCATIONS
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(invocations, indent=1))
+    os.replace(tmp, path)
 
 
 def _run_parallel(jobs, config, features, layers, table, record) -> None:
@@ -1269,7 +1355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "JSON export, or builtin:" + " | builtin:".join(BUILTIN) + " (fashion_mnist*: images, from "
                "the Debian package dataset-fashion-mnist); builtin:NAME:N keeps a fixed subset of N.",
     )
-    parser.add_argument("--data", required=True, help="labeled pool (and test set unless --test)")
+    parser.add_argument("--data", help="labeled pool (and test set unless --test); required unless --replot")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--orderings", default="all",
                         help="comma-separated names, or 'all' (default); random is always added")
@@ -1307,8 +1393,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished runs in OUT/runs.jsonl with the same settings; "
                              "refused if they were made by other model/ code")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw OUT/learning_curves.png and OUT/summary.md from OUT/results.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.replot and not args.data:
+        parser.error("--data is required (unless --replot)")
+    return args
 
 
 def config_from_args(args: argparse.Namespace) -> SimulationConfig:
@@ -1344,12 +1435,20 @@ def _names(text: str | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        replot(args.out, args.report_at)
+        print(f"redrew {args.out / 'learning_curves.png'} and {args.out / 'summary.md'} "
+              f"from {args.out / 'results.json'}")
+        return 0
     config = config_from_args(args)
     results = simulate(config, args.out, report_at=args.report_at, resume=args.resume,
                        progress=not args.quiet)
     print((args.out / "summary.md").read_text())
+    spent = f"{results['seconds_this_invocation']:.0f} s"
+    if len(results["invocations"]) > 1:
+        spent += f" ({_time_spent(results)})"
     print(f"wrote {args.out / 'results.json'}, {args.out / 'learning_curves.png'}, "
-          f"{args.out / 'summary.md'} in {results['seconds_total']:.0f} s")
+          f"{args.out / 'summary.md'} in {spent}")
     return 0
 
 

@@ -19,7 +19,17 @@ import pytest
 from model.datasets import airline_tweets, load_labeled_file, movie_snippets
 from model.orderings import ORDERINGS
 from model.orderings.base import OrderingResult
-from model.simulate import _exact_batch, aulc, code_hash, main
+from model.simulate import (
+    SimulationConfig,
+    _exact_batch,
+    aggregate,
+    aulc,
+    code_hash,
+    main,
+    plot_curves,
+    previous_invocations,
+    write_invocations,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 POOL, TEST, INITIAL, BATCH, BUDGET = 120, 150, 20, 20, 60
@@ -86,6 +96,13 @@ def test_resume_reuses_runs_of_the_same_code_and_refuses_other_code(in_domain, w
     assert [json.loads(line) for line in (resumed / "runs.jsonl").read_text().splitlines()] == rows
     again = json.loads((resumed / "results.json").read_text())
     assert again["runs"] == results["runs"] and again["aggregate"] == results["aggregate"]
+    # The time of both invocations is reported, and their sum, not only the last one's.
+    first, second = again["invocations"]
+    assert first["seconds"] == pytest.approx(results["seconds_total"])
+    assert first["runs"] == len(rows) and second["runs"] == 0
+    assert again["seconds_total"] == pytest.approx(first["seconds"] + second["seconds"])
+    assert again["seconds_this_invocation"] == pytest.approx(second["seconds"])
+    assert "over 2 invocations" in (resumed / "summary.md").read_text()
 
     # One run made by other code (or by a version that did not record its code): refused.
     for other in ("0123456789abcdef", None):
@@ -227,6 +244,103 @@ def test_aulc_and_exact_batches_on_plain_arrays():
     result = OrderingResult(scores=np.array([0.5, 0.1, 0.9, 0.2]), batch=np.array([3, 3, 1]))
     picked, filled = _exact_batch(result, 3)
     assert sorted(picked.tolist()) == [0, 1, 3] and filled == 1
+
+
+def test_the_control_is_random_without_the_class_guard_unless_asked():
+    """BENCHMARKS.md's control: a team labeling in a uniformly random order."""
+    plain = SimulationConfig(data="x.csv", orderings=["random", "margin"], seeds=[0])
+    assert plain.ordering_params["random"] == {"class_guard": False}
+    assert "margin" not in plain.ordering_params  # the others keep their own defaults
+    asked = SimulationConfig(data="x.csv", orderings=["random"], seeds=[0],
+                             ordering_params={"random": {"class_guard": True}})
+    assert asked.ordering_params["random"] == {"class_guard": True}
+    script = (REPO / "bench" / "simulate_scenarios.sh").read_text()
+    assert '"class_guard"' not in script  # the scenarios use the simulator's control as it is
+
+
+def test_invocations_record_survives_garbage_and_sums(tmp_path):
+    assert previous_invocations(tmp_path) == []
+    (tmp_path / "invocations.json").write_text("{not json")
+    assert previous_invocations(tmp_path) == []  # a torn file never stops a resume
+    write_invocations(tmp_path, [{"seconds": 10.0}, {"seconds": 2.5}])
+    assert [i["seconds"] for i in previous_invocations(tmp_path)] == [10.0, 2.5]
+
+
+def test_encoding_progress_moves_every_batch_on_small_inputs(tmp_path, monkeypatch):
+    """The bar of `encode_table` is fed by `encode_with_cache`'s callback: on a handful of
+    texts it moves in batch-sized steps up to the total, not once at the end."""
+    import model.encoding_cache as encoding_cache
+    from model.encoder import Encoder
+
+    monkeypatch.setattr(encoding_cache, "FLUSH_SECONDS", 0.0)
+    calls = []
+    texts = [f"the flight to gate {i} was late" for i in range(10)]
+    encoder = Encoder("default", device="cpu", batch_size=4)
+    encoding_cache.encode_with_cache(encoder, encoding_cache.EncodingCache(tmp_path / "e.sqlite3"), texts,
+                                     progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(4, 10), (8, 10), (10, 10)]
+
+
+def _fake_results(names: list[str], seeds: int = 3) -> dict:
+    """results.json's shape for `plot_curves`, from made-up curves (two orderings identical)."""
+    rng = np.random.default_rng(0)
+    x = [20, 40, 60, 80]
+    runs = {}
+    for k, name in enumerate(names):
+        runs[name] = {}
+        for s in range(seeds):
+            accuracy = (0.6 + 0.05 * np.arange(4) + 0.01 * k + 0.01 * rng.random(4)).tolist()
+            if name == "entropy":  # the same run as margin: one legend entry for both
+                accuracy = runs["margin"][s]["accuracy"]
+            runs[name][s] = {"labels_used": x, "accuracy": accuracy, "macro_f1": accuracy,
+                             "batch_label_counts": [[10, 10]] * 3, "seconds_ordering": 0.0,
+                             "seconds_train": 0.0, "filled_by_simulator": 0,
+                             "picked": list(range(60)) if name in ("margin", "entropy") else [k, s]}
+    return {"config": {"data": "builtin:airline", "seeds": list(range(seeds)), "batch_size": 20},
+            "orderings": names, "pool_size": 500,
+            "runs": {n: {str(s): r for s, r in per.items()} for n, per in runs.items()},
+            "aggregate": aggregate(runs, {}, list(range(seeds)))}
+
+
+def test_learning_curves_show_every_ordering_with_a_legend_on_every_panel(tmp_path):
+    names = ["random", "least_confidence", "margin", "entropy", "predicted_incorrect", "atlas"]
+    axes = plot_curves(tmp_path / "curves.png", _fake_results(names))
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(axes) == 3
+    drawn = [n for n in names if n != "entropy"]
+    for ax in axes:
+        legend = ax.get_legend()
+        assert legend is not None
+        texts = [t.get_text() for t in legend.get_texts()]
+        assert "margin = entropy" in texts and len(texts) == len(drawn)
+        assert len(ax.get_title()) < 60
+    # On the curve panels no two orderings share colour, line style and marker at once.
+    lines = [line for line in axes[0].get_lines() if line.get_label() in {*drawn, "margin = entropy"}]
+    looks = {(str(line.get_color()), line.get_linestyle(), line.get_marker()) for line in lines}
+    assert len(looks) == len(lines) == len(drawn)
+    # Paired differences: one error bar per ordering but random, shifted apart sideways.
+    bars = {bar.get_label(): bar for bar in axes[2].containers}
+    assert set(bars) == {"least_confidence", "margin = entropy", "predicted_incorrect", "atlas"}
+    firsts = sorted(bar.lines[0].get_xdata()[0] for bar in bars.values())
+    assert len(firsts) == 4 and len(set(firsts)) == 4 and firsts[-1] - firsts[0] < 20
+
+
+def test_replot_redraws_from_results_json_without_data(tmp_path, capsys):
+    out = tmp_path / "done"
+    out.mkdir()
+    results = _fake_results(["random", "margin"])
+    results.update(labels=["Negative", "Positive"], pool_label_share=[0.5, 0.5], test_size=100,
+                   encoder_id="e", seconds_total=12.0, report_at=[40, 80])
+    results["config"].update(initial=20, budget=80, seed_data=None, test=None)
+    (out / "results.json").write_text(json.dumps(results))
+    assert main(["--replot", "--out", str(out)]) == 0
+    assert (out / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "@40 | @80 |" in (out / "summary.md").read_text()  # the run's own --report-at
+    with pytest.raises(SystemExit, match="run the simulation"):
+        main(["--replot", "--out", str(tmp_path / "nothing")])
+    with pytest.raises(SystemExit):
+        main(["--out", str(out)])  # without --replot, --data is required
+    assert "--data is required" in capsys.readouterr().err
 
 
 # -- several controls and multi-label data (issue 13, point 5) ---------------------------------
