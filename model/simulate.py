@@ -42,8 +42,13 @@ initialisation), the x axis counts only labels bought from the pool (a `--seed-d
 set is free: it is the data the team already has), and `summary.md` reports each
 ordering's difference from random per seed, not only the means.
 
-Outputs in DIR: `results.json`, `learning_curves.png`, `summary.md`, and `runs.jsonl`
-(one line per finished run, so `--resume` can continue an interrupted simulation). Each
+Random is the control: it runs without the class guard (`CONTROL_PARAMS`), a team
+labeling in a uniformly random order.
+
+Outputs in DIR: `results.json`, `learning_curves.png`, `summary.md`, `runs.jsonl`
+(one line per finished run, so `--resume` can continue an interrupted simulation), and
+`invocations.json` (the time of each invocation, summed in the summary after `--resume`).
+`--replot` redraws the plot and the summary from `results.json` alone. Each
 line records a hash of the `model/` source that produced it; `--resume` refuses a
 `runs.jsonl` written by other code, so a summary never mixes runs of two versions.
 """
