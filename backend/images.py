@@ -548,7 +548,10 @@ class ImageBytesCache:
             os.utime(path)  # recently used: trimmed last
         except OSError:  # absent, or trimmed by another worker meanwhile
             return None
-        return data if content_digest(data) == digest else None
+        if content_digest(data) != digest:  # damaged on disk: dropped, so `put` writes it anew
+            path.unlink(missing_ok=True)
+            return None
+        return data
 
     def put(self, data: bytes) -> str:
         digest = content_digest(data)
