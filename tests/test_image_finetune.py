@@ -96,3 +96,81 @@ def test_the_saved_network_predicts_as_the_trained_one(base, labeled, tuned):
     # ... and the jointly trained head separates the two kinds on them.
     predicted = heads.heads[0].predict(heads.heads[0].predict_proba(first))
     assert (np.asarray(predicted) == labeled[2]).mean() >= 0.9
+
+
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <Choices name="kind" toName="image" choice="single-radio">
+    <Choice value="Photo"/><Choice value="Texture"/>
+  </Choices>
+</View>"""
+
+
+def test_the_backend_tunes_stages_and_serves_the_tuned_network(tmp_path):
+    """The backend's part of a retrain with FINE_TUNE_LAYERS=1, on images served by a real
+    HTTP server: the tuned network and heads are staged with the version, /predict of that
+    version answers with the tuned network (loaded once), and a broken image stays one
+    task's error. (The whole retrain against Label Studio: tests/test_e2e_images.py.)"""
+    from types import SimpleNamespace
+
+    from backend.label_config import parse_label_config
+    from backend.ml_backend import ActiveLearningBackend, get_image_encoder, project_examples
+    from backend.settings import Settings
+    from backend.training_data import project_data
+    from model.training import Laps, OrderingChoice, train_and_score
+    from tests.test_images import Site
+
+    site = Site()
+    try:
+        tasks = []
+        for label, names in (("Photo", PHOTOS), ("Texture", TEXTURES)):
+            for name in names:
+                for k, data in enumerate(jpeg_variants(name)):
+                    path = f"/{name}-{k}.jpg"
+                    site.routes[path] = (200, {"Content-Type": "image/jpeg"}, data)
+                    answer = [{"from_name": "kind", "to_name": "image", "type": "choices",
+                               "value": {"choices": [label]}}] if k == 0 else []
+                    tasks.append({"id": len(tasks) + 1, "data": {"image": site.url + path},
+                                  "annotations": [{"id": len(tasks) + 1, "result": answer}] if answer else []})
+        tasks.append({"id": 99, "data": {"image": site.url + "/gone.jpg"}, "annotations": []})
+        settings = Settings(data_dir=tmp_path, fine_tune_layers=1, device="cpu", encode_batch_size=8)
+        backend = ActiveLearningBackend(settings, project_id=7)
+        config = parse_label_config(CONFIG)
+        stages = []
+        progress = lambda stage, done, total: stages.append(stage)  # noqa: E731
+        no_label_studio = SimpleNamespace(client=None)  # these images are not Label Studio's
+        images, data, vectors = backend._images_of(project_data(tasks, config), config, progress, no_label_studio)
+        assert images.failed == [len(tasks) - 1] and len(data.task_ids) == len(tasks) - 1
+        examples = project_examples(data, config, vectors)
+        fine_tuning = backend._fine_tuning()
+        laps = Laps()
+        tuned = backend._fine_tune_images(data, config, examples, fine_tuning, progress, no_label_studio, laps)
+        assert {"fine-tuning the image encoder", "encoding images with the fine-tuned encoder"} <= set(stages)
+        assert set(laps.timings) == {"fine_tune_images", "encode_fine_tuned_images"}
+        base = get_image_encoder(settings)
+        assert tuned.encoder.id.startswith(base.id + "+ft-") and tuned.images.encoder_id == tuned.encoder.id
+        # Every image came from the bytes cache the first pass filled, none downloaded twice.
+        downloads = [path for path, _ in site.requests]
+        assert len(downloads) == len(set(downloads)) == len(tasks)
+
+        trained = train_and_score(tuned.examples, tuned.encoder, backend.cache, OrderingChoice(batch_size=4),
+                                  tuned_heads=tuned.heads)
+        assert trained.control_heads is tuned.heads and trained.encoder_id == tuned.encoder.id
+        meta = {"label_config": config.to_dict(), "encoder": trained.encoder_id,
+                "image_encoder": tuned.images.encoder_id, "fine_tune_layers": 1}
+        version = backend.store.stage(7, trained.control_heads, meta, image_encoder_dir=tuned.directory)
+        backend.store.activate(7, version)
+        model = backend.store.load(7)
+        assert (model.image_encoder_dir / TUNED_WEIGHTS).is_file() and not tuned.directory.exists()
+
+        answers = backend.predict(tasks)
+        assert answers[-1] == []  # the broken image: no prediction
+        expected = trained.heads["kind"].predicted
+        assert [a["result"][0]["value"]["choices"][0] for a in answers[:-1]] == expected
+        assert sum(p == t for p, t in zip(expected, [lbl for lbl in ("Photo", "Texture")
+                                                       for _ in range(len(PHOTOS) * 2)])) >= 14
+        # Loaded once per process: a second request reuses the tuned network.
+        assert get_image_encoder(settings, model) is get_image_encoder(settings, backend.store.load(7))
+        assert get_image_encoder(settings, model).id == tuned.encoder.id
+    finally:
+        site.close()
