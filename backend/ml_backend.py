@@ -11,7 +11,9 @@ by prediction score shows the most useful task first.
 Image classification (`<Image>` + `<Choices>`) runs the same loop: before training, each
 task's image is fetched and encoded by the image encoder (`backend.images`, cached by
 content), a task whose image cannot be used is left out (no prediction, counted and shown
-in the job result) and the heads train on the image vectors.
+in the job result) and the heads train on the image vectors. With FINE_TUNE_LAYERS > 0
+the image network's top blocks train with the heads first (`_fine_tune_images`), and the
+version keeps its own network, which /predict then uses.
 
 Score convention: **lower = label sooner** (Label Studio serves ascending scores first).
 With the plain ordering the score is the classifier's confidence in its predicted class.

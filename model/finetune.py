@@ -5,7 +5,12 @@ keeps a retrain to seconds. With FINE_TUNE_LAYERS=N the top N transformer layers
 as well (the rest stay frozen), the adapted encoder is saved with the model version, and
 every task is re-encoded with it once per version: better accuracy on a project far from
 the encoder's pretraining data, at the cost of minutes per retrain on a CPU.
-"""
+
+Images the same way (`fine_tune_image_heads`): the top N blocks of the image network train
+with the heads on the labeled images, BatchNorm frozen; the network is saved as
+safetensors. Text and images share one loop (`train_jointly`: one head per control, the
+sum of their losses, hard parameter sharing); each side only says how a batch of its
+inputs becomes pooled vectors with gradients."""
 
 from __future__ import annotations
 
