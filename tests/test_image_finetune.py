@@ -174,3 +174,18 @@ def test_the_backend_tunes_stages_and_serves_the_tuned_network(tmp_path):
         assert get_image_encoder(settings, model).id == tuned.encoder.id
     finally:
         site.close()
+
+
+def test_a_text_beside_the_image_goes_in_as_fixed_vectors(base, labeled, tmp_path):
+    """A control reading an image and a caption: the image network tunes, the caption's
+    (frozen) vectors reach the head as they are, side by side with the image's."""
+    images, _, y = labeled
+    spec = ControlSpec(name="kind", labels=["Photo", "Texture"], inputs=["image", "caption"])
+    captions = np.random.default_rng(0).normal(size=(len(images), 8)).astype(np.float32)
+    encoder, heads = fine_tune_image_heads(base, {"image": images[:6]}, [spec], [y[:6]], top_layers=1,
+                                           out_dir=tmp_path / "tuned", cache_id="lite0+ft-caption",
+                                           fixed={"caption": captions[:6]}, epochs=1, batch_size=4)
+    features = np.concatenate([encoder.encode(images[:6]), captions[:6]], axis=1)
+    assert heads.heads[0].predict_proba(features).shape == (6, 2)
+    with pytest.raises(RuntimeError):  # the head reads 1280 + 8 inputs, not the image's alone
+        heads.heads[0].predict_proba(encoder.encode(images[:6]))
