@@ -594,6 +594,7 @@ class CachingFetcher:
     def __init__(self, fetcher: ImageFetcher, index: ImageIndex, store: ImageBytesCache):
         self.fetcher, self.index, self.store = fetcher, index, store
         self.stats = {"cache_hits": 0}
+        self._lock = threading.Lock()  # fetch runs on several threads
 
     def url_for(self, value: str, task_id: int | None = None) -> tuple[str, bool]:
         return self.fetcher.url_for(value, task_id)
@@ -607,7 +608,8 @@ class CachingFetcher:
         if known is not None and not known[1]:
             data = self.store.get(known[0])
             if data is not None:
-                self.stats["cache_hits"] += 1
+                with self._lock:
+                    self.stats["cache_hits"] += 1
                 return data
         data = self.fetcher.fetch(value, task_id)
         self.store.put(data)
