@@ -59,6 +59,8 @@ BENCH_ARGS_orderings ?= --pool 3000 --labeled-tweets 250 --labeled-movies 250 --
 # 9 bursts per setting, as in BENCHMARKS.md: 2 minutes at load 3, 3 at load 10.
 BENCH_ARGS_webhooks ?= --bursts 9
 BENCH_ARGS_freshness ?= --tasks $(FRESHNESS_TASKS) --rounds $(FRESHNESS_ROUNDS)
+# Not in the default list (minutes on 2 cores): make bench BENCH=image_finetune (BENCHMARKS.md, issue 14.1).
+BENCH_ARGS_image_finetune ?= --labeled 100 --tasks 1000 --layers 1
 
 # Data the benchmarks read that no pip package carries: Fashion-MNIST for the image scenario
 # of bench/simulate_scenarios.sh, from the Debian package (apt-get, as for chromium above).

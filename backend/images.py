@@ -30,6 +30,7 @@ import base64
 import binascii
 import hashlib
 import logging
+import os
 import re
 import sqlite3
 import threading
@@ -509,10 +510,134 @@ ERROR_EXAMPLES = 5
 
 def fetcher_for(settings, client=None) -> ImageFetcher:
     """An `ImageFetcher` with the backend's Label Studio, token, time-out and size limit;
-    `client`: the job's SDK client, whose access token it reuses (else it makes its own)."""
-    return ImageFetcher(label_studio_url=settings.label_studio_url, api_key=settings.label_studio_api_key or None,
-                        client=client, read_timeout=settings.image_fetch_timeout,
-                        max_bytes=settings.image_max_bytes)
+    `client`: the job's SDK client, whose access token it reuses (else it makes its own).
+    With FINE_TUNE_LAYERS > 0 it keeps the files it fetches in the bounded bytes cache
+    (`CachingFetcher`): each fine-tuned version reads every image again."""
+    fetcher = ImageFetcher(label_studio_url=settings.label_studio_url,
+                           api_key=settings.label_studio_api_key or None, client=client,
+                           read_timeout=settings.image_fetch_timeout, max_bytes=settings.image_max_bytes)
+    if settings.fine_tune_layers > 0 and settings.image_bytes_cache_mb > 0:
+        return CachingFetcher(fetcher, ImageIndex(settings.encoding_cache_path),
+                              ImageBytesCache(settings.data_dir / "image_bytes",
+                                              settings.image_bytes_cache_mb * 1024 * 1024))
+    return fetcher
+
+
+class ImageBytesCache:
+    """Image files on disk, named by the SHA-256 of their content, at most `max_bytes` in all.
+
+    Fine-tuning needs the images themselves, not their vectors: the labeled ones to train
+    on, and every one again to encode it with each new version's network. Keeping the files
+    spares Label Studio (or the storage behind it) a download of the whole project per
+    retrain. Keyed by content, so two tasks showing one file keep one copy; the least
+    recently used files go first when the total passes the limit (`trim`, at the end of a
+    job). A file written by another worker is whole or absent (written aside, renamed).
+    """
+
+    def __init__(self, directory: str | Path, max_bytes: int):
+        self.directory = Path(directory)
+        self.max_bytes = int(max_bytes)
+
+    def _path(self, digest: str) -> Path:
+        return self.directory / digest[:2] / digest
+
+    def get(self, digest: str) -> bytes | None:
+        path = self._path(digest)
+        try:
+            data = path.read_bytes()
+            os.utime(path)  # recently used: trimmed last
+        except OSError:  # absent, or trimmed by another worker meanwhile
+            return None
+        if content_digest(data) != digest:  # damaged on disk: dropped, so `put` writes it anew
+            path.unlink(missing_ok=True)
+            return None
+        return data
+
+    def put(self, data: bytes) -> str:
+        digest = content_digest(data)
+        path = self._path(digest)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            aside = path.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}")
+            aside.write_bytes(data)
+            os.replace(aside, path)
+        return digest
+
+    def trim(self) -> int:
+        """Delete the least recently used files until the total fits; returns how many went."""
+        files = []
+        for path in self.directory.glob("*/*"):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            files.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in files)
+        removed = 0
+        for _, size, path in sorted(files):
+            if total <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+            removed += 1
+        return removed
+
+
+class CachingFetcher:
+    """An `ImageFetcher` that answers from an `ImageBytesCache` what it fetched before.
+
+    The file of a task value is the content `ImageIndex` recorded for it (the same rule by
+    which the vectors are reused: a value's content is read once). Anything not in the
+    cache is fetched and kept.
+    """
+
+    def __init__(self, fetcher: ImageFetcher, index: ImageIndex, store: ImageBytesCache):
+        self.fetcher, self.index, self.store = fetcher, index, store
+        self.stats = {"cache_hits": 0}
+        self._lock = threading.Lock()  # fetch runs on several threads
+
+    def url_for(self, value: str, task_id: int | None = None) -> tuple[str, bool]:
+        return self.fetcher.url_for(value, task_id)
+
+    def cache_key(self, value: str, task_id: int | None = None) -> str:
+        return self.fetcher.cache_key(value, task_id)
+
+    def fetch(self, value: str, task_id: int | None = None) -> bytes:
+        source = self.fetcher.cache_key(value, task_id)
+        known = self.index.get([source]).get(source)
+        if known is not None and not known[1]:
+            data = self.store.get(known[0])
+            if data is not None:
+                with self._lock:
+                    self.stats["cache_hits"] += 1
+                return data
+        data = self.fetcher.fetch(value, task_id)
+        self.store.put(data)
+        return data
+
+    def close(self) -> None:
+        self.fetcher.close()
+        try:
+            self.store.trim()
+        except OSError as exc:  # a full or read-only disk costs downloads, not the job
+            log.warning("could not trim the image file cache %s: %s", self.store.directory, exc)
+
+
+def fetch_task_images(fetcher, task_ids: Sequence[int], values: Sequence[str],
+                      threads: int = 8) -> list[bytes | ImageError]:
+    """The file of each (task id, image value), fetched `threads` at a time; a failure is that
+    task's `ImageError` in its place, never an exception."""
+    def one(pair):
+        task_id, value = pair
+        try:
+            return fetcher.fetch(value, task_id)
+        except ImageError as exc:
+            return exc
+        except Exception as exc:  # never let one image end the job
+            return ImageFetchError(f"{_shown(value)}: unexpected error {type(exc).__name__}: {exc}")
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="image-fetch") as pool:
+        return list(pool.map(one, zip(task_ids, values)))
 
 
 @dataclass

@@ -11,7 +11,9 @@ by prediction score shows the most useful task first.
 Image classification (`<Image>` + `<Choices>`) runs the same loop: before training, each
 task's image is fetched and encoded by the image encoder (`backend.images`, cached by
 content), a task whose image cannot be used is left out (no prediction, counted and shown
-in the job result) and the heads train on the image vectors.
+in the job result) and the heads train on the image vectors. With FINE_TUNE_LAYERS > 0
+the image network's top blocks train with the heads first (`_fine_tune_images`), and the
+version keeps its own network, which /predict then uses.
 
 Score convention: **lower = label sooner** (Label Studio serves ascending scores first).
 With the plain ordering the score is the classifier's confidence in its predicted class.
@@ -20,13 +22,22 @@ With the plain ordering the score is the classifier's confidence in its predicte
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from backend.images import ProjectImages, encode_project_images, fetcher_for
+from backend.images import (
+    ERROR_EXAMPLES,
+    ProjectImages,
+    encode_project_images,
+    fetch_task_images,
+    fetcher_for,
+)
 from backend.job_results import EncodeResult, RetrainResult, Status
 from backend.label_config import LabelConfig, UnsupportedConfig, parse_label_config
 from backend.label_studio import LabelStudioProject
@@ -90,16 +101,26 @@ def get_encoder(settings: Settings, model: LoadedModel | None = None):
         return _encoders[cache_key]
 
 
-def get_image_encoder(settings: Settings):
-    """The image encoder of IMAGE_ENCODER, one per process, loaded on first use (as `get_encoder`)."""
+def get_image_encoder(settings: Settings, model: LoadedModel | None = None):
+    """The image encoder of IMAGE_ENCODER, one per process, loaded on first use (as
+    `get_encoder`); for a version with a fine-tuned image network, that network (loaded
+    once per process, the newest one only: /predict of that version reuses it)."""
     from model.image_encoder import ImageEncoder
 
-    cache_key = (settings.image_encoder, settings.device, settings.encode_batch_size)
+    tuned = model.image_encoder_dir if model is not None else None
+    cache_key = (str(tuned) if tuned else settings.image_encoder, settings.device, settings.encode_batch_size)
     with _encoders_lock:
         if cache_key not in _image_encoders:
             started = time.perf_counter()
-            _image_encoders[cache_key] = ImageEncoder(settings.image_encoder, device=settings.device,
-                                                      batch_size=settings.encode_batch_size)
+            if tuned:
+                for old in [k for k in _image_encoders if k[0] != settings.image_encoder]:
+                    del _image_encoders[old]
+                _image_encoders[cache_key] = ImageEncoder.load_tuned(
+                    tuned, cache_id=model.meta["image_encoder"], device=settings.device,
+                    batch_size=settings.encode_batch_size)
+            else:
+                _image_encoders[cache_key] = ImageEncoder(settings.image_encoder, device=settings.device,
+                                                          batch_size=settings.encode_batch_size)
             log.info("loaded image encoder %s in %.1fs", _image_encoders[cache_key].id,
                      time.perf_counter() - started)
         return _image_encoders[cache_key]
@@ -178,7 +199,7 @@ class ActiveLearningBackend:
                        model: LoadedModel) -> ProjectImages:
         """Vectors of the tasks' images under the model's image encoder (cached ones are read
         back; a new image is fetched and encoded here)."""
-        encoder = get_image_encoder(self.settings)
+        encoder = get_image_encoder(self.settings, model)
         trained_with = model.meta.get("image_encoder")
         if trained_with and trained_with != encoder.id:
             raise RuntimeError(
@@ -234,12 +255,30 @@ class ActiveLearningBackend:
             skipped.image_errors, skipped.image_error_examples = _image_errors(images)
         if not examples.labeled:
             return skipped
-        encoder = get_encoder(self.settings) if config.text_objects else get_image_encoder(self.settings)
+        fine_tuning = self._fine_tuning()
+        tuned = None
+        if images is not None and fine_tuning is not None:
+            # FINE_TUNE_LAYERS on a project that reads images: the image network's top blocks
+            # train with the heads; a text beside the image keeps its frozen encoder.
+            tuned = self._fine_tune_images(tasks, config, examples, fine_tuning, progress, ls, laps)
+            fine_tuning = None
+            if tuned is not None:
+                images, tasks, examples = tuned.images, tasks.subset(tuned.keep), tuned.examples
+                skipped.image_errors, skipped.image_error_examples = _merged_errors(
+                    (skipped.image_errors, skipped.image_error_examples), _image_errors(images))
+                if not examples.labeled:
+                    shutil.rmtree(tuned.directory, ignore_errors=True)
+                    return skipped
+        if config.text_objects:
+            encoder = get_encoder(self.settings)
+        else:
+            encoder = tuned.encoder if tuned is not None else get_image_encoder(self.settings)
         centroids = self.store.read_centroids(self.project_id, _feature_space(encoder.id, images))
         trained = train_and_score(
             examples, encoder, self.cache,
             OrderingChoice(choice["ordering"], choice["batch_size"], choice["params"]),
-            fine_tuning=self._fine_tuning(images is not None), centroids=centroids, progress=progress)
+            fine_tuning=fine_tuning, centroids=centroids, progress=progress,
+            tuned_heads=tuned.heads if tuned is not None else None)
         laps.include(trained.timings)
         heads = trained.heads
         first = heads[config.from_name]
@@ -266,7 +305,7 @@ class ActiveLearningBackend:
             "annotation_counts": annotation_counts(project),
             "label_config": config.to_dict(),
             "encoder": trained.encoder_id,
-            "fine_tune_layers": 0 if images is not None else self.settings.fine_tune_layers,
+            "fine_tune_layers": self.settings.fine_tune_layers if images is None or tuned is not None else 0,
             "ordering": choice,
             "ordering_info": trained.ordering_info,
             "labeled": trained.labeled,
@@ -280,7 +319,8 @@ class ActiveLearningBackend:
         }
         if images is not None:
             meta["image_encoder"] = images.encoder_id
-        version = self.store.stage(self.project_id, trained.control_heads, meta, encoder_dir=trained.encoder_dir)
+        version = self.store.stage(self.project_id, trained.control_heads, meta, encoder_dir=trained.encoder_dir,
+                                   image_encoder_dir=tuned.directory if tuned is not None else None)
         write_stop_set(self.store, self.project_id, version, reference)
         unlabeled = [i for i, score in enumerate(trained.scores) if score < LABELED_FLOOR]
         write_queue_preview(self.store, self.project_id, version,
@@ -333,16 +373,10 @@ class ActiveLearningBackend:
         keep = [i for i in range(len(data.task_ids)) if i not in failed]
         return images, data.subset(keep) if failed else data, images.object_vectors(keep)
 
-    def _fine_tuning(self, has_images: bool = False) -> FineTuning | None:
+    def _fine_tuning(self) -> FineTuning | None:
         """Where a fine-tuned encoder goes (FINE_TUNE_LAYERS > 0): a temporary directory in the
-        project's model directory, which `ModelStore.stage` moves into the version. Fine-tuning
-        trains the text encoder only: a project that reads images keeps its encoders frozen."""
+        project's model directory, which `ModelStore.stage` moves into the version."""
         if self.settings.fine_tune_layers <= 0:
-            return None
-        if has_images:
-            log.info("project=%s FINE_TUNE_LAYERS=%d is ignored: the project reads images, and only the "
-                     "text encoder is fine-tuned; the image encoder stays frozen",
-                     self.project_id, self.settings.fine_tune_layers)
             return None
         import tempfile
         from pathlib import Path
@@ -351,6 +385,71 @@ class ActiveLearningBackend:
         project_dir.mkdir(parents=True, exist_ok=True)
         return FineTuning(self.settings.fine_tune_layers,
                           Path(tempfile.mkdtemp(prefix=".finetune-", dir=project_dir)))
+
+    def _fine_tune_images(self, data: ProjectData, config: LabelConfig, examples: ProjectExamples,
+                          fine_tuning: FineTuning, progress: Progress, ls: LabelStudioProject,
+                          laps: Laps) -> TunedImages | None:
+        """Fine-tune the image network's top blocks with the heads on the labeled tasks'
+        images (`model.finetune.fine_tune_image_heads`), then encode every task's image with
+        it under a cache id of its own. The files come from the bytes cache when it has them
+        (`backend.images.CachingFetcher`). A labeled task whose file cannot be read now is
+        left out of the fine-tuning; one whose image fails with the tuned network, out of
+        the version (an image error, as before). None, with the encoder left frozen, when
+        no labeled image can be read."""
+        import uuid
+
+        from model.encoding_cache import encode_with_cache
+        from model.finetune import fine_tune_image_heads
+        from model.heads import encode_targets, labeled_tasks
+
+        base = get_image_encoder(self.settings)
+        names = list(examples.controls)
+        controls = [examples.controls[name] for name in names]
+        specs = [c.spec(name, examples.inputs_of(c)) for name, c in zip(names, controls)]
+        targets = [encode_targets(spec, c.labels) for spec, c in zip(specs, controls)]
+        labeled = labeled_tasks(targets)
+        image_names = [obj.name for obj in config.image_objects]
+        fetcher = fetcher_for(self.settings, ls.client)
+        try:
+            progress("reading the labeled images", 0, len(labeled))
+            ids = [data.task_ids[i] for i in labeled]
+            files = {name: fetch_task_images(fetcher, ids, [data.object_texts[name][i] for i in labeled])
+                     for name in image_names}
+            usable = [k for k in range(len(labeled))
+                      if not any(isinstance(files[name][k], Exception) for name in image_names)]
+            if not usable:
+                log.warning("project=%s FINE_TUNE_LAYERS=%d: no labeled image could be read; this version "
+                            "keeps the image encoder frozen", self.project_id, fine_tuning.layers)
+                shutil.rmtree(fine_tuning.out_dir, ignore_errors=True)
+                return None
+            rows = labeled[usable]
+            fixed = {}
+            text_names = [name for name in examples.text_objects if any(name in s.inputs for s in specs)]
+            if text_names:
+                text_encoder = get_encoder(self.settings)
+                for name in text_names:
+                    fixed[name], _ = encode_with_cache(text_encoder, self.cache,
+                                                       [examples.objects[name][i] for i in rows])
+            tuned, heads = fine_tune_image_heads(
+                base, {name: [files[name][k] for k in usable] for name in image_names}, specs,
+                [t[rows] for t in targets], fine_tuning.layers, fine_tuning.out_dir,
+                cache_id=f"{base.id}+ft-{uuid.uuid4().hex[:12]}", fixed=fixed,
+                progress=lambda done, total: progress("fine-tuning the image encoder", done, total))
+            laps.lap("fine_tune_images")
+            del files
+            images = encode_project_images(
+                tuned, self.cache, fetcher, data.task_ids, {name: data.object_texts[name] for name in image_names},
+                progress=lambda done, total: progress("encoding images with the fine-tuned encoder", done, total))
+            laps.lap("encode_fine_tuned_images")
+        except BaseException:
+            shutil.rmtree(fine_tuning.out_dir, ignore_errors=True)
+            raise
+        finally:
+            fetcher.close()
+        failed = set(images.failed)
+        keep = [i for i in range(len(data.task_ids)) if i not in failed]
+        examples = project_examples(data.subset(keep) if failed else data, config, images.object_vectors(keep))
+        return TunedImages(tuned, heads, images, keep, examples, fine_tuning.out_dir)
 
     def _read_project(self, progress: Progress):
         """Label config and tasks from Label Studio (tasks through the local incremental copy)."""
@@ -492,6 +591,26 @@ def project_examples(data: ProjectData, config: LabelConfig,
                 for c in config.controls}
     return ProjectExamples(data.task_ids, data.texts, controls, object_texts=data.object_texts,
                            object_vectors=object_vectors or None)
+
+
+@dataclass
+class TunedImages:
+    """What `_fine_tune_images` made: the network and heads trained together, every task's
+    image encoded with the network, the rows still usable and the examples over them."""
+
+    encoder: object  # model.image_encoder.ImageEncoder, loaded from `directory`
+    heads: object  # model.heads.ControlHeads
+    images: ProjectImages
+    keep: list[int]
+    examples: ProjectExamples
+    directory: Path  # the saved network, moved into the version by ModelStore.stage
+
+
+def _merged_errors(first: tuple, second: tuple) -> tuple[int | None, list | None]:
+    """Image errors of the frozen pass and of the fine-tuned one, counted together."""
+    count = (first[0] or 0) + (second[0] or 0)
+    examples = ((first[1] or []) + (second[1] or []))[:ERROR_EXAMPLES]
+    return (count, examples) if count else (None, None)
 
 
 def _image_errors(images: ProjectImages) -> tuple[int | None, list | None]:

@@ -33,6 +33,7 @@ from model.heads import ControlHeads
 
 META_FILE = "meta.json"
 ENCODER_DIR = "encoder"  # a fine-tuned encoder, when FINE_TUNE_LAYERS > 0
+IMAGE_ENCODER_DIR = "image_encoder"  # a fine-tuned image network (safetensors), likewise
 CENTROIDS_FILE = "clusters.npz"  # the project's k-means centroids, reused across versions
 VERSION_RE = re.compile(r"^v(\d{4,})-\d{8}-\d{6}$")
 
@@ -59,6 +60,12 @@ class LoadedModel:
     def encoder_dir(self) -> Path | None:
         """The fine-tuned encoder of this version, or None when it uses the base encoder."""
         path = self.directory / ENCODER_DIR
+        return path if path.is_dir() else None
+
+    @property
+    def image_encoder_dir(self) -> Path | None:
+        """The fine-tuned image network of this version, or None when it uses the base one."""
+        path = self.directory / IMAGE_ENCODER_DIR
         return path if path.is_dir() else None
 
 
@@ -99,12 +106,13 @@ class ModelStore:
         return sorted(int(p.name) for p in self.root.iterdir() if p.name.isdigit())
 
     def stage(self, project_id: int, heads: ControlHeads, meta: dict,
-              encoder_dir: Path | None = None) -> str:
+              encoder_dir: Path | None = None, image_encoder_dir: Path | None = None) -> str:
         """Write a complete new version (not yet served) and return its name.
 
         `heads`: all heads of the version, saved together (`ControlHeads.save`; a lone
         `ClassifierHead` is saved in the single-head format, which `load` reads too).
-        `encoder_dir`, a fine-tuned encoder saved under the project directory, is moved in.
+        `encoder_dir`, a fine-tuned encoder saved under the project directory, is moved in;
+        so is `image_encoder_dir`, a fine-tuned image network.
         """
         directory = self.project_dir(project_id)
         directory.mkdir(parents=True, exist_ok=True)
@@ -116,6 +124,8 @@ class ModelStore:
             heads.save(staging)
             if encoder_dir is not None:
                 os.rename(encoder_dir, staging / ENCODER_DIR)
+            if image_encoder_dir is not None:
+                os.rename(image_encoder_dir, staging / IMAGE_ENCODER_DIR)
             meta = dict(meta, model_version=version, project_id=int(project_id),
                         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             (staging / META_FILE).write_text(json.dumps(meta, indent=2))

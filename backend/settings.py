@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     image_encoder: str = "default"
     image_fetch_timeout: float = Field(30.0, gt=0)  # seconds without a byte from the image's server
     image_max_bytes: int = Field(50 * 1024 * 1024, ge=1)  # a larger image file is that task's error
+    # With FINE_TUNE_LAYERS > 0: image files kept on disk (MB) so each version re-reads them locally.
+    image_bytes_cache_mb: int = Field(2048, ge=0)
     log_level: str = "INFO"
     log_format: str = "text"  # read by backend.logs.configure_logging
     queue_name: str = Field("atl", validation_alias="RQ_QUEUE")

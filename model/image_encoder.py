@@ -55,6 +55,8 @@ LITE0_STEM, LITE0_HEAD, LITE0_RESOLUTION = 32, 1280, 224
 LITE0_MEAN, LITE0_STD = (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)
 # Evaluation crop of the reference: the central 224/(224+32) of the shorter side.
 CROP_FRACTION = LITE0_RESOLUTION / (LITE0_RESOLUTION + 32)
+# A fine-tuned network as a model version keeps it (`ImageEncoder.save_tuned`).
+TUNED_WEIGHTS, TUNED_META = "network.safetensors", "image_encoder.json"
 
 
 class ImageError(ValueError):
@@ -542,6 +544,38 @@ class ImageEncoder:
         if params and self.cache_id is None:
             self.id = f"{image_encoder_id(self.name)}-ft{layers}"
         return params
+
+    def save_tuned(self, directory: str | Path, layers: int) -> Path:
+        """Write the (fine-tuned) network's weights to `directory` as safetensors (never a
+        pickle), with a small JSON naming the base model; `load_tuned` reads them back."""
+        import json
+
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_model(self.network, str(directory / TUNED_WEIGHTS))
+        (directory / TUNED_META).write_text(json.dumps({"base": self.name, "fine_tune_layers": int(layers)}))
+        return directory
+
+    @classmethod
+    def load_tuned(cls, directory: str | Path, cache_id: str, **options) -> ImageEncoder:
+        """A frozen encoder with the weights `save_tuned` wrote (strict: every key must match
+        the base network), its encodings cached under `cache_id`."""
+        import json
+
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        meta = json.loads((directory / TUNED_META).read_text())
+        encoder = cls(meta["base"], cache_id=cache_id, **options)
+        load_model(encoder.network, str(directory / TUNED_WEIGHTS), strict=True, device=str(encoder.device))
+        for p in encoder.network.parameters():
+            p.requires_grad_(False)
+        encoder.network.eval()
+        # The folded inference copy must be made from the loaded weights, not the base ones.
+        encoder._inference = encoder.network.fused() if encoder.processor is None else encoder.network
+        return encoder
 
     # ---- internals
 

@@ -300,6 +300,7 @@ def train_and_score(
     fine_tuning: FineTuning | None = None,
     centroids: np.ndarray | None = None,
     progress: Progress = no_progress,
+    tuned_heads: ControlHeads | None = None,
 ) -> TrainingResult:
     """Train one head per control on the tasks that answer it and score every task for the queue.
 
@@ -313,7 +314,11 @@ def train_and_score(
     `queue_scores.cluster_ids`); the ones used come back in `TrainingResult.centroids` (with
     `fine_tuning` they are ignored: the fine-tuned encoder's vectors live in another space).
     `fine_tuning` trains the top encoder layers with every head (on the sum of their losses)
-    and encodes every text again with them (text only: refused with given vectors). The retrain's one out-of-fold pass
+    and encodes every text again with them (text only: refused with given vectors).
+    `tuned_heads`: heads already trained together with a fine-tuned image network
+    (`model.finetune.fine_tune_image_heads`) whose vectors `examples.object_vectors` are:
+    they are kept, not trained again (as the text fine-tuning keeps its heads), and only
+    the out-of-fold pass and the thresholds run here. The retrain's one out-of-fold pass
     (`model.heads.train_heads`) sets the multi-label thresholds and serves the mislabeling
     score, the ordering and the stopping signals.
     Raises ValueError when no task answers any control.
@@ -325,8 +330,9 @@ def train_and_score(
         raise ValueError(f"no task answers the control(s) {names}: nothing to train on")
     given = dict(examples.object_vectors or {})
     if fine_tuning is not None and given:
-        raise ValueError("fine-tuning trains the text encoder only; train with fine_tuning=None "
-                         "when some objects come with their own vectors (images)")
+        raise ValueError("fine-tuning trains the text encoder only here; objects that come with their own "
+                         "vectors (images) are fine-tuned first (model.finetune.fine_tune_image_heads), "
+                         "their heads passed as tuned_heads")
     laps = Laps()
     objects = examples.objects
     text_objects = examples.text_objects
@@ -366,8 +372,14 @@ def train_and_score(
         laps.lap("encode")
         progress("training", 0, len(labeled))
         head_features = [concat_inputs(object_features, spec.inputs) for spec in specs]
-        heads, oof = train_heads(specs, head_features, targets, labeled, folds=folds,
-                                 device=encoder.device)
+        if tuned_heads is not None:
+            heads = tuned_heads
+            labeled_targets = [t[labeled] for t in targets]
+            oof = heads.out_of_fold([x[labeled] for x in head_features], labeled_targets, folds=folds)
+            heads.set_thresholds(oof, labeled_targets)
+        else:
+            heads, oof = train_heads(specs, head_features, targets, labeled, folds=folds,
+                                     device=encoder.device)
         laps.lap("train")
 
     progress("scoring", 0, len(examples.task_ids))

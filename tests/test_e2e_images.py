@@ -11,6 +11,7 @@ retrain must publish a version with one prediction per good task, report the bro
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import httpx
@@ -64,10 +65,15 @@ def variants(name: str) -> list[bytes]:
     return files
 
 
-def test_an_image_project_learns_from_uploaded_images_and_reports_a_broken_one(label_studio, services):
+@pytest.mark.parametrize("fine_tune_layers", [0, 1], ids=["frozen", "fine-tuned"])
+def test_an_image_project_learns_from_uploaded_images_and_reports_a_broken_one(label_studio, services,
+                                                                               fine_tune_layers):
+    """Frozen, and with FINE_TUNE_LAYERS=1: the top block of the image network trains with the
+    heads, is saved with the version, and /predict answers with it."""
     from label_studio_sdk.client import LabelStudio
 
-    services.env.update(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key)
+    services.env.update(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key,
+                        FINE_TUNE_LAYERS=str(fine_tune_layers))
     services.start_web()
     services.start_worker()
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.api_key)
@@ -153,12 +159,27 @@ def test_an_image_project_learns_from_uploaded_images_and_reports_a_broken_one(l
     assert max(current[i]["score"] for i in unlabeled) < min(current[i]["score"] for i in labeled)
 
     # /predict answers image tasks too, one entry per task: the broken one gets an empty list.
-    asked = [tasks[unlabeled[0]], tasks[broken]]
-    answer = requests.post(f"{services.url}/predict", timeout=60,
+    asked = [tasks[i] for i in unlabeled] + [tasks[broken]]
+    answer = requests.post(f"{services.url}/predict", timeout=120,
                            json={"tasks": asked, "project": f"{project.id}.0", "label_config": CONFIG}).json()
-    good, bad = answer["results"]
-    assert good["model_version"] == version and good["result"][0]["value"]["choices"], good
+    *good, bad = answer["results"]
+    assert all(g["model_version"] == version and g["result"][0]["value"]["choices"] for g in good), good
     assert bad == []
+    # The same network and heads as the retrain's: every answer is the uploaded prediction's.
+    def choices(prediction):
+        return {r["from_name"]: sorted(r["value"]["choices"]) for r in prediction["result"]}
+
+    assert [choices(g) for g in good] == [choices(current[i]) for i in unlabeled]
+
+    meta = json.loads((services.data_dir / "models" / str(project.id) / version / "meta.json").read_text())
+    tuned_network = services.data_dir / "models" / str(project.id) / version / "image_encoder"
+    assert meta["fine_tune_layers"] == fine_tune_layers
+    if fine_tune_layers:
+        # Its own network (safetensors), its own cache id, and the stages it went through.
+        assert (tuned_network / "network.safetensors").is_file() and "+ft-" in meta["image_encoder"], meta
+        assert {"fine_tune_images", "encode_fine_tuned_images"} <= set(last["timings"]), last
+    else:
+        assert not tuned_network.exists() and "+ft-" not in meta["image_encoder"]
     # The project page lists the queue's next tasks by their image.
     page = requests.get(f"{services.url}/projects/{project.id}", timeout=30)
     assert page.status_code == 200 and tasks[by_score[0]]["data"]["image"] in page.text

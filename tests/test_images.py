@@ -17,7 +17,15 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pytest
 
-from backend.images import ImageFetcher, ImageFetchError, ImageIndex, encode_task_images
+from backend.images import (
+    CachingFetcher,
+    ImageBytesCache,
+    ImageFetcher,
+    ImageFetchError,
+    ImageIndex,
+    content_digest,
+    encode_task_images,
+)
 from model.encoding_cache import EncodingCache
 from model.image_encoder import ImageEncoder
 from tests.test_image_encoder import bomb_png, sample_photo
@@ -246,6 +254,36 @@ def test_project_images_are_fetched_and_encoded_once(site, encoder, tmp_path):
     assert encoder.stats["decoded"] == decoded
     np.testing.assert_array_equal(third.features[0], first.features[3])
     assert ImageIndex(cache.path).count() == 7  # every downloaded value, good or undecodable
+
+
+def test_a_fine_tuned_network_reads_the_files_from_the_bytes_cache(site, encoder, tmp_path):
+    """FINE_TUNE_LAYERS: every version encodes every image again under its own encoder id;
+    the files come from the bounded on-disk cache, not from the server again."""
+    cache = EncodingCache(tmp_path / "encodings.sqlite3")
+    plain = fetcher_for("http://127.0.0.1:1")
+    store = ImageBytesCache(tmp_path / "bytes", max_bytes=10 * 1024 * 1024)
+    f = CachingFetcher(plain, ImageIndex(cache.path), store)
+    images = [(1, site.url + "/cat.png"), (2, site.url + "/truncated.jpg"), (3, site.url + "/rocket.jpg"),
+              (4, site.url + "/cat.png")]
+    first = encode_task_images(encoder, cache, f, images)
+    assert sorted(first.errors) == [1] and plain.stats["downloads"] == 4  # the first pass fetches each row
+    tuned = ImageEncoder(device="cpu", batch_size=4, cache_id="lite0+ft-version-2")
+    again = encode_task_images(tuned, cache, f, images)
+    assert plain.stats["downloads"] == 4, "a file the cache holds was downloaded again"
+    assert f.stats["cache_hits"] == 3 and again.encoded == 2 and sorted(again.errors) == [1]
+    assert cache.count("lite0+ft-version-2") == 2
+    np.testing.assert_allclose(again.features, first.features, atol=2e-2)  # same weights here
+    # A file changed on disk is not trusted: it is fetched again.
+    digest = content_digest(sample_photo("rocket.jpg"))
+    (tmp_path / "bytes" / digest[:2] / digest).write_bytes(b"not the file")
+    assert f.fetch(site.url + "/rocket.jpg") == sample_photo("rocket.jpg") and plain.stats["downloads"] == 5
+    # Bounded: over the limit, the least recently used files go first.
+    small = ImageBytesCache(tmp_path / "bytes", max_bytes=len(sample_photo("rocket.jpg")) + 10)
+    small.get(digest)  # the most recently used
+    assert small.trim() >= 1
+    assert small.get(digest) == sample_photo("rocket.jpg")
+    assert sum(p.stat().st_size for p in (tmp_path / "bytes").glob("*/*")) <= small.max_bytes
+    f.close()
 
 
 @pytest.mark.e2e
