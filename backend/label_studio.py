@@ -123,6 +123,36 @@ def _holding(version: str) -> list[dict]:
              "type": "List", "value": [version]}]
 
 
+def import_predictions_json(client, project_id: int, predictions: list[dict]) -> int | None:
+    """`POST /api/projects/<id>/import/predictions` with `predictions` encoded by the standard
+    library's JSON encoder, through the SDK's own authenticated HTTP client (it carries the
+    base URL and refreshes the access token); returns Label Studio's `created` count, None
+    when the answer has none.
+
+    Why not the SDK's `projects.import_predictions`: it first walks every prediction through
+    its serialisation layer in Python (`convert_and_respect_annotation_metadata`, then the
+    body filter), 0.25 s per 10,000 one-result predictions and 0.74 s per 10,000
+    three-result ones on this machine, against about 0.03 s for `json.dumps` of the same
+    list. Our predictions are plain JSON-ready dicts already, so that walk only adds time
+    to every retrain, in proportion to the number of controls. A failure is the SDK's own
+    `ApiError`, as its call would raise.
+    """
+    from label_studio_sdk.core.api_error import ApiError
+
+    body = json.dumps(predictions, separators=(",", ":")).encode()
+    response = client._client_wrapper.httpx_client.request(
+        f"api/projects/{int(project_id)}/import/predictions", method="POST", content=body,
+        headers={"content-type": "application/json"})
+    try:
+        answer = response.json() if response.content else None
+    except ValueError:
+        answer = response.text
+    if not 200 <= response.status_code < 300:
+        raise ApiError(status_code=response.status_code, headers=dict(response.headers), body=answer)
+    created = answer.get("created") if isinstance(answer, dict) else None
+    return None if created is None else int(created)
+
+
 class LabelStudioProject:
     """One Label Studio project, seen by the backend's own API key.
 
@@ -403,9 +433,8 @@ class LabelStudioProject:
                 pending = self._without_stored(pending, retried=False)
                 if not pending:
                     return
-            response = self._once("import predictions", lambda: self.client.projects.import_predictions(
-                id=self.project_id, request=pending))
-            created = getattr(response, "created", None)
+            created = self._once("import predictions", lambda: import_predictions_json(
+                self.client, self.project_id, pending))
             if created is not None and created != len(pending):
                 # Label Studio answers 201 even when it drops predictions it finds invalid.
                 raise LabelStudioError(
