@@ -134,7 +134,8 @@ def publish_slice(project_id: int, version: str, predictions: list[dict],
     report = _progress_reporter(job, project_id)
     LabelStudioProject(settings, project_id).publish_predictions(
         predictions, one_by_one or [], settings.prediction_chunk,
-        progress=lambda done, total: report("uploading predictions", done, total))
+        progress=lambda done, total: report("uploading predictions", done, total),
+        sent_before=_run_before(job))
     uploaded = len(predictions) + len(one_by_one or [])
     duration = round(time.time() - started, 3)
     worker = getattr(job, "worker_name", None) if job is not None else None
@@ -142,6 +143,19 @@ def publish_slice(project_id: int, version: str, predictions: list[dict],
              uploaded, version, duration, worker)
     return {"uploaded": uploaded, "duration": duration, "worker": worker,
             "queue_wait": _queue_wait(job, started)}
+
+
+def _run_before(job) -> bool:
+    """Whether this RQ job was started before (a job requeued by hand after a failure, or
+    run again after its worker died); marks it as started. Without a job (called inline)
+    the answer is yes: the caller cannot vouch that nothing was sent."""
+    if job is None:
+        return True
+    before = bool(job.meta.get("started_once"))
+    if not before:
+        job.meta["started_once"] = True
+        job.save_meta()  # in Redis before the first request goes out
+    return before
 
 
 def finish_publish(project_id: int, version: str, slice_jobs: list[str], result: dict) -> dict:

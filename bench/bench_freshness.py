@@ -14,9 +14,13 @@ a load spike from another process hits both about equally):
   N predictions, up to the switch the job stamps (`after_switch.switched_at`); the deletion
   of superseded predictions that follows is reported apart (`tidy_s`);
 * **reference**: the bare upload of N predictions of the same shape (one per task, the
-  project's Choices result, a float score, one model version) with the same SDK call
-  (`projects.import_predictions`) in chunks of the backend's PREDICTION_CHUNK, one after
-  the other: what Label Studio itself needs to take in a model version, with nothing else.
+  project's Choices result, a float score, one model version) through the same request
+  the backend sends (`backend.label_studio.import_predictions_json`: the import endpoint,
+  the SDK's authenticated client, the list encoded by `json.dumps`) in chunks of the
+  backend's PREDICTION_CHUNK, one after the other: what Label Studio itself needs to take
+  in a model version, with nothing else. (Until commit b054054 both sides went through the
+  SDK's `projects.import_predictions`, whose Python serialisation walk added 0.25 s per
+  10,000 one-result predictions to each.)
 
 The figure is **ratio = backend seconds / reference seconds of the same round**, reported
 as the median and range over rounds; target <= 1.2 (issue 18). Absolute times are stated
@@ -68,6 +72,7 @@ from run_record import REPO, Run, spread, spread_text, table  # also puts the re
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from backend.label_config import parse_label_config  # noqa: E402
+from backend.label_studio import import_predictions_json  # noqa: E402
 from backend.model_store import version_number  # noqa: E402
 from model.datasets import airline_tweets, movie_snippets  # noqa: E402
 from tests.support.label_studio import LabelStudioServer  # noqa: E402
@@ -288,7 +293,7 @@ def main() -> int:
         def reference_import(label: str) -> None:
             for start in range(0, len(payload), chunk):
                 part = [dict(p, model_version=label) for p in payload[start:start + chunk]]
-                call(lambda c, part=part: c.projects.import_predictions(id=project.id, request=part))
+                call(lambda c, part=part: import_predictions_json(c, project.id, part))
 
         for r in range(1, args.rounds + 1):
             sides = ["backend", "reference"] if r % 2 else ["reference", "backend"]

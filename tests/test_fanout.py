@@ -17,6 +17,7 @@ import time
 import pytest
 import requests
 from redis import Redis
+from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -103,6 +104,20 @@ def test_large_project_publishes_through_slice_jobs_on_several_workers(label_stu
     assert flagged == last["mislabeled"], (flagged, last["mislabeled"])
     assert project.model_version() == version
     assert jobs_of(services, project.id)["model_version"] == version
+
+    # A slice's first run skips the listing of what Label Studio already holds (it grows
+    # with every earlier slice); a run again of the same job (requeued by hand, or after its
+    # worker died) still checks, and sends nothing twice.
+    assert all(job.meta.get("started_once") for job in slices)
+    again = slices[0]
+    Queue(again.origin, connection=redis, serializer=JSONSerializer).enqueue_job(again)
+    deadline = time.monotonic() + 120
+    while fetch(again.id).get_status().value != "finished" or fetch(again.id).ended_at <= again.ended_at:
+        assert time.monotonic() < deadline, f"the requeued slice did not run: {fetch(again.id).get_status()}"
+        time.sleep(0.5)
+    for task in project.tasks():
+        mine = [p for p in task["predictions"] if p["model_version"] == version]
+        assert len(mine) == 1, f"task {task['id']}: {len(mine)} predictions of {version} after a slice ran twice"
 
 
 def _encoding_done(services, project_id: int, tasks: int | None = None, timeout: float = 300) -> dict:

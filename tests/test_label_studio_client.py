@@ -280,6 +280,31 @@ def test_publishing_the_same_version_again_sends_only_what_is_missing(label_stud
 
 
 @pytest.mark.e2e
+def test_an_import_label_studio_rejects_is_reported_at_once_with_its_reason(label_studio):
+    """The bulk import goes through our own JSON request (`import_predictions_json`), not the
+    SDK method: Label Studio's refusal must still come back as one final, explained error,
+    and what it accepted must be stored exactly once."""
+    client = _client(label_studio)
+    project_id = _new_project(client, 20)
+    proxy = _proxy(label_studio)
+    ls = _through(proxy, label_studio, project_id)
+    ids = ls.task_ids()
+    version = "v0004-20261201-140000"
+    ls.upload_predictions(_predictions(ids, version), chunk=8)
+    stored = _predictions_per_task(client, project_id, version)
+    assert [len(stored[i]) for i in ids] == [1] * len(ids)
+    assert stored[ids[0]][0].result == RESULT and stored[ids[0]][0].score == 0.25
+
+    foreign = max(ids) + 10_000  # no such task in the project
+    retries = []
+    with pytest.raises(LabelStudioError, match="import predictions") as raised:
+        ls.upload_predictions(_predictions([foreign], "v0005-20261201-140000"), chunk=8,
+                              on_retry=lambda n, exc: retries.append(exc))
+    assert str(foreign) in str(raised.value)  # Label Studio's reason names the task
+    assert retries == []  # a 400 is final: not retried
+
+
+@pytest.mark.e2e
 def test_disputed_labels_imported_in_bulk_get_their_mislabeling_after_the_switch(label_studio):
     """The inline publish path: every prediction through the bulk import (which drops
     `mislabeling` and `cluster`), then one update per disputed label, even where an update's
