@@ -551,8 +551,10 @@ def _head(input_dim: int, seed: int):
     from model.classifier import ClassifierHead, HeadConfig
 
     # The service's head: HeadConfig defaults; only the initialisation seed follows the
-    # simulation seed (the same for every ordering of that seed).
-    return ClassifierHead(HeadConfig(labels=list(_CONTEXT["labels"]), input_dim=input_dim, seed=seed))
+    # simulation seed (the same for every ordering of that seed). `head_settings` (other
+    # HeadConfig fields) is for benches that compare heads on the simulator's splits.
+    return ClassifierHead(HeadConfig(labels=list(_CONTEXT["labels"]), input_dim=input_dim, seed=seed,
+                                     **_CONTEXT.get("head_settings", {})))
 
 
 def train_round(rows: np.ndarray, seed: int):
@@ -573,7 +575,8 @@ def train_round(rows: np.ndarray, seed: int):
     if _one_single_choice():
         return ControlHeads.single(_head(features.shape[1], seed).fit(x, targets[0][rows]), specs[0].name), None
     return train_heads(specs, [x] * len(specs), [np.asarray(t[rows]) for t in targets],
-                       labeled=np.arange(len(rows)), folds=MISLABELING_FOLDS, seed=seed)
+                       labeled=np.arange(len(rows)), folds=MISLABELING_FOLDS, seed=seed,
+                       **_CONTEXT.get("head_settings", {}))
 
 
 def score_controls(specs: list, predicted: list[np.ndarray], truth: list[np.ndarray]) -> dict:
