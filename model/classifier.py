@@ -2,7 +2,7 @@
 
 Two kinds (`HeadConfig.kind`), with one interface (fit, predict_proba, hidden, save/load):
 
-* `"linear"` (the default): a logistic regression on the encoder's vectors, fitted by
+* `"linear"` (what a retrain trains for the default ordering): a logistic regression on the encoder's vectors, fitted by
   scikit-learn with its L2 strength `C` chosen by out-of-fold log loss on the labels
   (`LogisticRegressionCV`, stratified folds), class-weighted as below. On the MiniLM
   sentence vectors it was at least as accurate as the MLP at every budget of the simulator
@@ -12,7 +12,9 @@ Two kinds (`HeadConfig.kind`), with one interface (fit, predict_proba, hidden, s
   whole model (encoder + head) and what the Active Transfer Learning orderings then read.
 * `"mlp"`: one real hidden layer (input → Linear → ReLU → Dropout → Linear), trained a
   fixed number of full-batch AdamW epochs, as in *Human-in-the-Loop Machine Learning*;
-  `hidden()` is that layer. Versions saved before `kind` existed load as this kind.
+  `hidden()` is that layer. What predicted_incorrect and ATLAS train with (their
+  Correct/Incorrect head learns from that layer), `HeadConfig`'s default, and the kind of
+  versions saved before `kind` existed.
 
 * `ClassifierHead`: single-choice, softmax over the choices; classes weighted by inverse
   frequency so an imbalanced project does not learn its class prior instead of its task.
@@ -62,8 +64,10 @@ HEAD_KINDS = ("linear", "mlp")
 class HeadConfig:
     labels: list[str]
     input_dim: int
-    # "linear" (logistic regression, C chosen out-of-fold) or "mlp" (one hidden layer).
-    kind: str = "linear"
+    # "linear" (logistic regression, C chosen out-of-fold) or "mlp" (one hidden layer). The
+    # retrain picks it per ordering (`Ordering.head_kind`: linear but for the orderings that
+    # learn from the MLP's hidden layer); built directly, a head is the MLP as before.
+    kind: str = "mlp"
     # linear: the L2 strength; None chooses it among C_GRID by out-of-fold log loss per fit.
     C: float | None = None
     # mlp only, below (seed also orders the linear head's folds).

@@ -367,7 +367,7 @@ def train_and_score(
         progress("training", 0, len(labeled))
         head_features = [concat_inputs(object_features, spec.inputs) for spec in specs]
         heads, oof = train_heads(specs, head_features, targets, labeled, folds=folds,
-                                 device=encoder.device)
+                                 device=encoder.device, kind=get_ordering(ordering.ordering).head_kind)
         laps.lap("train")
 
     progress("scoring", 0, len(examples.task_ids))

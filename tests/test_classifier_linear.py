@@ -1,4 +1,5 @@
-"""The linear head (`HeadConfig(kind="linear")`, the default) on plain numpy arrays."""
+"""The linear head (`HeadConfig(kind="linear")`, what a retrain trains for the default
+ordering) on plain numpy arrays."""
 
 import json
 
@@ -18,14 +19,12 @@ def _blobs(n, dim=16, classes=3, spread=0.3, seed=0):
 
 
 def _head(labels, dim, **settings):
-    return ClassifierHead(HeadConfig(labels=list(labels), input_dim=dim, **settings))
+    return ClassifierHead(HeadConfig(labels=list(labels), input_dim=dim, **{"kind": "linear", **settings}))
 
 
-def test_default_head_is_linear_and_fits_separable_data():
+def test_linear_head_fits_separable_data():
     x, y = _blobs(90)
-    head = _head("abc", x.shape[1])
-    assert head.config.kind == "linear"
-    head.fit(x, y)
+    head = _head("abc", x.shape[1]).fit(x, y)
     assert (head.predict(head.predict_proba(x)) == y).all()
     assert head.C_ in C_GRID
     p = head.predict_proba(x)
@@ -79,7 +78,7 @@ def test_save_load_round_trip_gives_identical_probabilities(tmp_path):
     tags = np.zeros((60, 4), dtype=np.int8)
     tags[np.arange(60), y] = 1
     tags[::4, 3] = 1
-    heads, _ = train_heads(specs, [x, x], [y, tags], labeled=np.arange(60))
+    heads, _ = train_heads(specs, [x, x], [y, tags], labeled=np.arange(60), kind="linear")
     heads.save(tmp_path)
     saved = json.loads((tmp_path / "heads.json").read_text())["heads"]
     assert [entry["head"]["kind"] for entry in saved] == ["linear", "linear"]
@@ -94,7 +93,7 @@ def test_multi_label_linear_head_learns_each_choice():
     targets = np.zeros((120, 4), dtype=np.float32)
     targets[np.arange(120), y] = 1
     targets[y == 0, 2] = 1  # choice 2 also goes with class 0
-    head = MultiLabelHead(HeadConfig(labels=list("wxyz"), input_dim=x.shape[1])).fit(x, targets)
+    head = MultiLabelHead(HeadConfig(labels=list("wxyz"), input_dim=x.shape[1], kind="linear")).fit(x, targets)
     chosen = head.predict(head.predict_proba(x))
     assert (chosen[:, :3] == targets[:, :3].astype(bool)).mean() > 0.97
     # "z" is never chosen: a constant, low probability.
@@ -121,3 +120,11 @@ def test_versions_saved_before_kind_load_as_the_mlp(tmp_path):
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="unknown head kind"):
         _head("ab", 4, kind="forest")
+
+
+def test_the_retrain_trains_the_linear_head_except_for_the_hidden_layer_orderings():
+    from model.orderings import ORDERINGS, get_ordering
+
+    kinds = {name: get_ordering(name).head_kind for name in ORDERINGS}
+    assert kinds["least_confidence"] == "linear"
+    assert kinds["predicted_incorrect"] == kinds["atlas"] == "mlp"
