@@ -12,9 +12,8 @@ Two kinds (`HeadConfig.kind`), with one interface (fit, predict_proba, hidden, s
   whole model (encoder + head) and what the Active Transfer Learning orderings then read.
 * `"mlp"`: one real hidden layer (input → Linear → ReLU → Dropout → Linear), trained a
   fixed number of full-batch AdamW epochs, as in *Human-in-the-Loop Machine Learning*;
-  `hidden()` is that layer. What predicted_incorrect and ATLAS train with (their
-  Correct/Incorrect head learns from that layer), `HeadConfig`'s default, and the kind of
-  versions saved before `kind` existed.
+  `hidden()` is that layer. `HeadConfig`'s default (for code that builds a head directly),
+  and the kind of versions saved before `kind` existed.
 
 * `ClassifierHead`: single-choice, softmax over the choices; classes weighted by inverse
   frequency so an imbalanced project does not learn its class prior instead of its task.
@@ -58,15 +57,17 @@ C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 FALLBACK_C = 10.0
 C_FOLDS = 5
 HEAD_KINDS = ("linear", "mlp")
+# What every retrain trains, for every ordering alike (so the simulator's seeds stay paired):
+# chosen by the simulator scenarios, BENCHMARKS.md "Issue 17, point 1".
+RETRAIN_HEAD_KIND = "linear"
 
 
 @dataclass
 class HeadConfig:
     labels: list[str]
     input_dim: int
-    # "linear" (logistic regression, C chosen out-of-fold) or "mlp" (one hidden layer). The
-    # retrain picks it per ordering (`Ordering.head_kind`: linear but for the orderings that
-    # learn from the MLP's hidden layer); built directly, a head is the MLP as before.
+    # "linear" (logistic regression, C chosen out-of-fold) or "mlp" (one hidden layer). A
+    # retrain trains `RETRAIN_HEAD_KIND`; a head built directly is the MLP as before.
     kind: str = "mlp"
     # linear: the L2 strength; None chooses it among C_GRID by out-of-fold log loss per fit.
     C: float | None = None

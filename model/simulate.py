@@ -557,6 +557,15 @@ def _head(input_dim: int, seed: int, settings: dict):
                                      **settings))
 
 
+def _retrain_head_settings() -> dict:
+    """The service's retrain head (`RETRAIN_HEAD_KIND`), for every ordering alike;
+    `head_settings` in the context (HeadConfig fields) is for benches that compare heads on
+    the simulator's splits."""
+    from model.classifier import RETRAIN_HEAD_KIND
+
+    return {"kind": RETRAIN_HEAD_KIND, **_CONTEXT.get("head_settings", {})}
+
+
 def train_round(rows: np.ndarray, seed: int, head_settings: dict | None = None):
     """(heads, out-of-fold pass or None) trained on the table rows `rows`.
 
@@ -637,9 +646,7 @@ def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
     single = _one_single_choice()
     params = config.ordering_params.get(name, {})
     ordering = get_ordering(name, **params)
-    # The service's head for this ordering; `head_settings` in the context (other HeadConfig
-    # fields) is for benches that compare heads on the simulator's splits.
-    head_settings = {"kind": ordering.head_kind, **_CONTEXT.get("head_settings", {})}
+    head_settings = _retrain_head_settings()
     # The heads' pass serves the ordering only where it asks for the same number of folds.
     shares_pass = out_of_fold_folds(name, params) == MISLABELING_FOLDS
     labeled = [int(i) for i in plan.initial]  # positions in the pool
@@ -733,9 +740,7 @@ def _exact_batch(result, need: int) -> tuple[np.ndarray, int]:
 def run_ceiling(plan: SeedPlan, config: SimulationConfig) -> dict:
     """Accuracy with every pool label (plus the seed set): what labeling everything buys."""
     rows = np.concatenate([plan.seed_rows, plan.pool])
-    from model.orderings.base import Ordering
-
-    heads, _ = train_round(rows, plan.seed, {"kind": Ordering.head_kind, **_CONTEXT.get("head_settings", {})})
+    heads, _ = train_round(rows, plan.seed, _retrain_head_settings())
     scores = _evaluate(heads, plan.test)
     result = {"labels_used": len(plan.pool), "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
     if not _one_single_choice():

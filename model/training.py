@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.classifier import RETRAIN_HEAD_KIND
 from model.encoding_cache import EncodingCache, encode_with_cache
 from model.heads import (
     ControlHeads,
@@ -367,7 +368,7 @@ def train_and_score(
         progress("training", 0, len(labeled))
         head_features = [concat_inputs(object_features, spec.inputs) for spec in specs]
         heads, oof = train_heads(specs, head_features, targets, labeled, folds=folds,
-                                 device=encoder.device, kind=get_ordering(ordering.ordering).head_kind)
+                                 device=encoder.device, kind=RETRAIN_HEAD_KIND)
         laps.lap("train")
 
     progress("scoring", 0, len(examples.task_ids))

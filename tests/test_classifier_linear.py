@@ -121,10 +121,3 @@ def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="unknown head kind"):
         _head("ab", 4, kind="forest")
 
-
-def test_the_retrain_trains_the_linear_head_except_for_the_hidden_layer_orderings():
-    from model.orderings import ORDERINGS, get_ordering
-
-    kinds = {name: get_ordering(name).head_kind for name in ORDERINGS}
-    assert kinds["least_confidence"] == "linear"
-    assert kinds["predicted_incorrect"] == kinds["atlas"] == "mlp"

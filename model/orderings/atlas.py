@@ -104,7 +104,6 @@ class Atlas(Ordering):
     """Batch built in rounds; rank-based scores for the batch, P(Correct) outside it."""
 
     name = "atlas"
-    head_kind = "mlp"  # as predicted_incorrect, whose error head it retrains per round
     defaults = dict(ATLAS_DEFAULTS)
     rules = dict(ATLAS_RULES)
 

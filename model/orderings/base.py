@@ -261,9 +261,6 @@ class Ordering(ABC):
 
     name: str = ""
     needs_all_layers: bool = False
-    # The classifier head the retrain trains for this ordering (`model.classifier.HeadConfig.kind`):
-    # the linear head, unless the ordering learns from the MLP's hidden layer (issue 17).
-    head_kind: str = "linear"
     defaults: dict = {}
     rules: dict = {}  # parameter name -> rule (flag(), integer(lo, hi), ...), for every default
 

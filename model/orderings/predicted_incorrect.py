@@ -61,9 +61,6 @@ class PredictedIncorrect(Ordering):
     """Score = P(Correct) from the Correct/Incorrect head; lower = label sooner."""
 
     name = "predicted_incorrect"
-    # Its Correct/Incorrect head was built on the MLP's hidden layer; on the linear head's
-    # (the sentence vector) its correction lost to least confidence (tests/test_orderings.py).
-    head_kind = "mlp"
     defaults = dict(ERROR_HEAD_DEFAULTS)
     rules = dict(ERROR_HEAD_RULES)
 
