@@ -1,8 +1,19 @@
-"""The project's classifiers: small neural heads trained on top of the encoder's vectors.
+"""The project's classifiers: small heads trained on top of the encoder's vectors.
 
-Each has one real hidden layer, as in *Human-in-the-Loop Machine Learning*: the Active
-Transfer Learning orderings train new heads on that **last hidden layer**, so it has to
-carry task information rather than be the raw sentence embedding.
+Two kinds (`HeadConfig.kind`), with one interface (fit, predict_proba, hidden, save/load):
+
+* `"linear"` (what a retrain trains for the default ordering): a logistic regression on the encoder's vectors, fitted by
+  scikit-learn with its L2 strength `C` chosen by out-of-fold log loss on the labels
+  (`LogisticRegressionCV`, stratified folds), class-weighted as below. On the MiniLM
+  sentence vectors it was at least as accurate as the MLP at every budget of the simulator
+  scenarios (BENCHMARKS.md, "Issue 17"). Its weights live in a `torch.nn.Linear`, so it
+  is saved, loaded, fine-tuned and run on the GPU like the MLP. It has no hidden layer:
+  `hidden()` is its input, the encoder's vector, which is the last hidden layer of the
+  whole model (encoder + head) and what the Active Transfer Learning orderings then read.
+* `"mlp"`: one real hidden layer (input → Linear → ReLU → Dropout → Linear), trained a
+  fixed number of full-batch AdamW epochs, as in *Human-in-the-Loop Machine Learning*;
+  `hidden()` is that layer. `HeadConfig`'s default (for code that builds a head directly),
+  and the kind of versions saved before `kind` existed.
 
 * `ClassifierHead`: single-choice, softmax over the choices; classes weighted by inverse
   frequency so an imbalanced project does not learn its class prior instead of its task.
@@ -17,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +49,29 @@ def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     return weights
 
 
+# The linear head's candidate L2 strengths (scikit-learn's C, inverse). Sentence vectors
+# are unit-length, so their logits need large weights: the grid reaches far above
+# scikit-learn's default of 1, which under-fits them.
+C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+# When too few labels per class leave no out-of-fold choice (fewer than two of some class).
+FALLBACK_C = 10.0
+C_FOLDS = 5
+HEAD_KINDS = ("linear", "mlp")
+# What every retrain trains, for every ordering alike (so the simulator's seeds stay paired):
+# chosen by the simulator scenarios, BENCHMARKS.md "Issue 17, point 1".
+RETRAIN_HEAD_KIND = "linear"
+
+
 @dataclass
 class HeadConfig:
     labels: list[str]
     input_dim: int
+    # "linear" (logistic regression, C chosen out-of-fold) or "mlp" (one hidden layer). A
+    # retrain trains `RETRAIN_HEAD_KIND`; a head built directly is the MLP as before.
+    kind: str = "mlp"
+    # linear: the L2 strength; None chooses it among C_GRID by out-of-fold log loss per fit.
+    C: float | None = None
+    # mlp only, below (seed also orders the linear head's folds).
     hidden_dim: int = 128
     epochs: int = 150
     learning_rate: float = 3e-3
@@ -52,21 +82,42 @@ class HeadConfig:
 
 
 class _TwoLayerHead:
-    """input → Linear → ReLU → Dropout → (last hidden layer) → Linear; what both heads share."""
+    """`body` (the MLP's Linear → ReLU → Dropout; the linear head's identity) → (last hidden
+    layer) → `out` (Linear); what both heads share."""
 
     def __init__(self, config: HeadConfig, device: str = "cpu"):
         import torch
         from torch import nn
 
+        if config.kind not in HEAD_KINDS:
+            raise ValueError(f"unknown head kind {config.kind!r}; choose one of {HEAD_KINDS}")
         self.config = config
         self.device = device
+        self.C_: float | None = None  # the linear head's chosen C, once fitted
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)
-        self.body = nn.Sequential(
-            nn.Linear(config.input_dim, config.hidden_dim), nn.ReLU(), nn.Dropout(config.dropout)
-        ).to(device)
-        self.out = nn.Linear(config.hidden_dim, len(config.labels)).to(device)
+        if config.kind == "linear":
+            self.body = nn.Identity().to(device)
+            self.out = nn.Linear(config.input_dim, len(config.labels)).to(device)
+        else:
+            self.body = nn.Sequential(
+                nn.Linear(config.input_dim, config.hidden_dim), nn.ReLU(), nn.Dropout(config.dropout)
+            ).to(device)
+            self.out = nn.Linear(config.hidden_dim, len(config.labels)).to(device)
         torch.random.set_rng_state(generator_state)
+
+    @property
+    def hidden_width(self) -> int:
+        """Width of `hidden()`'s output."""
+        return self.config.input_dim if self.config.kind == "linear" else self.config.hidden_dim
+
+    def fresh_copy(self):
+        """An untrained head with the same settings; a fitted linear head's copy keeps its
+        chosen C (the out-of-fold pass's fold heads: one C search per retrain, not per fold)."""
+        config = self.config
+        if config.kind == "linear" and config.C is None and self.C_ is not None:
+            config = replace(config, C=self.C_)
+        return type(self)(config, device=self.device)
 
     @property
     def labels(self) -> list[str]:
@@ -85,13 +136,24 @@ class _TwoLayerHead:
     def _activation(self, logits):
         raise NotImplementedError
 
+    def _fit_linear(self, features: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """(weights (n_choices, dim), biases (n_choices,), C) of the linear head."""
+        raise NotImplementedError
+
     def fit(self, features: np.ndarray, y) -> _TwoLayerHead:
-        """Full-batch training on (features, targets); see the subclass for the targets."""
+        """Train on (features, targets); see the subclass for the targets."""
         import torch
 
         y = self._as_targets(y)
         if len(y) == 0:
             raise ValueError("cannot train a classifier on zero labeled examples")
+        if self.config.kind == "linear":
+            with one_thread():
+                weights, biases, self.C_ = self._fit_linear(np.asarray(features, dtype=np.float64), y)
+            with torch.no_grad():
+                self.out.weight.copy_(torch.as_tensor(weights, dtype=torch.float32))
+                self.out.bias.copy_(torch.as_tensor(biases, dtype=torch.float32))
+            return self
         x = torch.as_tensor(np.asarray(features, dtype=np.float32), device=self.device)
         t = torch.as_tensor(y, device=self.device)
         loss_fn = self._loss_function(y)
@@ -122,7 +184,7 @@ class _TwoLayerHead:
                 h = self.body(x)
                 outputs.append((h if hidden_only else self._activation(self.out(h))).cpu().numpy())
         if not outputs:
-            width = self.config.hidden_dim if hidden_only else len(self.labels)
+            width = self.hidden_width if hidden_only else len(self.labels)
             return np.zeros((0, width), dtype=np.float32)
         return np.concatenate(outputs)
 
@@ -131,7 +193,8 @@ class _TwoLayerHead:
         return self._forward(features, hidden_only=False)
 
     def hidden(self, features: np.ndarray) -> np.ndarray:
-        """Activations of the last hidden layer, shape (n, hidden_dim)."""
+        """Activations of the last hidden layer, shape (n, hidden_width): the MLP's hidden
+        layer; for the linear head its input, the encoder's vectors."""
         return self._forward(features, hidden_only=True)
 
     def tensors(self) -> dict:
@@ -148,12 +211,19 @@ class _TwoLayerHead:
 
     def config_dict(self) -> dict:
         """The head's settings (and fitted decision state) as plain JSON."""
-        return asdict(self.config)
+        data = asdict(self.config)
+        if self.C_ is not None:
+            data["extra"] = {**data["extra"], "chosen_C": self.C_}
+        return data
 
     @classmethod
     def from_config_dict(cls, data: dict, device: str = "cpu"):
-        """An untrained head from `config_dict()`'s output (weights: `load_tensors`)."""
-        return cls(HeadConfig(**data), device=device)
+        """An untrained head from `config_dict()`'s output (weights: `load_tensors`).
+        Settings saved before `kind` existed are the MLP's."""
+        data = {"kind": "mlp", **data}
+        head = cls(HeadConfig(**data), device=device)
+        head.C_ = head.config.extra.get("chosen_C")
+        return head
 
     def save(self, directory: str | Path) -> None:
         from safetensors.torch import save_file
@@ -197,13 +267,55 @@ class ClassifierHead(_TwoLayerHead):
 
         return torch.softmax(logits, -1)
 
+    def _fit_linear(self, features: np.ndarray, targets: np.ndarray):
+        n_labels = len(self.labels)
+        present = np.unique(targets)
+        weights = np.zeros((n_labels, features.shape[1]))
+        # A choice never labeled yet: a constant logit far below the others (probability ~0).
+        biases = np.full(n_labels, ABSENT_LOGIT)
+        if len(present) == 1:
+            biases[present[0]] = 0.0
+            return weights, biases, self.config.C or FALLBACK_C
+        model, chosen = _logistic_regression(features, targets, "balanced", self.config.C, self.config.seed,
+                                             int(np.bincount(targets)[present].min()))
+        classes = model.classes_
+        if len(classes) == 2:  # one logit z for classes[1]: softmax([-z/2, z/2]) is sigmoid(z)
+            weights[classes[0]], weights[classes[1]] = -model.coef_[0] / 2, model.coef_[0] / 2
+            biases[classes[0]], biases[classes[1]] = -model.intercept_[0] / 2, model.intercept_[0] / 2
+        else:
+            weights[classes], biases[classes] = model.coef_, model.intercept_
+        return weights, biases, chosen
+
     def fit(self, features: np.ndarray, y: Sequence[int]) -> ClassifierHead:
-        """Full-batch training with class-weighted cross-entropy. `y` are label indices."""
+        """Train with classes weighted by inverse frequency. `y` are label indices."""
         return super().fit(features, y)
 
     def predict(self, probabilities: np.ndarray) -> np.ndarray:
         """The chosen label index per row of `predict_proba`'s output."""
         return np.asarray(probabilities).argmax(axis=1)
+
+
+ABSENT_LOGIT = -20.0
+
+
+def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight, C: float | None,
+                         seed: int, smallest_class: int):
+    """A fitted scikit-learn logistic regression and its C: `C` if given, else the
+    best of C_GRID by stratified out-of-fold log loss (`LogisticRegressionCV`, which refits
+    on every label with it); FALLBACK_C when some class has a single example."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+
+    if C is not None or smallest_class < 2:
+        C = float(C if C is not None else FALLBACK_C)
+        model = LogisticRegression(C=C, class_weight=class_weight, max_iter=1000, l1_ratio=0.0)
+        return model.fit(features, targets), C
+    folds = StratifiedKFold(min(C_FOLDS, int(smallest_class)), shuffle=True, random_state=seed)
+    model = LogisticRegressionCV(Cs=list(C_GRID), cv=folds, scoring="neg_log_loss",
+                                 class_weight=class_weight, max_iter=1000, l1_ratios=(0.0,),
+                                 use_legacy_attributes=False)
+    model.fit(features, targets)
+    return model, float(np.ravel(model.C_)[0])
 
 
 def positive_weights(targets: np.ndarray) -> np.ndarray:
@@ -257,6 +369,7 @@ class MultiLabelHead(_TwoLayerHead):
     def __init__(self, config: HeadConfig, device: str = "cpu"):
         super().__init__(config, device=device)
         self.thresholds_ = np.full(len(config.labels), 0.5)
+        self.choice_C_: list[float] | None = None  # the linear head's C per choice, once fitted
 
     def _as_targets(self, y) -> np.ndarray:
         y = np.asarray(y, dtype=np.float32)
@@ -264,6 +377,34 @@ class MultiLabelHead(_TwoLayerHead):
             raise ValueError(f"multi-label targets must be a (n, {len(self.labels)}) 0/1 matrix, "
                              f"got shape {y.shape}")
         return y
+
+    def _fit_linear(self, features: np.ndarray, targets: np.ndarray):
+        # One binary logistic regression per choice, its positives weighted as in the MLP's loss.
+        n_labels = len(self.labels)
+        weights = np.zeros((n_labels, features.shape[1]))
+        biases = np.zeros(n_labels)
+        # Each choice has its own C: given (a fold copy's, `fresh_copy`) or chosen here.
+        given = self.config.extra.get("choice_C") or [self.config.C] * n_labels
+        chosen = []
+        for j, weight in enumerate(positive_weights(targets)):
+            truth = targets[:, j].astype(np.int64)
+            positives = int(truth.sum())
+            if positives in (0, len(truth)):  # never (or always) chosen so far: a constant
+                biases[j] = ABSENT_LOGIT / 4 if positives == 0 else -ABSENT_LOGIT / 4
+                chosen.append(given[j] or FALLBACK_C)
+                continue
+            model, C = _logistic_regression(features, truth, {0: 1.0, 1: float(weight)}, given[j],
+                                            self.config.seed, min(positives, len(truth) - positives))
+            weights[j], biases[j] = model.coef_[0], model.intercept_[0]
+            chosen.append(C)
+        self.choice_C_ = chosen
+        return weights, biases, float(np.median(chosen))
+
+    def fresh_copy(self):
+        if self.config.kind != "linear" or self.choice_C_ is None or self.config.extra.get("choice_C"):
+            return super().fresh_copy()
+        return type(self)(replace(self.config, extra={**self.config.extra, "choice_C": self.choice_C_}),
+                          device=self.device)
 
     def _loss_function(self, targets: np.ndarray):
         import torch

@@ -89,7 +89,10 @@ def new_head(spec: ControlSpec, input_dim: int, device: str = "cpu", **settings)
 
 
 def fresh_copy(head):
-    """An untrained copy of a head (same class, settings and seed)."""
+    """An untrained copy of a head (same class, settings and seed; a fitted linear head's
+    copy keeps the C it chose)."""
+    if hasattr(head, "fresh_copy"):
+        return head.fresh_copy()
     return type(head)(head.config, device=getattr(head, "device", "cpu"))
 
 

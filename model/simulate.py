@@ -564,15 +564,26 @@ def _one_single_choice() -> bool:
     return len(specs) == 1 and not specs[0].multi_label
 
 
-def _head(input_dim: int, seed: int):
+def _head(input_dim: int, seed: int, settings: dict):
     from model.classifier import ClassifierHead, HeadConfig
 
     # The service's head: HeadConfig defaults; only the initialisation seed follows the
-    # simulation seed (the same for every ordering of that seed).
-    return ClassifierHead(HeadConfig(labels=list(_CONTEXT["labels"]), input_dim=input_dim, seed=seed))
+    # simulation seed (the same for every ordering of that seed). `head_settings` (other
+    # HeadConfig fields) is for benches that compare heads on the simulator's splits.
+    return ClassifierHead(HeadConfig(labels=list(_CONTEXT["labels"]), input_dim=input_dim, seed=seed,
+                                     **settings))
 
 
-def train_round(rows: np.ndarray, seed: int):
+def _retrain_head_settings() -> dict:
+    """The service's retrain head (`RETRAIN_HEAD_KIND`), for every ordering alike;
+    `head_settings` in the context (HeadConfig fields) is for benches that compare heads on
+    the simulator's splits."""
+    from model.classifier import RETRAIN_HEAD_KIND
+
+    return {"kind": RETRAIN_HEAD_KIND, **_CONTEXT.get("head_settings", {})}
+
+
+def train_round(rows: np.ndarray, seed: int, head_settings: dict | None = None):
     """(heads, out-of-fold pass or None) trained on the table rows `rows`.
 
     One single-choice control: the single `ClassifierHead` as before (an ordering that needs
@@ -588,9 +599,11 @@ def train_round(rows: np.ndarray, seed: int):
     features, targets, specs = _CONTEXT["features"], _CONTEXT["targets"], _CONTEXT["specs"]
     x = np.asarray(features[rows], dtype=np.float32)
     if _one_single_choice():
-        return ControlHeads.single(_head(features.shape[1], seed).fit(x, targets[0][rows]), specs[0].name), None
+        head = _head(features.shape[1], seed, head_settings or {}).fit(x, targets[0][rows])
+        return ControlHeads.single(head, specs[0].name), None
     return train_heads(specs, [x] * len(specs), [np.asarray(t[rows]) for t in targets],
-                       labeled=np.arange(len(rows)), folds=MISLABELING_FOLDS, seed=seed)
+                       labeled=np.arange(len(rows)), folds=MISLABELING_FOLDS, seed=seed,
+                       **(head_settings or {}))
 
 
 def score_controls(specs: list, predicted: list[np.ndarray], truth: list[np.ndarray]) -> dict:
@@ -650,6 +663,7 @@ def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
     single = _one_single_choice()
     params = config.ordering_params.get(name, {})
     ordering = get_ordering(name, **params)
+    head_settings = _retrain_head_settings()
     # The heads' pass serves the ordering only where it asks for the same number of folds.
     shares_pass = out_of_fold_folds(name, params) == MISLABELING_FOLDS
     labeled = [int(i) for i in plan.initial]  # positions in the pool
@@ -705,7 +719,7 @@ def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
                         bought_counts(spec, t[plan.pool[chosen]]))
         train_rows = np.concatenate([plan.seed_rows, plan.pool[np.asarray(labeled, dtype=np.int64)]])
         started = time.perf_counter()
-        heads, oof = train_round(train_rows, plan.seed)
+        heads, oof = train_round(train_rows, plan.seed, head_settings)
         out["seconds_train"] += time.perf_counter() - started
         scores = _evaluate(heads, plan.test)
         out["labels_used"].append(len(labeled))
@@ -743,7 +757,7 @@ def _exact_batch(result, need: int) -> tuple[np.ndarray, int]:
 def run_ceiling(plan: SeedPlan, config: SimulationConfig) -> dict:
     """Accuracy with every pool label (plus the seed set): what labeling everything buys."""
     rows = np.concatenate([plan.seed_rows, plan.pool])
-    heads, _ = train_round(rows, plan.seed)
+    heads, _ = train_round(rows, plan.seed, _retrain_head_settings())
     scores = _evaluate(heads, plan.test)
     result = {"labels_used": len(plan.pool), "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
     if not _one_single_choice():

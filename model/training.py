@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.classifier import RETRAIN_HEAD_KIND
 from model.encoding_cache import EncodingCache, encode_with_cache
 from model.heads import (
     ControlHeads,
@@ -379,7 +380,7 @@ def train_and_score(
             heads.set_thresholds(oof, labeled_targets)
         else:
             heads, oof = train_heads(specs, head_features, targets, labeled, folds=folds,
-                                     device=encoder.device)
+                                     device=encoder.device, kind=RETRAIN_HEAD_KIND)
         laps.lap("train")
 
     progress("scoring", 0, len(examples.task_ids))

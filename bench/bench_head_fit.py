@@ -1,0 +1,69 @@
+"""What the head costs a retrain: fit + the out-of-fold pass, per head kind and labeled-set size.
+
+    .venv/bin/python bench/bench_head_fit.py [--labels 500,2000] [--repeats 3]
+
+On cached MiniLM vectors of airline tweets (three classes), interleaved per repeat:
+`model.heads.train_heads` (one single-choice control: the head's fit on every label, then
+the retrain's 5-fold out-of-fold pass) for the linear head (C chosen by out-of-fold log
+loss, then fold copies with that C) and the MLP (150 epochs), on one thread, as an RQ worker
+runs it. Prints a Markdown table (median and range of the repeats) with the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.run_record import Run, spread_text, table  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--labels", default="500,2000")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    sizes = [int(n) for n in args.labels.split(",")]
+
+    import torch
+
+    from model import simulate
+    from model.heads import ControlSpec, train_heads
+
+    torch.set_num_threads(1)
+    run = Run("bench_head_fit", argv=argv, out=args.out)
+    config = simulate.SimulationConfig(data="builtin:airline3", orderings=[], seeds=[0], pool_size=max(sizes),
+                                       test_size=10)
+    table_ = simulate.build_table(simulate.load_source(config.data))
+    plan = simulate.plan_seed(table_, config, 0)
+    features, _, _ = simulate.encode_table(table_, [plan], config, all_layers=False)
+    spec = ControlSpec(name="label", labels=table_.labels, inputs=["text"])
+    seconds: dict = {}
+    for repeat in range(args.repeats):
+        for n in sizes:
+            rows = plan.pool[:n]
+            x, y = np.asarray(features[rows], dtype=np.float32), table_.y[rows]
+            for kind in ("linear", "mlp"):
+                with run.measure(kind=kind, labels=n, repeat=repeat) as row:
+                    started = time.perf_counter()
+                    heads, _ = train_heads([spec], [x], [y], labeled=np.arange(n), kind=kind)
+                    row["seconds"] = round(time.perf_counter() - started, 3)
+                    row["chosen_C"] = heads.heads[0].C_
+                seconds.setdefault((kind, n), []).append(row["seconds"])
+    rows = [{"head": kind, "labels": n, "fit + 5-fold pass, s": spread_text(values)}
+            for (kind, n), values in sorted(seconds.items(), key=lambda item: (item[0][1], item[0][0]))]
+    run["rows"] = rows
+    run.write()
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

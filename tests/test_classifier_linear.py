@@ -1,0 +1,123 @@
+"""The linear head (`HeadConfig(kind="linear")`, what a retrain trains for the default
+ordering) on plain numpy arrays."""
+
+import json
+
+import numpy as np
+import pytest
+
+from model.classifier import C_GRID, FALLBACK_C, ClassifierHead, HeadConfig, MultiLabelHead
+from model.heads import ControlHeads, ControlSpec, fresh_copy, train_heads
+
+
+def _blobs(n, dim=16, classes=3, spread=0.3, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim))
+    y = np.arange(n) % classes
+    x = centres[y] + spread * rng.normal(size=(n, dim))
+    return x.astype(np.float32), y
+
+
+def _head(labels, dim, **settings):
+    return ClassifierHead(HeadConfig(labels=list(labels), input_dim=dim, **{"kind": "linear", **settings}))
+
+
+def test_linear_head_fits_separable_data():
+    x, y = _blobs(90)
+    head = _head("abc", x.shape[1]).fit(x, y)
+    assert (head.predict(head.predict_proba(x)) == y).all()
+    assert head.C_ in C_GRID
+    p = head.predict_proba(x)
+    assert np.allclose(p.sum(axis=1), 1, atol=1e-5)
+    # No hidden layer: the "last hidden layer" the ATL orderings read is the input itself.
+    assert np.allclose(head.hidden(x), x)
+
+
+def test_binary_matches_scikit_learn_probabilities():
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _blobs(60, classes=2, spread=2.0)
+    head = _head(["neg", "pos"], x.shape[1], C=3.0).fit(x, y)
+    reference = LogisticRegression(C=3.0, class_weight="balanced", max_iter=1000).fit(x.astype(np.float64), y)
+    assert np.allclose(head.predict_proba(x), reference.predict_proba(x.astype(np.float64)), atol=1e-4)
+    assert head.C_ == 3.0
+
+
+def test_regularisation_is_chosen_out_of_fold():
+    # Noisy labels: a weak penalty overfits them; the out-of-fold choice must see that and
+    # prefer a stronger one than on clean, separable data.
+    rng = np.random.default_rng(1)
+    x_clean, y_clean = _blobs(200, dim=40, classes=2, spread=0.05)
+    clean = _head("ab", 40).fit(x_clean, y_clean)
+    x_noise = rng.normal(size=(200, 40)).astype(np.float32)
+    y_noise = rng.integers(0, 2, 200)
+    noisy = _head("ab", 40).fit(x_noise, y_noise)
+    assert noisy.C_ < clean.C_
+    assert noisy.C_ <= 1.0  # pure noise: the strongest penalties win on held-out log loss
+
+
+def test_fold_copies_keep_the_chosen_C_and_unseen_classes_get_no_probability():
+    x, y = _blobs(60)
+    head = _head("abcd", x.shape[1]).fit(x, y)  # "d" never labeled
+    assert head.predict_proba(x)[:, 3].max() < 1e-6
+    copy = fresh_copy(head)
+    assert copy.config.C == head.C_ and copy.C_ is None
+    # A class with a single example: no out-of-fold choice is possible, the fallback C is used.
+    y_one = y.copy()
+    y_one[0] = 3
+    assert _head("abcd", x.shape[1]).fit(x, y_one).C_ == FALLBACK_C
+    # One class only: a constant prediction of it.
+    single = _head("abc", x.shape[1]).fit(x[:5], np.zeros(5, dtype=int))
+    assert (single.predict(single.predict_proba(x)) == 0).all()
+
+
+def test_save_load_round_trip_gives_identical_probabilities(tmp_path):
+    x, y = _blobs(60)
+    specs = [ControlSpec(name="topic", labels=list("abc"), inputs=["text"]),
+             ControlSpec(name="tags", labels=list("wxyz"), multi_label=True, inputs=["text"])]
+    tags = np.zeros((60, 4), dtype=np.int8)
+    tags[np.arange(60), y] = 1
+    tags[::4, 3] = 1
+    heads, _ = train_heads(specs, [x, x], [y, tags], labeled=np.arange(60), kind="linear")
+    heads.save(tmp_path)
+    saved = json.loads((tmp_path / "heads.json").read_text())["heads"]
+    assert [entry["head"]["kind"] for entry in saved] == ["linear", "linear"]
+    loaded = ControlHeads.load(tmp_path)
+    for before, after in zip(heads.predict_proba([x, x]), loaded.predict_proba([x, x])):
+        assert np.array_equal(before, after)
+    assert np.array_equal(loaded.heads[1].thresholds_, heads.heads[1].thresholds_)
+
+
+def test_multi_label_linear_head_learns_each_choice():
+    x, y = _blobs(120, classes=3, spread=0.2)
+    targets = np.zeros((120, 4), dtype=np.float32)
+    targets[np.arange(120), y] = 1
+    targets[y == 0, 2] = 1  # choice 2 also goes with class 0
+    head = MultiLabelHead(HeadConfig(labels=list("wxyz"), input_dim=x.shape[1], kind="linear")).fit(x, targets)
+    chosen = head.predict(head.predict_proba(x))
+    assert (chosen[:, :3] == targets[:, :3].astype(bool)).mean() > 0.97
+    # "z" is never chosen: a constant, low probability.
+    assert head.predict_proba(x)[:, 3].max() < 0.01
+    assert len(head.choice_C_) == 4
+    copy = fresh_copy(head)
+    assert copy.config.extra["choice_C"] == head.choice_C_
+
+
+def test_versions_saved_before_kind_load_as_the_mlp(tmp_path):
+    x, y = _blobs(30)
+    old = _head("abc", x.shape[1], kind="mlp", epochs=20).fit(x, y)
+    old.save(tmp_path)
+    config = json.loads((tmp_path / "classifier.json").read_text())
+    config.pop("kind")
+    config.pop("C")
+    (tmp_path / "classifier.json").write_text(json.dumps(config))
+    loaded = ClassifierHead.load(tmp_path)
+    assert loaded.config.kind == "mlp"
+    assert np.array_equal(loaded.predict_proba(x), old.predict_proba(x))
+    assert loaded.hidden(x).shape == (30, old.config.hidden_dim)
+
+
+def test_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown head kind"):
+        _head("ab", 4, kind="forest")
+
