@@ -677,6 +677,7 @@ def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
             out["seconds_ordering"] += time.perf_counter() - started
             picked, filled = _exact_batch(result, need)
             out["filled_by_simulator"] += filled
+            out.setdefault("rounds_diagnostics", []).append(round_diagnostics(inputs, result, picked, need, config))
             out["info"].append(jsonable(result.info))
             chosen = unlabeled[picked]
             is_labeled[chosen] = True
@@ -721,6 +722,74 @@ def _exact_batch(result, need: int) -> tuple[np.ndarray, int]:
                 chosen.add(int(i))
                 filled += 1
     return np.asarray(picked, dtype=np.int64), filled
+
+
+# -- does an ordering act? (issue 17, point 3) -----------------------------------------------
+
+
+def batch_overlap(picked, reference) -> float:
+    """Share of `picked` that is also in `reference` (1.0 for two empty batches)."""
+    picked = {int(i) for i in np.asarray(picked).ravel()}
+    if not picked:
+        return 1.0
+    return len(picked & {int(i) for i in np.asarray(reference).ravel()}) / len(picked)
+
+
+def round_diagnostics(inputs, result, picked: np.ndarray, need: int, config: SimulationConfig) -> dict:
+    """Whether the ordering fell back this round, and how much of its batch least
+    confidence would have picked from the same round state (same heads, same scores).
+
+    Least confidence is pure arithmetic on the probabilities already computed, so scoring it
+    again here costs next to nothing (and is not counted in the ordering's seconds).
+    """
+    from model.orderings import get_ordering
+
+    least = get_ordering("least_confidence", **config.ordering_params.get("least_confidence", {}))
+    least_picked, _ = _exact_batch(least.score(inputs), need)
+    return {"fell_back": bool(result.info.get("fallback")),
+            "least_confidence_overlap": batch_overlap(picked, least_picked)}
+
+
+def aggregate_diagnostics(runs: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
+    """Per ordering: rounds fallen back / rounds (and in the first round, over seeds), and the
+    mean share of its batches that least confidence picked too (all rounds; first round)."""
+    out = {}
+    for name, per_seed in runs.items():
+        rounds = [per_seed[s].get("rounds_diagnostics") for s in seeds if s in per_seed]
+        rounds = [r for r in rounds if r]
+        if not rounds:
+            continue
+        flat = [d for r in rounds for d in r]
+        out[name] = {
+            "rounds": len(flat),
+            "rounds_fallen_back": int(sum(d["fell_back"] for d in flat)),
+            "seeds": len(rounds),
+            "first_round_fallen_back": int(sum(r[0]["fell_back"] for r in rounds)),
+            "least_confidence_overlap_mean": float(np.mean([d["least_confidence_overlap"] for d in flat])),
+            "first_round_least_confidence_overlap_mean": float(
+                np.mean([r[0]["least_confidence_overlap"] for r in rounds])),
+        }
+    return out
+
+
+def diagnostics_lines(results: dict) -> list[str]:
+    """The summary's table of fallbacks and overlap with least confidence's picks."""
+    diagnostics = results.get("ordering_diagnostics") or {}
+    names = [n for n in results["orderings"] if n in diagnostics]
+    if not names:
+        return []
+    lines = ["", "## Does the ordering act? Fallbacks and overlap with least confidence", "",
+             "| ordering | rounds fallen back | first round fallen back (seeds) | batch overlap with "
+             "least confidence | first round overlap |", "|---|---|---|---|---|"]
+    for name in names:
+        d = diagnostics[name]
+        lines.append(f"| {name} | {d['rounds_fallen_back']}/{d['rounds']} | {d['first_round_fallen_back']}/"
+                     f"{d['seeds']} | {100 * d['least_confidence_overlap_mean']:.0f}% | "
+                     f"{100 * d['first_round_least_confidence_overlap_mean']:.0f}% |")
+    lines += ["", "*Fallen back*: rounds where the ordering served least confidence's scores (info "
+              "`fallback`). *Overlap*: share of the ordering's batch that least confidence picks from "
+              "the same round state (same heads, same labeled set), mean over rounds and seeds."]
+    return lines
 
 
 def run_ceiling(plan: SeedPlan, config: SimulationConfig) -> dict:
@@ -1006,6 +1075,7 @@ def write_summary(path: Path, results: dict, report_at: list[int] | None) -> Non
     filled = {n: agg[n]["filled_by_simulator"] for n in names if agg[n]["filled_by_simulator"]}
     if filled:
         lines.append(f"Batches the simulator had to complete (ordering returned fewer distinct tasks): {filled}.")
+    lines += diagnostics_lines(results)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -1213,6 +1283,7 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
         "runs": {n: {str(s): runs[n][s] for s in config.seeds if s in runs[n]} for n in config.orderings},
         "ceiling": {str(s): ceiling[s] for s in config.seeds if s in ceiling},
         "aggregate": aggregate(runs, ceiling, config.seeds),
+        "ordering_diagnostics": aggregate_diagnostics(runs, config.seeds),
         "aggregate_per_control": ({} if table.one_single_choice else aggregate_controls(
             runs, ceiling, config.seeds, [spec.name for spec in table.specs])),
         "seconds_encoding": seconds_encoding,

@@ -19,7 +19,7 @@ import pytest
 from model.datasets import airline_tweets, load_labeled_file, movie_snippets
 from model.orderings import ORDERINGS
 from model.orderings.base import OrderingResult
-from model.simulate import _exact_batch, aulc, code_hash, main
+from model.simulate import _exact_batch, aggregate_diagnostics, aulc, batch_overlap, code_hash, main
 
 REPO = Path(__file__).resolve().parents[1]
 POOL, TEST, INITIAL, BATCH, BUDGET = 120, 150, 20, 20, 60
@@ -227,6 +227,39 @@ def test_aulc_and_exact_batches_on_plain_arrays():
     result = OrderingResult(scores=np.array([0.5, 0.1, 0.9, 0.2]), batch=np.array([3, 3, 1]))
     picked, filled = _exact_batch(result, 3)
     assert sorted(picked.tolist()) == [0, 1, 3] and filled == 1
+
+
+def test_fallbacks_and_overlap_with_least_confidence_on_plain_arrays():
+    assert batch_overlap([1, 2, 3, 4], [4, 3, 9, 8]) == 0.5
+    assert batch_overlap(np.array([5]), np.array([6])) == 0.0
+    assert batch_overlap([], [1]) == 1.0
+    rounds = {0: {"rounds_diagnostics": [{"fell_back": True, "least_confidence_overlap": 1.0},
+                                         {"fell_back": False, "least_confidence_overlap": 0.5}]},
+              1: {"rounds_diagnostics": [{"fell_back": False, "least_confidence_overlap": 0.6},
+                                         {"fell_back": False, "least_confidence_overlap": 0.3}]}}
+    out = aggregate_diagnostics({"atlas": rounds, "old": {0: {"accuracy": []}}}, [0, 1])
+    assert set(out) == {"atlas"}  # runs recorded before the diagnostics existed are left out
+    atlas = out["atlas"]
+    assert (atlas["rounds"], atlas["rounds_fallen_back"], atlas["seeds"], atlas["first_round_fallen_back"]) == (4, 1, 2, 1)
+    assert atlas["least_confidence_overlap_mean"] == pytest.approx(0.6)
+    assert atlas["first_round_least_confidence_overlap_mean"] == pytest.approx(0.8)
+
+
+def test_summary_says_how_often_each_ordering_fell_back_and_copied_least_confidence(in_domain):
+    out, _, results = in_domain
+    diagnostics = results["ordering_diagnostics"]
+    rounds = 2 * (BUDGET - INITIAL) // BATCH  # 2 seeds
+    assert set(diagnostics) == set(results["orderings"])
+    for name, d in diagnostics.items():
+        assert d["rounds"] == rounds and 0 <= d["rounds_fallen_back"] <= rounds, name
+        assert 0.0 <= d["least_confidence_overlap_mean"] <= 1.0
+    assert diagnostics["least_confidence"]["least_confidence_overlap_mean"] == 1.0
+    assert diagnostics["least_confidence"]["rounds_fallen_back"] == 0
+    assert diagnostics["random"]["least_confidence_overlap_mean"] < 0.5
+    summary = (out / "summary.md").read_text()
+    assert "Fallbacks and overlap with least confidence" in summary
+    row = next(line for line in summary.splitlines() if line.startswith("| predicted_incorrect |"))
+    assert f"{diagnostics['predicted_incorrect']['rounds_fallen_back']}/{rounds}" in row
 
 
 # -- several controls and multi-label data (issue 13, point 5) ---------------------------------

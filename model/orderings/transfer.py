@@ -62,6 +62,17 @@ ERROR_HEAD_DEFAULTS: dict = {
     # Below this many (effective, importance-weighted) Incorrect examples, no correction is
     # tried at all: cross-validation on a handful of errors picks noise.
     "min_effective_incorrect": 30,
+    # Too few errors for the cross-validated head (fewer than `min_incorrect`, or fewer
+    # than `min_effective_incorrect` pool-like ones): "prior" still learns from them, as a
+    # correction of the classifier's confidence whose offset is fixed (slope 1: the prior)
+    # and whose weights are shrunk by `prior_regularization` (C), so a handful of errors
+    # moves the ranking a little and none leaves it least confidence's; "least_confidence"
+    # serves least confidence unchanged (the behaviour before issue 17). Only with a
+    # correction head (`head_features` ending in "correction"); needs `min_prior_incorrect`
+    # Incorrect and Correct examples.
+    "few_errors": "prior",
+    "prior_regularization": 0.01,
+    "min_prior_incorrect": 2,
     # Weight labeled tasks by how much they look like the unlabeled pool.
     "domain_weighting": True,
     "max_domain_weight": 10.0,  # clip of the density ratio
@@ -77,6 +88,9 @@ ERROR_HEAD_RULES: dict = {
     "regularization_grid": numbers(0.0, 1e6),
     "correction_min_gain": number(0.0, 1.0),
     "min_effective_incorrect": number(0.0, 1e9),
+    "few_errors": one_of("prior", "least_confidence"),
+    "prior_regularization": number(1e-9, 1e6),
+    "min_prior_incorrect": integer(1, 10_000),
     "domain_weighting": flag(),
     "max_domain_weight": number(1.0, 1e6),
 }
@@ -479,8 +493,7 @@ def choose_regularization(training: ErrorTrainingSet, settings: dict, seed: int)
     grid = sorted(float(c) for c in settings["regularization_grid"])
     if training.labeled_offset is None:
         grid = [c for c in grid if c > 0] or [0.05]
-    wrong_weights = training.weights[training.incorrect]
-    effective = float(wrong_weights.sum() ** 2 / max((wrong_weights**2).sum(), 1e-300))
+    effective = effective_incorrect(training)
     if training.labeled_offset is not None and effective < settings["min_effective_incorrect"]:
         return 0.0, {
             "head_regularization": 0.0,
@@ -521,6 +534,75 @@ def head_regularization(training: ErrorTrainingSet, settings: dict, seed: int) -
     if settings["head_regularization"] == "auto":
         return choose_regularization(training, settings, seed)
     return float(settings["head_regularization"]), {"head_regularization": float(settings["head_regularization"])}
+
+
+def uses_prior(settings: dict) -> bool:
+    """Whether few errors are learned from as a correction of a fixed confidence prior."""
+    return settings["few_errors"] == "prior" and settings["head_features"].endswith("correction")
+
+
+def effective_incorrect(training: ErrorTrainingSet) -> float:
+    """Effective number of Incorrect examples under the importance weights (Kish)."""
+    wrong_weights = training.weights[training.incorrect]
+    return float(wrong_weights.sum() ** 2 / max((wrong_weights**2).sum(), 1e-300))
+
+
+def prior_head(training: ErrorTrainingSet, regularization: float) -> BinaryHead:
+    """The Correct/Incorrect head for few errors: logit P(Incorrect) = offset + w . x.
+
+    The offset (the classifier's own log-odds of being wrong) is the prior and is kept
+    as it is (slope 1, no intercept); only the L2-penalised weights learn, from every
+    importance-weighted labeled task. Not class-balanced: the offset already carries the
+    base rate of errors, and balancing would push the weights to raise every error-like
+    task at once (on synthetic hard-region data it lost error-detection AUC to the
+    unbalanced fit at 60-120 labels). Where the errors share something
+    (a region of the hidden layer, a confidence pattern) the pool tasks that share it
+    move up; where they share nothing the weights stay near 0 and the ranking stays least
+    confidence's. Unlike the cross-validated head it needs no held-out errors to choose C,
+    so it acts from the first rounds.
+    """
+    return BinaryHead(regularization).fit(
+        training.labeled,
+        training.incorrect,
+        training.weights,
+        offset=training.labeled_offset,
+        fixed_offset=True,
+    )
+
+
+def fit_error_head(training: ErrorTrainingSet, settings: dict, seed: int) -> tuple[BinaryHead, dict]:
+    """The Correct/Incorrect head of predicted-incorrect and ATLAS's first round, and its info.
+
+    With enough (pool-like) errors: the cross-validated correction (`head_regularization`).
+    With fewer, and `few_errors="prior"`: `prior_head`.
+    """
+    wrong = int(training.incorrect.sum())
+    few = wrong < settings["min_incorrect"] or effective_incorrect(training) < settings["min_effective_incorrect"]
+    if uses_prior(settings) and few:
+        regularization = float(settings["prior_regularization"])
+        return prior_head(training, regularization), {
+            "head_regularization": regularization,
+            "effective_incorrect": round(effective_incorrect(training), 1),
+            "correction": "prior: too few errors to cross-validate; the classifier's confidence, "
+                          "corrected with shrunk weights",
+        }
+    regularization, info = head_regularization(training, settings, seed)
+    return training.fit_head(regularization), info
+
+
+def error_head_fallback(data: OrderingInput, settings: dict) -> tuple[str | None, ErrorTrainingSet | None]:
+    """(why the ordering falls back to least confidence or None, the training set if built).
+
+    With `few_errors="prior"` a correction head needs only `min_prior_incorrect` Incorrect
+    (and Correct) examples; otherwise `min_incorrect`.
+    """
+    least = settings["min_prior_incorrect"] if uses_prior(settings) else settings["min_incorrect"]
+    fallback = too_little_to_mark(data, least)
+    training = None
+    if fallback is None:
+        training = error_training_set(data, settings)
+        fallback = too_few_errors(training, least)
+    return fallback, training
 
 
 def too_few_errors(training: ErrorTrainingSet, min_incorrect: int) -> str | None:
