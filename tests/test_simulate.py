@@ -240,7 +240,8 @@ def test_fallbacks_and_overlap_with_least_confidence_on_plain_arrays():
     out = aggregate_diagnostics({"atlas": rounds, "old": {0: {"accuracy": []}}}, [0, 1])
     assert set(out) == {"atlas"}  # runs recorded before the diagnostics existed are left out
     atlas = out["atlas"]
-    assert (atlas["rounds"], atlas["rounds_fallen_back"], atlas["seeds"], atlas["first_round_fallen_back"]) == (4, 1, 2, 1)
+    counts = (atlas["rounds"], atlas["rounds_fallen_back"], atlas["seeds"], atlas["first_round_fallen_back"])
+    assert counts == (4, 1, 2, 1)
     assert atlas["least_confidence_overlap_mean"] == pytest.approx(0.6)
     assert atlas["first_round_least_confidence_overlap_mean"] == pytest.approx(0.8)
 
