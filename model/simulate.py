@@ -163,6 +163,7 @@ class SimulationConfig:
     threads: int = 1
     label_columns: list[str] | None = None  # None: `label` (or `labels`), or the built-in's columns
     multi_label: list[str] = field(default_factory=list)
+    rare_class: str | None = None  # "LABEL:SHARE": thin that class of --data (thin_class)
 
     def run_key(self, ordering: str) -> str:
         """What a finished run depends on; `--resume` reuses runs with the same key."""
@@ -171,6 +172,8 @@ class SimulationConfig:
             for k in ("data", "initial", "batch_size", "budget", "pool_size", "test_size",
                       "seed_data", "test", "encoder", "label_columns", "multi_label", "image_encoder")
         }
+        if self.rare_class:  # only when set, so the keys of earlier runs stay valid
+            relevant["rare_class"] = self.rare_class
         relevant["params"] = self.ordering_params.get(ordering, {})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -186,6 +189,38 @@ def code_hash() -> str:
         digest.update(path.relative_to(MODEL_DIR).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def thin_class(data: AnnotatedTexts, rare: str) -> AnnotatedTexts:
+    """`data` with the class LABEL of its first column kept on a fixed random subset, so
+    that it is SHARE of the rows (`rare` = "LABEL:SHARE", e.g. "Positive:0.05").
+
+    A rarer minority class (issue 17): where the rows of a class are few, uncertainty is
+    a poor guide to them and active transfer learning is meant to help. The subset is the
+    same for every seed and run (seeded by the label), so the pool and test set of each
+    seed are drawn from the same thinned data.
+    """
+    label, _, share_text = rare.rpartition(":")
+    try:
+        share = float(share_text)
+    except ValueError:
+        share = -1.0
+    if isinstance(data, LabeledImages) or not label or not 0.0 < share < 1.0:
+        raise SystemExit(f"--rare-class {rare!r}: give LABEL:SHARE with 0 < SHARE < 1 "
+                         "(e.g. Positive:0.05), for text data")
+    answers = np.array([str(a) for a in data.columns[0].answers], dtype=object)
+    members = np.flatnonzero(answers == label)
+    others = np.flatnonzero(answers != label)
+    if not len(members):
+        raise SystemExit(f"--rare-class: no row of {data.columns[0].name!r} is {label!r}; "
+                         f"its labels are {data.columns[0].choices()}")
+    keep = int(round(share / (1.0 - share) * len(others)))
+    if keep >= len(members):
+        raise SystemExit(f"--rare-class {rare!r}: {label!r} is already only "
+                         f"{len(members) / len(answers):.1%} of the rows; ask for a smaller share")
+    rng = np.random.default_rng(int(hashlib.sha256(label.encode()).hexdigest()[:8], 16))
+    kept = rng.permutation(members)[: max(keep, 1)]
+    return data.subset(np.sort(np.concatenate([others, kept])))
 
 
 def check_resumable(rows: list[dict], code: str, log_path: Path) -> None:
@@ -1206,6 +1241,8 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
 
     columns, multi = config.label_columns, config.multi_label
     data = load_source(config.data, columns, multi)
+    if config.rare_class:
+        data = thin_class(data, config.rare_class)
     if columns is None and not isinstance(data, LabeledImages):
         columns = [c.name for c in data.columns]  # seed and test data answer the same questions
     seed_data = load_source(config.seed_data, columns, multi) if config.seed_data else None
@@ -1378,6 +1415,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished runs in OUT/runs.jsonl with the same settings; "
                              "refused if they were made by other model/ code")
+    parser.add_argument("--rare-class", default=None, metavar="LABEL:SHARE",
+                        help="keep only enough rows of class LABEL (first label column of --data) "
+                             "that it is SHARE of the data, e.g. Positive:0.05: a rarer minority class")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -1406,6 +1446,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         ordering_params=params, encoder=args.encoder, image_encoder=args.image_encoder, cache=args.cache,
         workers=args.workers, threads=args.threads,
         label_columns=_names(args.label_columns) or None, multi_label=_names(args.multi_label),
+        rare_class=args.rare_class,
     )
 
 

@@ -438,3 +438,19 @@ def test_two_label_columns_through_the_command_line(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "## Control `role` (single-choice)" in summary and "## Control `lang` (multi-label)" in summary
     assert "every control right" in summary and "exact-match accuracy" in summary
+
+
+def test_a_rarer_minority_class_is_a_fixed_thinned_subset():
+    from model.datasets import AnnotatedTexts, LabelColumn
+    from model.simulate import thin_class
+
+    labels = ["Positive"] * 40 + ["Negative"] * 60
+    data = AnnotatedTexts([f"t{i}" for i in range(100)], [LabelColumn("label", labels)])
+    thinned = thin_class(data, "Positive:0.1")
+    answers = thinned.columns[0].answers
+    assert answers.count("Negative") == 60 and answers.count("Positive") == round(0.1 / 0.9 * 60)
+    assert thinned.texts == thin_class(data, "Positive:0.1").texts  # the same every time
+    assert set(thinned.texts) <= set(data.texts)
+    for bad in ("Positive", "Positive:2", "Neutral:0.1", "Positive:0.5"):
+        with pytest.raises(SystemExit, match="rare-class"):
+            thin_class(data, bad)
