@@ -807,6 +807,28 @@ def aggregate_diagnostics(runs: dict[str, dict[int, dict]], seeds: list[int]) ->
     return out
 
 
+def paired_versus(runs: dict[str, dict[int, dict]], seeds: list[int], reference: str = "least_confidence") -> dict:
+    """Per ordering: its AULC (accuracy and macro-F1) minus `reference`'s in the same seed,
+    mean, 95 % t-interval and seeds won: does it beat least confidence beyond noise?"""
+    out = {}
+    if reference not in runs:
+        return out
+    for name, per_seed in runs.items():
+        paired = [s for s in seeds if s in per_seed and s in runs[reference]]
+        if name == reference or not paired:
+            continue
+        entry = {"seeds": len(paired)}
+        for key in ("accuracy", "macro_f1"):
+            diffs = np.array([aulc(per_seed[s]["labels_used"], per_seed[s][key])
+                              - aulc(runs[reference][s]["labels_used"], runs[reference][s][key]) for s in paired])
+            half = _t95(len(diffs)) * float(diffs.std(ddof=1)) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+            entry[f"{key}_aulc_diff_mean"] = float(diffs.mean())
+            entry[f"{key}_aulc_diff_ci95"] = [float(diffs.mean() - half), float(diffs.mean() + half)]
+            entry[f"{key}_seeds_won"] = int((diffs > 0).sum())
+        out[name] = entry
+    return out
+
+
 def diagnostics_lines(results: dict) -> list[str]:
     """The summary's table of fallbacks and overlap with least confidence's picks."""
     diagnostics = results.get("ordering_diagnostics") or {}
@@ -824,6 +846,19 @@ def diagnostics_lines(results: dict) -> list[str]:
     lines += ["", "*Fallen back*: rounds where the ordering served least confidence's scores (info "
               "`fallback`). *Overlap*: share of the ordering's batch that least confidence picks from "
               "the same round state (same heads, same labeled set), mean over rounds and seeds."]
+    versus = results.get("versus_least_confidence") or {}
+    if versus:
+        lines += ["", "## Paired difference from least confidence (AULC, points)", "",
+                  "| ordering | ΔAULC accuracy [95% CI] | seeds won | ΔAULC macro-F1 [95% CI] | seeds won |",
+                  "|---|---|---|---|---|"]
+        for name in [n for n in results["orderings"] if n in versus]:
+            v = versus[name]
+            cells = [name]
+            for key in ("accuracy", "macro_f1"):
+                lo, hi = v[f"{key}_aulc_diff_ci95"]
+                ci = f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None else ""
+                cells += [f"{v[f'{key}_aulc_diff_mean']:+.2f}{ci}", f"{v[f'{key}_seeds_won']}/{v['seeds']}"]
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -1321,6 +1356,7 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
         "ceiling": {str(s): ceiling[s] for s in config.seeds if s in ceiling},
         "aggregate": aggregate(runs, ceiling, config.seeds),
         "ordering_diagnostics": aggregate_diagnostics(runs, config.seeds),
+        "versus_least_confidence": paired_versus(runs, config.seeds),
         "aggregate_per_control": ({} if table.one_single_choice else aggregate_controls(
             runs, ceiling, config.seeds, [spec.name for spec in table.specs])),
         "seconds_encoding": seconds_encoding,

@@ -257,8 +257,15 @@ def test_summary_says_how_often_each_ordering_fell_back_and_copied_least_confide
     assert diagnostics["least_confidence"]["least_confidence_overlap_mean"] == 1.0
     assert diagnostics["least_confidence"]["rounds_fallen_back"] == 0
     assert diagnostics["random"]["least_confidence_overlap_mean"] < 0.5
+    versus = results["versus_least_confidence"]
+    assert "least_confidence" not in versus and set(versus) == set(results["orderings"]) - {"least_confidence"}
+    random, least = results["runs"]["random"], results["runs"]["least_confidence"]
+    diffs = [aulc(random[s]["labels_used"], random[s]["accuracy"]) - aulc(least[s]["labels_used"], least[s]["accuracy"])
+             for s in random]
+    assert versus["random"]["accuracy_aulc_diff_mean"] == pytest.approx(np.mean(diffs))
     summary = (out / "summary.md").read_text()
     assert "Fallbacks and overlap with least confidence" in summary
+    assert "Paired difference from least confidence" in summary
     row = next(line for line in summary.splitlines() if line.startswith("| predicted_incorrect |"))
     assert f"{diagnostics['predicted_incorrect']['rounds_fallen_back']}/{rounds}" in row
 
