@@ -614,8 +614,9 @@ def test_the_prior_head_is_least_confidence_without_evidence_and_moves_with_it()
     pool_offset = np.array([-2.0, -2.0])  # equally confident
     training = ErrorTrainingSet(features, incorrect, np.ones(60), pool, {}, offset, pool_offset)
     head = prior_head(training, 0.01)
-    # The prior is kept as it is: slope 1, no intercept; only shrunk weights learn.
-    assert head.slope == 1.0 and head.intercept == 0.0
+    # The prior is kept as it is: slope 1 (the intercept moves no ranking); only shrunk
+    # weights learn.
+    assert head.slope == 1.0
     assert 0 < np.abs(head.coef).max() < 5
     logits = head.positive_logit(pool, pool_offset)
     assert logits[0] > logits[1]  # like the errors: more likely incorrect than least confidence says
@@ -623,6 +624,16 @@ def test_the_prior_head_is_least_confidence_without_evidence_and_moves_with_it()
     silent = ErrorTrainingSet(features, incorrect, np.full(60, 1e-9), pool, {}, offset, pool_offset)
     ranking = prior_head(silent, 0.01).positive_logit(features, offset)
     assert np.array_equal(np.argsort(ranking, kind="stable"), np.argsort(offset, kind="stable"))
+    # By predicted class: tasks predicted as class 1, wrong more often than their confidence
+    # says, move ahead of equally confident tasks predicted as class 0.
+    classes = np.eye(2)[np.r_[np.ones(10, int), np.zeros(50, int)]]
+    wrong_of_one = np.zeros(60, dtype=bool)
+    wrong_of_one[:5] = True  # half of the class-1 predictions, none of class 0
+    by_class = ErrorTrainingSet(features, wrong_of_one, np.ones(60), pool, {}, np.full(60, -2.0), pool_offset,
+                                labeled_classes=classes, pool_classes=np.eye(2)[[1, 0]])
+    head = prior_head(by_class, 1.0, by_class=True)
+    assert head.coef[1] > head.coef[0]
+    assert np.diff(head.positive_logit(by_class.pool_classes, pool_offset))[0] < 0
 
 
 def test_few_errors_are_learned_from_unless_the_old_fallback_is_asked_for():

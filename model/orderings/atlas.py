@@ -51,7 +51,7 @@ from model.orderings.transfer import (
     BinaryHead,
     balanced_weights,
     error_head_fallback,
-    fit_error_head,
+    error_logits,
 )
 
 ATLAS_DEFAULTS: dict = {
@@ -118,9 +118,7 @@ class Atlas(Ordering):
 
         # Round 1 is predicted-incorrect's head: the classifier's uncertainty, corrected where
         # the labeled tasks show it (cross-validated C).
-        base, regularization_info = fit_error_head(training, settings, data.seed)
-        base_labeled = base.positive_logit(training.labeled, training.labeled_offset)
-        base_pool = base.positive_logit(training.pool, training.pool_offset)
+        base_labeled, base_pool, regularization_info = error_logits(training, settings, data.seed)
         labeled_weights = balanced_weights(training.incorrect, training.weights)
         # Later rounds: the base logit as offset plus a correction learned from the labeled
         # tasks and the picked ones, assumed Correct. A picked task is a pool task, so it

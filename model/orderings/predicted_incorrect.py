@@ -50,13 +50,15 @@ What differs from the book's code, and why:
 
 from __future__ import annotations
 
+from scipy.special import expit
+
 from model.orderings.base import Ordering, OrderingInput, OrderingResult, combined_score
 from model.orderings.least_confidence import least_confidence_score
 from model.orderings.transfer import (
     ERROR_HEAD_DEFAULTS,
     ERROR_HEAD_RULES,
     error_head_fallback,
-    fit_error_head,
+    error_logits,
 )
 
 
@@ -76,7 +78,7 @@ class PredictedIncorrect(Ordering):
             if training is not None:
                 info.update(training.info)
             return self.finish(data, combined_score(least_confidence_score, views), views, info)
-        head, regularization_info = fit_error_head(training, settings, data.seed)
-        p_correct = 1.0 - head.positive_probability(training.pool, training.pool_offset)
+        _, pool_logit, regularization_info = error_logits(training, settings, data.seed)
+        p_correct = expit(-pool_logit)
         info = {"fallback": None, **training.info, **regularization_info}
         return self.finish(data, p_correct, views, info)
