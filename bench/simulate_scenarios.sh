@@ -6,6 +6,11 @@
 #   in_domain_three_class  airline tweets Positive/Negative/Neutral: 50 random pool labels
 #   domain_shift           1,000 movie snippets as the initial labeled set (free),
 #                          airline tweets (Positive/Negative) as pool and test
+#   domain_shift_reverse   the other direction (issue 17): 1,000 airline tweets as the initial
+#                          labeled set (free), movie snippets as pool and test
+#   rare_minority          airline tweets Positive/Negative with Positive thinned to 5 % of the
+#                          data (`--rare-class Positive:0.05`; 20 % as shipped): 50 random
+#                          pool labels to start
 #   multi_label            Debian package descriptions, one multi-label control: what the
 #                          package is used for (Debtags use::, 10 tags); 25 random labels to start
 #   two_controls           Debian package descriptions, two controls: role (single-choice,
@@ -31,7 +36,7 @@
 # bench/results/<scenario>/run_record.jsonl (bench/run_record.py; refuses uncommitted changes
 # unless BENCH_ALLOW_DIRTY=1).
 #
-# Usage: bench/simulate_scenarios.sh [scenario ...]      (default: all six)
+# Usage: bench/simulate_scenarios.sh [scenario ...]      (default: all eight)
 # Environment: SEEDS (20), WORKERS (2 processes), ORDERINGS (all), RESUME=1 to reuse the
 # finished runs of an interrupted benchmark (the simulator refuses runs made by other model/
 # code),
@@ -69,13 +74,18 @@ run() {
 
 scenarios=("$@")
 if [[ ${#scenarios[@]} -eq 0 ]]; then
-    scenarios=(in_domain_binary in_domain_three_class domain_shift multi_label two_controls fashion_mnist)
+    scenarios=(in_domain_binary in_domain_three_class domain_shift domain_shift_reverse rare_minority multi_label
+               two_controls fashion_mnist)
 fi
 for scenario in "${scenarios[@]}"; do
     case $scenario in
         in_domain_binary)      run "$scenario" --data builtin:airline --initial 50 "${sentiment[@]}" ;;
         in_domain_three_class) run "$scenario" --data builtin:airline3 --initial 50 "${sentiment[@]}" ;;
         domain_shift)          run "$scenario" --data builtin:airline --seed-data builtin:movies --initial 1000 \
+                                   "${sentiment[@]}" ;;
+        domain_shift_reverse)  run "$scenario" --data builtin:movies --seed-data builtin:airline --initial 1000 \
+                                   "${sentiment[@]}" ;;
+        rare_minority)         run "$scenario" --data builtin:airline --rare-class Positive:0.05 --initial 50 \
                                    "${sentiment[@]}" ;;
         multi_label)           run "$scenario" --data builtin:debian_use --initial 25 --pool-size 500 \
                                    --test-size 500 --batch-size 25 --budget 100 --report-at 50,75,100 ;;
@@ -84,7 +94,8 @@ for scenario in "${scenarios[@]}"; do
         fashion_mnist)         run "$scenario" --data builtin:fashion_mnist:2000 --test builtin:fashion_mnist_test:1000 \
                                    --pool-size 500 --initial 20 --batch-size 20 --budget 100 \
                                    --report-at 40,60,80,100 ;;
-        *) echo "unknown scenario $scenario (in_domain_binary, in_domain_three_class, domain_shift, multi_label," \
+        *) echo "unknown scenario $scenario (in_domain_binary, in_domain_three_class, domain_shift," \
+                "domain_shift_reverse, rare_minority, multi_label," \
                 "two_controls, fashion_mnist)" >&2; exit 2 ;;
     esac
 done

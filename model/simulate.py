@@ -170,6 +170,7 @@ class SimulationConfig:
     threads: int = 1
     label_columns: list[str] | None = None  # None: `label` (or `labels`), or the built-in's columns
     multi_label: list[str] = field(default_factory=list)
+    rare_class: str | None = None  # "LABEL:SHARE": thin that class of --data (thin_class)
 
     def __post_init__(self) -> None:
         # The control is a team labeling in a uniformly random order, with no help from the
@@ -184,6 +185,8 @@ class SimulationConfig:
             for k in ("data", "initial", "batch_size", "budget", "pool_size", "test_size",
                       "seed_data", "test", "encoder", "label_columns", "multi_label", "image_encoder")
         }
+        if self.rare_class:  # only when set, so the keys of earlier runs stay valid
+            relevant["rare_class"] = self.rare_class
         relevant["params"] = self.ordering_params.get(ordering, {})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -199,6 +202,38 @@ def code_hash() -> str:
         digest.update(path.relative_to(MODEL_DIR).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def thin_class(data: AnnotatedTexts, rare: str) -> AnnotatedTexts:
+    """`data` with the class LABEL of its first column kept on a fixed random subset, so
+    that it is SHARE of the rows (`rare` = "LABEL:SHARE", e.g. "Positive:0.05").
+
+    A rarer minority class (issue 17): where the rows of a class are few, uncertainty is
+    a poor guide to them and active transfer learning is meant to help. The subset is the
+    same for every seed and run (seeded by the label), so the pool and test set of each
+    seed are drawn from the same thinned data.
+    """
+    label, _, share_text = rare.rpartition(":")
+    try:
+        share = float(share_text)
+    except ValueError:
+        share = -1.0
+    if isinstance(data, LabeledImages) or not label or not 0.0 < share < 1.0:
+        raise SystemExit(f"--rare-class {rare!r}: give LABEL:SHARE with 0 < SHARE < 1 "
+                         "(e.g. Positive:0.05), for text data")
+    answers = np.array([str(a) for a in data.columns[0].answers], dtype=object)
+    members = np.flatnonzero(answers == label)
+    others = np.flatnonzero(answers != label)
+    if not len(members):
+        raise SystemExit(f"--rare-class: no row of {data.columns[0].name!r} is {label!r}; "
+                         f"its labels are {data.columns[0].choices()}")
+    keep = int(round(share / (1.0 - share) * len(others)))
+    if keep >= len(members):
+        raise SystemExit(f"--rare-class {rare!r}: {label!r} is already only "
+                         f"{len(members) / len(answers):.1%} of the rows; ask for a smaller share")
+    rng = np.random.default_rng(int(hashlib.sha256(label.encode()).hexdigest()[:8], 16))
+    kept = rng.permutation(members)[: max(keep, 1)]
+    return data.subset(np.sort(np.concatenate([others, kept])))
 
 
 def check_resumable(rows: list[dict], code: str, log_path: Path) -> None:
@@ -708,6 +743,7 @@ def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
             out["seconds_ordering"] += time.perf_counter() - started
             picked, filled = _exact_batch(result, need)
             out["filled_by_simulator"] += filled
+            out.setdefault("rounds_diagnostics", []).append(round_diagnostics(inputs, result, picked, need, config))
             out["info"].append(jsonable(result.info))
             chosen = unlabeled[picked]
             is_labeled[chosen] = True
@@ -752,6 +788,109 @@ def _exact_batch(result, need: int) -> tuple[np.ndarray, int]:
                 chosen.add(int(i))
                 filled += 1
     return np.asarray(picked, dtype=np.int64), filled
+
+
+# -- does an ordering act? (issue 17, point 3) -----------------------------------------------
+
+
+def batch_overlap(picked, reference) -> float:
+    """Share of `picked` that is also in `reference` (1.0 for two empty batches)."""
+    picked = {int(i) for i in np.asarray(picked).ravel()}
+    if not picked:
+        return 1.0
+    return len(picked & {int(i) for i in np.asarray(reference).ravel()}) / len(picked)
+
+
+def round_diagnostics(inputs, result, picked: np.ndarray, need: int, config: SimulationConfig) -> dict:
+    """Whether the ordering fell back this round, and how much of its batch least
+    confidence would have picked from the same round state (same heads, same scores).
+
+    Least confidence is pure arithmetic on the probabilities already computed, so scoring it
+    again here costs next to nothing (and is not counted in the ordering's seconds).
+    """
+    from model.orderings import get_ordering
+
+    least = get_ordering("least_confidence", **config.ordering_params.get("least_confidence", {}))
+    least_picked, _ = _exact_batch(least.score(inputs), need)
+    return {"fell_back": bool(result.info.get("fallback")),
+            "least_confidence_overlap": batch_overlap(picked, least_picked)}
+
+
+def aggregate_diagnostics(runs: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
+    """Per ordering: rounds fallen back / rounds (and in the first round, over seeds), and the
+    mean share of its batches that least confidence picked too (all rounds; first round)."""
+    out = {}
+    for name, per_seed in runs.items():
+        rounds = [per_seed[s].get("rounds_diagnostics") for s in seeds if s in per_seed]
+        rounds = [r for r in rounds if r]
+        if not rounds:
+            continue
+        flat = [d for r in rounds for d in r]
+        out[name] = {
+            "rounds": len(flat),
+            "rounds_fallen_back": int(sum(d["fell_back"] for d in flat)),
+            "seeds": len(rounds),
+            "first_round_fallen_back": int(sum(r[0]["fell_back"] for r in rounds)),
+            "least_confidence_overlap_mean": float(np.mean([d["least_confidence_overlap"] for d in flat])),
+            "first_round_least_confidence_overlap_mean": float(
+                np.mean([r[0]["least_confidence_overlap"] for r in rounds])),
+        }
+    return out
+
+
+def paired_versus(runs: dict[str, dict[int, dict]], seeds: list[int], reference: str = "least_confidence") -> dict:
+    """Per ordering: its AULC (accuracy and macro-F1) minus `reference`'s in the same seed,
+    mean, 95 % t-interval and seeds won: does it beat least confidence beyond noise?"""
+    out = {}
+    if reference not in runs:
+        return out
+    for name, per_seed in runs.items():
+        paired = [s for s in seeds if s in per_seed and s in runs[reference]]
+        if name == reference or not paired:
+            continue
+        entry = {"seeds": len(paired)}
+        for key in ("accuracy", "macro_f1"):
+            diffs = np.array([aulc(per_seed[s]["labels_used"], per_seed[s][key])
+                              - aulc(runs[reference][s]["labels_used"], runs[reference][s][key]) for s in paired])
+            half = _t95(len(diffs)) * float(diffs.std(ddof=1)) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+            entry[f"{key}_aulc_diff_mean"] = float(diffs.mean())
+            entry[f"{key}_aulc_diff_ci95"] = [float(diffs.mean() - half), float(diffs.mean() + half)]
+            entry[f"{key}_seeds_won"] = int((diffs > 0).sum())
+        out[name] = entry
+    return out
+
+
+def diagnostics_lines(results: dict) -> list[str]:
+    """The summary's table of fallbacks and overlap with least confidence's picks."""
+    diagnostics = results.get("ordering_diagnostics") or {}
+    names = [n for n in results["orderings"] if n in diagnostics]
+    if not names:
+        return []
+    lines = ["", "## Does the ordering act? Fallbacks and overlap with least confidence", "",
+             "| ordering | rounds fallen back | first round fallen back (seeds) | batch overlap with "
+             "least confidence | first round overlap |", "|---|---|---|---|---|"]
+    for name in names:
+        d = diagnostics[name]
+        lines.append(f"| {name} | {d['rounds_fallen_back']}/{d['rounds']} | {d['first_round_fallen_back']}/"
+                     f"{d['seeds']} | {100 * d['least_confidence_overlap_mean']:.0f}% | "
+                     f"{100 * d['first_round_least_confidence_overlap_mean']:.0f}% |")
+    lines += ["", "*Fallen back*: rounds where the ordering served least confidence's scores (info "
+              "`fallback`). *Overlap*: share of the ordering's batch that least confidence picks from "
+              "the same round state (same heads, same labeled set), mean over rounds and seeds."]
+    versus = results.get("versus_least_confidence") or {}
+    if versus:
+        lines += ["", "## Paired difference from least confidence (AULC, points)", "",
+                  "| ordering | ΔAULC accuracy [95% CI] | seeds won | ΔAULC macro-F1 [95% CI] | seeds won |",
+                  "|---|---|---|---|---|"]
+        for name in [n for n in results["orderings"] if n in versus]:
+            v = versus[name]
+            cells = [name]
+            for key in ("accuracy", "macro_f1"):
+                lo, hi = v[f"{key}_aulc_diff_ci95"]
+                ci = f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None else ""
+                cells += [f"{v[f'{key}_aulc_diff_mean']:+.2f}{ci}", f"{v[f'{key}_seeds_won']}/{v['seeds']}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def run_ceiling(plan: SeedPlan, config: SimulationConfig) -> dict:
@@ -1037,6 +1176,7 @@ def write_summary(path: Path, results: dict, report_at: list[int] | None) -> Non
     filled = {n: agg[n]["filled_by_simulator"] for n in names if agg[n]["filled_by_simulator"]}
     if filled:
         lines.append(f"Batches the simulator had to complete (ordering returned fewer distinct tasks): {filled}.")
+    lines += diagnostics_lines(results)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -1208,6 +1348,8 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
 
     columns, multi = config.label_columns, config.multi_label
     data = load_source(config.data, columns, multi)
+    if config.rare_class:
+        data = thin_class(data, config.rare_class)
     if columns is None and not isinstance(data, LabeledImages):
         columns = [c.name for c in data.columns]  # seed and test data answer the same questions
     seed_data = load_source(config.seed_data, columns, multi) if config.seed_data else None
@@ -1296,6 +1438,8 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
         "runs": {n: {str(s): runs[n][s] for s in config.seeds if s in runs[n]} for n in config.orderings},
         "ceiling": {str(s): ceiling[s] for s in config.seeds if s in ceiling},
         "aggregate": aggregate(runs, ceiling, config.seeds),
+        "ordering_diagnostics": aggregate_diagnostics(runs, config.seeds),
+        "versus_least_confidence": paired_versus(runs, config.seeds),
         "aggregate_per_control": ({} if table.one_single_choice else aggregate_controls(
             runs, ceiling, config.seeds, [spec.name for spec in table.specs])),
         "seconds_encoding": seconds_encoding,
@@ -1414,6 +1558,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "refused if they were made by other model/ code")
     parser.add_argument("--replot", action="store_true",
                         help="only redraw OUT/learning_curves.png and OUT/summary.md from OUT/results.json")
+    parser.add_argument("--rare-class", default=None, metavar="LABEL:SHARE",
+                        help="keep only enough rows of class LABEL (first label column of --data) "
+                             "that it is SHARE of the data, e.g. Positive:0.05: a rarer minority class")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if not args.replot and not args.data:
@@ -1445,6 +1592,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         ordering_params=params, encoder=args.encoder, image_encoder=args.image_encoder, cache=args.cache,
         workers=args.workers, threads=args.threads,
         label_columns=_names(args.label_columns) or None, multi_label=_names(args.multi_label),
+        rare_class=args.rare_class,
     )
 
 

@@ -596,3 +596,65 @@ def test_no_batch_is_all_one_predicted_class(movies_and_tweets, labeled_tweets):
         assert len(classes) > 1, name
         # Label Studio serves by ascending score: the batch is what it serves first.
         assert set(np.argsort(result.scores, kind="stable")[: data.batch_size]) == set(batch)
+
+
+# ---------------------------------------------------------------- few errors (issue 17)
+
+
+def test_the_prior_head_is_least_confidence_without_evidence_and_moves_with_it():
+    from model.orderings.transfer import ErrorTrainingSet, prior_head
+
+    rng = np.random.default_rng(4)
+    offset = rng.normal(-2.0, 1.0, size=60)
+    features = rng.normal(size=(60, 3))
+    incorrect = np.zeros(60, dtype=bool)
+    incorrect[:4] = True
+    features[:4, 0] = 3.0  # the few errors share a region of feature 0
+    pool = np.array([[3.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    pool_offset = np.array([-2.0, -2.0])  # equally confident
+    training = ErrorTrainingSet(features, incorrect, np.ones(60), pool, {}, offset, pool_offset)
+    head = prior_head(training, 0.01)
+    # The prior is kept as it is: slope 1 (the intercept moves no ranking); only shrunk
+    # weights learn.
+    assert head.slope == 1.0
+    assert 0 < np.abs(head.coef).max() < 5
+    logits = head.positive_logit(pool, pool_offset)
+    assert logits[0] > logits[1]  # like the errors: more likely incorrect than least confidence says
+    # Labeled tasks that weigh nothing (all unlike the pool): exactly the offset's ranking.
+    silent = ErrorTrainingSet(features, incorrect, np.full(60, 1e-9), pool, {}, offset, pool_offset)
+    ranking = prior_head(silent, 0.01).positive_logit(features, offset)
+    assert np.array_equal(np.argsort(ranking, kind="stable"), np.argsort(offset, kind="stable"))
+    # By predicted class: tasks predicted as class 1, wrong more often than their confidence
+    # says, move ahead of equally confident tasks predicted as class 0.
+    classes = np.eye(2)[np.r_[np.ones(10, int), np.zeros(50, int)]]
+    wrong_of_one = np.zeros(60, dtype=bool)
+    wrong_of_one[:5] = True  # half of the class-1 predictions, none of class 0
+    by_class = ErrorTrainingSet(features, wrong_of_one, np.ones(60), pool, {}, np.full(60, -2.0), pool_offset,
+                                labeled_classes=classes, pool_classes=np.eye(2)[[1, 0]])
+    head = prior_head(by_class, 1.0, by_class=True)
+    assert head.coef[1] > head.coef[0]
+    assert np.diff(head.positive_logit(by_class.pool_classes, pool_offset))[0] < 0
+
+
+def test_few_errors_are_learned_from_unless_the_old_fallback_is_asked_for():
+    x, y = _hard_region_data(260, seed=0)
+    classifier = _head(x.shape[1]).fit(x[:60], y[:60])
+    data = OrderingInput(x[:60], y[:60], x[60:], classifier, batch_size=20,
+                         params={"domain_weighting": False, "class_guard": False})
+    least = least_confidence_score(classifier.predict_proba(x[60:]))
+    for name in ("predicted_incorrect", "atlas"):
+        acting = get_ordering(name).score(data)
+        assert acting.info["fallback"] is None, acting.info
+        assert acting.info["labeled_incorrect"] < 30  # below what the cross-validated head needs
+        assert acting.info["correction"].startswith("prior")
+        assert not np.array_equal(np.argsort(acting.scores, kind="stable"), np.argsort(least, kind="stable"))
+        old = get_ordering(name, few_errors="least_confidence", min_incorrect=10_000).score(data)
+        assert old.info["fallback"] == "least_confidence"
+        assert np.allclose(old.scores, least)
+    # Below `min_prior_incorrect` even the prior head falls back.
+    result = get_ordering("predicted_incorrect", min_prior_incorrect=1000).score(data)
+    assert result.info["fallback"] == "least_confidence"
+    # The new parameters are checked by type and range like the others.
+    _, warnings = get_ordering("atlas").resolve(OrderingInput(None, None, None, None, params={
+        "few_errors": "sometimes", "prior_regularization": -1.0, "min_prior_incorrect": 0}))
+    assert len(warnings) == 3

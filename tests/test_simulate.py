@@ -23,7 +23,9 @@ from model.simulate import (
     SimulationConfig,
     _exact_batch,
     aggregate,
+    aggregate_diagnostics,
     aulc,
+    batch_overlap,
     code_hash,
     main,
     plot_curves,
@@ -341,6 +343,45 @@ def test_replot_redraws_from_results_json_without_data(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(out)])  # without --replot, --data is required
     assert "--data is required" in capsys.readouterr().err
+def test_fallbacks_and_overlap_with_least_confidence_on_plain_arrays():
+    assert batch_overlap([1, 2, 3, 4], [4, 3, 9, 8]) == 0.5
+    assert batch_overlap(np.array([5]), np.array([6])) == 0.0
+    assert batch_overlap([], [1]) == 1.0
+    rounds = {0: {"rounds_diagnostics": [{"fell_back": True, "least_confidence_overlap": 1.0},
+                                         {"fell_back": False, "least_confidence_overlap": 0.5}]},
+              1: {"rounds_diagnostics": [{"fell_back": False, "least_confidence_overlap": 0.6},
+                                         {"fell_back": False, "least_confidence_overlap": 0.3}]}}
+    out = aggregate_diagnostics({"atlas": rounds, "old": {0: {"accuracy": []}}}, [0, 1])
+    assert set(out) == {"atlas"}  # runs recorded before the diagnostics existed are left out
+    atlas = out["atlas"]
+    counts = (atlas["rounds"], atlas["rounds_fallen_back"], atlas["seeds"], atlas["first_round_fallen_back"])
+    assert counts == (4, 1, 2, 1)
+    assert atlas["least_confidence_overlap_mean"] == pytest.approx(0.6)
+    assert atlas["first_round_least_confidence_overlap_mean"] == pytest.approx(0.8)
+
+
+def test_summary_says_how_often_each_ordering_fell_back_and_copied_least_confidence(in_domain):
+    out, _, results = in_domain
+    diagnostics = results["ordering_diagnostics"]
+    rounds = 2 * (BUDGET - INITIAL) // BATCH  # 2 seeds
+    assert set(diagnostics) == set(results["orderings"])
+    for name, d in diagnostics.items():
+        assert d["rounds"] == rounds and 0 <= d["rounds_fallen_back"] <= rounds, name
+        assert 0.0 <= d["least_confidence_overlap_mean"] <= 1.0
+    assert diagnostics["least_confidence"]["least_confidence_overlap_mean"] == 1.0
+    assert diagnostics["least_confidence"]["rounds_fallen_back"] == 0
+    assert diagnostics["random"]["least_confidence_overlap_mean"] < 0.5
+    versus = results["versus_least_confidence"]
+    assert "least_confidence" not in versus and set(versus) == set(results["orderings"]) - {"least_confidence"}
+    random, least = results["runs"]["random"], results["runs"]["least_confidence"]
+    diffs = [aulc(random[s]["labels_used"], random[s]["accuracy"]) - aulc(least[s]["labels_used"], least[s]["accuracy"])
+             for s in random]
+    assert versus["random"]["accuracy_aulc_diff_mean"] == pytest.approx(np.mean(diffs))
+    summary = (out / "summary.md").read_text()
+    assert "Fallbacks and overlap with least confidence" in summary
+    assert "Paired difference from least confidence" in summary
+    row = next(line for line in summary.splitlines() if line.startswith("| predicted_incorrect |"))
+    assert f"{diagnostics['predicted_incorrect']['rounds_fallen_back']}/{rounds}" in row
 
 
 # -- several controls and multi-label data (issue 13, point 5) ---------------------------------
@@ -518,3 +559,19 @@ def test_two_label_columns_through_the_command_line(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "## Control `role` (single-choice)" in summary and "## Control `lang` (multi-label)" in summary
     assert "every control right" in summary and "exact-match accuracy" in summary
+
+
+def test_a_rarer_minority_class_is_a_fixed_thinned_subset():
+    from model.datasets import AnnotatedTexts, LabelColumn
+    from model.simulate import thin_class
+
+    labels = ["Positive"] * 40 + ["Negative"] * 60
+    data = AnnotatedTexts([f"t{i}" for i in range(100)], [LabelColumn("label", labels)])
+    thinned = thin_class(data, "Positive:0.1")
+    answers = thinned.columns[0].answers
+    assert answers.count("Negative") == 60 and answers.count("Positive") == round(0.1 / 0.9 * 60)
+    assert thinned.texts == thin_class(data, "Positive:0.1").texts  # the same every time
+    assert set(thinned.texts) <= set(data.texts)
+    for bad in ("Positive", "Positive:2", "Neutral:0.1", "Positive:0.5"):
+        with pytest.raises(SystemExit, match="rare-class"):
+            thin_class(data, bad)

@@ -34,7 +34,8 @@ Scores: the batch is what Label Studio must serve first, in the order it was bui
 tasks get rank-based scores below every other task (first picked = lowest); tasks outside the
 batch keep their last-round P(Correct). **Lower = label sooner.** With too few Incorrect
 examples it falls back to least confidence, as `predicted_incorrect` does, and says so in
-`info`.
+`info`; with few errors its first round is predicted-incorrect's prior head
+(`few_errors="prior"`), so it adapts from the first rounds.
 """
 
 from __future__ import annotations
@@ -49,10 +50,8 @@ from model.orderings.transfer import (
     ERROR_HEAD_RULES,
     BinaryHead,
     balanced_weights,
-    error_training_set,
-    head_regularization,
-    too_few_errors,
-    too_little_to_mark,
+    error_head_fallback,
+    error_logits,
 )
 
 ATLAS_DEFAULTS: dict = {
@@ -110,11 +109,7 @@ class Atlas(Ordering):
     def score(self, data: OrderingInput) -> OrderingResult:
         settings = self.settings(data)
         views = data.pool_heads()
-        fallback = too_little_to_mark(data, settings["min_incorrect"])
-        training = None
-        if fallback is None:
-            training = error_training_set(data, settings)
-            fallback = too_few_errors(training, settings["min_incorrect"])
+        fallback, training = error_head_fallback(data, settings)
         if fallback is not None:
             info = {"fallback": "least_confidence", "fallback_reason": fallback}
             if training is not None:
@@ -123,10 +118,7 @@ class Atlas(Ordering):
 
         # Round 1 is predicted-incorrect's head: the classifier's uncertainty, corrected where
         # the labeled tasks show it (cross-validated C).
-        regularization, regularization_info = head_regularization(training, settings, data.seed)
-        base = training.fit_head(regularization)
-        base_labeled = base.positive_logit(training.labeled, training.labeled_offset)
-        base_pool = base.positive_logit(training.pool, training.pool_offset)
+        base_labeled, base_pool, regularization_info = error_logits(training, settings, data.seed)
         labeled_weights = balanced_weights(training.incorrect, training.weights)
         # Later rounds: the base logit as offset plus a correction learned from the labeled
         # tasks and the picked ones, assumed Correct. A picked task is a pool task, so it

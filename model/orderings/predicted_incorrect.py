@@ -29,8 +29,13 @@ What differs from the book's code, and why:
   renormalised: right after a domain shift every labeled task is unlike the pool, the
   weights are near zero and errors on the old domain, which say little about the new one,
   barely count; labeled tasks of the new domain count fully.
-* With fewer than `min_incorrect` Incorrect (or Correct) examples there is nothing to learn
-  from: the ordering falls back to least confidence and says so in `info`.
+* Few errors (issue 17): with fewer than `min_incorrect` Incorrect examples, or too few
+  pool-like ones to cross-validate a correction, the default (`few_errors="prior"`) still
+  learns from them: the classifier's confidence is a fixed prior and a correction with
+  shrunk weights (`prior_regularization`) moves it (`transfer.prior_head`). Only with fewer
+  than `min_prior_incorrect` Incorrect (or Correct) examples, or with
+  `few_errors="least_confidence"`, does the ordering fall back to least confidence, and it
+  says so in `info`.
 * **Several controls** (multi-label heads included): one Correct/Incorrect head over all of
   them. A labeled task is Incorrect when the out-of-fold prediction of any control it
   answers is wrong (multi-label: the predicted set of choices differs from the human's);
@@ -45,15 +50,15 @@ What differs from the book's code, and why:
 
 from __future__ import annotations
 
+from scipy.special import expit
+
 from model.orderings.base import Ordering, OrderingInput, OrderingResult, combined_score
 from model.orderings.least_confidence import least_confidence_score
 from model.orderings.transfer import (
     ERROR_HEAD_DEFAULTS,
     ERROR_HEAD_RULES,
-    error_training_set,
-    head_regularization,
-    too_few_errors,
-    too_little_to_mark,
+    error_head_fallback,
+    error_logits,
 )
 
 
@@ -67,18 +72,13 @@ class PredictedIncorrect(Ordering):
     def score(self, data: OrderingInput) -> OrderingResult:
         settings = self.settings(data)
         views = data.pool_heads()
-        fallback = too_little_to_mark(data, settings["min_incorrect"])
-        training = None
-        if fallback is None:
-            training = error_training_set(data, settings)
-            fallback = too_few_errors(training, settings["min_incorrect"])
+        fallback, training = error_head_fallback(data, settings)
         if fallback is not None:
             info = {"fallback": "least_confidence", "fallback_reason": fallback}
             if training is not None:
                 info.update(training.info)
             return self.finish(data, combined_score(least_confidence_score, views), views, info)
-        regularization, regularization_info = head_regularization(training, settings, data.seed)
-        head = training.fit_head(regularization)
-        p_correct = 1.0 - head.positive_probability(training.pool, training.pool_offset)
+        _, pool_logit, regularization_info = error_logits(training, settings, data.seed)
+        p_correct = expit(-pool_logit)
         info = {"fallback": None, **training.info, **regularization_info}
         return self.finish(data, p_correct, views, info)

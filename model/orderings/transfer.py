@@ -62,6 +62,23 @@ ERROR_HEAD_DEFAULTS: dict = {
     # Below this many (effective, importance-weighted) Incorrect examples, no correction is
     # tried at all: cross-validation on a handful of errors picks noise.
     "min_effective_incorrect": 30,
+    # Too few errors for the cross-validated head (fewer than `min_incorrect`, or fewer
+    # than `min_effective_incorrect` pool-like ones): "prior" still learns from them, as a
+    # correction of the classifier's confidence whose offset is fixed (slope 1: the prior)
+    # and whose weights are shrunk by `prior_regularization` (C), so a handful of errors
+    # moves the ranking a little and none leaves it least confidence's; "least_confidence"
+    # serves least confidence unchanged (the behaviour before issue 17). Only with a
+    # correction head (`head_features` ending in "correction"); needs `min_prior_incorrect`
+    # Incorrect and Correct examples.
+    "few_errors": "prior",
+    # What the prior's correction sees: "class" (which class each decision predicts: an
+    # error rate per predicted class, unpenalised by position in the hidden layer) or
+    # "head" (the head's own inputs, `head_features`). On real text (movie snippets ->
+    # airline tweets, tests/test_orderings.py) "head" found the pool's errors worse than
+    # least confidence at every C tried (AUC -0.002 to -0.02); "class" stayed within 2e-4.
+    "prior_features": "class",
+    "prior_regularization": 0.01,
+    "min_prior_incorrect": 2,
     # Weight labeled tasks by how much they look like the unlabeled pool.
     "domain_weighting": True,
     "max_domain_weight": 10.0,  # clip of the density ratio
@@ -77,6 +94,10 @@ ERROR_HEAD_RULES: dict = {
     "regularization_grid": numbers(0.0, 1e6),
     "correction_min_gain": number(0.0, 1.0),
     "min_effective_incorrect": number(0.0, 1e9),
+    "few_errors": one_of("prior", "least_confidence"),
+    "prior_features": one_of("class", "head"),
+    "prior_regularization": number(1e-9, 1e6),
+    "min_prior_incorrect": integer(1, 10_000),
     "domain_weighting": flag(),
     "max_domain_weight": number(1.0, 1e6),
 }
@@ -123,6 +144,7 @@ class BinaryHead:
         fixed_offset: bool = False,
         standardize: bool = True,
         nonpositive: bool = False,
+        free_intercept: bool = False,
     ) -> BinaryHead:
         """Fit on (features, target) with sample weights.
 
@@ -131,6 +153,8 @@ class BinaryHead:
         weights (ATLAS's local, per-round corrections). Without `standardize` a feature that
         is 0 leaves the score alone (kernel features: far-away tasks stay where they are).
         With `nonpositive` the weights are kept <= 0: a feature can only lower the score.
+        With `fixed_offset` and `free_intercept` the intercept is learned, unpenalised: a
+        miscalibration common to all tasks does not have to be paid for by the weights.
         """
         from scipy.optimize import minimize
         from scipy.special import expit
@@ -168,7 +192,7 @@ class BinaryHead:
         bounds = None
         weight_bounds = [(None, 0.0) if nonpositive else (None, None)] * d
         if fixed_offset:
-            bounds = weight_bounds + [(0.0, 0.0), (1.0, 1.0)]
+            bounds = weight_bounds + [(None, None) if free_intercept else (0.0, 0.0), (1.0, 1.0)]
         elif nonpositive:
             bounds = weight_bounds + [(None, None)] * (1 + (u is not None))
         elif u is not None:
@@ -390,6 +414,9 @@ class ErrorTrainingSet:
     pool_hidden: np.ndarray | None = None
     # Which labeled tasks (indices into OrderingInput's labeled set) the rows above are.
     labeled_rows: np.ndarray | None = None
+    # One-hot predicted class of every decision, side by side (the "class" prior's inputs).
+    labeled_classes: np.ndarray | None = None
+    pool_classes: np.ndarray | None = None
 
     def fit_head(self, regularization: float) -> BinaryHead:
         return BinaryHead(regularization).fit(
@@ -450,7 +477,14 @@ def error_training_set(data: OrderingInput, settings: dict) -> ErrorTrainingSet:
         labeled_hidden=np.column_stack(oof_hidden)[rows],
         pool_hidden=np.column_stack(pool_hidden),
         labeled_rows=rows,
+        labeled_classes=predicted_classes(labeled_decisions)[rows],
+        pool_classes=predicted_classes(pool_decisions),
     )
+
+
+def predicted_classes(decisions: list[np.ndarray]) -> np.ndarray:
+    """One-hot argmax of every decision, side by side: (n, total number of classes)."""
+    return np.column_stack([np.eye(p.shape[1])[np.asarray(p).argmax(axis=1)] for p in decisions])
 
 
 def _answered_decisions(views: list, scored: list[np.ndarray]) -> list[np.ndarray]:
@@ -479,8 +513,7 @@ def choose_regularization(training: ErrorTrainingSet, settings: dict, seed: int)
     grid = sorted(float(c) for c in settings["regularization_grid"])
     if training.labeled_offset is None:
         grid = [c for c in grid if c > 0] or [0.05]
-    wrong_weights = training.weights[training.incorrect]
-    effective = float(wrong_weights.sum() ** 2 / max((wrong_weights**2).sum(), 1e-300))
+    effective = effective_incorrect(training)
     if training.labeled_offset is not None and effective < settings["min_effective_incorrect"]:
         return 0.0, {
             "head_regularization": 0.0,
@@ -521,6 +554,102 @@ def head_regularization(training: ErrorTrainingSet, settings: dict, seed: int) -
     if settings["head_regularization"] == "auto":
         return choose_regularization(training, settings, seed)
     return float(settings["head_regularization"]), {"head_regularization": float(settings["head_regularization"])}
+
+
+def uses_prior(settings: dict) -> bool:
+    """Whether few errors are learned from as a correction of a fixed confidence prior."""
+    return settings["few_errors"] == "prior" and settings["head_features"].endswith("correction")
+
+
+def effective_incorrect(training: ErrorTrainingSet) -> float:
+    """Effective number of Incorrect examples under the importance weights (Kish)."""
+    wrong_weights = training.weights[training.incorrect]
+    return float(wrong_weights.sum() ** 2 / max((wrong_weights**2).sum(), 1e-300))
+
+
+class PriorHead:
+    """`prior_head`'s fit with the inputs it was fitted on: P(Incorrect) of the pool."""
+
+    def __init__(self, head: BinaryHead, by_class: bool):
+        self.head, self.by_class = head, by_class
+
+    def pool_logit(self, training: ErrorTrainingSet) -> np.ndarray:
+        inputs = training.pool_classes if self.by_class else training.pool
+        return self.head.positive_logit(inputs, training.pool_offset)
+
+    def labeled_logit(self, training: ErrorTrainingSet) -> np.ndarray:
+        inputs = training.labeled_classes if self.by_class else training.labeled
+        return self.head.positive_logit(inputs, training.labeled_offset)
+
+
+def prior_head(training: ErrorTrainingSet, regularization: float, by_class: bool = False) -> BinaryHead:
+    """The Correct/Incorrect head for few errors: logit P(Incorrect) = offset + w . x.
+
+    With `by_class` x is the one-hot predicted class of each decision (not standardised):
+    w is then a penalised shift of the log-odds per predicted class, which moves tasks of a
+    class whose predictions go wrong more often than their confidence says (a rare class)
+    ahead of equally confident tasks of the other classes.
+
+    The offset (the classifier's own log-odds of being wrong) is the prior and is kept
+    as it is (slope 1, plus a free intercept, which moves no ranking); only the
+    L2-penalised weights learn, from every
+    importance-weighted labeled task, Incorrect and Correct balanced by weight as for the
+    cross-validated head: the free intercept absorbs the balancing, and P(Incorrect) keeps
+    the scale ATLAS's `min_incorrect_probability` is set for. Where the errors share something
+    (a region of the hidden layer, a confidence pattern) the pool tasks that share it
+    move up; where they share nothing the weights stay near 0 and the ranking stays least
+    confidence's. Unlike the cross-validated head it needs no held-out errors to choose C,
+    so it acts from the first rounds.
+    """
+    return BinaryHead(regularization).fit(
+        training.labeled_classes if by_class else training.labeled,
+        training.incorrect,
+        balanced_weights(training.incorrect, training.weights),
+        offset=training.labeled_offset,
+        fixed_offset=True,
+        standardize=not by_class,
+        free_intercept=True,
+    )
+
+
+def error_logits(training: ErrorTrainingSet, settings: dict, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(labeled logits, pool logits, info) of P(Incorrect): the head of predicted-incorrect
+    and of ATLAS's first round.
+
+    With enough (pool-like) errors: the cross-validated correction (`head_regularization`).
+    With fewer, and `few_errors="prior"`: `prior_head`.
+    """
+    wrong = int(training.incorrect.sum())
+    few = wrong < settings["min_incorrect"] or effective_incorrect(training) < settings["min_effective_incorrect"]
+    if uses_prior(settings) and few:
+        regularization = float(settings["prior_regularization"])
+        by_class = settings["prior_features"] == "class"
+        head = PriorHead(prior_head(training, regularization, by_class), by_class)
+        return head.labeled_logit(training), head.pool_logit(training), {
+            "head_regularization": regularization,
+            "effective_incorrect": round(effective_incorrect(training), 1),
+            "correction": "prior: too few errors to cross-validate; the classifier's confidence, "
+                          "corrected with shrunk weights",
+        }
+    regularization, info = head_regularization(training, settings, seed)
+    head = training.fit_head(regularization)
+    return (head.positive_logit(training.labeled, training.labeled_offset),
+            head.positive_logit(training.pool, training.pool_offset), info)
+
+
+def error_head_fallback(data: OrderingInput, settings: dict) -> tuple[str | None, ErrorTrainingSet | None]:
+    """(why the ordering falls back to least confidence or None, the training set if built).
+
+    With `few_errors="prior"` a correction head needs only `min_prior_incorrect` Incorrect
+    (and Correct) examples; otherwise `min_incorrect`.
+    """
+    least = settings["min_prior_incorrect"] if uses_prior(settings) else settings["min_incorrect"]
+    fallback = too_little_to_mark(data, least)
+    training = None
+    if fallback is None:
+        training = error_training_set(data, settings)
+        fallback = too_few_errors(training, least)
+    return fallback, training
 
 
 def too_few_errors(training: ErrorTrainingSet, min_incorrect: int) -> str | None:
