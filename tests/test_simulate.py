@@ -380,7 +380,8 @@ def test_summary_says_how_often_each_ordering_fell_back_and_copied_least_confide
     summary = (out / "summary.md").read_text()
     assert "Fallbacks and overlap with least confidence" in summary
     assert "Paired difference from least confidence" in summary
-    row = next(line for line in summary.splitlines() if line.startswith("| predicted_incorrect |"))
+    section = summary.split("Fallbacks and overlap with least confidence", 1)[1]
+    row = next(line for line in section.splitlines() if line.startswith("| predicted_incorrect |"))
     assert f"{diagnostics['predicted_incorrect']['rounds_fallen_back']}/{rounds}" in row
 
 
