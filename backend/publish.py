@@ -146,7 +146,11 @@ def publish_inline(ls: LabelStudioProject, store: ModelStore, version: str, pred
     those creates (0.2-0.4 s each, a few per retrain) delayed every task's new prediction.
     Imported with the rest and marked after the switch, they delay nothing: a reviewer's
     hint arrives a moment after the version goes live."""
-    ls.upload_predictions(predictions.all_in_bulk(), settings.prediction_chunk, progress=progress)
+    # The version was staged by this run of the retrain, so nothing of it is in Label
+    # Studio yet: no listing of what is stored first (a chunk retried within the upload
+    # still checks).
+    ls.upload_predictions(predictions.all_in_bulk(), settings.prediction_chunk, progress=progress,
+                          sent_before=False)
     return go_live(ls, store, version, settings, len(predictions), predictions.one_by_one)
 
 

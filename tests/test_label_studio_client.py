@@ -259,6 +259,28 @@ def test_lost_requests_and_answers_mid_upload_leave_one_prediction_per_task(labe
 
 
 @pytest.mark.e2e
+def test_an_inline_upload_without_the_first_listing_still_stores_each_prediction_once(label_studio):
+    """A retrain's own publish skips the listing of what is stored (its version is new), so
+    only the chunk retry protects it: answers lost after Label Studio stored a chunk, and a
+    chunk lost on its way, must still leave exactly one prediction per task."""
+    client = _client(label_studio)
+    project_id = _new_project(client, 80)
+    proxy = _proxy(label_studio)
+    ls = _through(proxy, label_studio, project_id)
+    ids = ls.task_ids()
+    version = "v0009-20261202-010000"
+    proxy.drop_next(b"/import/predictions", when="response", skip=0)
+    proxy.drop_next(b"/import/predictions", when="request", skip=2)
+    ls.upload_predictions(_predictions(ids, version), chunk=20, sent_before=False)
+
+    assert proxy.faults_fired() == 2
+    assert all(r.startswith(b"HTTP/1.1 201") for r in proxy.dropped_responses), proxy.dropped_responses
+    counts = {t: len(p) for t, p in _predictions_per_task(client, project_id, version).items()}
+    assert sorted(counts) == sorted(ids)
+    assert all(count == 1 for count in counts.values()), {t: c for t, c in counts.items() if c != 1}
+
+
+@pytest.mark.e2e
 def test_publishing_the_same_version_again_sends_only_what_is_missing(label_studio):
     """An RQ retry of a publish job re-sends a version that is partly in Label Studio."""
     client = _client(label_studio)
