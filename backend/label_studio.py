@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 # HTTP answers worth another try: a timeout, throttling, and any server-side fault (a
 # restarting Label Studio behind a proxy answers 502/503/504; SQLite's "database is
 # locked" surfaces as 500). Every other 4xx is final: a retry cannot fix a bad token
-# (401/403), a missing project (404) or a rejected payload (400).
+# (401/403), a missing project (404) or a rejected payload (400). One 401 is the
+# exception: an access token that expired while its request was on the way
+# (`LabelStudioProject._expired_in_flight`).
 RETRYABLE_STATUS = frozenset({408, 429})
 
 # Task ids per "which of these tasks already hold version V" query: they travel in the URL
@@ -184,6 +186,7 @@ class LabelStudioProject:
         self.settings = settings
         self.project_id = int(project_id)
         self._client = client
+        self._retried_expiry: datetime | None = None  # see _expired_in_flight
         self.retry = retry or RetryPolicy()
 
     @property
@@ -220,7 +223,8 @@ class LabelStudioProject:
             retryable = not isinstance(exc, (httpx.LocalProtocolError, httpx.UnsupportedProtocol))
             hint = f" (is Label Studio reachable at LABEL_STUDIO_URL={self.settings.label_studio_url}?)"
         elif isinstance(exc, ApiError) and status is not None:
-            retryable = status >= 500 or status in RETRYABLE_STATUS
+            retryable = status >= 500 or status in RETRYABLE_STATUS or (
+                status == 401 and self._expired_in_flight())
             retry_after = _retry_after(getattr(exc, "headers", None)) if retryable else None
             hint = ""
             if status in (401, 403):
@@ -238,6 +242,30 @@ class LabelStudioProject:
         return LabelStudioError(
             f"Label Studio call '{what}' for project {self.project_id} failed: {detail}{hint}",
             retryable=retryable, status=status, retry_after=retry_after)
+
+    def _expired_in_flight(self) -> bool:
+        """Whether a 401 just received is the SDK's access token running out in flight.
+
+        With a personal access token the SDK sends a short-lived access token (5 minutes in
+        Label Studio 1.23) and refreshes it only when it finds it expired before a send. A
+        request that reaches a busy Label Studio after its token expired (seen at 100,000
+        tasks under load, bench_freshness) is refused before anything is done, so sending
+        it again is safe, and the SDK refreshes the token first. True when the cached token
+        has expired by now, once per token: if the refresh itself is refused, the next 401
+        is final and says to check the key. The SDK keeps the token in private attributes
+        (no public accessor); if they change, a 401 simply stays final, as before.
+        """
+        wrapper = getattr(self._client, "_client_wrapper", None)
+        tokens = getattr(wrapper, "_tokens_client", None)
+        expiry = getattr(tokens, "_access_token_expiration", None)
+        if tokens is None or getattr(tokens, "_use_legacy_token", True) or not isinstance(expiry, datetime):
+            return False
+        if expiry > datetime.now(UTC) or expiry == self._retried_expiry:
+            return False
+        self._retried_expiry = expiry
+        log.info("project=%s Label Studio refused an access token that expired in flight; "
+                 "sending again with a fresh one", self.project_id)
+        return True
 
     def _once(self, what: str, fn: Callable[[], Any]) -> Any:
         """One attempt at an SDK call, its failure translated; no retry."""

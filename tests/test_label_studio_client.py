@@ -14,6 +14,7 @@ import json
 import socket
 import threading
 import time
+from datetime import UTC, datetime
 from urllib.parse import urlparse
 
 import pytest
@@ -256,6 +257,34 @@ def test_lost_requests_and_answers_mid_upload_leave_one_prediction_per_task(labe
         {task_id: count for task_id, count in counts.items() if count != 1}
     # The single-prediction path kept what only it can carry.
     assert all(stored[i][0].cluster == 3 for i in ids[100:])
+
+
+@pytest.mark.e2e
+def test_an_access_token_that_expires_in_flight_is_refreshed_and_the_request_sent_again(label_studio):
+    """The SDK refreshes its short-lived access token only before a send; a request that
+    reaches Label Studio after the token expired gets a real 401. That one is retried (the
+    SDK then refreshes), where a 401 for a bad key stays final (`test_final_answers_...`)."""
+    import jwt
+
+    from tests.support.label_studio import SECRET_KEY
+
+    client = _client(label_studio)
+    project_id = _new_project(client, 3)
+    proxy = _proxy(label_studio)
+    ls = _through(proxy, label_studio, project_id)
+    assert ls.project()["id"] == project_id  # connected: the SDK holds a real access token
+    tokens = ls.client._client_wrapper._tokens_client
+    claims = jwt.decode(tokens._access_token, options={"verify_signature": False})
+    assert claims.get("token_type") == "access"
+    # The same token, signed by the server's key, but valid for 2 more seconds only; the
+    # proxy holds the next request for 4, so it arrives expired.
+    claims["exp"] = int(time.time()) + 2
+    tokens._set_access_token(jwt.encode(claims, SECRET_KEY, algorithm="HS256"))
+    proxy.delay_next(b"GET /api/projects/", seconds=4)
+
+    assert ls.project()["id"] == project_id
+    assert proxy.faults_fired() == 1
+    assert tokens._access_token_expiration > datetime.now(UTC)  # refreshed
 
 
 @pytest.mark.e2e

@@ -8,12 +8,16 @@ ways a network really does, for a request whose bytes contain a marker:
 * `when="response"`: the whole request reaches the server, which handles it and answers;
   the answer is thrown away and the connection closed. The client sees a dropped
   connection although the server did the work: what makes a blind retry store twice.
+
+`delay_next()` holds one request for some seconds before forwarding it whole (a slow link,
+or a server too busy to read): the server handles it late, as sent.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 
@@ -23,6 +27,7 @@ class _Fault:
     when: str
     nth: int  # the nth request (1-based) containing `marker` is broken
     fired: bool = False
+    delay: float = 0.0  # when="delay": seconds the request is held
 
 
 @dataclass
@@ -76,6 +81,13 @@ class TcpProxy:
             seen = self._seen.get(marker, 0)
             self._faults += [_Fault(marker, when, seen + skip + i + 1) for i in range(times)]
 
+    def delay_next(self, marker: bytes, seconds: float, skip: int = 0) -> None:
+        """Hold the next request containing `marker` (after `skip` such requests) for
+        `seconds`, then forward it unchanged."""
+        with self._lock:
+            seen = self._seen.get(marker, 0)
+            self._faults.append(_Fault(marker, "delay", seen + skip + 1, delay=seconds))
+
     def faults_fired(self) -> int:
         with self._lock:
             return sum(f.fired for f in self._faults)
@@ -121,7 +133,9 @@ class TcpProxy:
                     link.upstream.sendall(data[: len(data) // 2])
                     link.close()
                     return
-                if fault is not None:
+                if fault is not None and fault.when == "delay":
+                    time.sleep(fault.delay)
+                elif fault is not None:
                     with link.lock:
                         link.drop_response = True
                 link.upstream.sendall(data)
