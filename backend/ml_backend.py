@@ -340,6 +340,7 @@ class ActiveLearningBackend:
 
         # 4. Publish: predictions into Label Studio, then the switch to the new version.
         predictions = predictions_for(config, trained, version)
+        laps.lap("build_predictions")
         limit = self.settings.fanout_tasks
         if fan_out is not None and 0 < limit < len(predictions):
             # A pool too large for one worker: each slice (bulk predictions, and a share of
@@ -351,9 +352,10 @@ class ActiveLearningBackend:
             return result
         result.status, after = publish_inline(
             ls, self.store, version, predictions, self.settings,
-            progress=lambda done, total: progress("uploading predictions", done, total))
+            progress=lambda done, total: progress("uploading predictions", done, total),
+            upload_done=lambda: laps.lap("upload"))
         result.after_switch = after.to_dict() if after is not None else None
-        laps.lap("publish")
+        laps.lap("publish")  # after the upload: the switch and what follows it
         return result
 
     def _images_of(self, data: ProjectData, config: LabelConfig, progress: Progress, ls: LabelStudioProject):

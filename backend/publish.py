@@ -135,8 +135,8 @@ def go_live(ls: LabelStudioProject, store: ModelStore, version: str, settings: S
 
 
 def publish_inline(ls: LabelStudioProject, store: ModelStore, version: str, predictions: Predictions,
-                   settings: Settings, progress: Callable[[int, int], None] | None = None
-                   ) -> tuple[Status, AfterSwitch | None]:
+                   settings: Settings, progress: Callable[[int, int], None] | None = None,
+                   upload_done: Callable[[], None] | None = None) -> tuple[Status, AfterSwitch | None]:
     """Upload every prediction of `version` from this job through the bulk import, switch to
     it, then give the disputed labels their `mislabeling` and `cluster` and tidy up (under
     the training lock the retrain holds).
@@ -145,12 +145,15 @@ def publish_inline(ls: LabelStudioProject, store: ModelStore, version: str, pred
     the bulk import drops those two fields; Label Studio takes requests one at a time, so
     those creates (0.2-0.4 s each, a few per retrain) delayed every task's new prediction.
     Imported with the rest and marked after the switch, they delay nothing: a reviewer's
-    hint arrives a moment after the version goes live."""
+    hint arrives a moment after the version goes live. `upload_done` is called once every
+    prediction is in (the retrain times the upload apart from the switch)."""
     # The version was staged by this run of the retrain, so nothing of it is in Label
     # Studio yet: no listing of what is stored first (a chunk retried within the upload
     # still checks).
     ls.upload_predictions(predictions.all_in_bulk(), settings.prediction_chunk, progress=progress,
                           sent_before=False)
+    if upload_done is not None:
+        upload_done()
     return go_live(ls, store, version, settings, len(predictions), predictions.one_by_one)
 
 
