@@ -26,6 +26,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,8 +238,15 @@ class ActiveLearningBackend:
         """
         laps = Laps()
         # 1. Read Label Studio: label config, tasks and annotations, the ordering to use.
-        ls, project, config, tasks, sync = self._read_project(progress)
-        choice = self._ordering_choice(ls)
+        # The ML backend's extra params are read on a thread beside the project and its
+        # tasks: Label Studio serves requests on threads, and this is one round trip less
+        # between an annotation and its new predictions (0.1-0.2 s at 10,000 tasks).
+        ls = LabelStudioProject(self.settings, self.project_id)
+        ls.client  # noqa: B018  (connect and fetch the access token once, before two threads use it)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"extra-params-{self.project_id}") as pool:
+            wanted = pool.submit(self._ordering_choice, ls)
+            ls, project, config, tasks, sync = self._read_project(progress, ls)
+            choice = wanted.result()
         laps.lap("read_label_studio")
         skipped = RetrainResult(Status.SKIPPED, reason="the project has no usable annotations yet",
                                 tasks=len(tasks.task_ids), timings=laps.timings,
@@ -453,9 +461,9 @@ class ActiveLearningBackend:
         examples = project_examples(data.subset(keep) if failed else data, config, images.object_vectors(keep))
         return TunedImages(tuned, heads, images, keep, examples, fine_tuning.out_dir)
 
-    def _read_project(self, progress: Progress):
+    def _read_project(self, progress: Progress, ls: LabelStudioProject | None = None):
         """Label config and tasks from Label Studio (tasks through the local incremental copy)."""
-        ls = LabelStudioProject(self.settings, self.project_id)
+        ls = ls or LabelStudioProject(self.settings, self.project_id)
         progress("reading Label Studio", 0, 0)
         project = ls.project()
         try:
