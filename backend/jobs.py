@@ -18,7 +18,7 @@ from backend.job_results import EncodeResult, RetrainResult, Status, record
 from backend.label_studio import LabelStudioError, LabelStudioProject
 from backend.ml_backend import ActiveLearningBackend, ConfigRefused, annotation_counts, get_encoder
 from backend.model_store import ModelStore
-from backend.publish import go_live
+from backend.publish import go_live, prune_when_idle
 from backend.settings import Settings
 from backend.worker import PERIODIC_RECONCILE_ID
 from model.encoding_cache import EncodingCache, text_key
@@ -299,6 +299,9 @@ def reconcile() -> dict:
     It catches what webhooks missed, e.g. annotations made while Redis was down and /webhook
     answered 503. It compares Label Studio's annotation counters with those the current model
     was trained on; an edit that keeps every count equal is caught by the next webhook instead.
+    A project whose counts are unchanged and whose live version is PRUNE_IDLE_MINUTES old
+    loses its oldest superseded version that was too large to delete at the switch
+    (`backend.publish.prune_when_idle`; under "pruned" in the result).
     """
     settings = Settings.from_env()
     job = get_current_job()
@@ -311,6 +314,7 @@ def reconcile() -> dict:
     queue = JobQueue(connection, settings)
     store = ModelStore(settings.models_dir)
     queued, unchanged, unreachable, refused = [], [], [], []
+    pruned: dict[int, dict[str, int]] = {}
     for project_id in sorted(set(store.projects()) | set(queue.project_ids())):
         version = store.current_version(project_id)
         trained_on = store.read_meta(project_id, version).get("annotation_counts") if version else None
@@ -323,6 +327,8 @@ def reconcile() -> dict:
             continue
         if counts == trained_on or not any(counts.values()):
             unchanged.append(project_id)
+            if version is not None:
+                _prune_when_idle(queue, store, settings, project_id, pruned)
             continue
         status, job_id = queue.request_retrain(project_id, "reconcile", project.get("label_config"))
         if status == "refused":  # its config was refused and has not changed since
@@ -330,4 +336,28 @@ def reconcile() -> dict:
             continue
         log.info("project=%s reconcile: annotations changed, retrain %s job=%s", project_id, status, job_id)
         queued.append(project_id)
-    return {"queued": queued, "unchanged": unchanged, "unreachable": unreachable, "refused": refused}
+    return {"queued": queued, "unchanged": unchanged, "unreachable": unreachable, "refused": refused,
+            "pruned": pruned}
+
+
+def _prune_when_idle(queue: JobQueue, store: ModelStore, settings: Settings, project_id: int,
+                     pruned: dict[int, dict[str, int]]) -> None:
+    """`backend.publish.prune_when_idle` for one unchanged project, under its training lock
+    (shown in /jobs as a running job while Label Studio deletes); a failure is logged, the
+    next reconcile tries again."""
+    if settings.prune_idle_minutes <= 0 or not settings.prune_max_predictions:
+        return
+    switched = store.switched_at(project_id)
+    if switched is None or time.time() - switched < settings.prune_idle_minutes * 60:
+        return  # checked before taking the lock, so a busy project costs no request
+    status = queue.project_status(project_id)
+    if status["waiting"] or status["running"] or status["publishing"]:
+        return  # a retrain on its way: someone is annotating after all
+    try:
+        with queue.training_lock(project_id, f"prune-{project_id}-{int(time.time())}"):
+            done = prune_when_idle(LabelStudioProject(settings, project_id), store, settings)
+    except Exception as exc:  # Label Studio unreachable, the lock held too long: next time
+        log.warning("project=%s deleting a superseded version while idle failed: %s", project_id, exc)
+        return
+    if done:
+        pruned[project_id] = done

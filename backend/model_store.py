@@ -182,6 +182,13 @@ class ModelStore:
             if time.time() - leftover.stat().st_mtime > 3600:
                 shutil.rmtree(leftover, ignore_errors=True)
 
+    def switched_at(self, project_id: int) -> float | None:
+        """When the project's live version was last switched (the CURRENT pointer's time)."""
+        try:
+            return (self.project_dir(project_id) / "CURRENT").stat().st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
     def read_meta(self, project_id: int, version: str) -> dict:
         return json.loads((self.project_dir(project_id) / version / META_FILE).read_text())
 

@@ -258,6 +258,46 @@ def remove_superseded(ls: LabelStudioProject, live: str, published: int, keep: i
     if too_large:
         log.warning("project=%s left the predictions of superseded versions %s in Label Studio: deleting "
                     "more than PRUNE_MAX_PREDICTIONS=%s at once locks its database while annotators work; "
-                    "delete them at a quiet time (Settings > Predictions) or raise the setting",
+                    "the reconcile deletes them once the project is idle for PRUNE_IDLE_MINUTES (or delete them "
+                    "in Settings > Predictions, or raise the setting)",
                     ls.project_id, too_large, max_predictions)
     return removed, kept, too_large
+
+
+def prune_when_idle(ls: LabelStudioProject, store: ModelStore, settings: Settings,
+                    now: float | None = None) -> dict[str, int]:
+    """Delete the oldest superseded version that `remove_superseded` left in place for being
+    larger than PRUNE_MAX_PREDICTIONS, once nobody is annotating; returns {version: deleted}.
+
+    Without this, every retrain of a large project leaves its predictions behind and Label
+    Studio's prediction table grows by the project's size per annotation (10,000 tasks and
+    200 retrains: two million rows), which slows its imports and listings. The delete
+    locks Label Studio's SQLite database while it runs (about a minute per 10,000
+    predictions at load), so it waits until the project's live version is
+    PRUNE_IDLE_MINUTES old: every submitted annotation makes a new version, so none was
+    submitted meanwhile. One version per call (the reconcile, every RECONCILE_INTERVAL
+    seconds) bounds each lock to one version's delete. The caller holds the project's
+    training lock, so no retrain switches versions meanwhile.
+    """
+    live = store.current_version(ls.project_id)
+    switched = store.switched_at(ls.project_id)
+    if (settings.prune_idle_minutes <= 0 or not settings.prune_max_predictions or live is None
+            or switched is None):
+        return {}
+    now = time.time() if now is None else now
+    if now - switched < settings.prune_idle_minutes * 60:
+        return {}
+    counts = ls.prediction_versions()
+    if counts.get(live, 0) == 0:  # the live version is not (or no longer) in Label Studio
+        return {}
+    _, _, too_large = superseded_plan(counts, live, settings.keep_prediction_versions,
+                                      settings.prune_max_predictions)
+    if not too_large:
+        return {}
+    oldest = min(too_large, key=lambda v: version_number(v) if VERSION_RE.match(v) else -1)
+    started = time.monotonic()
+    deleted = ls.delete_predictions_of(oldest)
+    log.info("project=%s idle for %.0f minutes: deleted the %d predictions of superseded version %s "
+             "in %.1f s (%d more too large to delete at once remain)", ls.project_id, (now - switched) / 60,
+             deleted, oldest, time.monotonic() - started, len(too_large) - 1)
+    return {oldest: deleted}

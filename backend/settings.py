@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # Superseded versions with more predictions than this are left for a person to delete at a
     # quiet time (backend.publish.superseded_plan says why); 0 = no limit.
     prune_max_predictions: int = Field(2000, ge=0)
+    # ...and are deleted by the reconcile, one version per run, once the project has had no
+    # new model version for this many minutes (nobody annotating); 0 = never.
+    prune_idle_minutes: float = Field(30.0, ge=0)
     # Before a project's first annotation, publish a cold-start order (backend/cold_start.py).
     cold_start: bool = True
     cold_start_order: str = "kmeans"

@@ -118,7 +118,10 @@ def test_worker_killed_mid_retrain_keeps_the_published_model(label_studio, servi
 
 def test_redis_down_predict_serves_webhook_503_and_reconcile_catches_up(label_studio, services):
     _start(services, label_studio)
-    services.env["RECONCILE_INTERVAL"] = "3"
+    # The periodic reconcile every 3 s; every superseded version counts as too large to
+    # delete at the switch, and is deleted once the project is idle for 3 s.
+    services.env.update(RECONCILE_INTERVAL="3", PRUNE_MAX_PREDICTIONS="1", KEEP_PREDICTION_VERSIONS="0",
+                        PRUNE_IDLE_MINUTES="0.05")
     services.workers[0].terminate()
     services.workers[0].wait()
     services.workers.clear()
@@ -151,6 +154,20 @@ def test_redis_down_predict_serves_webhook_503_and_reconcile_catches_up(label_st
     final = wait_until_idle(services, project.id)
     assert final["last"]["labeled"] == len(project.annotated)
     assert final["model_version"] == second
+
+    # Left in Label Studio at the switch, the first version goes once the project is idle.
+    from backend.label_studio import LabelStudioProject
+    from backend.settings import Settings
+
+    assert first in final["last"]["after_switch"]["too_large"], final["last"]["after_switch"]
+    ls = LabelStudioProject(Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.api_key),
+                            project.id)
+    deadline = time.monotonic() + 120
+    while first in (held := ls.prediction_versions()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert first not in held and held.get(second), held
+    assert f"deleted the {held[second]} predictions of superseded version {first}" in \
+        services.log_tail("worker.log", 10**6)
 
 
 def test_label_studio_unreachable_mid_job_fails_visibly_without_partial_publish(label_studio, services):

@@ -424,3 +424,42 @@ def test_reading_tasks_leaves_no_invalid_page_in_label_studio_log(label_studio, 
     assert "Invalid page" not in log, log[-3000:]
     assert "[ERROR]" not in log, log[-3000:]
     assert "GET /api/tasks/" in log  # the reads did reach this server's log
+
+
+@pytest.mark.e2e
+def test_an_idle_project_loses_its_oldest_too_large_superseded_version(label_studio, tmp_path):
+    """Versions too large to delete right after a switch (PRUNE_MAX_PREDICTIONS) are deleted
+    by the reconcile once the live version is PRUNE_IDLE_MINUTES old, one per run, the
+    rollback version and the live one kept."""
+    import os
+
+    from backend.model_store import ModelStore
+    from backend.publish import prune_when_idle
+
+    client = _client(label_studio)
+    project_id = _new_project(client, 6)
+    settings = Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.api_key,
+                        prune_max_predictions=4, prune_idle_minutes=30, keep_prediction_versions=1)
+    ls = LabelStudioProject(settings, project_id)
+    ids = ls.task_ids()
+    versions = [f"v000{n}-20261202-0{n}0000" for n in (1, 2, 3, 4)]
+    for version in versions:
+        ls.upload_predictions(_predictions(ids, version), chunk=10)
+    store = ModelStore(tmp_path / "models")
+    pointer = store.project_dir(project_id) / "CURRENT"
+    pointer.parent.mkdir(parents=True)
+    pointer.write_text(versions[-1] + "\n")  # live: the newest, switched just now
+
+    assert prune_when_idle(ls, store, settings) == {}  # someone may be annotating
+    assert set(ls.prediction_versions()) == set(versions)
+
+    half_an_hour_ago = pointer.stat().st_mtime - 31 * 60
+    os.utime(pointer, (half_an_hour_ago, half_an_hour_ago))
+    never = Settings(**dict(settings.model_dump(), prune_idle_minutes=0))
+    assert prune_when_idle(ls, store, never) == {}  # PRUNE_IDLE_MINUTES=0: never
+    assert set(ls.prediction_versions()) == set(versions)
+    assert prune_when_idle(ls, store, settings) == {versions[0]: 6}
+    assert prune_when_idle(ls, store, settings) == {versions[1]: 6}
+    # What is left: the live version and the one kept for a rollback.
+    assert prune_when_idle(ls, store, settings) == {}
+    assert ls.prediction_versions() == {versions[2]: 6, versions[3]: 6}
