@@ -69,7 +69,10 @@ def small_text_strategy(name: str):
     from small_text import query_strategies
 
     if name == "GreedyCoreset":
-        return query_strategies.GreedyCoreset(distance_metric="cosine")
+        # Euclidean: its "cosine" takes arccos of similarities that rounding puts above 1 on
+        # unit-length vectors (NaN distances); on those vectors the euclidean order is the
+        # cosine order, and euclidean is the coreset paper's own metric for the images.
+        return query_strategies.GreedyCoreset(distance_metric="euclidean")
     if name == "CategoryVectorInconsistencyAndRanking":
         return query_strategies.CategoryVectorInconsistencyAndRanking(pbar=None)
     strategy = getattr(query_strategies, name, None)
