@@ -9,8 +9,11 @@
 # the paired differences; our other uncertainty orderings where they differ from it (with two
 # classes margin and entropy rank as least confidence does); the head before issue 17 (MLP);
 # small-text's LeastConfidence, BreakingTies (multi-class only: on two classes it is
-# LeastConfidence), and its embedding strategies on the vectors (EmbeddingKMeans,
-# GreedyCoreset); on the multi-label control its CategoryVectorInconsistencyAndRanking.
+# LeastConfidence), and its embedding strategy EmbeddingKMeans on the vectors; on the
+# multi-label control its CategoryVectorInconsistencyAndRanking. Not GreedyCoreset: small-text
+# recomputes every pool-to-labeled distance for each pick (50 per batch), minutes per run on
+# this machine, so it would take the time of all other learners together
+# (`--learners ...,smalltext:GreedyCoreset` runs it).
 # two_controls: ours and the replay only (small-text's learner answers one question).
 # Environment: SEEDS (20), WORKERS (1), PY (.venv/bin/python), RESUME=1 (keep finished runs).
 # Writes bench/results/peer/<scenario>/{runs.jsonl,summary.json,stdout.txt}.
@@ -24,8 +27,8 @@ export HF_HUB_OFFLINE=1
 common=(--seeds "$SEEDS" --workers "$WORKERS" --replay)
 if [[ "${RESUME:-0}" == 1 ]]; then common+=(--resume); fi
 sentiment=(--pool-size 3000 --test-size 2000 --batch-size 50 --budget 500 --report-at 100,200,500)
-two_class=ours:least_confidence,ours:least_confidence:mlp,smalltext:LeastConfidence,smalltext:EmbeddingKMeans,smalltext:GreedyCoreset
-multi_class=ours:least_confidence,ours:margin,ours:entropy,ours:least_confidence:mlp,smalltext:LeastConfidence,smalltext:BreakingTies,smalltext:EmbeddingKMeans,smalltext:GreedyCoreset
+two_class=ours:least_confidence,ours:least_confidence:mlp,smalltext:LeastConfidence,smalltext:EmbeddingKMeans
+multi_class=ours:least_confidence,ours:margin,ours:entropy,ours:least_confidence:mlp,smalltext:LeastConfidence,smalltext:BreakingTies,smalltext:EmbeddingKMeans
 
 run() {
     local scenario=$1; shift
