@@ -8,8 +8,9 @@ Each seed is one paired setup of `model.simulate` (`plan_seed`: the same pool, t
 initial labels; `--seed-data` rows free), with the vectors `encode_table` reads from the
 shared encoding cache. On it run, with the same label grid:
 
-* **ours**, `ours:<ordering>[:<head kind>]`: the simulator's own loop (`run_ordering`) with
-  the service's head (`HeadConfig` defaults, or `kind=mlp`, the head before issue 17);
+* **ours**, `ours:<ordering>[:<head>]`: the simulator's own loop (`run_ordering`) with the
+  retrain's head (`RETRAIN_HEAD_KIND`), or `mlp` (the head before issue 17), or other
+  `HeadConfig` fields (`threshold_objective=f1`, the multi-label thresholds before it);
 * **the peer**, `smalltext:<strategy>`: small-text 1.4.1's `PoolBasedActiveLearner` with
   scikit-learn's `LogisticRegression(class_weight="balanced")` (its defaults otherwise) and
   its `LeastConfidence`, `BreakingTies`, `PredictionEntropy`, or an embedding-based strategy
@@ -145,10 +146,27 @@ def _quiet(strategy_name: str) -> dict:
     return {"pbar": None} if strategy_name in ("EmbeddingKMeans", "GreedyCoreset", "LightweightCoreset") else {}
 
 
-def run_ours(plan, ordering: str, head_kind: str | None, config, replay: bool = False) -> dict:
-    """The simulator's own loop with the given head kind (None: the service's default); with
+def head_settings(text: str) -> dict:
+    """The head part of `ours:<ordering>:<head>`: a kind ("mlp") or HeadConfig fields as
+    `key=value` joined by "+" (`kind=mlp+threshold_objective=f1`); "" is the retrain's head."""
+    if not text:
+        return {}
+    if "=" not in text:
+        return {"kind": text}
+    settings = {}
+    for item in text.split("+"):
+        key, _, value = item.partition("=")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
+
+
+def run_ours(plan, ordering: str, head: str, config, replay: bool = False) -> dict:
+    """The simulator's own loop with the given head (`head_settings`; "": the service's); with
     `replay`, the head-only baselines on the labeled sets it bought (`replay_baselines`)."""
-    simulate._CONTEXT["head_settings"] = {"kind": head_kind} if head_kind else {}
+    simulate._CONTEXT["head_settings"] = head_settings(head)
     started = time.perf_counter()
     result = simulate.run_ordering(plan, ordering, config)
     out = {"labels_used": result["labels_used"], "accuracy": result["accuracy"],
@@ -233,8 +251,8 @@ def _job(args):
     plan, learner, config, replay = args
     kind, _, rest = learner.partition(":")
     if kind == "ours":
-        ordering, _, head_kind = rest.partition(":")
-        result = run_ours(plan, ordering, head_kind or None, config, replay)
+        ordering, _, head = rest.partition(":")
+        result = run_ours(plan, ordering, head, config, replay)
     else:
         result = run_small_text(plan, rest, config)
     return learner, plan.seed, result
