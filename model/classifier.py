@@ -19,7 +19,9 @@ Two kinds (`HeadConfig.kind`), with one interface (fit, predict_proba, hidden, s
   frequency so an imbalanced project does not learn its class prior instead of its task.
 * `MultiLabelHead`: multi-label (`<Choices choice="multiple">`), one sigmoid per choice,
   each choice's positives weighted against its negatives, and a per-choice decision
-  threshold (`thresholds_`) chosen on out-of-fold probabilities (`choose_thresholds`).
+  threshold (`thresholds_`) chosen on out-of-fold probabilities (`choose_thresholds`): by
+  default the one that gets the most tasks' yes/no on that choice right, i.e. leaves the
+  annotator the fewest choices to change.
 
 Weights are stored as safetensors plus JSON, never pickle.
 """
@@ -71,6 +73,11 @@ class HeadConfig:
     kind: str = "mlp"
     # linear: the L2 strength; None chooses it among C_GRID by out-of-fold log loss per fit.
     C: float | None = None
+    # Multi-label heads: what the per-choice thresholds maximise on the out-of-fold pass,
+    # "accuracy" (that choice right per task) or "f1" (that choice's F1; the rule before issue
+    # 17, which over-predicted the rare choices: exact-match accuracy 13-26 % instead of
+    # 33-49 % on the Debian scenarios, BENCHMARKS.md "Issue 17, points 1 and 2").
+    threshold_objective: str = "accuracy"
     # mlp only, below (seed also orders the linear head's folds).
     hidden_dim: int = 128
     epochs: int = 150
@@ -331,14 +338,21 @@ def positive_weights(targets: np.ndarray) -> np.ndarray:
     return np.clip(weights, 0.1, 10.0)
 
 
-def choose_thresholds(probabilities: np.ndarray, targets: np.ndarray, min_positives: int = 3,
-                      default: float = 0.5) -> np.ndarray:
-    """Per choice, the decision threshold with the best F1 on (out-of-fold) probabilities.
+THRESHOLD_OBJECTIVES = ("accuracy", "f1")
 
-    Candidates are 0.05, 0.10, ..., 0.95; a tie goes to the candidate closest to `default`.
-    A choice with fewer than `min_positives` positives or negatives keeps `default`: a
-    threshold fitted to two examples is noise.
+
+def choose_thresholds(probabilities: np.ndarray, targets: np.ndarray, min_positives: int = 3,
+                      default: float = 0.5, objective: str = "accuracy") -> np.ndarray:
+    """Per choice, the decision threshold with the best `objective` on (out-of-fold) probabilities.
+
+    `objective`: "accuracy", the share of tasks whose yes/no on that choice is right (the
+    choices an annotator does not have to change), or "f1", that choice's F1. Candidates
+    are 0.05, 0.10, ..., 0.95; a tie goes to the candidate closest to `default`. A choice
+    with fewer than `min_positives` positives or negatives keeps `default`: a threshold
+    fitted to two examples is noise.
     """
+    if objective not in THRESHOLD_OBJECTIVES:
+        raise ValueError(f"unknown threshold objective {objective!r}; choose one of {THRESHOLD_OBJECTIVES}")
     probabilities = np.asarray(probabilities, dtype=np.float64)
     targets = np.asarray(targets).astype(bool)
     candidates = np.round(np.arange(0.05, 0.951, 0.05), 2)
@@ -348,9 +362,12 @@ def choose_thresholds(probabilities: np.ndarray, targets: np.ndarray, min_positi
         if truth.sum() < min_positives or (~truth).sum() < min_positives:
             continue
         predicted = probabilities[:, j][:, None] >= candidates[None, :]  # (n, candidates)
-        true_positive = (predicted & truth[:, None]).sum(axis=0)
-        f1 = 2 * true_positive / np.maximum(predicted.sum(axis=0) + truth.sum(), 1)
-        best = np.flatnonzero(f1 >= f1.max() - 1e-12)
+        if objective == "accuracy":
+            score = (predicted == truth[:, None]).mean(axis=0)
+        else:
+            true_positive = (predicted & truth[:, None]).sum(axis=0)
+            score = 2 * true_positive / np.maximum(predicted.sum(axis=0) + truth.sum(), 1)
+        best = np.flatnonzero(score >= score.max() - 1e-12)
         thresholds[j] = float(candidates[best[np.argmin(np.abs(candidates[best] - default))]])
     return thresholds
 

@@ -249,11 +249,13 @@ class ControlHeads:
         return OutOfFold(probabilities, hidden, scored, folds=int(folds), seed=int(seed))
 
     def set_thresholds(self, out_of_fold: OutOfFold, targets: list[np.ndarray]) -> None:
-        """Each multi-label head's per-choice thresholds, from out-of-fold probabilities."""
+        """Each multi-label head's per-choice thresholds, from out-of-fold probabilities, by its
+        `threshold_objective`."""
         for head, p, rows, t in zip(self.heads, out_of_fold.probabilities, out_of_fold.scored, targets):
             if getattr(head, "multi_label", False):
-                head.thresholds_ = choose_thresholds(p[rows], np.asarray(t)[rows]) if rows.any() \
-                    else np.full(len(head.labels), 0.5)
+                objective = getattr(head.config, "threshold_objective", "accuracy")
+                head.thresholds_ = choose_thresholds(p[rows], np.asarray(t)[rows], objective=objective) \
+                    if rows.any() else np.full(len(head.labels), 0.5)
 
     # -- storage ---------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:

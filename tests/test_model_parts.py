@@ -121,10 +121,26 @@ def test_thresholds_maximise_f1_per_choice_and_keep_the_default_without_evidence
     p[:, 1] = rng.uniform(0, 1, 60)
     p[:, 2] = np.where(truth[:, 2] == 1, rng.uniform(0.75, 0.95, 60), rng.uniform(0.3, 0.6, 60))
     p[0, 2] = 0.61  # a negative just above 0.6
-    thresholds = choose_thresholds(p, truth)
+    thresholds = choose_thresholds(p, truth, objective="f1")
     # Choice 0: F1 = 1 anywhere in (0.14, 0.21]; of the candidates 0.15 and 0.2, the one
     # closer to 0.5. Choice 2: F1 = 1 in (0.61, 0.75]: 0.65 .. 0.75, and 0.65 is closest.
     assert thresholds.tolist() == [0.2, 0.5, 0.65]
+
+
+def test_thresholds_by_accuracy_keep_a_rare_choice_from_being_said_yes_to_too_often():
+    # A rare choice: 3 positives at 0.6, and 3 positives mixed with 4 negatives at 0.27; the
+    # other 50 negatives at 0.02. Saying yes at 0.27 finds every positive (F1 0.75 against
+    # 0.67) but is wrong on 4 tasks instead of 3: F1 takes 0.25 (closest to 0.5 of 0.05-0.25),
+    # accuracy 0.5 (closest to 0.5 of 0.3-0.6).
+    truth = np.zeros((60, 1), dtype=int)
+    truth[:6, 0] = 1
+    p = np.full((60, 1), 0.02)
+    p[:3, 0] = 0.6
+    p[3:10, 0] = 0.27
+    assert choose_thresholds(p, truth, objective="f1").tolist() == [0.25]
+    assert choose_thresholds(p, truth).tolist() == [0.5]  # accuracy is the default
+    with pytest.raises(ValueError, match="threshold objective"):
+        choose_thresholds(p, truth, objective="recall")
 
 
 def test_positive_weights_balance_each_choice():

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Issue 17, points 1 and 2: bench/peer_small_text.py on every scenario of
+# bench/simulate_scenarios.sh, with the same data, sizes and paired seeds, and the head-only
+# replay (--replay). One process (WORKERS, default 1): the machine is shared.
+#
+#   bench/peer_scenarios.sh [scenario ...]      (default: all eight, in this order)
+#
+# Learners: our default (least confidence with the retrain's head) first, as the reference of
+# the paired differences; our other uncertainty orderings where they differ from it (with two
+# classes margin and entropy rank as least confidence does); the head before issue 17 (MLP)
+# in the three scenarios measured before; the multi-label thresholds before issue 17;
+# small-text's LeastConfidence, BreakingTies (multi-class only: on two classes it is
+# LeastConfidence), and its embedding strategy EmbeddingKMeans on the vectors; on the
+# multi-label control its CategoryVectorInconsistencyAndRanking. Not GreedyCoreset: small-text
+# recomputes every pool-to-labeled distance for each pick (50 per batch), minutes per run on
+# this machine, so it would take the time of all other learners together
+# (`--learners ...,smalltext:GreedyCoreset` runs it).
+# two_controls: ours and the replay only (small-text's learner answers one question).
+# Environment: SEEDS (20), WORKERS (1), PY (.venv/bin/python), RESUME=1 (keep finished runs).
+# Writes bench/results/peer/<scenario>/{runs.jsonl,summary.json,stdout.txt}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PY:-.venv/bin/python}
+SEEDS=${SEEDS:-20}
+WORKERS=${WORKERS:-1}
+export HF_HUB_OFFLINE=1
+common=(--seeds "$SEEDS" --workers "$WORKERS" --replay)
+if [[ "${RESUME:-0}" == 1 ]]; then common+=(--resume); fi
+sentiment=(--pool-size 3000 --test-size 2000 --batch-size 50 --budget 500 --report-at 100,200,500)
+multi_class=ours:least_confidence,ours:margin,ours:entropy,ours:least_confidence:mlp,smalltext:LeastConfidence,smalltext:BreakingTies,smalltext:EmbeddingKMeans
+# Two classes: fewer learners, for time (EmbeddingKMeans was far behind on three classes).
+two_class=ours:least_confidence,ours:least_confidence:mlp,smalltext:LeastConfidence
+two_class_short=ours:least_confidence,smalltext:LeastConfidence
+images=ours:least_confidence,ours:margin,smalltext:LeastConfidence,smalltext:BreakingTies
+# The multi-label thresholds before issue 17 (F1 per choice) beside the default (accuracy).
+old_thresholds=ours:least_confidence:threshold_objective=f1
+
+run() {
+    local scenario=$1; shift
+    local out=bench/results/peer/$scenario
+    mkdir -p "$out"
+    echo "== $scenario: $(date -u +%H:%M:%S) $PY bench/peer_small_text.py ${common[*]} $*"
+    local started=$SECONDS
+    "$PY" bench/peer_small_text.py "${common[@]}" "$@" --out "$out" | tee "$out/stdout.txt" | grep -v '^\['
+    echo "== $scenario: $((SECONDS - started)) s"
+}
+
+scenarios=("$@")
+if [[ ${#scenarios[@]} -eq 0 ]]; then
+    scenarios=(in_domain_three_class in_domain_binary domain_shift rare_minority domain_shift_reverse fashion_mnist
+               multi_label two_controls)
+fi
+for scenario in "${scenarios[@]}"; do
+    case $scenario in
+        in_domain_binary)      run "$scenario" --data builtin:airline --initial 50 "${sentiment[@]}" --learners "$two_class" ;;
+        in_domain_three_class) run "$scenario" --data builtin:airline3 --initial 50 "${sentiment[@]}" --learners "$multi_class" ;;
+        domain_shift)          run "$scenario" --data builtin:airline --seed-data builtin:movies --initial 1000 \
+                                   "${sentiment[@]}" --learners "$two_class" ;;
+        domain_shift_reverse)  run "$scenario" --data builtin:movies --seed-data builtin:airline --initial 1000 \
+                                   "${sentiment[@]}" --learners "$two_class_short" ;;
+        rare_minority)         run "$scenario" --data builtin:airline --rare-class Positive:0.05 --initial 50 \
+                                   "${sentiment[@]}" --learners "$two_class_short" ;;
+        fashion_mnist)         run "$scenario" --data builtin:fashion_mnist:2000 --test builtin:fashion_mnist_test:1000 \
+                                   --pool-size 500 --initial 20 --batch-size 20 --budget 100 --report-at 40,60,100 \
+                                   --learners "$images" ;;
+        multi_label)           run "$scenario" --data builtin:debian_use --initial 25 --pool-size 500 --test-size 500 \
+                                   --batch-size 25 --budget 100 --report-at 50,75,100 \
+                                   --learners "ours:least_confidence,$old_thresholds,smalltext:LeastConfidence,smalltext:CategoryVectorInconsistencyAndRanking" ;;
+        two_controls)          run "$scenario" --data builtin:debian_role_language --initial 20 --pool-size 400 \
+                                   --test-size 400 --batch-size 20 --budget 80 --report-at 40,60,80 \
+                                   --learners "ours:least_confidence,$old_thresholds,ours:margin" ;;
+        *) echo "unknown scenario $scenario" >&2; exit 2 ;;
+    esac
+done
