@@ -20,6 +20,7 @@
 # Writes bench/results/peer/<scenario>/{runs.jsonl,summary.json,stdout.txt}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/scenarios.sh  # scenario_args: the simulator scenarios' data and sizes
 
 PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-20}
@@ -27,7 +28,6 @@ WORKERS=${WORKERS:-1}
 export HF_HUB_OFFLINE=1
 common=(--seeds "$SEEDS" --workers "$WORKERS" --replay)
 if [[ "${RESUME:-0}" == 1 ]]; then common+=(--resume); fi
-sentiment=(--pool-size 3000 --test-size 2000 --batch-size 50 --budget 500 --report-at 100,200,500)
 multi_class=ours:least_confidence,ours:margin,ours:entropy,ours:least_confidence:mlp,smalltext:LeastConfidence,smalltext:BreakingTies,smalltext:EmbeddingKMeans
 # Two classes: fewer learners, for time (EmbeddingKMeans was far behind on three classes).
 two_class=ours:least_confidence,ours:least_confidence:mlp,smalltext:LeastConfidence
@@ -52,24 +52,17 @@ if [[ ${#scenarios[@]} -eq 0 ]]; then
                multi_label two_controls)
 fi
 for scenario in "${scenarios[@]}"; do
+    scenario_args "$scenario" || exit 2
+    # The simulator's data and sizes; the report points and the learners are the peer's own
+    # (a later --report-at overrides the scenario's).
     case $scenario in
-        in_domain_binary)      run "$scenario" --data builtin:airline --initial 50 "${sentiment[@]}" --learners "$two_class" ;;
-        in_domain_three_class) run "$scenario" --data builtin:airline3 --initial 50 "${sentiment[@]}" --learners "$multi_class" ;;
-        domain_shift)          run "$scenario" --data builtin:airline --seed-data builtin:movies --initial 1000 \
-                                   "${sentiment[@]}" --learners "$two_class" ;;
-        domain_shift_reverse)  run "$scenario" --data builtin:movies --seed-data builtin:airline --initial 1000 \
-                                   "${sentiment[@]}" --learners "$two_class_short" ;;
-        rare_minority)         run "$scenario" --data builtin:airline --rare-class Positive:0.05 --initial 50 \
-                                   "${sentiment[@]}" --learners "$two_class_short" ;;
-        fashion_mnist)         run "$scenario" --data builtin:fashion_mnist:2000 --test builtin:fashion_mnist_test:1000 \
-                                   --pool-size 500 --initial 20 --batch-size 20 --budget 100 --report-at 40,60,100 \
-                                   --learners "$images" ;;
-        multi_label)           run "$scenario" --data builtin:debian_use --initial 25 --pool-size 500 --test-size 500 \
-                                   --batch-size 25 --budget 100 --report-at 50,75,100 \
-                                   --learners "ours:least_confidence,$old_thresholds,smalltext:LeastConfidence,smalltext:CategoryVectorInconsistencyAndRanking" ;;
-        two_controls)          run "$scenario" --data builtin:debian_role_language --initial 20 --pool-size 400 \
-                                   --test-size 400 --batch-size 20 --budget 80 --report-at 40,60,80 \
-                                   --learners "ours:least_confidence,$old_thresholds,ours:margin" ;;
-        *) echo "unknown scenario $scenario" >&2; exit 2 ;;
+        in_domain_binary | domain_shift) extra=(--report-at 100,200,500 --learners "$two_class") ;;
+        in_domain_three_class)           extra=(--report-at 100,200,500 --learners "$multi_class") ;;
+        domain_shift_reverse | rare_minority) extra=(--report-at 100,200,500 --learners "$two_class_short") ;;
+        fashion_mnist)                   extra=(--report-at 40,60,100 --learners "$images") ;;
+        multi_label) extra=(--learners "ours:least_confidence,$old_thresholds,smalltext:LeastConfidence,smalltext:CategoryVectorInconsistencyAndRanking") ;;
+        two_controls) extra=(--learners "ours:least_confidence,$old_thresholds,ours:margin") ;;
+        *) echo "no peer learners for scenario $scenario" >&2; exit 2 ;;
     esac
+    run "$scenario" "${SCENARIO_ARGS[@]}" "${extra[@]}"
 done

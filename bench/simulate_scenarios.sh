@@ -53,6 +53,7 @@
 # order, without any help from the model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/scenarios.sh  # scenario_args: each scenario's data and sizes
 
 PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-20}
@@ -61,7 +62,6 @@ ORDERINGS=${ORDERINGS:-all}
 export HF_HUB_OFFLINE=1
 
 common=(--seeds "$SEEDS" --orderings "$ORDERINGS" --workers "$WORKERS")
-sentiment=(--pool-size 3000 --test-size 2000 --batch-size 50 --budget 500 --report-at 100,200,300,500)
 if [[ "${RESUME:-0}" == 1 ]]; then common+=(--resume); fi
 
 run() {
@@ -82,35 +82,6 @@ if [[ ${#scenarios[@]} -eq 0 ]]; then
                two_controls fashion_mnist)
 fi
 for scenario in "${scenarios[@]}"; do
-    case $scenario in
-        in_domain_binary)      run "$scenario" --data builtin:airline --initial 50 "${sentiment[@]}" ;;
-        in_domain_three_class) run "$scenario" --data builtin:airline3 --initial 50 "${sentiment[@]}" ;;
-        domain_shift)          run "$scenario" --data builtin:airline --seed-data builtin:movies --initial 1000 \
-                                   "${sentiment[@]}" ;;
-        domain_shift_reverse)  run "$scenario" --data builtin:movies --seed-data builtin:airline --initial 1000 \
-                                   "${sentiment[@]}" ;;
-        rare_minority)         run "$scenario" --data builtin:airline --rare-class Positive:0.05 --initial 50 \
-                                   "${sentiment[@]}" ;;
-        multi_label)           run "$scenario" --data builtin:debian_use --initial 25 --pool-size 500 \
-                                   --test-size 500 --batch-size 25 --budget 100 --report-at 50,75,100 ;;
-        two_controls)          run "$scenario" --data builtin:debian_role_language --initial 20 --pool-size 400 \
-                                   --test-size 400 --batch-size 20 --budget 80 --report-at 40,60,80 ;;
-        fashion_mnist)         run "$scenario" --data builtin:fashion_mnist:2000 --test builtin:fashion_mnist_test:1000 \
-                                   --pool-size 500 --initial 20 --batch-size 20 --budget 100 \
-                                   --report-at 40,60,80,100 ;;
-        # Issue 17, point 6 asks for random's 500-label accuracy, which the three scenarios above
-        # never reach: the same data run to 500 labels with the text scenarios' grid (50 random
-        # to start, batches of 50). Debian: 3,000 of debian_use's 3,562 descriptions per seed;
-        # Fashion-MNIST: pools of 1,500 from the same fixed 2,000 images (already encoded).
-        multi_label_500)       run "$scenario" --data builtin:debian_use --initial 50 --pool-size 2000 \
-                                   --test-size 1000 --batch-size 50 --budget 500 --report-at 100,200,300,500 ;;
-        two_controls_500)      run "$scenario" --data builtin:debian_role_language --initial 50 --pool-size 2000 \
-                                   --test-size 1000 --batch-size 50 --budget 500 --report-at 100,200,300,500 ;;
-        fashion_mnist_500)     run "$scenario" --data builtin:fashion_mnist:2000 --test builtin:fashion_mnist_test:1000 \
-                                   --pool-size 1500 --initial 50 --batch-size 50 --budget 500 \
-                                   --report-at 100,200,300,500 ;;
-        *) echo "unknown scenario $scenario (in_domain_binary, in_domain_three_class, domain_shift," \
-                "domain_shift_reverse, rare_minority, multi_label," \
-                "two_controls, fashion_mnist, multi_label_500, two_controls_500, fashion_mnist_500)" >&2; exit 2 ;;
-    esac
+    scenario_args "$scenario" || exit 2
+    run "$scenario" "${SCENARIO_ARGS[@]}"
 done

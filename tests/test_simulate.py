@@ -256,8 +256,9 @@ def test_the_control_is_random_without_the_class_guard_unless_asked():
     asked = SimulationConfig(data="x.csv", orderings=["random"], seeds=[0],
                              ordering_params={"random": {"class_guard": True}})
     assert asked.ordering_params["random"] == {"class_guard": True}
-    script = (REPO / "bench" / "simulate_scenarios.sh").read_text()
-    assert '"class_guard"' not in script  # the scenarios use the simulator's control as it is
+    for name in ("simulate_scenarios.sh", "scenarios.sh"):  # the script and its scenario definitions
+        script = (REPO / "bench" / name).read_text()
+        assert '"class_guard"' not in script  # the scenarios use the simulator's control as it is
 
 
 def test_invocations_record_survives_garbage_and_sums(tmp_path):
