@@ -18,7 +18,7 @@ from backend.job_results import EncodeResult, RetrainResult, Status, record
 from backend.label_studio import LabelStudioError, LabelStudioProject
 from backend.ml_backend import ActiveLearningBackend, ConfigRefused, annotation_counts, get_encoder
 from backend.model_store import ModelStore
-from backend.publish import go_live, prune_when_idle
+from backend.publish import go_live, idle_long_enough, prune_when_idle
 from backend.settings import Settings
 from backend.worker import PERIODIC_RECONCILE_ID
 from model.encoding_cache import EncodingCache, text_key
@@ -345,11 +345,8 @@ def _prune_when_idle(queue: JobQueue, store: ModelStore, settings: Settings, pro
     """`backend.publish.prune_when_idle` for one unchanged project, under its training lock
     (shown in /jobs as a running job while Label Studio deletes); a failure is logged, the
     next reconcile tries again."""
-    if settings.prune_idle_minutes <= 0 or not settings.prune_max_predictions:
-        return
-    switched = store.switched_at(project_id)
-    if switched is None or time.time() - switched < settings.prune_idle_minutes * 60:
-        return  # checked before taking the lock, so a busy project costs no request
+    if not idle_long_enough(store, project_id, settings):
+        return  # checked before taking the lock too, so a busy project costs no request
     status = queue.project_status(project_id)
     if status["waiting"] or status["running"] or status["publishing"]:
         return  # a retrain on its way: someone is annotating after all

@@ -264,6 +264,16 @@ def remove_superseded(ls: LabelStudioProject, live: str, published: int, keep: i
     return removed, kept, too_large
 
 
+def idle_long_enough(store: ModelStore, project_id: int, settings: Settings, now: float | None = None) -> bool:
+    """Whether `prune_when_idle` may delete now: it is turned on (PRUNE_IDLE_MINUTES and
+    PRUNE_MAX_PREDICTIONS above 0) and the project's live version is PRUNE_IDLE_MINUTES old."""
+    if settings.prune_idle_minutes <= 0 or not settings.prune_max_predictions:
+        return False
+    switched = store.switched_at(project_id)
+    now = time.time() if now is None else now
+    return switched is not None and now - switched >= settings.prune_idle_minutes * 60
+
+
 def prune_when_idle(ls: LabelStudioProject, store: ModelStore, settings: Settings,
                     now: float | None = None) -> dict[str, int]:
     """Delete the oldest superseded version that `remove_superseded` left in place for being
@@ -280,12 +290,7 @@ def prune_when_idle(ls: LabelStudioProject, store: ModelStore, settings: Setting
     training lock, so no retrain switches versions meanwhile.
     """
     live = store.current_version(ls.project_id)
-    switched = store.switched_at(ls.project_id)
-    if (settings.prune_idle_minutes <= 0 or not settings.prune_max_predictions or live is None
-            or switched is None):
-        return {}
-    now = time.time() if now is None else now
-    if now - switched < settings.prune_idle_minutes * 60:
+    if live is None or not idle_long_enough(store, ls.project_id, settings, now):
         return {}
     counts = ls.prediction_versions()
     if counts.get(live, 0) == 0:  # the live version is not (or no longer) in Label Studio
@@ -297,7 +302,7 @@ def prune_when_idle(ls: LabelStudioProject, store: ModelStore, settings: Setting
     oldest = min(too_large, key=lambda v: version_number(v) if VERSION_RE.match(v) else -1)
     started = time.monotonic()
     deleted = ls.delete_predictions_of(oldest)
-    log.info("project=%s idle for %.0f minutes: deleted the %d predictions of superseded version %s "
-             "in %.1f s (%d more too large to delete at once remain)", ls.project_id, (now - switched) / 60,
-             deleted, oldest, time.monotonic() - started, len(too_large) - 1)
+    log.info("project=%s idle: deleted the %d predictions of superseded version %s in %.1f s (%d more "
+             "too large to delete at once remain)", ls.project_id, deleted, oldest, time.monotonic() - started,
+             len(too_large) - 1)
     return {oldest: deleted}

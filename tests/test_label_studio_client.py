@@ -216,6 +216,15 @@ def _proxy(label_studio):
     return TcpProxy(url.hostname, url.port)
 
 
+def _project_behind_proxy(label_studio, n_tasks):
+    """(SDK client, a new project of `n_tasks` tasks, a proxy in front of Label Studio that
+    can break requests, our client for the project through that proxy)."""
+    client = _client(label_studio)
+    project_id = _new_project(client, n_tasks)
+    proxy = _proxy(label_studio)
+    return client, project_id, proxy, _through(proxy, label_studio, project_id)
+
+
 def _predictions_per_task(client, project_id, version):
     """{task id: its predictions of `version`}, read straight from Label Studio."""
     return {t.id: [p for p in t.predictions if p.model_version == version]
@@ -228,10 +237,7 @@ def _predictions(task_ids, version):
 
 @pytest.mark.e2e
 def test_lost_requests_and_answers_mid_upload_leave_one_prediction_per_task(label_studio):
-    client = _client(label_studio)
-    project_id = _new_project(client, 120)
-    proxy = _proxy(label_studio)
-    ls = _through(proxy, label_studio, project_id)
+    client, project_id, proxy, ls = _project_behind_proxy(label_studio, 120)
     ids = ls.task_ids()
     version = "v0007-20261201-120000"
     bulk = _predictions(ids[:100], version)
@@ -268,10 +274,7 @@ def test_an_access_token_that_expires_in_flight_is_refreshed_and_the_request_sen
 
     from tests.support.label_studio import SECRET_KEY
 
-    client = _client(label_studio)
-    project_id = _new_project(client, 3)
-    proxy = _proxy(label_studio)
-    ls = _through(proxy, label_studio, project_id)
+    client, project_id, proxy, ls = _project_behind_proxy(label_studio, 3)
     assert ls.project()["id"] == project_id  # connected: the SDK holds a real access token
     tokens = ls.client._client_wrapper._tokens_client
     claims = jwt.decode(tokens._access_token, options={"verify_signature": False})
@@ -292,10 +295,7 @@ def test_an_inline_upload_without_the_first_listing_still_stores_each_prediction
     """A retrain's own publish skips the listing of what is stored (its version is new), so
     only the chunk retry protects it: answers lost after Label Studio stored a chunk, and a
     chunk lost on its way, must still leave exactly one prediction per task."""
-    client = _client(label_studio)
-    project_id = _new_project(client, 80)
-    proxy = _proxy(label_studio)
-    ls = _through(proxy, label_studio, project_id)
+    client, project_id, proxy, ls = _project_behind_proxy(label_studio, 80)
     ids = ls.task_ids()
     version = "v0009-20261202-010000"
     proxy.drop_next(b"/import/predictions", when="response", skip=0)
@@ -312,10 +312,7 @@ def test_an_inline_upload_without_the_first_listing_still_stores_each_prediction
 @pytest.mark.e2e
 def test_publishing_the_same_version_again_sends_only_what_is_missing(label_studio):
     """An RQ retry of a publish job re-sends a version that is partly in Label Studio."""
-    client = _client(label_studio)
-    project_id = _new_project(client, 60)
-    proxy = _proxy(label_studio)
-    ls = _through(proxy, label_studio, project_id)
+    client, project_id, proxy, ls = _project_behind_proxy(label_studio, 60)
     ids = ls.task_ids()
     version = "v0003-20261201-130000"
     # Another version whose name contains this one: Label Studio's filter matches it too.
@@ -335,10 +332,7 @@ def test_an_import_label_studio_rejects_is_reported_at_once_with_its_reason(labe
     """The bulk import goes through our own JSON request (`import_predictions_json`), not the
     SDK method: Label Studio's refusal must still come back as one final, explained error,
     and what it accepted must be stored exactly once."""
-    client = _client(label_studio)
-    project_id = _new_project(client, 20)
-    proxy = _proxy(label_studio)
-    ls = _through(proxy, label_studio, project_id)
+    client, project_id, proxy, ls = _project_behind_proxy(label_studio, 20)
     ids = ls.task_ids()
     version = "v0004-20261201-140000"
     ls.upload_predictions(_predictions(ids, version), chunk=8)
@@ -362,10 +356,7 @@ def test_disputed_labels_imported_in_bulk_get_their_mislabeling_after_the_switch
     answer is lost (sent again: it sets the same values)."""
     from backend.publish import Predictions
 
-    client = _client(label_studio)
-    project_id = _new_project(client, 30)
-    proxy = _proxy(label_studio)
-    ls = _through(proxy, label_studio, project_id)
+    client, project_id, proxy, ls = _project_behind_proxy(label_studio, 30)
     ids = ls.task_ids()
     version = "v0004-20261201-140000"
     disputed = [dict(p, cluster=2, mislabeling=0.75) for p in _predictions(ids[:3], version)]
@@ -392,10 +383,7 @@ def _log_since(label_studio, offset):
 
 @pytest.mark.e2e
 def test_reading_tasks_leaves_no_invalid_page_in_label_studio_log(label_studio, tmp_path):
-    client = _client(label_studio)
-    project_id = _new_project(client, 120)
-    proxy = _proxy(label_studio)
-    ls = _through(proxy, label_studio, project_id)
+    client, project_id, proxy, ls = _project_behind_proxy(label_studio, 120)
     offset = label_studio.log_path.stat().st_size
 
     # 120 tasks in pages of 40: a page-number pager asks for page 4, past the end.
