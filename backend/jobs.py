@@ -328,7 +328,7 @@ def reconcile() -> dict:
         if counts == trained_on or not any(counts.values()):
             unchanged.append(project_id)
             if version is not None:
-                _prune_when_idle(queue, store, settings, project_id, pruned)
+                _prune_when_idle(queue, store, settings, project_id, pruned, job)
             continue
         status, job_id = queue.request_retrain(project_id, "reconcile", project.get("label_config"))
         if status == "refused":  # its config was refused and has not changed since
@@ -341,17 +341,19 @@ def reconcile() -> dict:
 
 
 def _prune_when_idle(queue: JobQueue, store: ModelStore, settings: Settings, project_id: int,
-                     pruned: dict[int, dict[str, int]]) -> None:
-    """`backend.publish.prune_when_idle` for one unchanged project, under its training lock
-    (shown in /jobs as a running job while Label Studio deletes); a failure is logged, the
-    next reconcile tries again."""
+                     pruned: dict[int, dict[str, int]], job=None) -> None:
+    """`backend.publish.prune_when_idle` for one unchanged project, under its training lock:
+    /jobs and the project page show the reconcile job running, at the stage "deleting a
+    superseded version", while Label Studio deletes. A failure is logged, the next
+    reconcile tries again."""
     if not idle_long_enough(store, project_id, settings):
         return  # checked before taking the lock too, so a busy project costs no request
     status = queue.project_status(project_id)
     if status["waiting"] or status["running"] or status["publishing"]:
         return  # a retrain on its way: someone is annotating after all
     try:
-        with queue.training_lock(project_id, f"prune-{project_id}-{int(time.time())}"):
+        with queue.training_lock(project_id, job.id if job is not None else f"prune-{project_id}"):
+            _progress_reporter(job, project_id)("deleting a superseded version", 0, 0)
             done = prune_when_idle(LabelStudioProject(settings, project_id), store, settings)
     except Exception as exc:  # Label Studio unreachable, the lock held too long: next time
         log.warning("project=%s deleting a superseded version while idle failed: %s", project_id, exc)
