@@ -30,7 +30,7 @@ import uuid
 from datetime import timedelta
 
 from redis import Redis
-from rq import Queue, Retry
+from rq import Queue, Retry, Worker
 from rq.job import Dependency, Job, JobStatus
 from rq.serializers import JSONSerializer
 
@@ -258,6 +258,19 @@ class JobQueue:
             return
         counter = "failed" if result.get("status") == "failed" else "succeeded"
         self.redis.incr(key(project_id, counter))
+
+    def fan_out_pays(self) -> bool:
+        """Whether splitting a large job into slice jobs can pay: only when another worker
+        listens on the queue to take some of them (RQ's registry of the queue's workers,
+        this one included; a worker killed without a goodbye stays in it until a
+        maintenance pass removes it, which at worst means a fan-out as before).
+
+        With one worker the slices run one after the other in that same worker, so the
+        split only adds its costs: every prediction or text goes into Redis and back, and at
+        100,000 tasks the slices' uploads were slower per chunk than the same requests sent
+        by one job (BENCHMARKS.md, "100,000 tasks, one worker: inline against slices").
+        """
+        return Worker.count(connection=self.redis, queue=self.queue) > 1
 
     def fan_out_publish(self, project_id: int, version: str,
                         slices: list[tuple[list[dict], list[dict]]], result: dict) -> list[str]:

@@ -76,7 +76,8 @@ def retrain(project_id: int, reason: str = "") -> dict:
         # Clears the waiting mark once the lock is held, before Label Studio is read.
         with queue.training_lock(project_id, job_id, still_waiting=True):
             result = ActiveLearningBackend(settings, project_id).fit(
-                reason, progress=_progress_reporter(job, project_id), fan_out=fan_out)
+                reason, progress=_progress_reporter(job, project_id),
+                fan_out=fan_out if queue.fan_out_pays() else None)
     except ConfigRefused as exc:
         # Fails once, with the reason in /jobs, and stays refused (webhooks and the reconcile
         # queue nothing) until the project's config changes: a retry cannot fix a config.
@@ -205,7 +206,8 @@ def finish_publish(project_id: int, version: str, slice_jobs: list[str], result:
 def encode_tasks(project_id: int) -> dict:
     """Encode a project's new tasks in the background (on TASKS_CREATED), before anyone labels
     them, so the retrain after their first annotation finds every vector cached. A large
-    import fans out: slices of texts go to `encode_slice` jobs on any free worker."""
+    import fans out when another worker listens (`JobQueue.fan_out_pays`): slices of texts go
+    to `encode_slice` jobs on any free worker."""
     settings = Settings.from_env()
     job = get_current_job()
     job_id = job.id if job is not None else "inline"
@@ -221,7 +223,8 @@ def encode_tasks(project_id: int) -> dict:
     try:
         with queue.training_lock(project_id, job_id):  # the task copy has one writer at a time
             result = ActiveLearningBackend(settings, project_id).encode_new_tasks(
-                progress=_progress_reporter(job, project_id), fan_out=fan_out)
+                progress=_progress_reporter(job, project_id),
+                fan_out=fan_out if queue.fan_out_pays() else None)
     except ConfigRefused as exc:  # nothing to encode for: said in /jobs, not as a traceback
         log.warning("project=%s job=%s encoding skipped: %s", project_id, job_id, exc)
         return record(queue, project_id, EncodeResult(Status.FAILED, error=str(exc), job_id=job_id,

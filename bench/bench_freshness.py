@@ -72,7 +72,7 @@ from run_record import REPO, Run, spread, spread_text, table  # also puts the re
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from backend.label_config import parse_label_config  # noqa: E402
-from backend.label_studio import import_predictions_json  # noqa: E402
+from backend.label_studio import _sdk_request, import_predictions_json  # noqa: E402
 from backend.model_store import version_number  # noqa: E402
 from model.datasets import airline_tweets, movie_snippets  # noqa: E402
 from tests.support.label_studio import LabelStudioServer  # noqa: E402
@@ -337,15 +337,16 @@ def main() -> int:
 
         # Every task carries a prediction of the final version. Reading every task with all
         # its predictions back takes longer than the rounds above 20,000 tasks; there the
-        # count is the backend's own (predictions Label Studio accepted for that version).
+        # count is Label Studio's own count of that version's predictions (its
+        # /model-versions answer, which counts predictions, not tasks).
         final = client.projects.get(id=project.id).model_version
         if len(texts) <= 20000:
             run["tasks_with_final_version"] = sum(
                 1 for t in client.tasks.list(project=project.id, fields="all", page_size=1000)
                 if any(p.model_version == final for p in (t.predictions or [])))
         else:
-            uploaded = ((last.get("publish") or {}).get("uploaded"))
-            run["tasks_with_final_version"] = f"{uploaded} uploaded (the backend's count)"
+            counts = call(lambda c: _sdk_request(c, "GET", f"api/projects/{project.id}/model-versions/"))
+            run["tasks_with_final_version"] = f"{counts.get(final)} predictions of it (Label Studio's count)"
         if three is not None:
             three.count_final_predictions()
 

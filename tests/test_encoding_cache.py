@@ -89,3 +89,75 @@ def test_an_encoding_killed_midway_keeps_what_it_had_encoded(tmp_path):
     again = [texts[i] for i in sample] + [texts[i] for i in missing[:5]]
     _, encoded = encode_with_cache(encoder, cache, again)
     assert encoded == 5
+
+
+def test_large_lookups_are_remembered_in_the_process_and_stay_exact(tmp_path, monkeypatch):
+    """A retrain-sized lookup is answered from the process's memo the next time, with the
+    same float16 values SQLite holds; a text missing then is read from SQLite once stored,
+    and another cache file or encoder id never sees the memo's vectors."""
+    from model import encoding_cache
+
+    monkeypatch.setattr(encoding_cache, "MEMO_MIN_TEXTS", 50)
+    encoding_cache._memo.clear()
+    rng = np.random.default_rng(0)
+    texts = [f"task {i}" for i in range(120)]
+    vectors = rng.normal(size=(120, 8)).astype(np.float16)
+    cache = EncodingCache(tmp_path / "enc.sqlite3")
+    cache.store("enc", texts[:100], vectors[:100])
+
+    first, missing = cache.lookup("enc", texts)
+    assert missing == list(range(100, 120))
+    assert np.array_equal(first[:100], vectors[:100].astype(np.float32)) and not first[100:].any()
+    store_id = (str(cache.path.resolve()), "enc")
+    positions, _ = encoding_cache._memo.rows(store_id, [encoding_cache.text_key(t) for t in texts])
+    assert (positions[:100] >= 0).all() and (positions[100:] == -1).all()
+
+    # The memo answers: a row changed behind its back in SQLite would not show (a key's vector
+    # never changes in real use), which proves the second answer did not come from SQLite.
+    cache.store("enc", texts[:1], np.zeros((1, 8), dtype=np.float16))
+    again, missing = cache.lookup("enc", texts)
+    assert missing == list(range(100, 120)) and np.array_equal(again, first)
+
+    # Stored later by another process: found, in order, duplicates and all.
+    EncodingCache(tmp_path / "enc.sqlite3").store("enc", texts[100:], vectors[100:])
+    later, missing = cache.lookup("enc", texts[::-1] + texts[:3])
+    assert missing == []
+    expected = np.concatenate([vectors[::-1], vectors[:3]]).astype(np.float32)
+    # texts[0] appears twice (positions 119 and 120): its row was zeroed in SQLite above, the
+    # memo still has the original.
+    assert np.array_equal(later[[119, 120]], first[[0, 0]])
+    assert np.array_equal(later, expected)
+
+    # Another encoder id or another cache file: nothing from this memo.
+    assert cache.lookup("other-encoder", texts) == (None, list(range(120)))
+    assert EncodingCache(tmp_path / "other.sqlite3").lookup("enc", texts) == (None, list(range(120)))
+
+
+def test_the_memo_starts_again_past_its_budget_and_small_lookups_add_nothing(tmp_path, monkeypatch):
+    from model import encoding_cache
+
+    monkeypatch.setattr(encoding_cache, "MEMO_MIN_TEXTS", 50)
+    monkeypatch.setattr(encoding_cache, "MEMO_MAX_BYTES", 100 * 8 * 2 + 1)  # 100 vectors of 8 float16
+    encoding_cache._memo.clear()
+    texts = [f"task {i}" for i in range(160)]
+    vectors = np.arange(160 * 8, dtype=np.float16).reshape(160, 8) / 1000
+    cache = EncodingCache(tmp_path / "enc.sqlite3")
+    cache.store("enc", texts, vectors)
+    keys = [encoding_cache.text_key(t) for t in texts]
+    store_id = (str(cache.path.resolve()), "enc")
+
+    cache.lookup("enc", texts[:20])  # below MEMO_MIN_TEXTS: read only
+    assert (encoding_cache._memo.rows(store_id, keys)[0] == -1).all()
+    cache.lookup("enc", texts[:80])
+    assert (encoding_cache._memo.rows(store_id, keys[:80])[0] >= 0).all()
+    # 80 + 80 more would pass the budget of 100: the memo is emptied, then holds the new 80.
+    got, missing = cache.lookup("enc", texts[80:])
+    assert missing == [] and np.array_equal(got, vectors[80:].astype(np.float32))
+    positions = encoding_cache._memo.rows(store_id, keys)[0]
+    assert (positions[:80] == -1).all() and (positions[80:] >= 0).all()
+    # A lookup larger than the whole budget is answered and not remembered.
+    encoding_cache._memo.clear()
+    got, missing = cache.lookup("enc", texts)
+    assert missing == [] and np.array_equal(got, vectors.astype(np.float32))
+    assert (encoding_cache._memo.rows(store_id, keys)[0] == -1).all()
+    encoding_cache._memo.clear()

@@ -24,7 +24,10 @@ pytestmark = pytest.mark.e2e
 def test_annotations_retrain_and_reorder_the_queue(label_studio, services):
     from label_studio_sdk.client import LabelStudio
 
-    services.env.update(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key)
+    # FANOUT_TASKS below the project's size: with this one worker the jobs still do the work
+    # themselves (no slice jobs that would only run one after the other in it).
+    services.env.update(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key,
+                        FANOUT_TASKS="100")
     services.start_web()
     services.start_worker()
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.api_key)
@@ -50,6 +53,10 @@ def test_annotations_retrain_and_reorder_the_queue(label_studio, services):
     jobs = jobs_of(services, project.id)
     assert jobs["succeeded"] >= 1 and jobs["last"]["status"] == "finished"
     assert jobs["model_version"] == first
+    # One worker: the 300 predictions went up from the retrain itself, the 300 texts were
+    # encoded by one job; neither was split although both exceed FANOUT_TASKS.
+    assert jobs["last"]["publish_jobs"] is None and jobs["last"]["publish"] is None, jobs["last"]
+    assert jobs["last_encode"]["encode_jobs"] is None, jobs["last_encode"]
     assert jobs["last"]["ordering"] == {"ordering": "margin", "batch_size": 10, "params": {},
                                         "source": "extra_params"}
 

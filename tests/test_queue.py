@@ -4,6 +4,7 @@ import json
 import time
 
 import pytest
+from rq import Queue, Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -229,3 +230,22 @@ def test_a_webhook_waits_for_the_enqueue_lock_by_milliseconds_not_a_poll_period(
     assert status == "queued"
     # ~10 ms of holding plus one 2 ms poll; the old default could not answer before 100 ms.
     assert waited < 0.09, f"waited {waited * 1000:.0f} ms for a lock held 10 ms"
+
+
+def test_fan_out_pays_only_when_another_worker_listens_on_the_queue(job_queue):
+    """Workers registered the way a starting RQ worker registers itself (its birth), in real Redis."""
+    def worker(name, queue=job_queue.queue):
+        w = Worker([queue], connection=job_queue.redis, serializer=JSONSerializer, name=name)
+        w.register_birth()
+        return w
+
+    assert not job_queue.fan_out_pays()  # no worker at all: the job runs inline when it runs
+    first = worker("first")
+    assert not job_queue.fan_out_pays()  # only the worker that runs the job itself
+    worker("elsewhere", Queue("another-queue", connection=job_queue.redis))
+    assert not job_queue.fan_out_pays()  # a worker of another queue takes no slice
+    second = worker("second")
+    assert job_queue.fan_out_pays()
+    second.register_death()
+    assert not job_queue.fan_out_pays()
+    first.register_death()
