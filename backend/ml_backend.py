@@ -149,7 +149,7 @@ class ActiveLearningBackend:
         self.settings = settings
         self.project_id = int(project_id)
         self.store = store or ModelStore(settings.models_dir)
-        self.cache = cache or EncodingCache(settings.encoding_cache_path)
+        self.cache = cache or EncodingCache(settings.encoding_cache_path, memo_mb=settings.encoding_memo_mb)
 
     # -- /predict ----------------------------------------------------------------------
     def predict(self, tasks: list[dict], context: dict | None = None) -> list[dict]:

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     fanout_tasks: int = 20000
     max_length: int = 128
     encode_batch_size: int = 64
+    # MB of vectors a worker keeps from its retrains' cache reads (model/encoding_cache.py); 0: off.
+    encoding_memo_mb: int = Field(256, ge=0)
     # Image projects (<Image> objects): "default" is the packaged EfficientNet-Lite0.
     image_encoder: str = "default"
     image_fetch_timeout: float = Field(30.0, gt=0)  # seconds without a byte from the image's server

@@ -16,7 +16,6 @@ hash), so a remembered one is never stale; texts missing at the time are not rem
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
 import threading
 import time
@@ -32,12 +31,12 @@ FLUSH_SECONDS = 1.0
 
 
 # Lookups of at least this many texts (a retrain's whole project) are remembered in the
-# process, up to MEMO_MAX_BYTES of float16 vectors per process (ENCODING_MEMO_MB; 0 turns
-# the memo off). Small lookups (the web app's /predict) only read it, so a web process keeps
-# nothing. Past the budget the memo starts again empty: it holds about 350,000 MiniLM
-# vectors (384 float16 each), the tasks of a few large projects.
+# process, up to the cache's `memo_mb` of float16 vectors per process (the ENCODING_MEMO_MB
+# setting; 0 turns the memo off). Small lookups (the web app's /predict) only read it, so a
+# web process keeps nothing. Past the budget the memo starts again empty: 256 MB hold about
+# 350,000 MiniLM vectors (384 float16 each), the tasks of a few large projects.
 MEMO_MIN_TEXTS = 5000
-MEMO_MAX_BYTES = int(float(os.environ.get("ENCODING_MEMO_MB", "256")) * 1024 * 1024)
+DEFAULT_MEMO_MB = 256
 
 
 class _ProcessMemo:
@@ -60,13 +59,15 @@ class _ProcessMemo:
             get = index.get
             return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys)), blocks[0]
 
-    def remember(self, store_id: tuple[str, str], keys: Sequence[bytes], vectors: np.ndarray) -> None:
-        """Add `vectors` (float16, one row per key) under `keys`, which are not in the memo."""
+    def remember(self, store_id: tuple[str, str], keys: Sequence[bytes], vectors: np.ndarray,
+                 budget: int) -> None:
+        """Add `vectors` (float16, one row per key) under `keys`, which are not in the memo,
+        emptying the memo first if it would pass `budget` bytes."""
         size = vectors.nbytes
-        if not len(keys) or size > MEMO_MAX_BYTES:
+        if not len(keys) or size > budget:
             return
         with self._lock:
-            if self._bytes + size > MEMO_MAX_BYTES:
+            if self._bytes + size > budget:
                 self._stores.clear()
                 self._bytes = 0
             index, blocks = self._stores.setdefault(store_id, ({}, []))
@@ -93,8 +94,9 @@ def text_key(text: str) -> bytes:
 class EncodingCache:
     """Float16 vectors keyed by (encoder id, text)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, memo_mb: float = DEFAULT_MEMO_MB):
         self.path = Path(path)
+        self.memo_bytes = int(memo_mb * 1024 * 1024)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         with self._connect() as db:
@@ -156,7 +158,8 @@ class EncodingCache:
             out[read_rows] = fresh
         if found and len(texts) >= MEMO_MIN_TEXTS:  # each distinct key once
             _memo.remember(store_id, list(found),
-                           np.frombuffer(b"".join(found.values()), dtype=np.float16).reshape(-1, dim))
+                           np.frombuffer(b"".join(found.values()), dtype=np.float16).reshape(-1, dim),
+                           self.memo_bytes)
         return out, missing
 
     def store(self, encoder: str, texts: Sequence[str], vectors: np.ndarray) -> None:

@@ -137,11 +137,10 @@ def test_the_memo_starts_again_past_its_budget_and_small_lookups_add_nothing(tmp
     from model import encoding_cache
 
     monkeypatch.setattr(encoding_cache, "MEMO_MIN_TEXTS", 50)
-    monkeypatch.setattr(encoding_cache, "MEMO_MAX_BYTES", 100 * 8 * 2 + 1)  # 100 vectors of 8 float16
     encoding_cache._memo.clear()
     texts = [f"task {i}" for i in range(160)]
     vectors = np.arange(160 * 8, dtype=np.float16).reshape(160, 8) / 1000
-    cache = EncodingCache(tmp_path / "enc.sqlite3")
+    cache = EncodingCache(tmp_path / "enc.sqlite3", memo_mb=(100 * 8 * 2 + 1) / 2**20)  # 100 vectors of 8 float16
     cache.store("enc", texts, vectors)
     keys = [encoding_cache.text_key(t) for t in texts]
     store_id = (str(cache.path.resolve()), "enc")
@@ -159,5 +158,8 @@ def test_the_memo_starts_again_past_its_budget_and_small_lookups_add_nothing(tmp
     encoding_cache._memo.clear()
     got, missing = cache.lookup("enc", texts)
     assert missing == [] and np.array_equal(got, vectors.astype(np.float32))
+    assert (encoding_cache._memo.rows(store_id, keys)[0] == -1).all()
+    # memo_mb=0 (ENCODING_MEMO_MB=0): nothing is remembered.
+    EncodingCache(tmp_path / "enc.sqlite3", memo_mb=0).lookup("enc", texts[:80])
     assert (encoding_cache._memo.rows(store_id, keys)[0] == -1).all()
     encoding_cache._memo.clear()
