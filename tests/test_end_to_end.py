@@ -55,8 +55,10 @@ def test_annotations_retrain_and_reorder_the_queue(label_studio, services):
     assert jobs["model_version"] == first
     # One worker: the 300 predictions went up from the retrain itself, the 300 texts were
     # encoded by one job; neither was split although both exceed FANOUT_TASKS.
-    assert jobs["last"]["publish_jobs"] is None and jobs["last"]["publish"] is None, jobs["last"]
-    assert jobs["last_encode"]["encode_jobs"] is None, jobs["last_encode"]
+    assert jobs["last"].get("publish_jobs") is None and jobs["last"].get("publish") is None, jobs["last"]
+    assert jobs["last"]["timings"]["upload"] > 0, jobs["last"]  # the inline path's own lap
+    assert jobs["last_encode"]["status"] == "finished", jobs["last_encode"]
+    assert jobs["last_encode"].get("encode_jobs") is None, jobs["last_encode"]
     assert jobs["last"]["ordering"] == {"ordering": "margin", "batch_size": 10, "params": {},
                                         "source": "extra_params"}
 
