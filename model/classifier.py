@@ -23,7 +23,10 @@ Two kinds (`HeadConfig.kind`), with one interface (fit, predict_proba, hidden, s
   accuracy against an unweighted logistic regression whose C was chosen out-of-fold: up
   to 1.35 points after the reverse domain shift and 0.13-0.32 with a 5 % class
   (BENCHMARKS.md, "Issue 17, points 1 and 2"); the choice is scored on the labels' own
-  class mix, so a rare class keeps its weight where the labels say weighting helps.
+  class mix, so a rare class keeps its weight where the labels say weighting helps. What no
+  score on the labels can see is a class mix the project's tasks do not share: with only
+  free labels from another domain (the simulator's shift scenarios at 0 labels) "auto"
+  picks unweighted and the first model is about 5 points below a balanced one.
 * `MultiLabelHead`: multi-label (`<Choices choice="multiple">`), one sigmoid per choice,
   each choice's positives weighted against its negatives, and a per-choice decision
   threshold (`thresholds_`) chosen on out-of-fold probabilities (`choose_thresholds`): by
