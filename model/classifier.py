@@ -15,18 +15,18 @@ Two kinds (`HeadConfig.kind`), with one interface (fit, predict_proba, hidden, s
   `hidden()` is that layer. `HeadConfig`'s default (for code that builds a head directly),
   and the kind of versions saved before `kind` existed.
 
-* `ClassifierHead`: single-choice, softmax over the choices. The MLP weights classes by
-  inverse frequency so an imbalanced project does not learn its class prior instead of its
-  task. The linear head chooses its class weighting with its C, on the same out-of-fold
-  pass (`HeadConfig.class_weight="auto"`): inverse frequency ("balanced") or none, whichever
-  has the lower out-of-fold log loss, a tie going to balanced. Always balancing cost
-  accuracy against an unweighted logistic regression whose C was chosen out-of-fold: up
-  to 1.35 points after the reverse domain shift and 0.13-0.32 with a 5 % class
-  (BENCHMARKS.md, "Issue 17, points 1 and 2"); the choice is scored on the labels' own
-  class mix, so a rare class keeps its weight where the labels say weighting helps. What no
-  score on the labels can see is a class mix the project's tasks do not share: with only
-  free labels from another domain (the simulator's shift scenarios at 0 labels) "auto"
-  picks unweighted and the first model is about 5 points below a balanced one.
+* `ClassifierHead`: single-choice, softmax over the choices; classes weighted by inverse
+  frequency so an imbalanced project does not learn its class prior instead of its task.
+  The linear head can instead choose its weighting with its C, on the same out-of-fold
+  pass (`HeadConfig.class_weight="auto"`): balanced or none, whichever has the lower
+  out-of-fold log loss, a tie going to balanced. It is not the default: in the simulator's
+  paired runs (BENCHMARKS.md, "Issue 17, points 1 and 2", class weighting) it closed the
+  always-balanced head's gaps to an unweighted logistic regression (up to 1.35 points after
+  the reverse domain shift, 0.13-0.32 with a 5 % class), but the choice is scored on the
+  labels' own class mix, and where that is not the project's (only free labels from another
+  domain: both shift scenarios at 0 labels) it picks unweighted and the first model is
+  5.5 points below a balanced one; the active-learning loop's AULC was lower in three of
+  five scenarios.
 * `MultiLabelHead`: multi-label (`<Choices choice="multiple">`), one sigmoid per choice,
   each choice's positives weighted against its negatives, and a per-choice decision
   threshold (`thresholds_`) chosen on out-of-fold probabilities (`choose_thresholds`): by
@@ -90,9 +90,10 @@ class HeadConfig:
     # Single-choice linear head: "balanced" (inverse class frequency), None (unweighted), or
     # "auto", the one of the two with the lower out-of-fold log loss, chosen per fit with C
     # on the same folds (a tie goes to balanced; balanced where no out-of-fold pass runs: a
-    # given C, a class with one label). The MLP and multi-label heads always weight (their
-    # rare side counts as much as their common side).
-    class_weight: str | None = "auto"
+    # given C, a class with one label). Balanced by default: why in the module docstring.
+    # The MLP and multi-label heads always weight (their rare side counts as much as their
+    # common side).
+    class_weight: str | None = "balanced"
     # Multi-label heads: what the per-choice thresholds maximise on the out-of-fold pass,
     # "accuracy" (that choice right per task) or "f1" (that choice's F1; the rule before issue
     # 17, which over-predicted the rare choices: exact-match accuracy 13-26 % instead of
@@ -123,7 +124,7 @@ class _TwoLayerHead:
         if config.class_weight not in CLASS_WEIGHTS:
             raise ValueError(f"unknown class weighting {config.class_weight!r}; choose one of {CLASS_WEIGHTS}")
         self.C_: float | None = None  # the linear head's chosen C, once fitted
-        # The single-choice linear head's class weighting: "auto" until a fit chooses one.
+        # The single-choice linear head's class weighting ("auto": not chosen yet).
         self.class_weight_: str | None = config.class_weight
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)
@@ -248,7 +249,7 @@ class _TwoLayerHead:
         data = asdict(self.config)
         if self.C_ is not None:
             data["extra"] = {**data["extra"], "chosen_C": self.C_}
-        if self.class_weight_ != self.config.class_weight:  # "auto", and a fit chose
+        if self.class_weight_ != self.config.class_weight:  # "auto", and a fit chose one
             data["extra"] = {**data["extra"], "chosen_class_weight": self.class_weight_}
         return data
 
