@@ -4,9 +4,11 @@
 
 On cached MiniLM vectors of airline tweets (three classes), interleaved per repeat:
 `model.heads.train_heads` (one single-choice control: the head's fit on every label, then
-the retrain's 5-fold out-of-fold pass) for the linear head (C chosen by out-of-fold log
-loss, then fold copies with that C) and the MLP (150 epochs), on one thread, as an RQ worker
-runs it. Prints a Markdown table (median and range of the repeats) with the load.
+the retrain's 5-fold out-of-fold pass) for the linear head (balanced classes, C chosen by
+out-of-fold log loss, then fold copies with that C), the linear head with its class weighting
+chosen with C (`class_weight="auto"`: two C searches, balanced and unweighted) and the MLP
+(150 epochs), on one thread, as an RQ worker runs it. Prints a Markdown table (median and range
+of the repeats) with the load.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.run_record import Run, spread_text, table  # noqa: E402
+
+# What is timed: name -> HeadConfig fields.
+HEADS = {"linear": {"kind": "linear"}, "linear, weighting chosen": {"kind": "linear", "class_weight": "auto"},
+         "mlp": {"kind": "mlp"}}
 
 
 def main(argv=None) -> int:
@@ -50,15 +56,17 @@ def main(argv=None) -> int:
         for n in sizes:
             rows = plan.pool[:n]
             x, y = np.asarray(features[rows], dtype=np.float32), table_.y[rows]
-            for kind in ("linear", "mlp"):
+            for kind, settings in HEADS.items():
                 with run.measure(kind=kind, labels=n, repeat=repeat) as row:
                     started = time.perf_counter()
-                    heads, _ = train_heads([spec], [x], [y], labeled=np.arange(n), kind=kind)
+                    heads, _ = train_heads([spec], [x], [y], labeled=np.arange(n), **settings)
                     row["seconds"] = round(time.perf_counter() - started, 3)
                     row["chosen_C"] = heads.heads[0].C_
+                    row["chosen_class_weight"] = heads.heads[0].class_weight_
                 seconds.setdefault((kind, n), []).append(row["seconds"])
     rows = [{"head": kind, "labels": n, "fit + 5-fold pass, s": spread_text(values)}
-            for (kind, n), values in sorted(seconds.items(), key=lambda item: (item[0][1], item[0][0]))]
+            for (kind, n), values in sorted(seconds.items(),
+                                            key=lambda item: (item[0][1], list(HEADS).index(item[0][0])))]
     run["rows"] = rows
     run.write()
     print(table(rows))

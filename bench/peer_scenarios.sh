@@ -16,7 +16,9 @@
 # this machine, so it would take the time of all other learners together
 # (`--learners ...,smalltext:GreedyCoreset` runs it).
 # two_controls: ours and the replay only (small-text's learner answers one question).
-# Environment: SEEDS (20), WORKERS (1), PY (.venv/bin/python), RESUME=1 (keep finished runs).
+# Environment: SEEDS (20), WORKERS (1), PY (.venv/bin/python), RESUME=1 (keep finished runs),
+# LEARNERS (replaces every scenario's learners above, e.g. for a shorter run; the first `ours:`
+# learner is the replay's).
 # Writes bench/results/peer/<scenario>/{runs.jsonl,summary.json,stdout.txt}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,5 +66,6 @@ for scenario in "${scenarios[@]}"; do
         two_controls) extra=(--learners "ours:least_confidence,$old_thresholds,ours:margin") ;;
         *) echo "no peer learners for scenario $scenario" >&2; exit 2 ;;
     esac
+    if [[ -n "${LEARNERS:-}" ]]; then extra+=(--learners "$LEARNERS"); fi  # the last --learners wins
     run "$scenario" "${SCENARIO_ARGS[@]}" "${extra[@]}"
 done

@@ -17,6 +17,16 @@ Two kinds (`HeadConfig.kind`), with one interface (fit, predict_proba, hidden, s
 
 * `ClassifierHead`: single-choice, softmax over the choices; classes weighted by inverse
   frequency so an imbalanced project does not learn its class prior instead of its task.
+  The linear head can instead choose its weighting with its C, on the same out-of-fold
+  pass (`HeadConfig.class_weight="auto"`): balanced or none, whichever has the lower
+  out-of-fold log loss, a tie going to balanced. It is not the default: in the simulator's
+  paired runs (BENCHMARKS.md, "Issue 17, points 1 and 2", class weighting) it closed the
+  always-balanced head's gaps to an unweighted logistic regression (up to 1.35 points after
+  the reverse domain shift, 0.13-0.32 with a 5 % class), but the choice is scored on the
+  labels' own class mix, and where that is not the project's (only free labels from another
+  domain: both shift scenarios at 0 labels) it picks unweighted and the first model is
+  5.5 points below a balanced one; the active-learning loop's AULC was lower in three of
+  five scenarios.
 * `MultiLabelHead`: multi-label (`<Choices choice="multiple">`), one sigmoid per choice,
   each choice's positives weighted against its negatives, and a per-choice decision
   threshold (`thresholds_`) chosen on out-of-fold probabilities (`choose_thresholds`): by
@@ -57,6 +67,10 @@ def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
 C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 # When too few labels per class leave no out-of-fold choice (fewer than two of some class).
 FALLBACK_C = 10.0
+# The single-choice linear head's class weightings (scikit-learn's `class_weight`): "auto"
+# chooses between the other two out-of-fold, with C. Where no out-of-fold choice is possible
+# (FALLBACK_C's case, or one class), "auto" is balanced, the rule before the choice existed.
+CLASS_WEIGHTS = ("auto", "balanced", None)
 C_FOLDS = 5
 HEAD_KINDS = ("linear", "mlp")
 # What every retrain trains, for every ordering alike (so the simulator's seeds stay paired):
@@ -73,6 +87,13 @@ class HeadConfig:
     kind: str = "mlp"
     # linear: the L2 strength; None chooses it among C_GRID by out-of-fold log loss per fit.
     C: float | None = None
+    # Single-choice linear head: "balanced" (inverse class frequency), None (unweighted), or
+    # "auto", the one of the two with the lower out-of-fold log loss, chosen per fit with C
+    # on the same folds (a tie goes to balanced; balanced where no out-of-fold pass runs: a
+    # given C, a class with one label). Balanced by default: why in the module docstring.
+    # The MLP and multi-label heads always weight (their rare side counts as much as their
+    # common side).
+    class_weight: str | None = "balanced"
     # Multi-label heads: what the per-choice thresholds maximise on the out-of-fold pass,
     # "accuracy" (that choice right per task) or "f1" (that choice's F1; the rule before issue
     # 17, which over-predicted the rare choices: exact-match accuracy 13-26 % instead of
@@ -100,7 +121,11 @@ class _TwoLayerHead:
             raise ValueError(f"unknown head kind {config.kind!r}; choose one of {HEAD_KINDS}")
         self.config = config
         self.device = device
+        if config.class_weight not in CLASS_WEIGHTS:
+            raise ValueError(f"unknown class weighting {config.class_weight!r}; choose one of {CLASS_WEIGHTS}")
         self.C_: float | None = None  # the linear head's chosen C, once fitted
+        # The single-choice linear head's class weighting ("auto": not chosen yet).
+        self.class_weight_: str | None = config.class_weight
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)
         if config.kind == "linear":
@@ -120,10 +145,13 @@ class _TwoLayerHead:
 
     def fresh_copy(self):
         """An untrained head with the same settings; a fitted linear head's copy keeps its
-        chosen C (the out-of-fold pass's fold heads: one C search per retrain, not per fold)."""
+        chosen C and class weighting (the out-of-fold pass's fold heads: one search per
+        retrain, not per fold)."""
         config = self.config
         if config.kind == "linear" and config.C is None and self.C_ is not None:
             config = replace(config, C=self.C_)
+        if config.kind == "linear" and config.class_weight == "auto" and self.class_weight_ != "auto":
+            config = replace(config, class_weight=self.class_weight_)
         return type(self)(config, device=self.device)
 
     @property
@@ -221,6 +249,8 @@ class _TwoLayerHead:
         data = asdict(self.config)
         if self.C_ is not None:
             data["extra"] = {**data["extra"], "chosen_C": self.C_}
+        if self.class_weight_ != self.config.class_weight:  # "auto", and a fit chose one
+            data["extra"] = {**data["extra"], "chosen_class_weight": self.class_weight_}
         return data
 
     @classmethod
@@ -230,6 +260,8 @@ class _TwoLayerHead:
         data = {"kind": "mlp", **data}
         head = cls(HeadConfig(**data), device=device)
         head.C_ = head.config.extra.get("chosen_C")
+        if "chosen_class_weight" in head.config.extra:
+            head.class_weight_ = head.config.extra["chosen_class_weight"]
         return head
 
     def save(self, directory: str | Path) -> None:
@@ -252,7 +284,9 @@ class _TwoLayerHead:
 class ClassifierHead(_TwoLayerHead):
     """Single-choice: input → Linear → ReLU → (last hidden layer) → Linear → softmax.
 
-    `fit(features, y)`: `y` are label indices; class-weighted cross-entropy.
+    `fit(features, y)`: `y` are label indices; the MLP: class-weighted cross-entropy; the
+    linear head: logistic regression, class weighting and C chosen out-of-fold
+    (`HeadConfig.class_weight`), recorded in `class_weight_` and `C_`.
     """
 
     multi_label = False
@@ -280,11 +314,22 @@ class ClassifierHead(_TwoLayerHead):
         weights = np.zeros((n_labels, features.shape[1]))
         # A choice never labeled yet: a constant logit far below the others (probability ~0).
         biases = np.full(n_labels, ABSENT_LOGIT)
+        smallest = int(np.bincount(targets)[present].min())
+        candidates = ["balanced", None] if self.config.class_weight == "auto" else [self.config.class_weight]
+        if len(present) == 1 or smallest < 2 or self.config.C is not None:
+            candidates = candidates[:1]  # no out-of-fold pass runs: "auto" is balanced
+        self.class_weight_ = candidates[0]
         if len(present) == 1:
             biases[present[0]] = 0.0
             return weights, biases, self.config.C or FALLBACK_C
-        model, chosen = _logistic_regression(features, targets, "balanced", self.config.C, self.config.seed,
-                                             int(np.bincount(targets)[present].min()))
+        best = None
+        for class_weight in candidates:  # ties go to the first, balanced
+            model, chosen, loss = _logistic_regression(features, targets, class_weight, self.config.C,
+                                                       self.config.seed, smallest)
+            if best is None or loss < best[2] - 1e-12:
+                best = (model, chosen, loss)
+                self.class_weight_ = class_weight
+        model, chosen, _ = best
         classes = model.classes_
         if len(classes) == 2:  # one logit z for classes[1]: softmax([-z/2, z/2]) is sigmoid(z)
             weights[classes[0]], weights[classes[1]] = -model.coef_[0] / 2, model.coef_[0] / 2
@@ -307,22 +352,26 @@ ABSENT_LOGIT = -20.0
 
 def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight, C: float | None,
                          seed: int, smallest_class: int):
-    """A fitted scikit-learn logistic regression and its C: `C` if given, else the
-    best of C_GRID by stratified out-of-fold log loss (`LogisticRegressionCV`, which refits
-    on every label with it); FALLBACK_C when some class has a single example."""
+    """(a fitted scikit-learn logistic regression, its C, its mean out-of-fold log loss):
+    `C` if given, else the best of C_GRID by stratified out-of-fold log loss
+    (`LogisticRegressionCV`, which refits on every label with it); FALLBACK_C when some class
+    has a single example. The folds depend only on the targets and `seed`, so calls with
+    other class weights score on the same folds; the loss is unweighted (the labels' own
+    class mix) whatever the weighting, and nan where no out-of-fold pass ran."""
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
 
     if C is not None or smallest_class < 2:
         C = float(C if C is not None else FALLBACK_C)
         model = LogisticRegression(C=C, class_weight=class_weight, max_iter=1000, l1_ratio=0.0)
-        return model.fit(features, targets), C
+        return model.fit(features, targets), C, float("nan")
     folds = StratifiedKFold(min(C_FOLDS, int(smallest_class)), shuffle=True, random_state=seed)
     model = LogisticRegressionCV(Cs=list(C_GRID), cv=folds, scoring="neg_log_loss",
                                  class_weight=class_weight, max_iter=1000, l1_ratios=(0.0,),
                                  use_legacy_attributes=False)
     model.fit(features, targets)
-    return model, float(np.ravel(model.C_)[0])
+    # scores_: (folds, l1 ratios, Cs) of negative log loss; the chosen C's mean over the folds.
+    return model, float(np.ravel(model.C_)[0]), float(-np.max(model.scores_.mean(axis=0)))
 
 
 def positive_weights(targets: np.ndarray) -> np.ndarray:
@@ -410,8 +459,8 @@ class MultiLabelHead(_TwoLayerHead):
                 biases[j] = ABSENT_LOGIT / 4 if positives == 0 else -ABSENT_LOGIT / 4
                 chosen.append(given[j] or FALLBACK_C)
                 continue
-            model, C = _logistic_regression(features, truth, {0: 1.0, 1: float(weight)}, given[j],
-                                            self.config.seed, min(positives, len(truth) - positives))
+            model, C, _ = _logistic_regression(features, truth, {0: 1.0, 1: float(weight)}, given[j],
+                                               self.config.seed, min(positives, len(truth) - positives))
             weights[j], biases[j] = model.coef_[0], model.intercept_[0]
             chosen.append(C)
         self.choice_C_ = chosen

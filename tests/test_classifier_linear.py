@@ -71,6 +71,55 @@ def test_fold_copies_keep_the_chosen_C_and_unseen_classes_get_no_probability():
     assert (single.predict(single.predict_proba(x)) == 0).all()
 
 
+def _rare_overlapping(n=400, share=0.1, seed=2):
+    """Two classes that overlap, the second rare: weighting it shifts the boundary into the
+    common class, which the labels' own mix (and so the out-of-fold log loss) penalises."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < share).astype(np.int64)
+    x = rng.normal(size=(n, 8))
+    x[:, 0] += 1.5 * y
+    return x.astype(np.float32), y
+
+
+def test_class_weighting_is_chosen_out_of_fold_with_C():
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _rare_overlapping()
+    head = _head("ab", x.shape[1], class_weight="auto").fit(x, y)
+    assert head.class_weight_ is None  # unweighted: the lower out-of-fold log loss here
+    reference = LogisticRegression(C=head.C_, max_iter=1000).fit(x.astype(np.float64), y)
+    # (LogisticRegressionCV refits from the folds' solution: equal within the solver's tolerance)
+    assert np.allclose(head.predict_proba(x)[:, 1], reference.predict_proba(x.astype(np.float64))[:, 1], atol=2e-3)
+    balanced = _head("ab", x.shape[1]).fit(x, y)  # the default
+    assert balanced.config.class_weight == "balanced" and balanced.class_weight_ == "balanced"
+    # Balancing moves the boundary into the common class: more tasks predicted rare.
+    assert head.predict(head.predict_proba(x)).mean() < balanced.predict(balanced.predict_proba(x)).mean()
+    # Classes of equal size: both weightings are the same fit, and the tie goes to balanced.
+    x_even, y_even = _blobs(90, classes=3, spread=1.5)
+    assert _head("abc", x_even.shape[1], class_weight="auto").fit(x_even, y_even).class_weight_ == "balanced"
+    # Forced unweighted, and a given C (no out-of-fold pass): no choice is made.
+    assert _head("ab", x.shape[1], class_weight=None).fit(x, y).class_weight_ is None
+    assert _head("ab", x.shape[1], C=3.0, class_weight="auto").fit(x, y).class_weight_ == "balanced"
+    with pytest.raises(ValueError, match="unknown class weighting"):
+        _head("ab", 4, class_weight="inverse")
+
+
+def test_fold_copies_and_saved_heads_keep_the_chosen_class_weighting(tmp_path):
+    x, y = _rare_overlapping()
+    head = _head("ab", x.shape[1], class_weight="auto").fit(x, y)
+    assert head.class_weight_ is None
+    copy = fresh_copy(head)
+    assert copy.config.class_weight is None and copy.config.C == head.C_
+    head.save(tmp_path)
+    assert json.loads((tmp_path / "classifier.json").read_text())["extra"]["chosen_class_weight"] is None
+    loaded = ClassifierHead.load(tmp_path)
+    assert loaded.class_weight_ is None and loaded.C_ == head.C_ and loaded.config.class_weight == "auto"
+    assert np.array_equal(loaded.predict_proba(x), head.predict_proba(x))
+    assert fresh_copy(loaded).config.class_weight is None
+    # An unfitted head has chosen nothing: its copy still chooses.
+    assert fresh_copy(_head("ab", x.shape[1], class_weight="auto")).config.class_weight == "auto"
+
+
 def test_save_load_round_trip_gives_identical_probabilities(tmp_path):
     x, y = _blobs(60)
     specs = [ControlSpec(name="topic", labels=list("abc"), inputs=["text"]),
