@@ -73,7 +73,9 @@ class _ProcessMemo:
             index, blocks = self._stores.setdefault(store_id, ({}, []))
             if blocks and blocks[0].shape[1] != vectors.shape[1]:
                 return  # another width under the same encoder id: not ours to mix
-            start = len(index)
+            # Rows so far, not len(index): two threads that read the same new texts at once
+            # both remember them, and the later rows then replace the earlier in the index.
+            start = sum(len(block) for block in blocks)
             index.update((k, start + i) for i, k in enumerate(keys))
             blocks.append(vectors)
             self._bytes += size

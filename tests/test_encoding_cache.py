@@ -163,3 +163,18 @@ def test_the_memo_starts_again_past_its_budget_and_small_lookups_add_nothing(tmp
     EncodingCache(tmp_path / "enc.sqlite3", memo_mb=0).lookup("enc", texts[:80])
     assert (encoding_cache._memo.rows(store_id, keys)[0] == -1).all()
     encoding_cache._memo.clear()
+
+
+def test_the_memo_stays_aligned_when_the_same_vectors_are_remembered_twice():
+    """Two threads that read the same new texts at once both remember them; rows added
+    after that must still line up with their keys."""
+    from model.encoding_cache import _ProcessMemo
+
+    memo, store = _ProcessMemo(), ("cache", "enc")
+    vectors = np.arange(6 * 2, dtype=np.float16).reshape(6, 2)
+    keys = [bytes([i]) for i in range(6)]
+    memo.remember(store, keys[:3], vectors[:3], budget=10**6)
+    memo.remember(store, keys[1:3], vectors[1:3], budget=10**6)  # again, as a second thread would
+    memo.remember(store, keys[3:], vectors[3:], budget=10**6)
+    positions, remembered = memo.rows(store, keys)
+    assert np.array_equal(remembered[positions], vectors)
