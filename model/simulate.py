@@ -107,6 +107,13 @@ BUILTIN = {
         lambda n: _sampled(debian_packages(single=("role",), multi=("implemented-in",),
                                            top={"role": 4, "implemented-in": 6}), n),
     ),
+    # Issue 17: a many-class single-choice text question, where margin and least confidence
+    # can rank differently (on two classes they cannot, on airline3's three they tie).
+    "debian_works_with": (
+        "Debian package descriptions, single-choice: what the package works with (Debtags works-with::, "
+        "8 tags)",
+        lambda n: _sampled(debian_packages(single=("works-with",), multi=(), top={"works-with": 8}), n),
+    ),
     "fashion_mnist": ("Fashion-MNIST training images (60,000, 10 classes of clothes)",
                       lambda n: fashion_mnist("train", sample=n)),
     "fashion_mnist_test": ("Fashion-MNIST test images (10,000)", lambda n: fashion_mnist("test", sample=n)),

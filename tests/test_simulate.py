@@ -519,6 +519,22 @@ def test_debian_package_index_as_label_columns():
     assert [c.answers for c in both.columns] == [["program", "program"], [("text",), ("image",)]]
 
 
+def test_builtin_debian_works_with_is_one_single_choice_question(tmp_path, monkeypatch):
+    """The many-class scenario's corpus, read the way the simulator reads it (`builtin:`),
+    from a small index instead of the machine's own."""
+    from model.simulate import BUILTIN, load_source
+
+    index = tmp_path / "Packages"
+    index.write_text(DEBIAN_INDEX, encoding="utf-8")
+    monkeypatch.setenv("DEBIAN_PACKAGES_FILE", str(index))
+    assert "debian_works_with" in BUILTIN
+    data = load_source("builtin:debian_works_with")
+    # viewer-two-dup repeats a description, lib-three has no works-with tag.
+    assert data.texts == ["small text editor for the terminal", "image viewer and converter"]
+    assert len(data.columns) == 1 and not data.columns[0].multi_label
+    assert data.columns[0].answers == ["text", "image"]
+
+
 def test_two_label_columns_through_the_command_line(tmp_path):
     """Two controls (one single-choice, one multi-label) from a JSONL file, end to end. The
     plumbing needs no particular corpus (Debian's package index is not on every machine):

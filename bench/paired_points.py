@@ -1,0 +1,73 @@
+"""Issue 17, point 3: each ordering against a reference ordering at every report point.
+
+The simulator's `summary.md` pairs the orderings with least confidence on the AULC only; to
+say whether margin is ahead *at 100 labels* (where the Fashion-MNIST peer run saw
+BreakingTies ahead) the per-seed difference at each report point is needed too. Reads one
+`results.json` of `model.simulate` and prints a Markdown table: per ordering its mean
+accuracy at each report point and its AULC, and the paired difference from the reference in
+the same seed (mean, 95 % t interval, the simulator's own `_t95`), and seeds won on AULC.
+
+Usage: python bench/paired_points.py [--reference least_confidence] [--metric accuracy] DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model.simulate import _t95, aulc  # noqa: E402  (the simulator's own figures)
+
+
+def _paired(diffs: np.ndarray) -> str:
+    half = _t95(len(diffs)) * diffs.std(ddof=1) / np.sqrt(len(diffs))
+    return f"{diffs.mean():+.2f} [{diffs.mean() - half:+.2f}, {diffs.mean() + half:+.2f}]"
+
+
+def table(results: dict, reference: str, metric: str) -> list[str]:
+    points = results["report_at"]
+    runs = results["runs"]
+    seeds = sorted(set.intersection(*(set(runs[o]) for o in runs)), key=int)
+
+    def at(ordering: str, seed: str) -> tuple[list[float], float]:
+        run = runs[ordering][seed]
+        x, y = run["labels_used"], run[metric]
+        return [100 * y[x.index(p)] for p in points], aulc(x, y)
+
+    head = "| ordering | " + " | ".join(f"@{p}" for p in points) + " | AULC | " + \
+        " | ".join(f"Δ@{p} [95% CI]" for p in points) + " | ΔAULC [95% CI] | seeds won |"
+    lines = [f"{metric}, {len(seeds)} paired seeds, differences from {reference}", "", head,
+             "|" + "---|" * (2 * len(points) + 4)]
+    ref = {s: at(reference, s) for s in seeds}
+    for ordering in results["orderings"]:
+        mine = {s: at(ordering, s) for s in seeds}
+        values = np.array([mine[s][0] for s in seeds])
+        areas = np.array([mine[s][1] for s in seeds])
+        cells = [f"{v:.1f}" for v in values.mean(axis=0)] + [f"{areas.mean():.2f}"]
+        if ordering == reference:
+            cells += ["—"] * (len(points) + 2)
+        else:
+            dpoints = values - np.array([ref[s][0] for s in seeds])
+            darea = areas - np.array([ref[s][1] for s in seeds])
+            cells += [_paired(dpoints[:, i]) for i in range(len(points))]
+            cells += [_paired(darea), f"{int((darea > 0).sum())}/{len(seeds)}"]
+        lines.append(f"| {ordering} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", default="least_confidence")
+    parser.add_argument("--metric", default="accuracy", choices=("accuracy", "macro_f1"))
+    parser.add_argument("directory", type=Path)
+    args = parser.parse_args(argv)
+    results = json.loads((args.directory / "results.json").read_text(encoding="utf-8"))
+    print("\n".join(table(results, args.reference, args.metric)))
+
+
+if __name__ == "__main__":
+    main()
