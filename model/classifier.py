@@ -494,7 +494,12 @@ class MultiLabelHead(_TwoLayerHead):
         return chosen
 
     def config_dict(self) -> dict:
-        return {**super().config_dict(), "extra": {**self.config.extra, "thresholds": self.thresholds_.tolist()}}
+        # Adds to the base's extra (its chosen C) instead of replacing it.
+        data = super().config_dict()
+        extra = {**data["extra"], "thresholds": self.thresholds_.tolist()}
+        if self.choice_C_ is not None:
+            extra["chosen_choice_C"] = list(self.choice_C_)
+        return {**data, "extra": extra}
 
     @classmethod
     def from_config_dict(cls, data: dict, device: str = "cpu") -> MultiLabelHead:
@@ -502,4 +507,5 @@ class MultiLabelHead(_TwoLayerHead):
         thresholds = head.config.extra.get("thresholds")
         if thresholds is not None:
             head.thresholds_ = np.asarray(thresholds, dtype=np.float64)
+        head.choice_C_ = head.config.extra.get("chosen_choice_C")
         return head

@@ -150,6 +150,12 @@ def test_multi_label_linear_head_learns_each_choice():
     assert len(head.choice_C_) == 4
     copy = fresh_copy(head)
     assert copy.config.extra["choice_C"] == head.choice_C_
+    # Saved and loaded, the head keeps what its fit chose (its C and each choice's), so a fresh
+    # copy of the loaded head does not search again.
+    loaded = MultiLabelHead.from_config_dict(json.loads(json.dumps(head.config_dict())))
+    assert loaded.C_ == head.C_ and loaded.choice_C_ == head.choice_C_
+    assert np.array_equal(loaded.thresholds_, head.thresholds_)
+    assert fresh_copy(loaded).config.extra["choice_C"] == head.choice_C_
 
 
 def test_versions_saved_before_kind_load_as_the_mlp(tmp_path):
