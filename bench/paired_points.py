@@ -20,12 +20,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.simulate import _t95, aulc  # noqa: E402  (the simulator's own figures)
-
-
-def _paired(diffs: np.ndarray) -> str:
-    half = _t95(len(diffs)) * diffs.std(ddof=1) / np.sqrt(len(diffs))
-    return f"{diffs.mean():+.2f} [{diffs.mean() - half:+.2f}, {diffs.mean() + half:+.2f}]"
+# The peer bench's "mean [95 % t interval]" (the simulator's `_t95`), so both read alike.
+from bench.peer_small_text import _interval as _paired  # noqa: E402
+from model.simulate import aulc  # noqa: E402
 
 
 def table(results: dict, reference: str, metric: str) -> list[str]:

@@ -99,6 +99,7 @@ class EncodingCache:
     def __init__(self, path: str | Path, memo_mb: float = DEFAULT_MEMO_MB):
         self.path = Path(path)
         self.memo_bytes = int(memo_mb * 1024 * 1024)
+        self._memo_file = str(self.path.resolve())  # the memo's key: one per cache file
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         with self._connect() as db:
@@ -126,7 +127,7 @@ class EncodingCache:
         `vectors` is None when nothing at all is cached for these texts.
         """
         keys = [text_key(t) for t in texts]
-        store_id = (str(self.path.resolve()), encoder)
+        store_id = (self._memo_file, encoder)
         positions, remembered = _memo.rows(store_id, keys)
         todo = list(dict.fromkeys(k for k, row in zip(keys, positions) if row < 0))
         found: dict[bytes, bytes] = {}
@@ -146,18 +147,12 @@ class EncodingCache:
         hit = positions >= 0
         if remembered is not None and hit.any():
             out[hit] = remembered[positions[hit]]
-        missing = []
-        read_keys, read_rows = [], []
+        missing, read_rows = [], []
         for i in np.flatnonzero(~hit):
-            blob = found.get(keys[i])
-            if blob is None:
-                missing.append(int(i))
-            else:
-                read_keys.append(keys[i])
-                read_rows.append(int(i))
+            (read_rows if keys[i] in found else missing).append(int(i))
         if read_rows:
-            fresh = np.frombuffer(b"".join(found[k] for k in read_keys), dtype=np.float16).reshape(-1, dim)
-            out[read_rows] = fresh
+            out[read_rows] = np.frombuffer(b"".join(found[keys[i]] for i in read_rows),
+                                           dtype=np.float16).reshape(-1, dim)
         if found and len(texts) >= MEMO_MIN_TEXTS:  # each distinct key once
             _memo.remember(store_id, list(found),
                            np.frombuffer(b"".join(found.values()), dtype=np.float16).reshape(-1, dim),
