@@ -136,7 +136,7 @@ def publish(settings: Settings, ls: LabelStudioProject, store: ModelStore, cache
                          seed=ls.project_id)
     # The tasks were read before they were encoded; an annotation made meanwhile has queued a
     # retrain, whose version would replace this one at once: publish nothing then.
-    if (ls.project().get("total_annotations_number") or 0) > 0:
+    if (ls.project(("id", "total_annotations_number")).get("total_annotations_number") or 0) > 0:
         return {"skipped": "annotations arrived while the tasks were encoded; the retrain orders the queue"}
     number = int(previous.get("number", 0)) + 1
     version = f"{PREFIX}{number}"

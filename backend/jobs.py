@@ -16,7 +16,7 @@ from rq.serializers import JSONSerializer
 from backend.job_queue import JobQueue, redis_connection
 from backend.job_results import EncodeResult, RetrainResult, Status, record
 from backend.label_studio import LabelStudioError, LabelStudioProject
-from backend.ml_backend import ActiveLearningBackend, ConfigRefused, annotation_counts, get_encoder
+from backend.ml_backend import ANNOTATION_COUNTERS, ActiveLearningBackend, ConfigRefused, annotation_counts, get_encoder
 from backend.model_store import ModelStore
 from backend.publish import go_live, idle_long_enough, prune_when_idle
 from backend.settings import Settings
@@ -322,7 +322,7 @@ def reconcile() -> dict:
         version = store.current_version(project_id)
         trained_on = store.read_meta(project_id, version).get("annotation_counts") if version else None
         try:
-            project = LabelStudioProject(settings, project_id).project()
+            project = LabelStudioProject(settings, project_id).project(ANNOTATION_COUNTERS)
             counts = annotation_counts(project)
         except LabelStudioError as exc:
             log.warning("project=%s reconcile: %s", project_id, exc)

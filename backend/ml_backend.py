@@ -242,12 +242,18 @@ class ActiveLearningBackend:
         # tasks: Label Studio serves requests on threads, and this is one round trip less
         # between an annotation and its new predictions (0.1-0.2 s at 10,000 tasks).
         ls = LabelStudioProject(self.settings, self.project_id)
-        ls.client  # noqa: B018  (connect and fetch the access token once, before two threads use it)
+        ls.client  # noqa: B018  (the process's client, made here once rather than by two threads)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"extra-params-{self.project_id}") as pool:
             wanted = pool.submit(self._ordering_choice, ls)
             ls, project, config, tasks, sync = self._read_project(progress, ls)
+            waited = time.perf_counter()
             choice = wanted.result()
+            # How long the extra params kept the retrain waiting after the project was read
+            # (Label Studio answers that list only after calling the backend's /health and
+            # /setup): part of read_label_studio, shown apart.
+            waited = round(time.perf_counter() - waited, 3)
         laps.lap("read_label_studio")
+        laps.timings["extra_params_wait"] = waited
         skipped = RetrainResult(Status.SKIPPED, reason="the project has no usable annotations yet",
                                 tasks=len(tasks.task_ids), timings=laps.timings,
                                 ignored_controls=config.ignored_summary or None)
@@ -465,7 +471,7 @@ class ActiveLearningBackend:
         """Label config and tasks from Label Studio (tasks through the local incremental copy)."""
         ls = ls or LabelStudioProject(self.settings, self.project_id)
         progress("reading Label Studio", 0, 0)
-        project = ls.project()
+        project = ls.project(PROJECT_FIELDS)
         try:
             config = parse_label_config(project.get("label_config") or "")
         except UnsupportedConfig as exc:
@@ -661,10 +667,17 @@ def _label_text(predicted) -> str:
     return predicted if isinstance(predicted, str) else ", ".join(predicted)
 
 
+# Label Studio's annotation counters of a project: a cheap "did anything change" check.
+ANNOTATION_COUNTERS = ("total_annotations_number", "skipped_annotations_number", "num_tasks_with_annotations")
+# What a retrain reads of the project (`LabelStudioProject.project(fields)`): the label
+# config, the task count the sync checks itself against, and the counters the version
+# records; not the prediction counters, whose cost grows with every version kept.
+PROJECT_FIELDS = ("id", "title", "label_config", "model_version", "task_number") + ANNOTATION_COUNTERS
+
+
 def annotation_counts(project: dict) -> dict:
-    """Label Studio's annotation counters of a project: a cheap "did anything change" check."""
-    names = ("total_annotations_number", "skipped_annotations_number", "num_tasks_with_annotations")
-    return {name: project.get(name) for name in names}
+    """Label Studio's annotation counters of a project (`ANNOTATION_COUNTERS`)."""
+    return {name: project.get(name) for name in ANNOTATION_COUNTERS}
 
 
 def project_id_from_ls(value) -> int:

@@ -199,7 +199,7 @@ def first_sampling(ls: LabelStudioProject, store: ModelStore, version: str) -> s
     marker.parent.mkdir(parents=True, exist_ok=True)
     if marker.exists():
         return None
-    current = ls.project().get("sampling") or SEQUENTIAL
+    current = ls.project(("id", "sampling")).get("sampling") or SEQUENTIAL
     if current == SEQUENTIAL:
         ls.set_sampling(UNCERTAINTY)
         done = f"set to {UNCERTAINTY}"

@@ -358,10 +358,13 @@ def main() -> int:
         ratios.append(b["seconds"] / ref["seconds"])
         rows.append({"round": r, "first": "backend" if r % 2 else "reference",
                      "backend s": b["seconds"], "reference s": ref["seconds"], "ratio": round(ratios[-1], 3),
-                     "read LS": b.get("read_label_studio_s"), "train": b.get("train_s"),
+                     "read LS": b.get("read_label_studio_s"), "of it, params wait": b.get("extra_params_wait_s"),
+                     "train": b.get("train_s"),
                      "score": b.get("score_s"), "stage": b.get("stage_s"), "build": b.get("build_predictions_s"),
                      "upload": b.get("upload_s"), "switch, after": b.get("publish_s"),
                      "tidy": b.get("tidy_s"),
+                     # The backend's fixed cost: everything of its time but the upload.
+                     "not upload": round(b["seconds"] - b["upload_s"], 3) if b.get("upload_s") else None,
                      "load": f"{b['load_before']}–{b['load_after']} / {ref['load_before']}–{ref['load_after']}",
                      "CPU pressure % (during)": f"{b['cpu_pressure_during']} / {ref['cpu_pressure_during']}"})
     backend_s = [m["seconds"] for m in run.measurements if m["side"] == "backend"]

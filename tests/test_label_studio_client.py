@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import pytest
 
 from backend.label_studio import LabelStudioError, LabelStudioProject, RetryPolicy
+from backend.ml_backend import PROJECT_FIELDS
 from backend.settings import Settings
 from backend.task_store import TaskStore
 from tests.support.tcp_proxy import TcpProxy
@@ -162,7 +163,7 @@ def test_errors_that_are_not_label_studio_faults_are_not_retried():
     calls = []
 
     class Projects:
-        def get(self, id):
+        def get(self, id, request_options=None):
             calls.append(id)
             raise ZeroDivisionError("a bug of ours")
 
@@ -233,6 +234,33 @@ def _predictions_per_task(client, project_id, version):
 
 def _predictions(task_ids, version):
     return [{"task": i, "result": RESULT, "score": 0.25, "model_version": version} for i in task_ids]
+
+
+@pytest.mark.e2e
+def test_the_retrains_project_read_and_the_switch_ask_label_studio_for_few_fields(label_studio):
+    """`include` keeps Label Studio from counting every prediction of the project for the
+    retrain's read and for the answer to the switch; what the retrain reads is still there,
+    and every LabelStudioProject of one URL and key uses the process's one SDK client."""
+    client = _client(label_studio)
+    project_id = _new_project(client, 4)
+    settings = Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.api_key)
+    ls = LabelStudioProject(settings, project_id)
+    full, some = ls.project(), ls.project(PROJECT_FIELDS)
+    # The SDK's model lists every field; Label Studio answered only those asked for.
+    assert full["total_predictions_number"] == 0 and some["total_predictions_number"] is None
+    assert {name for name, value in some.items() if value is not None} <= set(PROJECT_FIELDS), some
+    assert {name: some[name] for name in PROJECT_FIELDS} == {name: full[name] for name in PROJECT_FIELDS}
+    assert some["task_number"] == 4 and "<Choices" in some["label_config"]
+    sampling = ls.project(("id", "sampling"))
+    assert {name: value for name, value in sampling.items() if value is not None} == \
+        {"id": project_id, "sampling": full["sampling"]}
+
+    client.projects.import_predictions(id=project_id, request=_predictions(ls.task_ids(), "v0003-20261202-090000"))
+    ls.set_model_version("v0003-20261202-090000")
+    assert client.projects.get(id=project_id).model_version == "v0003-20261202-090000"
+    assert LabelStudioProject(settings, project_id).client is ls.client
+    other_key = Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.api_key + "x")
+    assert LabelStudioProject(other_key, project_id)._shared_client() is not ls.client
 
 
 @pytest.mark.e2e
