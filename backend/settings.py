@@ -58,7 +58,9 @@ class Settings(BaseSettings):
     webhook_secret: str = ""
     max_body_mb: int = 20
     retrain_min_interval: int = 2
-    ordering: str = "least_confidence"
+    # model.orderings.DEFAULT_ORDERING (why there), not imported: it pulls scipy into every
+    # process that reads a setting; tests/test_settings.py keeps the two equal.
+    ordering: str = "margin"
     batch_size: int = 50
     reconcile_interval: int = 300
     # When a project's first version goes live, set its sampling to "Uncertainty sampling"

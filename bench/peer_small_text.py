@@ -57,7 +57,7 @@ if __package__ in (None, ""):  # `python bench/peer_small_text.py`: import bench
 from bench.run_record import Run, table  # noqa: E402
 from model import simulate  # noqa: E402
 
-DEFAULT_LEARNERS = ("ours:least_confidence,ours:margin,ours:least_confidence:mlp,"
+DEFAULT_LEARNERS = ("ours:margin,ours:least_confidence,ours:least_confidence:mlp,"
                     "smalltext:LeastConfidence,smalltext:BreakingTies,smalltext:EmbeddingKMeans")
 # The replay's candidate C: wider than the head's own grid (model.classifier.C_GRID), so the
 # baseline is not limited to our choices.

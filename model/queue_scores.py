@@ -28,7 +28,7 @@ import numpy as np
 from model import mislabeling
 from model.classifier import ClassifierHead, HeadConfig
 from model.heads import ControlHeads, OutOfFold, labeled_tasks
-from model.orderings import get_ordering
+from model.orderings import DEFAULT_ORDERING, get_ordering
 from model.orderings.base import OrderingInput
 from model.threads import on_one_thread
 
@@ -133,7 +133,7 @@ def queue_scores(
     features: np.ndarray,
     labels: list[int | None],
     head: ClassifierHead,
-    ordering: str = "least_confidence",
+    ordering: str = DEFAULT_ORDERING,
     batch_size: int = 50,
     params: dict | None = None,
     all_layers: np.ndarray | None = None,
@@ -157,7 +157,7 @@ def queue_scores_multi(
     heads: ControlHeads,
     head_features: list[np.ndarray],
     targets: list[np.ndarray],
-    ordering: str = "least_confidence",
+    ordering: str = DEFAULT_ORDERING,
     batch_size: int = 50,
     params: dict | None = None,
     all_layers: np.ndarray | None = None,

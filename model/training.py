@@ -40,7 +40,7 @@ from model.heads import (
     labeled_tasks,
     train_heads,
 )
-from model.orderings import get_ordering
+from model.orderings import DEFAULT_ORDERING, get_ordering
 from model.orderings.base import HeadView, decision_probabilities, jsonable
 from model.queue_scores import disagreement, out_of_fold_folds, queue_scores_multi
 
@@ -166,7 +166,7 @@ class ProjectExamples:
 class OrderingChoice:
     """Which ordering builds the queue, its batch size and parameters (`model.orderings`)."""
 
-    ordering: str = "least_confidence"
+    ordering: str = DEFAULT_ORDERING
     batch_size: int = 50
     params: Mapping = field(default_factory=dict)
 

@@ -16,7 +16,7 @@ import pytest
 
 from model.classifier import ClassifierHead, HeadConfig, MultiLabelHead
 from model.heads import ControlHeads
-from model.orderings import ORDERINGS, OrderingInput, get_ordering
+from model.orderings import DEFAULT_ORDERING, ORDERINGS, OrderingInput, get_ordering
 from model.orderings.class_balance import balanced_batch, guard_batch, put_batch_first
 from model.orderings.entropy import entropy_score
 from model.orderings.least_confidence import least_confidence_score
@@ -48,6 +48,30 @@ def _baseline_input(probabilities, batch_size=2, **params):
         batch_size=batch_size,
         params=params,
     )
+
+
+def test_the_default_ordering_is_margin_everywhere_a_default_is_taken():
+    """Settings (ORDERING), a retrain's OrderingChoice and queue_scores all default to margin,
+    which ranks two choices as least confidence does and three or more its own way."""
+    import inspect
+
+    from backend.settings import Settings
+    from model.queue_scores import queue_scores, queue_scores_multi
+    from model.training import OrderingChoice
+
+    assert DEFAULT_ORDERING == "margin"
+    assert Settings.model_fields["ordering"].default == DEFAULT_ORDERING
+    assert OrderingChoice().ordering == DEFAULT_ORDERING
+    for function in (queue_scores, queue_scores_multi):
+        assert inspect.signature(function).parameters["ordering"].default == DEFAULT_ORDERING
+    rng = np.random.default_rng(0)
+    two = rng.dirichlet(np.ones(2), size=200)
+    assert np.array_equal(np.argsort(margin_score(two), kind="stable"),
+                          np.argsort(least_confidence_score(two), kind="stable"))
+    # Three choices: (0.5, 0.49, 0.01) is a near tie for margin, (0.4, 0.3, 0.3) is the least
+    # confident: the two orderings disagree on which to label first.
+    three = np.array([[0.5, 0.49, 0.01], [0.4, 0.3, 0.3]])
+    assert np.argmin(margin_score(three)) == 0 and np.argmin(least_confidence_score(three)) == 1
 
 
 def test_registry_has_exactly_the_issue_names():

@@ -24,6 +24,12 @@ from model.orderings.margin import Margin
 from model.orderings.predicted_incorrect import PredictedIncorrect
 from model.orderings.random_order import RandomOrder
 
+# The queue's ordering when neither the project's extra params nor ORDERING name one. Margin:
+# on two choices (and on each yes/no of a multi-label control) it ranks as least confidence
+# does; with more choices it was ahead of least confidence beyond noise on both many-class
+# scenarios and tied on three classes (BENCHMARKS.md, "Issue 17, point 6", margin sections).
+DEFAULT_ORDERING = "margin"
+
 ORDERINGS: dict[str, type[Ordering]] = {
     cls.name: cls
     for cls in (
@@ -49,4 +55,4 @@ def get_ordering(name: str, **params) -> Ordering:
     return cls(**params)
 
 
-__all__ = ["ORDERINGS", "Ordering", "OrderingInput", "OrderingResult", "get_ordering"]
+__all__ = ["DEFAULT_ORDERING", "ORDERINGS", "Ordering", "OrderingInput", "OrderingResult", "get_ordering"]
