@@ -72,6 +72,13 @@ FALLBACK_C = 10.0
 # (FALLBACK_C's case, or one class), "auto" is balanced, the rule before the choice existed.
 CLASS_WEIGHTS = ("auto", "balanced", None)
 C_FOLDS = 5
+C_OBJECTIVES = ("log_loss", "accuracy")
+# By accuracy, balanced heads on few labels of many classes chose the grid's strongest
+# penalty (0.1) most often (a nearly class-centroid rule), so its grid reaches lower.
+ACCURACY_C_GRID = (0.01, 0.03) + C_GRID
+# The temperatures an accuracy-chosen head's logits may be scaled by, for the lowest
+# out-of-fold log loss: a strong penalty leaves its probabilities near uniform.
+TEMPERATURES = tuple(float(t) for t in np.logspace(-1, 2, 31))
 HEAD_KINDS = ("linear", "mlp")
 # What every retrain trains, for every ordering alike (so the simulator's seeds stay paired):
 # chosen by the simulator scenarios, BENCHMARKS.md "Issue 17, point 1".
@@ -99,6 +106,14 @@ class HeadConfig:
     # 17, which over-predicted the rare choices: exact-match accuracy 13-26 % instead of
     # 33-49 % on the Debian scenarios, BENCHMARKS.md "Issue 17, points 1 and 2").
     threshold_objective: str = "accuracy"
+    # Linear heads with C None: what the out-of-fold pass scores each candidate C by,
+    # "log_loss" or "accuracy" (the share of labels predicted right; mean log loss breaks
+    # ties, which small folds make common). "accuracy" then scales the logits by the
+    # temperature with the lowest out-of-fold log loss (TEMPERATURES: the decisions stay,
+    # the probabilities are calibrated), searches ACCURACY_C_GRID, and searches even when a
+    # class has a single label (the others' folds still tell C apart). "auto" class
+    # weighting compares the two weightings by the same score.
+    c_objective: str = "log_loss"
     # mlp only, below (seed also orders the linear head's folds).
     hidden_dim: int = 128
     epochs: int = 150
@@ -123,7 +138,11 @@ class _TwoLayerHead:
         self.device = device
         if config.class_weight not in CLASS_WEIGHTS:
             raise ValueError(f"unknown class weighting {config.class_weight!r}; choose one of {CLASS_WEIGHTS}")
+        if config.c_objective not in C_OBJECTIVES:
+            raise ValueError(f"unknown C objective {config.c_objective!r}; choose one of {C_OBJECTIVES}")
         self.C_: float | None = None  # the linear head's chosen C, once fitted
+        # The accuracy-chosen single-choice linear head's logit scale (None: not scaled).
+        self.temperature_: float | None = None
         # The single-choice linear head's class weighting ("auto": not chosen yet).
         self.class_weight_: str | None = config.class_weight
         generator_state = torch.random.get_rng_state()
@@ -152,6 +171,8 @@ class _TwoLayerHead:
             config = replace(config, C=self.C_)
         if config.kind == "linear" and config.class_weight == "auto" and self.class_weight_ != "auto":
             config = replace(config, class_weight=self.class_weight_)
+        if config.kind == "linear" and self.temperature_ is not None and "temperature" not in config.extra:
+            config = replace(config, extra={**config.extra, "temperature": self.temperature_})
         return type(self)(config, device=self.device)
 
     @property
@@ -251,6 +272,8 @@ class _TwoLayerHead:
             data["extra"] = {**data["extra"], "chosen_C": self.C_}
         if self.class_weight_ != self.config.class_weight:  # "auto", and a fit chose one
             data["extra"] = {**data["extra"], "chosen_class_weight": self.class_weight_}
+        if self.temperature_ is not None:
+            data["extra"] = {**data["extra"], "chosen_temperature": self.temperature_}
         return data
 
     @classmethod
@@ -262,6 +285,7 @@ class _TwoLayerHead:
         head.C_ = head.config.extra.get("chosen_C")
         if "chosen_class_weight" in head.config.extra:
             head.class_weight_ = head.config.extra["chosen_class_weight"]
+        head.temperature_ = head.config.extra.get("chosen_temperature")
         return head
 
     def save(self, directory: str | Path) -> None:
@@ -324,12 +348,13 @@ class ClassifierHead(_TwoLayerHead):
             return weights, biases, self.config.C or FALLBACK_C
         best = None
         for class_weight in candidates:  # ties go to the first, balanced
-            model, chosen, loss = _logistic_regression(features, targets, class_weight, self.config.C,
-                                                       self.config.seed, smallest)
+            model, chosen, loss, temperature = _logistic_regression(
+                features, targets, class_weight, self.config.C, self.config.seed, smallest,
+                self.config.c_objective, self.config.extra.get("temperature"))
             if best is None or loss < best[2] - 1e-12:
-                best = (model, chosen, loss)
+                best = (model, chosen, loss, temperature)
                 self.class_weight_ = class_weight
-        model, chosen, _ = best
+        model, chosen, _, self.temperature_ = best
         classes = model.classes_
         if len(classes) == 2:  # one logit z for classes[1]: softmax([-z/2, z/2]) is sigmoid(z)
             weights[classes[0]], weights[classes[1]] = -model.coef_[0] / 2, model.coef_[0] / 2
@@ -350,28 +375,107 @@ class ClassifierHead(_TwoLayerHead):
 ABSENT_LOGIT = -20.0
 
 
+def _accuracy_then_log_loss(estimator, features, targets) -> float:
+    """A fold's accuracy less a thousandth of its mean log loss (clipped at 10, so at most
+    0.01): C by accuracy, ties (a fold of 10 labels has 11 possible accuracies) going to the
+    better calibrated C; the loss can only outweigh an accuracy gap of under 1 %."""
+    from sklearn.metrics import log_loss
+
+    probabilities = estimator.predict_proba(features)
+    accuracy = float(np.mean(estimator.classes_[probabilities.argmax(axis=1)] == targets))
+    loss = min(float(log_loss(targets, probabilities, labels=estimator.classes_)), 10.0)
+    return accuracy - 1e-3 * loss
+
+
 def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight, C: float | None,
-                         seed: int, smallest_class: int):
-    """(a fitted scikit-learn logistic regression, its C, its mean out-of-fold log loss):
-    `C` if given, else the best of C_GRID by stratified out-of-fold log loss
-    (`LogisticRegressionCV`, which refits on every label with it); FALLBACK_C when some class
-    has a single example. The folds depend only on the targets and `seed`, so calls with
-    other class weights score on the same folds; the loss is unweighted (the labels' own
-    class mix) whatever the weighting, and nan where no out-of-fold pass ran."""
+                         seed: int, smallest_class: int, objective: str = "log_loss",
+                         temperature: float | None = None):
+    """(a fitted scikit-learn logistic regression, its C, its out-of-fold score, lower is
+    better, the temperature its logits were scaled by or None): `C` if given, else the best
+    of the objective's grid by stratified out-of-fold `objective` (C_OBJECTIVES;
+    `LogisticRegressionCV`, which refits on every label with it); FALLBACK_C when no
+    out-of-fold choice is possible. The score is the mean log loss, or one minus the
+    accuracy score of `_accuracy_then_log_loss`. The folds depend only on the targets and
+    `seed`, so calls with other class weights score on the same folds; the score is
+    unweighted (the labels' own class mix) whatever the weighting, and nan where no
+    out-of-fold pass ran. With "accuracy", the chosen model's logits are scaled by
+    `temperature`, or when none is given by the one of TEMPERATURES with the lowest log loss
+    on out-of-fold probabilities at the chosen C (five more fits)."""
+    import warnings
+
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
 
-    if C is not None or smallest_class < 2:
+    by_accuracy = objective == "accuracy"
+    counts = np.bincount(targets)
+    usable = counts[counts >= 2]
+    if by_accuracy and smallest_class < 2 and len(usable) >= 2:
+        # A class with one label sits in one fold and is missing from the others' training;
+        # the classes with two or more still tell the candidate C apart.
+        n_folds = min(C_FOLDS, int(usable.min()))
+    else:
+        n_folds = min(C_FOLDS, int(smallest_class))
+    if C is not None or n_folds < 2:
         C = float(C if C is not None else FALLBACK_C)
         model = LogisticRegression(C=C, class_weight=class_weight, max_iter=1000, l1_ratio=0.0)
-        return model.fit(features, targets), C, float("nan")
-    folds = StratifiedKFold(min(C_FOLDS, int(smallest_class)), shuffle=True, random_state=seed)
-    model = LogisticRegressionCV(Cs=list(C_GRID), cv=folds, scoring="neg_log_loss",
-                                 class_weight=class_weight, max_iter=1000, l1_ratios=(0.0,),
-                                 use_legacy_attributes=False)
-    model.fit(features, targets)
-    # scores_: (folds, l1 ratios, Cs) of negative log loss; the chosen C's mean over the folds.
-    return model, float(np.ravel(model.C_)[0]), float(-np.max(model.scores_.mean(axis=0)))
+        model.fit(features, targets)
+        if by_accuracy and temperature is not None:
+            _scale_logits(model, temperature)
+        return model, C, float("nan"), temperature if by_accuracy else None
+    folds = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
+    scoring = _accuracy_then_log_loss if by_accuracy else "neg_log_loss"
+    model = LogisticRegressionCV(Cs=list(ACCURACY_C_GRID if by_accuracy else C_GRID), cv=folds,
+                                 scoring=scoring, class_weight=class_weight, max_iter=1000,
+                                 l1_ratios=(0.0,), use_legacy_attributes=False)
+    with warnings.catch_warnings():
+        # "The least populated class has only 1 member": the single-label class's case above.
+        warnings.filterwarnings("ignore", message=".*least populated class", category=UserWarning)
+        model.fit(features, targets)
+    chosen = float(np.ravel(model.C_)[0])
+    # scores_: (folds, l1 ratios, Cs) of the score, higher is better; the chosen C's mean over
+    # the folds, as a loss.
+    best = float(np.max(model.scores_.mean(axis=0)))
+    if not by_accuracy:
+        return model, chosen, -best, None
+    if temperature is None:
+        temperature = _best_temperature(features, targets, class_weight, chosen, folds)
+    _scale_logits(model, temperature)
+    return model, chosen, 1.0 - best, temperature
+
+
+def _best_temperature(features, targets, class_weight, C: float, folds) -> float:
+    """The one of TEMPERATURES whose scaled out-of-fold probabilities (a logistic regression
+    with `C` per fold) have the lowest mean log loss. Scaling a softmax's logits by t is
+    raising its probabilities to the power t and renormalising, so the out-of-fold
+    probabilities are all it needs."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*least populated class", category=UserWarning)
+        # ...and a fold trained without it (its column is 0 there: that is the evidence).
+        warnings.filterwarnings("ignore", message="Number of classes in training fold", category=RuntimeWarning)
+        probabilities = cross_val_predict(
+            LogisticRegression(C=C, class_weight=class_weight, max_iter=1000, l1_ratio=0.0),
+            features, targets, cv=folds, method="predict_proba")
+    classes = np.unique(targets)
+    truth = np.searchsorted(classes, targets)
+    log_p = np.log(np.clip(probabilities, 1e-12, 1.0))
+    losses = []
+    for t in TEMPERATURES:
+        scaled = t * log_p
+        scaled -= scaled.max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(scaled).sum(axis=1))
+        losses.append(float(np.mean(log_norm - scaled[np.arange(len(truth)), truth])))
+    return TEMPERATURES[int(np.argmin(losses))]
+
+
+def _scale_logits(model, temperature: float) -> None:
+    """Multiply a fitted logistic regression's logits by `temperature` (argmax unchanged)."""
+    model.coef_ = model.coef_ * temperature
+    model.intercept_ = model.intercept_ * temperature
 
 
 def positive_weights(targets: np.ndarray) -> np.ndarray:
@@ -436,6 +540,7 @@ class MultiLabelHead(_TwoLayerHead):
         super().__init__(config, device=device)
         self.thresholds_ = np.full(len(config.labels), 0.5)
         self.choice_C_: list[float] | None = None  # the linear head's C per choice, once fitted
+        self.choice_temperature_: list[float | None] | None = None  # c_objective="accuracy" only
 
     def _as_targets(self, y) -> np.ndarray:
         y = np.asarray(y, dtype=np.float32)
@@ -451,7 +556,11 @@ class MultiLabelHead(_TwoLayerHead):
         biases = np.zeros(n_labels)
         # Each choice has its own C: given (a fold copy's, `fresh_copy`) or chosen here.
         given = self.config.extra.get("choice_C") or [self.config.C] * n_labels
+        # With c_objective="accuracy", each choice's logit scale is chosen with its C (a fold
+        # copy gets them given, as its C); otherwise 1.
+        temperatures = self.config.extra.get("choice_temperature") or [None] * n_labels
         chosen = []
+        scales = list(temperatures)
         for j, weight in enumerate(positive_weights(targets)):
             truth = targets[:, j].astype(np.int64)
             positives = int(truth.sum())
@@ -459,18 +568,23 @@ class MultiLabelHead(_TwoLayerHead):
                 biases[j] = ABSENT_LOGIT / 4 if positives == 0 else -ABSENT_LOGIT / 4
                 chosen.append(given[j] or FALLBACK_C)
                 continue
-            model, C, _ = _logistic_regression(features, truth, {0: 1.0, 1: float(weight)}, given[j],
-                                               self.config.seed, min(positives, len(truth) - positives))
+            model, C, _, scale = _logistic_regression(features, truth, {0: 1.0, 1: float(weight)}, given[j],
+                                                  self.config.seed, min(positives, len(truth) - positives),
+                                                  self.config.c_objective, temperatures[j])
             weights[j], biases[j] = model.coef_[0], model.intercept_[0]
             chosen.append(C)
+            scales[j] = scale
         self.choice_C_ = chosen
+        self.choice_temperature_ = scales if any(t is not None for t in scales) else None
         return weights, biases, float(np.median(chosen))
 
     def fresh_copy(self):
         if self.config.kind != "linear" or self.choice_C_ is None or self.config.extra.get("choice_C"):
             return super().fresh_copy()
-        return type(self)(replace(self.config, extra={**self.config.extra, "choice_C": self.choice_C_}),
-                          device=self.device)
+        extra = {**self.config.extra, "choice_C": self.choice_C_}
+        if self.choice_temperature_ is not None:
+            extra["choice_temperature"] = self.choice_temperature_
+        return type(self)(replace(self.config, extra=extra), device=self.device)
 
     def _loss_function(self, targets: np.ndarray):
         import torch
@@ -499,6 +613,8 @@ class MultiLabelHead(_TwoLayerHead):
         extra = {**data["extra"], "thresholds": self.thresholds_.tolist()}
         if self.choice_C_ is not None:
             extra["chosen_choice_C"] = list(self.choice_C_)
+        if self.choice_temperature_ is not None:
+            extra["chosen_choice_temperature"] = list(self.choice_temperature_)
         return {**data, "extra": extra}
 
     @classmethod
@@ -508,4 +624,5 @@ class MultiLabelHead(_TwoLayerHead):
         if thresholds is not None:
             head.thresholds_ = np.asarray(thresholds, dtype=np.float64)
         head.choice_C_ = head.config.extra.get("chosen_choice_C")
+        head.choice_temperature_ = head.config.extra.get("chosen_choice_temperature")
         return head

@@ -6,7 +6,15 @@ import json
 import numpy as np
 import pytest
 
-from model.classifier import C_GRID, FALLBACK_C, ClassifierHead, HeadConfig, MultiLabelHead
+from model.classifier import (
+    ACCURACY_C_GRID,
+    C_GRID,
+    FALLBACK_C,
+    TEMPERATURES,
+    ClassifierHead,
+    HeadConfig,
+    MultiLabelHead,
+)
 from model.heads import ControlHeads, ControlSpec, fresh_copy, train_heads
 
 
@@ -176,3 +184,91 @@ def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="unknown head kind"):
         _head("ab", 4, kind="forest")
 
+
+
+def test_c_by_accuracy_takes_the_most_accurate_C_and_calibrates_its_probabilities_out_of_fold(tmp_path):
+    """`c_objective="accuracy"`: the C of ACCURACY_C_GRID whose stratified out-of-fold accuracy
+    (the head's folds) is highest, an accuracy tie going to the lower log loss; then the
+    logits scaled by the temperature whose out-of-fold probabilities have the lowest log
+    loss. Recomputed here fold by fold with plain scikit-learn."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.model_selection import StratifiedKFold
+
+    x, y = _blobs(90, dim=24, classes=3, spread=1.6, seed=3)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float64)  # unit length, as sentence vectors
+    head = _head("abc", x.shape[1], c_objective="accuracy", seed=7).fit(x, y)
+    folds = list(StratifiedKFold(5, shuffle=True, random_state=7).split(x, y))
+
+    def out_of_fold(C):
+        p = np.zeros((len(y), 3))
+        for train, test in folds:
+            p[test] = LogisticRegression(C=C, class_weight="balanced", max_iter=1000).fit(
+                x[train], y[train]).predict_proba(x[test])
+        return p
+
+    scores = {}
+    for C in ACCURACY_C_GRID:
+        accuracy, loss = [], []
+        for train, test in folds:
+            p = LogisticRegression(C=C, class_weight="balanced", max_iter=1000).fit(
+                x[train], y[train]).predict_proba(x[test])
+            accuracy.append(np.mean(p.argmax(axis=1) == y[test]))
+            loss.append(log_loss(y[test], p, labels=[0, 1, 2]))
+        scores[C] = (np.mean(accuracy), -np.mean(loss))
+    best = max(scores.values())[0]
+    tied = [C for C in ACCURACY_C_GRID if abs(scores[C][0] - best) < 1e-9]
+    chosen = max(tied, key=lambda C: scores[C][1])
+    assert head.C_ == chosen
+    by_log_loss = _head("abc", x.shape[1], seed=7).fit(x, y)
+    assert by_log_loss.C_ == max(C_GRID, key=lambda C: scores[C][1]) != chosen
+    assert by_log_loss.temperature_ is None
+
+    # The temperature: lowest out-of-fold log loss of p ** t, renormalised.
+    p = out_of_fold(chosen)
+    losses = [log_loss(y, (p ** t) / (p ** t).sum(axis=1, keepdims=True), labels=[0, 1, 2]) for t in TEMPERATURES]
+    assert head.temperature_ == pytest.approx(TEMPERATURES[int(np.argmin(losses))])
+    assert head.temperature_ != 1.0
+    unscaled = LogisticRegression(C=chosen, class_weight="balanced", max_iter=1000).fit(x, y)
+    logits = unscaled.decision_function(x) * head.temperature_
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    # (the head refits inside LogisticRegressionCV: equal to solver tolerance)
+    assert np.allclose(head.predict_proba(x), expected / expected.sum(axis=1, keepdims=True), atol=5e-3)
+
+    # Fold copies and saved heads keep C and the temperature: no second search.
+    copy = fresh_copy(head)
+    assert copy.config.C == chosen and copy.config.extra["temperature"] == head.temperature_
+    copy.fit(x, y)
+    assert np.allclose(copy.predict_proba(x), head.predict_proba(x), atol=5e-3)
+    head.save(tmp_path)
+    loaded = ClassifierHead.load(tmp_path)
+    assert loaded.temperature_ == head.temperature_ and loaded.C_ == head.C_
+    assert np.array_equal(loaded.predict_proba(x), head.predict_proba(x))
+    with pytest.raises(ValueError, match="unknown C objective"):
+        _head("abc", 4, c_objective="f1")
+
+
+def test_c_by_accuracy_still_searches_when_a_class_has_one_label():
+    x, y = _blobs(61, dim=16, classes=3, spread=0.8, seed=5)
+    y = y.copy()
+    y[y == 2] = 0
+    y[0] = 2  # one label of class 2
+    by_log_loss = _head("abc", 16).fit(x, y)
+    assert by_log_loss.C_ == FALLBACK_C and by_log_loss.temperature_ is None
+    by_accuracy = _head("abc", 16, c_objective="accuracy").fit(x, y)
+    assert by_accuracy.C_ in ACCURACY_C_GRID and by_accuracy.temperature_ in TEMPERATURES
+    assert by_accuracy.predict_proba(x).shape == (61, 3)
+
+
+def test_multi_label_c_by_accuracy_keeps_each_choices_temperature_in_copies(tmp_path):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(120, 12))
+    targets = (x[:, :3] + 0.8 * rng.normal(size=(120, 3)) > 0.3).astype(np.float32)
+    head = MultiLabelHead(HeadConfig(labels=["a", "b", "c"], input_dim=12, kind="linear",
+                                     c_objective="accuracy")).fit(x, targets)
+    assert len(head.choice_temperature_) == 3 and all(t in TEMPERATURES for t in head.choice_temperature_)
+    copy = fresh_copy(head)
+    assert copy.config.extra["choice_temperature"] == head.choice_temperature_
+    assert np.allclose(copy.fit(x, targets).predict_proba(x), head.predict_proba(x), atol=5e-3)
+    head.save(tmp_path)
+    assert MultiLabelHead.load(tmp_path).choice_temperature_ == head.choice_temperature_
