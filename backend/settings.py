@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     max_body_mb: int = 20
     retrain_min_interval: int = 2
     # model.orderings.DEFAULT_ORDERING (why there), not imported: it pulls scipy into every
-    # process that reads a setting; tests/test_settings.py keeps the two equal.
+    # process that reads a setting; a test in tests/test_orderings.py keeps the two equal.
     ordering: str = "margin"
     batch_size: int = 50
     reconcile_interval: int = 300

@@ -77,7 +77,7 @@ C_OBJECTIVES = ("log_loss", "accuracy")
 # penalty (0.1) most often (a nearly class-centroid rule), so its grid reaches lower.
 ACCURACY_C_GRID = (0.01, 0.03) + C_GRID
 # The temperatures an accuracy-chosen head's logits may be scaled by, for the lowest
-# out-of-fold log loss: a strong penalty leaves its probabilities near uniform.
+# out-of-fold log loss: a strong penalty leaves its probabilities underconfident.
 TEMPERATURES = tuple(float(t) for t in np.logspace(-1, 2, 31))
 HEAD_KINDS = ("linear", "mlp")
 # What every retrain trains, for every ordering alike (so the simulator's seeds stay paired):
@@ -452,6 +452,7 @@ def _best_temperature(features, targets, class_weight, C: float, folds) -> float
     probabilities are all it needs."""
     import warnings
 
+    from scipy.special import logsumexp
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
 
@@ -465,12 +466,8 @@ def _best_temperature(features, targets, class_weight, C: float, folds) -> float
     classes = np.unique(targets)
     truth = np.searchsorted(classes, targets)
     log_p = np.log(np.clip(probabilities, 1e-12, 1.0))
-    losses = []
-    for t in TEMPERATURES:
-        scaled = t * log_p
-        scaled -= scaled.max(axis=1, keepdims=True)
-        log_norm = np.log(np.exp(scaled).sum(axis=1))
-        losses.append(float(np.mean(log_norm - scaled[np.arange(len(truth)), truth])))
+    right = log_p[np.arange(len(truth)), truth]
+    losses = [float(np.mean(logsumexp(t * log_p, axis=1) - t * right)) for t in TEMPERATURES]
     return TEMPERATURES[int(np.argmin(losses))]
 
 
