@@ -72,7 +72,7 @@ FALLBACK_C = 10.0
 # (FALLBACK_C's case, or one class), "auto" is balanced, the rule before the choice existed.
 CLASS_WEIGHTS = ("auto", "balanced", None)
 C_FOLDS = 5
-C_OBJECTIVES = ("log_loss", "accuracy")
+C_OBJECTIVES = ("log_loss", "accuracy", "scaled_log_loss")
 # By accuracy, balanced heads on few labels of many classes chose the grid's strongest
 # penalty (0.1) most often (a nearly class-centroid rule), so its grid reaches lower.
 ACCURACY_C_GRID = (0.01, 0.03) + C_GRID
@@ -115,6 +115,9 @@ class HeadConfig:
     # weighting compares the two weightings by the same score. Not the default: it closed
     # the head's gap to an accuracy-chosen logistic regression on many-class text but cost
     # the loop 0.51 AULC on three-class tweets (BENCHMARKS.md, "C by out-of-fold accuracy").
+    # "scaled_log_loss" chooses C (ACCURACY_C_GRID) and the temperature together, by the
+    # out-of-fold log loss each C has at its best temperature; it also searches with a
+    # single-label class.
     c_objective: str = "log_loss"
     # mlp only, below (seed also orders the linear head's folds).
     hidden_dim: int = 128
@@ -409,9 +412,11 @@ def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight
     from sklearn.model_selection import StratifiedKFold
 
     by_accuracy = objective == "accuracy"
+    # Objectives whose chosen model's logits are scaled by a temperature.
+    scaled = objective in ("accuracy", "scaled_log_loss")
     counts = np.bincount(targets)
     usable = counts[counts >= 2]
-    if by_accuracy and smallest_class < 2 and len(usable) >= 2:
+    if scaled and smallest_class < 2 and len(usable) >= 2:
         # A class with one label sits in one fold and is missing from the others' training;
         # the classes with two or more still tell the candidate C apart.
         n_folds = min(C_FOLDS, int(usable.min()))
@@ -421,10 +426,17 @@ def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight
         C = float(C if C is not None else FALLBACK_C)
         model = LogisticRegression(C=C, class_weight=class_weight, max_iter=1000, l1_ratio=0.0)
         model.fit(features, targets)
-        if by_accuracy and temperature is not None:
+        if scaled and temperature is not None:
             _scale_logits(model, temperature)
-        return model, C, float("nan"), temperature if by_accuracy else None
+        return model, C, float("nan"), temperature if scaled else None
     folds = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
+    if objective == "scaled_log_loss":
+        chosen, temperature, loss = _c_and_temperature_by_log_loss(
+            features, targets, class_weight, folds, ACCURACY_C_GRID)
+        model = LogisticRegression(C=chosen, class_weight=class_weight, max_iter=1000, l1_ratio=0.0)
+        model.fit(features, targets)
+        _scale_logits(model, temperature)
+        return model, chosen, loss, temperature
     scoring = _accuracy_then_log_loss if by_accuracy else "neg_log_loss"
     model = LogisticRegressionCV(Cs=list(ACCURACY_C_GRID if by_accuracy else C_GRID), cv=folds,
                                  scoring=scoring, class_weight=class_weight, max_iter=1000,
@@ -443,6 +455,51 @@ def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight
         temperature = _best_temperature(features, targets, class_weight, chosen, folds)
     _scale_logits(model, temperature)
     return model, chosen, 1.0 - best, temperature
+
+
+def _c_and_temperature_by_log_loss(features, targets, class_weight, folds, grid) -> tuple[float, float, float]:
+    """(C, temperature, mean log loss): the pair of `grid` x TEMPERATURES whose scaled
+    out-of-fold probabilities have the lowest mean log loss (`c_objective="scaled_log_loss"`).
+
+    scikit-learn's `LogisticRegressionCV` scores each C as it is; here every C is first
+    given its best logit scale, so a strong penalty (whose probabilities are underconfident
+    but whose decisions may be the better ones) competes on calibrated terms. Each fold fits
+    the grid in order, warm-started. A task whose class its fold never saw (a class with one
+    label) is left out of the loss: its column is 0 there, a log loss that no C can change
+    and that would only pull every temperature down."""
+    import warnings
+
+    from scipy.special import logsumexp
+    from sklearn.linear_model import LogisticRegression
+
+    classes = np.unique(targets)
+    truth = np.searchsorted(classes, targets)
+    log_p = np.zeros((len(grid), len(targets), len(classes)))
+    scored = np.ones(len(targets), dtype=bool)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*least populated class", category=UserWarning)
+        for train, test in folds.split(features, targets):
+            seen = np.unique(targets[train])
+            columns = np.searchsorted(classes, seen)
+            scored[test[~np.isin(targets[test], seen)]] = False
+            model = LogisticRegression(C=grid[0], class_weight=class_weight, max_iter=1000, l1_ratio=0.0,
+                                       warm_start=True)
+            for i, C in enumerate(grid):
+                model.set_params(C=C)
+                model.fit(features[train], targets[train])
+                full = np.zeros((len(test), len(classes)))
+                full[:, columns] = model.predict_proba(features[test])
+                log_p[i, test] = np.log(np.clip(full, 1e-12, 1.0))
+    rows = np.flatnonzero(scored)
+    best = (float("inf"), float(grid[0]), 1.0)
+    for i, C in enumerate(grid):  # ties go to the first: the stronger penalty
+        lp = log_p[i, rows]
+        right = lp[np.arange(len(rows)), truth[rows]]
+        for t in TEMPERATURES:
+            loss = float(np.mean(logsumexp(t * lp, axis=1) - t * right))
+            if loss < best[0] - 1e-12:
+                best = (loss, float(C), float(t))
+    return best[1], best[2], best[0]
 
 
 def _best_temperature(features, targets, class_weight, C: float, folds) -> float:
