@@ -43,6 +43,7 @@ exact match of the set for a multi-label control, every control right with sever
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import sys
@@ -148,7 +149,8 @@ def _quiet(strategy_name: str) -> dict:
 
 def head_settings(text: str) -> dict:
     """The head part of `ours:<ordering>:<head>`: a kind ("mlp") or HeadConfig fields as
-    `key=value` joined by "+" (`kind=mlp+threshold_objective=f1`); "" is the retrain's head."""
+    `key=value` joined by "+" (`kind=mlp+threshold_objective=f1`); "" is the retrain's head.
+    A key `ordering.<name>` is the ordering's parameter `<name>` (`ordering.decisions=joint`)."""
     if not text:
         return {}
     if "=" not in text:
@@ -166,7 +168,14 @@ def head_settings(text: str) -> dict:
 def run_ours(plan, ordering: str, head: str, config, replay: bool = False) -> dict:
     """The simulator's own loop with the given head (`head_settings`; "": the service's); with
     `replay`, the head-only baselines on the labeled sets it bought (`replay_baselines`)."""
-    simulate._CONTEXT["head_settings"] = head_settings(head)
+    settings = head_settings(head)
+    # `ordering.<name>=<value>` items are the ordering's parameters, not the head's.
+    ordering_params = {key.removeprefix("ordering."): settings.pop(key) for key in list(settings)
+                       if key.startswith("ordering.")}
+    if ordering_params:
+        config = dataclasses.replace(config, ordering_params={
+            **config.ordering_params, ordering: {**config.ordering_params.get(ordering, {}), **ordering_params}})
+    simulate._CONTEXT["head_settings"] = settings
     started = time.perf_counter()
     result = simulate.run_ordering(plan, ordering, config)
     out = {"labels_used": result["labels_used"], "accuracy": result["accuracy"],

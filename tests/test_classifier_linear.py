@@ -272,3 +272,45 @@ def test_multi_label_c_by_accuracy_keeps_each_choices_temperature_in_copies(tmp_
     assert np.allclose(copy.fit(x, targets).predict_proba(x), head.predict_proba(x), atol=5e-3)
     head.save(tmp_path)
     assert MultiLabelHead.load(tmp_path).choice_temperature_ == head.choice_temperature_
+
+
+def test_scaled_log_loss_chooses_C_and_temperature_together_out_of_fold(tmp_path):
+    """`c_objective="scaled_log_loss"`: the (C, temperature) of ACCURACY_C_GRID x
+    TEMPERATURES whose scaled out-of-fold probabilities (the head's folds) have the lowest
+    mean log loss; the head is the logistic regression at that C, its logits scaled.
+    Recomputed here fold by fold with plain scikit-learn."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    x, y = _blobs(90, dim=24, classes=3, spread=1.6, seed=3)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float64)
+    head = _head("abc", x.shape[1], c_objective="scaled_log_loss", seed=7).fit(x, y)
+    folds = list(StratifiedKFold(5, shuffle=True, random_state=7).split(x, y))
+    best = (np.inf, None, None)
+    for C in ACCURACY_C_GRID:
+        p = np.zeros((len(y), 3))
+        for train, test in folds:
+            p[test] = LogisticRegression(C=C, class_weight="balanced", max_iter=1000).fit(
+                x[train], y[train]).predict_proba(x[test])
+        for t in TEMPERATURES:
+            q = p ** t / (p ** t).sum(axis=1, keepdims=True)
+            loss = -np.mean(np.log(q[np.arange(len(y)), y]))
+            if loss < best[0] - 1e-9:
+                best = (loss, C, t)
+    assert head.C_ == best[1]
+    assert head.temperature_ == pytest.approx(best[2])
+    unscaled = LogisticRegression(C=best[1], class_weight="balanced", max_iter=1000).fit(x, y)
+    logits = unscaled.decision_function(x) * best[2]
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    assert np.allclose(head.predict_proba(x), expected / expected.sum(axis=1, keepdims=True), atol=5e-3)
+    copy = fresh_copy(head)  # a fold copy: no second search
+    assert copy.config.C == head.C_ and copy.config.extra["temperature"] == head.temperature_
+    head.save(tmp_path)
+    loaded = ClassifierHead.load(tmp_path)
+    assert np.array_equal(loaded.predict_proba(x), head.predict_proba(x))
+    # A class with one label: still searched, that label left out of the loss.
+    y1 = y.copy()
+    y1[y1 == 2] = 0
+    y1[0] = 2
+    single = _head("abc", x.shape[1], c_objective="scaled_log_loss").fit(x, y1)
+    assert single.C_ in ACCURACY_C_GRID and single.temperature_ in TEMPERATURES

@@ -382,6 +382,55 @@ def test_uncertainty_over_several_heads_is_the_largest_normalised_one():
     assert list(result.top(2)) == [2, 3]
 
 
+def test_joint_scores_are_the_measures_of_the_whole_answer():
+    """decisions="joint": each baseline's measure of the distribution over whole answers
+    (every combination of the decisions' classes, decisions independent), checked against
+    that distribution enumerated outright."""
+    import itertools
+
+    from model.orderings.base import HeadView, decision_probabilities, joint_score
+    from model.orderings.entropy import joint_entropy_score
+    from model.orderings.least_confidence import joint_least_confidence_score
+    from model.orderings.margin import joint_margin_score
+
+    rng = np.random.default_rng(3)
+    topic = rng.dirichlet(np.ones(3), size=6)
+    flags = rng.random((6, 2))
+    thresholds = np.array([0.3, 0.6])
+    views = [HeadView(False, topic), HeadView(True, flags, thresholds)]
+    decisions = decision_probabilities(views)
+    answers = np.array([[np.prod([d[i, c] for d, c in zip(decisions, combo)])
+                         for combo in itertools.product(*(range(d.shape[1]) for d in decisions))]
+                        for i in range(6)])  # (tasks, 3 * 2 * 2 whole answers)
+    assert np.allclose(answers.sum(axis=1), 1.0)
+    for joint, score in ((joint_least_confidence_score, least_confidence_score), (joint_margin_score, margin_score),
+                         (joint_entropy_score, entropy_score)):
+        assert np.allclose(joint(decisions), score(answers)), joint.__name__
+        assert np.array_equal(joint_score(joint, score, views[:1]), score(topic))  # one decision: unchanged
+    # The least certain decision and the whole answer disagree: a task with one coin-flip
+    # decision among certain ones against a task whose every decision is moderately unsure.
+    one_flip = [np.array([[0.5, 0.5], [0.75, 0.25]]), np.array([[1.0, 0.0], [0.75, 0.25]]),
+                np.array([[1.0, 0.0], [0.75, 0.25]])]
+    assert np.argmin(np.min([least_confidence_score(d) for d in one_flip], axis=0)) == 0
+    assert np.argmin(joint_least_confidence_score(one_flip)) == 1  # 0.75^3 < 0.5
+    # Through the ordering's parameter, and a bad value is refused with a warning.
+    heads = _FixedHeads([False, True])
+    heads.heads[1].thresholds_ = thresholds
+    data = OrderingInput(np.zeros((2, 1)), None, np.zeros((6, 1)), None, heads=heads,
+                         head_probabilities_unlabeled=[topic, flags], targets=[], batch_size=2)
+    assert np.allclose(data.pool_heads()[1].thresholds, thresholds)
+    for name, joint in (("least_confidence", joint_least_confidence_score), ("margin", joint_margin_score),
+                        ("entropy", joint_entropy_score)):
+        ordering = get_ordering(name, class_guard=False, decisions="joint")
+        expected = joint(decision_probabilities(data.pool_heads()))
+        assert np.allclose(ordering.score(data).scores, expected), name
+        result = get_ordering(name, class_guard=False).score(
+            OrderingInput(**{**data.__dict__, "params": {"decisions": "all"}}))
+        assert any("decisions" in w for w in result.info["param_warnings"]), name
+    with pytest.raises(ValueError, match="decisions"):
+        get_ordering("atlas", decisions="joint")  # ATL orderings do not take it
+
+
 class _FixedHeads:
     """Stand-in ControlHeads for the baselines: only the kinds of heads matter."""
 

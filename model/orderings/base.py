@@ -165,6 +165,38 @@ def combined_score(score: Callable[[np.ndarray], np.ndarray], views: list[HeadVi
     return np.min([score(d) for d in decisions], axis=0)
 
 
+# How a confidence ordering combines several decisions (several controls, or the yes/no
+# choices of a multi-label control) into one score per task: "least_certain", its least
+# certain decision (`combined_score`), or "joint", the task's whole answer taken as one
+# decision (`joint_score`).
+DECISION_RULES = ("least_certain", "joint")
+
+
+def joint_score(joint: Callable[[list[np.ndarray]], np.ndarray], score: Callable[[np.ndarray], np.ndarray],
+                views: list[HeadView]) -> np.ndarray:
+    """`joint` over every decision of every head; one decision: `score` of it, unchanged."""
+    decisions = decision_probabilities(views)
+    if len(decisions) == 1:
+        return score(decisions[0])
+    return joint(decisions)
+
+
+def top_two_log(decisions: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per decision, the log of its most probable class's probability and the ratio of its
+    second's to its first's: (n_decisions, n) each. The probability of the most probable
+    whole answer, decisions taken as independent, is exp of the first's column sums; the
+    second most probable answer changes only the decision with the largest ratio."""
+    log_top, ratio = [], []
+    for p in decisions:
+        p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
+        ordered = np.sort(p, axis=1)
+        first = np.maximum(ordered[:, -1], 1e-300)
+        second = ordered[:, -2] if p.shape[1] > 1 else np.zeros(len(p))
+        log_top.append(np.log(first))
+        ratio.append(second / first)
+    return np.array(log_top), np.array(ratio)
+
+
 @dataclass
 class OrderingInput:
     features_labeled: np.ndarray  # (n_labeled, dim) encoder vectors
@@ -369,15 +401,33 @@ class Ordering(ABC):
 
 class ConfidenceOrdering(Ordering):
     """An uncertainty baseline: a confidence-like score per decision (`confidence`, in [0, 1],
-    lower = less certain), combined over the heads by `combined_score`."""
+    lower = less certain), combined over the heads by the `decisions` parameter
+    (DECISION_RULES): `combined_score`, or `joint_score` with `joint_confidence`, the same
+    measure of the task's whole answer (every decision taken as independent)."""
 
     @staticmethod
     def confidence(probabilities: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    @staticmethod
+    def joint_confidence(decisions: list[np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    @classmethod
+    def known_params(cls) -> dict:
+        return {**super().known_params(), "decisions": "least_certain"}
+
+    @classmethod
+    def param_rules(cls) -> dict:
+        return {**super().param_rules(), "decisions": one_of(*DECISION_RULES)}
+
     def score(self, data: OrderingInput) -> OrderingResult:
         views = data.pool_heads()
-        return self.finish(data, combined_score(type(self).confidence, views), views)
+        if self.settings(data)["decisions"] == "joint":
+            scores = joint_score(type(self).joint_confidence, type(self).confidence, views)
+        else:
+            scores = combined_score(type(self).confidence, views)
+        return self.finish(data, scores, views)
 
 
 def jsonable(value):

@@ -8,14 +8,15 @@ Score = 1 - uncertainty: how confident the classifier is, rescaled to [0, 1]. Lo
 confident = label sooner.
 
 Several controls: the lowest score over every head's decisions (a multi-label head: one
-yes/no decision per choice), i.e. the largest normalised uncertainty (`base.combined_score`).
+yes/no decision per choice), i.e. the largest normalised uncertainty (`base.combined_score`);
+with `decisions="joint"`, the least confidence of the whole answer (every decision right).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from model.orderings.base import ConfidenceOrdering
+from model.orderings.base import ConfidenceOrdering, top_two_log
 
 
 def least_confidence_score(probabilities: np.ndarray) -> np.ndarray:
@@ -39,7 +40,18 @@ def other_classes_probability(probabilities: np.ndarray) -> np.ndarray:
     return rest.sum(axis=1)
 
 
+def joint_least_confidence_score(decisions: list[np.ndarray]) -> np.ndarray:
+    """The score of the whole answer as one decision over every combination of the
+    decisions' classes (K = the product of their class counts): 1 - (1 - P(most probable
+    answer)) * K / (K - 1), the probability a product of the decisions' top probabilities."""
+    log_top, _ = top_two_log(decisions)
+    log_k = float(sum(np.log(np.asarray(p).shape[1]) for p in decisions))
+    wrong = -np.expm1(log_top.sum(axis=0))  # 1 - P(top answer), without cancellation
+    return np.clip(1.0 - wrong / -np.expm1(-log_k), 0.0, 1.0)
+
+
 class LeastConfidence(ConfidenceOrdering):
     name = "least_confidence"
     defaults: dict = {}
     confidence = staticmethod(least_confidence_score)
+    joint_confidence = staticmethod(joint_least_confidence_score)
