@@ -6,7 +6,8 @@ On cached MiniLM vectors of airline tweets (three classes), interleaved per repe
 `model.heads.train_heads` (one single-choice control: the head's fit on every label, then
 the retrain's 5-fold out-of-fold pass) for the linear head (balanced classes, C chosen by
 out-of-fold log loss, then fold copies with that C), the linear head with its class weighting
-chosen with C (`class_weight="auto"`: two C searches, balanced and unweighted) and the MLP
+chosen with C (`class_weight="auto"`: two C searches, balanced and unweighted), the linear
+head with C and a temperature chosen together (`c_objective="scaled_log_loss"`) and the MLP
 (150 epochs), on one thread, as an RQ worker runs it. Prints a Markdown table (median and range
 of the repeats) with the load.
 """
@@ -27,6 +28,7 @@ from bench.run_record import Run, spread_text, table  # noqa: E402
 
 # What is timed: name -> HeadConfig fields.
 HEADS = {"linear": {"kind": "linear"}, "linear, weighting chosen": {"kind": "linear", "class_weight": "auto"},
+         "linear, C and temperature by log loss": {"kind": "linear", "c_objective": "scaled_log_loss"},
          "mlp": {"kind": "mlp"}}
 
 

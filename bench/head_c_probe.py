@@ -1,0 +1,155 @@
+"""Which out-of-fold rule picks the single-choice linear head's C best? (issue 17, point 1)
+
+    .venv/bin/python bench/head_c_probe.py --data builtin:airline3 --pool-size 3000 --test-size 2000 \\
+        --seeds 10 --labels 50,100,200,500 --out bench/results/head_c_probe/in_domain_three_class
+
+On the simulator's paired plans (same pool and test set per seed as `bench/simulate_scenarios.sh`),
+a random labeled set of each size is drawn from the pool (the seed rows of a domain-shift
+scenario come with it, free). For every C of `model.classifier.ACCURACY_C_GRID` a balanced
+logistic regression is fitted on it and scored on the test set, and on the head's own folds
+(stratified, 5 or as many as the rarest class has labels) it gets the out-of-fold scores
+each rule reads: the mean log loss (`c_objective="log_loss"`, grid from 0.1), the same on
+the grid from 0.01, the log loss at the best temperature (`"scaled_log_loss"`) and the
+accuracy (`"accuracy"`, log loss breaking ties). The table: per labeled-set size, each rule's
+test accuracy at the C it picks, minus the best C's in hindsight (the oracle), mean over
+seeds, and the median C it picks. Random labeled sets, not active-learning ones: a probe of
+the rules, not of the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.run_record import Run, table  # noqa: E402
+from model import simulate  # noqa: E402
+from model.classifier import ACCURACY_C_GRID, C_FOLDS, C_GRID, TEMPERATURES  # noqa: E402
+
+RULES = ("log_loss", "log_loss from 0.01", "scaled_log_loss", "accuracy")
+
+
+def out_of_fold_scores(x, y, seed):
+    """Per C of ACCURACY_C_GRID: (mean log loss, best-temperature log loss, accuracy)."""
+    from scipy.special import logsumexp
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    classes = np.unique(y)
+    truth = np.searchsorted(classes, y)
+    counts = np.bincount(truth)
+    folds = StratifiedKFold(min(C_FOLDS, int(counts.min())), shuffle=True, random_state=seed)
+    scores = []
+    log_p = np.zeros((len(ACCURACY_C_GRID), len(y), len(classes)))
+    for train, test in folds.split(x, y):
+        seen = np.searchsorted(classes, np.unique(y[train]))
+        for i, C in enumerate(ACCURACY_C_GRID):
+            p = np.zeros((len(test), len(classes)))
+            p[:, seen] = LogisticRegression(C=C, class_weight="balanced", max_iter=1000).fit(
+                x[train], y[train]).predict_proba(x[test])
+            log_p[i, test] = np.log(np.clip(p, 1e-12, 1.0))
+    rows = np.arange(len(y))
+    for i in range(len(ACCURACY_C_GRID)):
+        right = log_p[i][rows, truth]
+        raw = float(-right.mean())
+        scaled = min(float(np.mean(logsumexp(t * log_p[i], axis=1) - t * right)) for t in TEMPERATURES)
+        accuracy = float(np.mean(log_p[i].argmax(axis=1) == truth))
+        scores.append((raw, scaled, accuracy))
+    return scores
+
+
+def pick(rule: str, scores) -> int:
+    grid = list(ACCURACY_C_GRID)
+    if rule == "log_loss":
+        allowed = [i for i, C in enumerate(grid) if C in C_GRID]
+        return min(allowed, key=lambda i: scores[i][0])
+    if rule == "log_loss from 0.01":
+        return min(range(len(grid)), key=lambda i: scores[i][0])
+    if rule == "scaled_log_loss":
+        return min(range(len(grid)), key=lambda i: scores[i][1])
+    return max(range(len(grid)), key=lambda i: (scores[i][2], -scores[i][0]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--seed-data", default=None)
+    parser.add_argument("--test", default=None)
+    parser.add_argument("--rare-class", default=None)
+    parser.add_argument("--pool-size", type=int, default=3000)
+    parser.add_argument("--test-size", type=int, default=2000)
+    parser.add_argument("--initial", type=int, default=50)
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--labels", default="50,100,200,500")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    sizes = [int(n) for n in args.labels.split(",")]
+    record = Run("head_c_probe", argv=argv, out=args.out / "summary.json")
+    config = simulate.SimulationConfig(
+        data=args.data, orderings=[], seeds=list(range(args.seeds)), initial=args.initial, batch_size=50,
+        budget=max(sizes), pool_size=args.pool_size, test_size=args.test_size, seed_data=args.seed_data,
+        test=args.test, rare_class=args.rare_class)
+    data = simulate.load_source(config.data)
+    if config.rare_class:
+        data = simulate.thin_class(data, config.rare_class)
+    columns = None if isinstance(data, simulate.LabeledImages) else [c.name for c in data.columns]
+    seed_data = simulate.load_source(config.seed_data, columns) if config.seed_data else None
+    test = simulate.load_source(config.test, columns) if config.test else None
+    table_ = simulate.build_table(data, seed_data, test)
+    if len(table_.specs) != 1 or table_.specs[0].multi_label:
+        raise SystemExit("one single-choice control only")
+    plans = [simulate.plan_seed(table_, config, s) for s in config.seeds]
+    features, _, _ = simulate.encode_table(table_, plans, config, all_layers=False)
+    targets = np.asarray(table_.targets[0])
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    results = {rule: {n: [] for n in sizes} for rule in RULES}
+    chosen = {rule: {n: [] for n in sizes} for rule in RULES}
+    with warnings.catch_warnings(), threadpool_limits(1):
+        warnings.simplefilter("ignore", UserWarning)
+        for plan in plans:
+            rng = np.random.default_rng(1000 + plan.seed)
+            order = rng.permutation(len(plan.pool))
+            test_x = np.asarray(features[plan.test], dtype=np.float64)
+            for n in sizes:
+                rows = np.concatenate([plan.seed_rows, plan.pool[order[:n]]]).astype(np.int64)
+                x, y = np.asarray(features[rows], dtype=np.float64), targets[rows]
+                if np.bincount(y)[np.unique(y)].min() < 2:
+                    continue
+                scores = out_of_fold_scores(x, y, plan.seed)
+                accuracy = [float(np.mean(LogisticRegression(C=C, class_weight="balanced", max_iter=1000)
+                                          .fit(x, y).predict(test_x) == targets[plan.test]))
+                            for C in ACCURACY_C_GRID]
+                for rule in RULES:
+                    i = pick(rule, scores)
+                    results[rule][n].append(100 * (accuracy[i] - max(accuracy)))
+                    chosen[rule][n].append(ACCURACY_C_GRID[i])
+                results.setdefault("oracle C", {m: [] for m in sizes})[n].append(
+                    ACCURACY_C_GRID[int(np.argmax(accuracy))])
+            print(f"seed {plan.seed} done", flush=True)
+    rows_out = []
+    for rule in RULES:
+        row = {"rule": rule}
+        for n in sizes:
+            values = np.asarray(results[rule][n])
+            row[f"@{n} vs oracle"] = f"{values.mean():+.2f} (C {np.median(chosen[rule][n]):g})" if len(values) else "—"
+        rows_out.append(row)
+    rows_out.append({"rule": "oracle C (median)",
+                     **{f"@{n} vs oracle": f"C {np.median(results['oracle C'][n]):g}" for n in sizes}})
+    record["rows"] = rows_out
+    record["raw"] = json.loads(json.dumps({"loss_vs_oracle": results, "chosen_C": chosen}, default=float))
+    record.write()
+    print(table(rows_out, columns=list(rows_out[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
