@@ -71,6 +71,8 @@ for scenario in "${scenarios[@]}"; do
         many_class)                      extra=(--report-at 100,200,300,500 --learners "$many_class") ;;
         multi_label) extra=(--learners "ours:least_confidence,$old_thresholds,smalltext:LeastConfidence,smalltext:CategoryVectorInconsistencyAndRanking") ;;
         two_controls) extra=(--learners "ours:margin,ours:least_confidence,$old_thresholds") ;;
+        # Point 6's 500-label versions: ours only unless LEARNERS says more.
+        multi_label_500 | two_controls_500 | fashion_mnist_500) extra=(--learners "ours:margin") ;;
         *) echo "no peer learners for scenario $scenario" >&2; exit 2 ;;
     esac
     if [[ -n "${LEARNERS:-}" ]]; then extra+=(--learners "$LEARNERS"); fi  # the last --learners wins
