@@ -624,7 +624,10 @@ class MultiLabelHead(_TwoLayerHead):
                 biases[j] = ABSENT_LOGIT / 4 if positives == 0 else -ABSENT_LOGIT / 4
                 chosen.append(given[j] or FALLBACK_C)
                 continue
-            model, C, _, scale = _logistic_regression(features, truth, {0: 1.0, 1: float(weight)}, given[j],
+            # class_weight None: each choice's logistic regression unweighted (the labels' own
+            # yes/no mix); otherwise its positives weighted against its negatives.
+            weighting = None if self.config.class_weight is None else {0: 1.0, 1: float(weight)}
+            model, C, _, scale = _logistic_regression(features, truth, weighting, given[j],
                                                   self.config.seed, min(positives, len(truth) - positives),
                                                   self.config.c_objective, temperatures[j])
             weights[j], biases[j] = model.coef_[0], model.intercept_[0]
