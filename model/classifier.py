@@ -27,8 +27,9 @@ Two kinds (`HeadConfig.kind`), with one interface (fit, predict_proba, hidden, s
   domain: both shift scenarios at 0 labels) it picks unweighted and the first model is
   5.5 points below a balanced one; the active-learning loop's AULC was lower in three of
   five scenarios.
-* `MultiLabelHead`: multi-label (`<Choices choice="multiple">`), one sigmoid per choice,
-  each choice's positives weighted against its negatives, and a per-choice decision
+* `MultiLabelHead`: multi-label (`<Choices choice="multiple">`), one sigmoid per choice
+  (the linear head's fitted on the labels' own yes/no mix, `HeadConfig.choice_weight`; the
+  MLP's with each choice's positives weighted against its negatives), and a per-choice decision
   threshold (`thresholds_`) chosen on out-of-fold probabilities (`choose_thresholds`): by
   default the one that gets the most tasks' yes/no on that choice right, i.e. leaves the
   annotator the fewest choices to change.
@@ -71,6 +72,8 @@ FALLBACK_C = 10.0
 # chooses between the other two out-of-fold, with C. Where no out-of-fold choice is possible
 # (FALLBACK_C's case, or one class), "auto" is balanced, the rule before the choice existed.
 CLASS_WEIGHTS = ("auto", "balanced", None)
+# The multi-label linear head's per-choice weightings (`HeadConfig.choice_weight`).
+CHOICE_WEIGHTS = (None, "balanced")
 C_FOLDS = 5
 C_OBJECTIVES = ("log_loss", "accuracy", "scaled_log_loss")
 # By accuracy, balanced heads on few labels of many classes chose the grid's strongest
@@ -98,9 +101,18 @@ class HeadConfig:
     # "auto", the one of the two with the lower out-of-fold log loss, chosen per fit with C
     # on the same folds (a tie goes to balanced; balanced where no out-of-fold pass runs: a
     # given C, a class with one label). Balanced by default: why in the module docstring.
-    # The MLP and multi-label heads always weight (their rare side counts as much as their
-    # common side).
+    # The MLP always weights (its rare side counts as much as its common side); the
+    # multi-label linear head follows `choice_weight`.
     class_weight: str | None = "balanced"
+    # Multi-label linear head: each choice's logistic regression unweighted (None, the labels'
+    # own yes/no mix) or "balanced" (its positives weighted against its negatives by
+    # `positive_weights`, as the MLP's loss; the rule before issue 17's measurement). None by
+    # default: on both 500-label Debian scenarios the weighted head was 1.3-3.8 points of
+    # exact match behind an unweighted logistic regression at 200-500 labels, and the loop
+    # unweighted was 1.2-2.2 AULC ahead (BENCHMARKS.md, "Multi-label choices unweighted").
+    # The per-choice thresholds, chosen out-of-fold, absorb the choice's prior either way.
+    # Settings saved before this field existed load as "balanced" (`from_config_dict`).
+    choice_weight: str | None = None
     # Multi-label heads: what the per-choice thresholds maximise on the out-of-fold pass,
     # "accuracy" (that choice right per task) or "f1" (that choice's F1; the rule before issue
     # 17, which over-predicted the rare choices: exact-match accuracy 13-26 % instead of
@@ -143,6 +155,8 @@ class _TwoLayerHead:
         self.device = device
         if config.class_weight not in CLASS_WEIGHTS:
             raise ValueError(f"unknown class weighting {config.class_weight!r}; choose one of {CLASS_WEIGHTS}")
+        if config.choice_weight not in CHOICE_WEIGHTS:
+            raise ValueError(f"unknown choice weighting {config.choice_weight!r}; choose one of {CHOICE_WEIGHTS}")
         if config.c_objective not in C_OBJECTIVES:
             raise ValueError(f"unknown C objective {config.c_objective!r}; choose one of {C_OBJECTIVES}")
         self.C_: float | None = None  # the linear head's chosen C, once fitted
@@ -284,8 +298,8 @@ class _TwoLayerHead:
     @classmethod
     def from_config_dict(cls, data: dict, device: str = "cpu"):
         """An untrained head from `config_dict()`'s output (weights: `load_tensors`).
-        Settings saved before `kind` existed are the MLP's."""
-        data = {"kind": "mlp", **data}
+        Settings saved before `kind` existed are the MLP's; before `choice_weight`, weighted."""
+        data = {"kind": "mlp", "choice_weight": "balanced", **data}
         head = cls(HeadConfig(**data), device=device)
         head.C_ = head.config.extra.get("chosen_C")
         if "chosen_class_weight" in head.config.extra:
@@ -584,8 +598,9 @@ def choose_thresholds(probabilities: np.ndarray, targets: np.ndarray, min_positi
 class MultiLabelHead(_TwoLayerHead):
     """Multi-label: input → Linear → ReLU → (last hidden layer) → Linear → one sigmoid per choice.
 
-    `fit(features, y)`: `y` is a 0/1 matrix (n, n_choices); binary cross-entropy with each
-    choice's positives weighted by `positive_weights`. `thresholds_` (one per choice, 0.5
+    `fit(features, y)`: `y` is a 0/1 matrix (n, n_choices); the MLP: binary cross-entropy
+    with each choice's positives weighted by `positive_weights`; the linear head: one
+    logistic regression per choice, unweighted unless `choice_weight="balanced"`. `thresholds_` (one per choice, 0.5
     until `choose_thresholds` sets them from out-of-fold probabilities) decide the choices
     a prediction selects.
     """
@@ -606,7 +621,8 @@ class MultiLabelHead(_TwoLayerHead):
         return y
 
     def _fit_linear(self, features: np.ndarray, targets: np.ndarray):
-        # One binary logistic regression per choice, its positives weighted as in the MLP's loss.
+        # One binary logistic regression per choice, unweighted or (choice_weight="balanced")
+        # its positives weighted as in the MLP's loss.
         n_labels = len(self.labels)
         weights = np.zeros((n_labels, features.shape[1]))
         biases = np.zeros(n_labels)
@@ -624,9 +640,7 @@ class MultiLabelHead(_TwoLayerHead):
                 biases[j] = ABSENT_LOGIT / 4 if positives == 0 else -ABSENT_LOGIT / 4
                 chosen.append(given[j] or FALLBACK_C)
                 continue
-            # class_weight None: each choice's logistic regression unweighted (the labels' own
-            # yes/no mix); otherwise its positives weighted against its negatives.
-            weighting = None if self.config.class_weight is None else {0: 1.0, 1: float(weight)}
+            weighting = {0: 1.0, 1: float(weight)} if self.config.choice_weight == "balanced" else None
             model, C, _, scale = _logistic_regression(features, truth, weighting, given[j],
                                                   self.config.seed, min(positives, len(truth) - positives),
                                                   self.config.c_objective, temperatures[j])

@@ -14,6 +14,7 @@ from model.classifier import (
     ClassifierHead,
     HeadConfig,
     MultiLabelHead,
+    positive_weights,
 )
 from model.heads import ControlHeads, ControlSpec, fresh_copy, train_heads
 
@@ -314,3 +315,34 @@ def test_scaled_log_loss_chooses_C_and_temperature_together_out_of_fold(tmp_path
     y1[0] = 2
     single = _head("abc", x.shape[1], c_objective="scaled_log_loss").fit(x, y1)
     assert single.C_ in ACCURACY_C_GRID and single.temperature_ in TEMPERATURES
+
+
+def test_multi_label_choices_are_unweighted_unless_asked_and_old_versions_stay_weighted():
+    """The multi-label linear head's choices: scikit-learn's unweighted logistic regression
+    by default (`choice_weight=None`), its positives weighted against its negatives with
+    "balanced"; settings saved before the field existed load as "balanced"."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(150, 10))
+    targets = np.column_stack([x[:, 0] + 0.7 * rng.normal(size=150) > 1.0,  # a rare choice (~20 %)
+                               x[:, 1] + 0.7 * rng.normal(size=150) > 0.0]).astype(np.float32)
+    config = dict(labels=["rare", "even"], input_dim=10, kind="linear", C=1.0)
+    for weighting, class_weight in ((None, lambda t: None),
+                                    ("balanced", lambda t: {0: 1.0, 1: float(positive_weights(targets)[t])})):
+        head = MultiLabelHead(HeadConfig(**config, choice_weight=weighting)).fit(x, targets)
+        for j in range(2):
+            expected = LogisticRegression(C=1.0, class_weight=class_weight(j), max_iter=1000).fit(
+                x, targets[:, j]).predict_proba(x)[:, 1]
+            assert np.allclose(head.predict_proba(x)[:, j], expected, atol=1e-3), (weighting, j)
+    assert HeadConfig(labels=["a"], input_dim=1).choice_weight is None
+    weighted = MultiLabelHead(HeadConfig(**config, choice_weight="balanced")).fit(x, targets)
+    unweighted = MultiLabelHead(HeadConfig(**config)).fit(x, targets)
+    # Weighting the rare choice's positives up raises its probabilities.
+    assert weighted.predict_proba(x)[:, 0].mean() > unweighted.predict_proba(x)[:, 0].mean() + 0.05
+    saved = unweighted.config_dict()
+    del saved["choice_weight"]
+    assert MultiLabelHead.from_config_dict(saved).config.choice_weight == "balanced"
+    assert fresh_copy(MultiLabelHead.from_config_dict(unweighted.config_dict())).config.choice_weight is None
+    with pytest.raises(ValueError, match="unknown choice weighting"):
+        MultiLabelHead(HeadConfig(**config, choice_weight="auto"))
