@@ -73,7 +73,8 @@ FALLBACK_C = 10.0
 # (FALLBACK_C's case, or one class), "auto" is balanced, the rule before the choice existed.
 CLASS_WEIGHTS = ("auto", "balanced", None)
 # The multi-label linear head's per-choice weightings (`HeadConfig.choice_weight`).
-CHOICE_WEIGHTS = (None, "balanced")
+# "auto" chooses between the two per choice, out-of-fold, with its C (as `CLASS_WEIGHTS`).
+CHOICE_WEIGHTS = (None, "balanced", "auto")
 C_FOLDS = 5
 C_OBJECTIVES = ("log_loss", "accuracy", "scaled_log_loss")
 # By accuracy, balanced heads on few labels of many classes chose the grid's strongest
@@ -612,6 +613,7 @@ class MultiLabelHead(_TwoLayerHead):
         self.thresholds_ = np.full(len(config.labels), 0.5)
         self.choice_C_: list[float] | None = None  # the linear head's C per choice, once fitted
         self.choice_temperature_: list[float | None] | None = None  # c_objective="accuracy" only
+        self.choice_weight_: list[str | None] | None = None  # choice_weight="auto" only, once fitted
 
     def _as_targets(self, y) -> np.ndarray:
         y = np.asarray(y, dtype=np.float32)
@@ -631,6 +633,10 @@ class MultiLabelHead(_TwoLayerHead):
         # With c_objective="accuracy", each choice's logit scale is chosen with its C (a fold
         # copy gets them given, as its C); otherwise 1.
         temperatures = self.config.extra.get("choice_temperature") or [None] * n_labels
+        # With choice_weight="auto", each choice's weighting is chosen with its C (a fold copy
+        # gets them given); "auto" in the list: not chosen yet.
+        given_weights = self.config.extra.get("choice_weights") or ["auto"] * n_labels
+        weighting: list[str | None] = [self.config.choice_weight] * n_labels
         chosen = []
         scales = list(temperatures)
         for j, weight in enumerate(positive_weights(targets)):
@@ -640,15 +646,26 @@ class MultiLabelHead(_TwoLayerHead):
                 biases[j] = ABSENT_LOGIT / 4 if positives == 0 else -ABSENT_LOGIT / 4
                 chosen.append(given[j] or FALLBACK_C)
                 continue
-            weighting = {0: 1.0, 1: float(weight)} if self.config.choice_weight == "balanced" else None
-            model, C, _, scale = _logistic_regression(features, truth, weighting, given[j],
-                                                  self.config.seed, min(positives, len(truth) - positives),
-                                                  self.config.c_objective, temperatures[j])
+            rarer = min(positives, len(truth) - positives)
+            balanced = {0: 1.0, 1: float(weight)}
+            rule = given_weights[j] if given_weights[j] != "auto" else self.config.choice_weight
+            if rule == "auto" and (rarer < 2 or given[j] is not None):
+                rule = "balanced"  # no out-of-fold pass runs for this choice
+            candidates = ["balanced", None] if rule == "auto" else [rule]
+            best = None
+            for candidate in candidates:  # ties go to the first, balanced
+                fitted = _logistic_regression(features, truth, balanced if candidate == "balanced" else None,
+                                              given[j], self.config.seed, rarer, self.config.c_objective,
+                                              temperatures[j])
+                if best is None or fitted[2] < best[1][2] - 1e-12:
+                    best = (candidate, fitted)
+            weighting[j], (model, C, _, scale) = best
             weights[j], biases[j] = model.coef_[0], model.intercept_[0]
             chosen.append(C)
             scales[j] = scale
         self.choice_C_ = chosen
         self.choice_temperature_ = scales if any(t is not None for t in scales) else None
+        self.choice_weight_ = weighting if self.config.choice_weight == "auto" else None
         return weights, biases, float(np.median(chosen))
 
     def fresh_copy(self):
@@ -657,6 +674,8 @@ class MultiLabelHead(_TwoLayerHead):
         extra = {**self.config.extra, "choice_C": self.choice_C_}
         if self.choice_temperature_ is not None:
             extra["choice_temperature"] = self.choice_temperature_
+        if self.choice_weight_ is not None:
+            extra["choice_weights"] = self.choice_weight_
         return type(self)(replace(self.config, extra=extra), device=self.device)
 
     def _loss_function(self, targets: np.ndarray):
@@ -688,6 +707,8 @@ class MultiLabelHead(_TwoLayerHead):
             extra["chosen_choice_C"] = list(self.choice_C_)
         if self.choice_temperature_ is not None:
             extra["chosen_choice_temperature"] = list(self.choice_temperature_)
+        if self.choice_weight_ is not None:
+            extra["chosen_choice_weights"] = list(self.choice_weight_)
         return {**data, "extra": extra}
 
     @classmethod
@@ -698,4 +719,5 @@ class MultiLabelHead(_TwoLayerHead):
             head.thresholds_ = np.asarray(thresholds, dtype=np.float64)
         head.choice_C_ = head.config.extra.get("chosen_choice_C")
         head.choice_temperature_ = head.config.extra.get("chosen_choice_temperature")
+        head.choice_weight_ = head.config.extra.get("chosen_choice_weights")
         return head

@@ -345,4 +345,34 @@ def test_multi_label_choices_are_unweighted_unless_asked_and_old_versions_stay_w
     assert MultiLabelHead.from_config_dict(saved).config.choice_weight == "balanced"
     assert fresh_copy(MultiLabelHead.from_config_dict(unweighted.config_dict())).config.choice_weight is None
     with pytest.raises(ValueError, match="unknown choice weighting"):
-        MultiLabelHead(HeadConfig(**config, choice_weight="auto"))
+        MultiLabelHead(HeadConfig(**config, choice_weight="unweighted"))
+
+
+def test_multi_label_auto_weighting_is_chosen_per_choice_out_of_fold_and_kept_in_copies():
+    """`choice_weight="auto"`: per choice, weighted or unweighted, whichever has the lower
+    out-of-fold log loss with its own C (the single-choice head's `_logistic_regression` on
+    the same folds); weighted where a choice has fewer than two of a side. Fold copies and
+    saved heads keep each choice's weighting."""
+    from model.classifier import _logistic_regression
+
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(160, 10))
+    targets = np.column_stack([x[:, 0] + 0.7 * rng.normal(size=160) > 1.2,
+                               x[:, 1] + 0.7 * rng.normal(size=160) > 0.0,
+                               np.arange(160) == 3]).astype(np.float32)  # one positive only
+    head = MultiLabelHead(HeadConfig(labels=["rare", "even", "once"], input_dim=10, kind="linear",
+                                     choice_weight="auto")).fit(x, targets)
+    for j in range(2):
+        truth = targets[:, j].astype(np.int64)
+        rarer = int(min(truth.sum(), len(truth) - truth.sum()))
+        losses = {w: _logistic_regression(x, truth, {0: 1.0, 1: float(positive_weights(targets)[j])}
+                                          if w == "balanced" else None, None, 0, rarer)[2]
+                  for w in ("balanced", None)}
+        expected = "balanced" if losses["balanced"] <= losses[None] + 1e-12 else None
+        assert head.choice_weight_[j] == expected, (j, losses)
+    assert head.choice_weight_[2] == "balanced"  # one positive: no out-of-fold choice
+    copy = fresh_copy(head)
+    assert copy.config.extra["choice_weights"] == head.choice_weight_
+    assert np.allclose(copy.fit(x, targets).predict_proba(x), head.predict_proba(x), atol=1e-3)
+    loaded = MultiLabelHead.from_config_dict(json.loads(json.dumps(head.config_dict())))
+    assert loaded.choice_weight_ == head.choice_weight_
