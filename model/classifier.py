@@ -28,8 +28,9 @@ Two kinds (`HeadConfig.kind`), with one interface (fit, predict_proba, hidden, s
   5.5 points below a balanced one; the active-learning loop's AULC was lower in three of
   five scenarios.
 * `MultiLabelHead`: multi-label (`<Choices choice="multiple">`), one sigmoid per choice
-  (the linear head's fitted on the labels' own yes/no mix, `HeadConfig.choice_weight`; the
-  MLP's with each choice's positives weighted against its negatives), and a per-choice decision
+  (the linear head's each fitted on the labels' own yes/no mix or with its positives
+  weighted against its negatives, whichever has the lower out-of-fold log loss,
+  `HeadConfig.choice_weight`; the MLP's always weighted), and a per-choice decision
   threshold (`thresholds_`) chosen on out-of-fold probabilities (`choose_thresholds`): by
   default the one that gets the most tasks' yes/no on that choice right, i.e. leaves the
   annotator the fewest choices to change.
@@ -106,14 +107,17 @@ class HeadConfig:
     # multi-label linear head follows `choice_weight`.
     class_weight: str | None = "balanced"
     # Multi-label linear head: each choice's logistic regression unweighted (None, the labels'
-    # own yes/no mix) or "balanced" (its positives weighted against its negatives by
-    # `positive_weights`, as the MLP's loss; the rule before issue 17's measurement). None by
-    # default: on both 500-label Debian scenarios the weighted head was 1.3-3.8 points of
-    # exact match behind an unweighted logistic regression at 200-500 labels, and the loop
-    # unweighted was 1.2-2.2 AULC ahead (BENCHMARKS.md, "Multi-label choices unweighted").
-    # The per-choice thresholds, chosen out-of-fold, absorb the choice's prior either way.
-    # Settings saved before this field existed load as "balanced" (`from_config_dict`).
-    choice_weight: str | None = None
+    # own yes/no mix), "balanced" (its positives weighted against its negatives by
+    # `positive_weights`, as the MLP's loss; the rule before), or "auto" (the default): per
+    # choice, the one of the two with the lower out-of-fold log loss, chosen with its C on the
+    # same folds; balanced where a choice has fewer than two of a side (no out-of-fold pass)
+    # or its C is given. On both 500-label Debian scenarios the weighted head was 1.4-3.8
+    # points of exact match behind an unweighted logistic regression at 200-500 labels; the
+    # unweighted one was behind a balanced one at 25 labels; "auto" was behind neither on
+    # any of the four Debian scenarios, and its loop 1.1-2.4 AULC ahead of the weighted one
+    # at 500 labels (BENCHMARKS.md, "Multi-label choices unweighted"). It fits each choice
+    # twice. Settings saved before this field existed load as "balanced" (`from_config_dict`).
+    choice_weight: str | None = "auto"
     # Multi-label heads: what the per-choice thresholds maximise on the out-of-fold pass,
     # "accuracy" (that choice right per task) or "f1" (that choice's F1; the rule before issue
     # 17, which over-predicted the rare choices: exact-match accuracy 13-26 % instead of
@@ -601,7 +605,7 @@ class MultiLabelHead(_TwoLayerHead):
 
     `fit(features, y)`: `y` is a 0/1 matrix (n, n_choices); the MLP: binary cross-entropy
     with each choice's positives weighted by `positive_weights`; the linear head: one
-    logistic regression per choice, unweighted unless `choice_weight="balanced"`. `thresholds_` (one per choice, 0.5
+    logistic regression per choice, weighted or not as `choice_weight` says. `thresholds_` (one per choice, 0.5
     until `choose_thresholds` sets them from out-of-fold probabilities) decide the choices
     a prediction selects.
     """
@@ -623,8 +627,8 @@ class MultiLabelHead(_TwoLayerHead):
         return y
 
     def _fit_linear(self, features: np.ndarray, targets: np.ndarray):
-        # One binary logistic regression per choice, unweighted or (choice_weight="balanced")
-        # its positives weighted as in the MLP's loss.
+        # One binary logistic regression per choice, unweighted or its positives weighted as
+        # in the MLP's loss (`HeadConfig.choice_weight`).
         n_labels = len(self.labels)
         weights = np.zeros((n_labels, features.shape[1]))
         biases = np.zeros(n_labels)

@@ -317,10 +317,11 @@ def test_scaled_log_loss_chooses_C_and_temperature_together_out_of_fold(tmp_path
     assert single.C_ in ACCURACY_C_GRID and single.temperature_ in TEMPERATURES
 
 
-def test_multi_label_choices_are_unweighted_unless_asked_and_old_versions_stay_weighted():
+def test_multi_label_choices_are_weighted_as_asked_and_old_versions_stay_weighted():
     """The multi-label linear head's choices: scikit-learn's unweighted logistic regression
-    by default (`choice_weight=None`), its positives weighted against its negatives with
-    "balanced"; settings saved before the field existed load as "balanced"."""
+    with `choice_weight=None`, its positives weighted against its negatives with "balanced"
+    ("auto", the default, chooses between the two: the next test); settings saved before the
+    field existed load as "balanced"."""
     from sklearn.linear_model import LogisticRegression
 
     rng = np.random.default_rng(8)
@@ -335,9 +336,9 @@ def test_multi_label_choices_are_unweighted_unless_asked_and_old_versions_stay_w
             expected = LogisticRegression(C=1.0, class_weight=class_weight(j), max_iter=1000).fit(
                 x, targets[:, j]).predict_proba(x)[:, 1]
             assert np.allclose(head.predict_proba(x)[:, j], expected, atol=1e-3), (weighting, j)
-    assert HeadConfig(labels=["a"], input_dim=1).choice_weight is None
+    assert HeadConfig(labels=["a"], input_dim=1).choice_weight == "auto"
     weighted = MultiLabelHead(HeadConfig(**config, choice_weight="balanced")).fit(x, targets)
-    unweighted = MultiLabelHead(HeadConfig(**config)).fit(x, targets)
+    unweighted = MultiLabelHead(HeadConfig(**config, choice_weight=None)).fit(x, targets)
     # Weighting the rare choice's positives up raises its probabilities.
     assert weighted.predict_proba(x)[:, 0].mean() > unweighted.predict_proba(x)[:, 0].mean() + 0.05
     saved = unweighted.config_dict()
