@@ -114,6 +114,16 @@ BUILTIN = {
         "8 tags)",
         lambda n: _sampled(debian_packages(single=("works-with",), multi=(), top={"works-with": 8}), n),
     ),
+    # Issue 17, point 1: checks of a head rule on data it was not chosen on, the same
+    # question with three classes, and a five-class question.
+    "debian_works_with3": (
+        "Debian package descriptions, single-choice: works-with::, its 3 most common tags",
+        lambda n: _sampled(debian_packages(single=("works-with",), multi=(), top={"works-with": 3}), n),
+    ),
+    "debian_uitoolkit": (
+        "Debian package descriptions, single-choice: the user-interface toolkit (Debtags uitoolkit::, 5 tags)",
+        lambda n: _sampled(debian_packages(single=("uitoolkit",), multi=(), top={"uitoolkit": 5}), n),
+    ),
     "fashion_mnist": ("Fashion-MNIST training images (60,000, 10 classes of clothes)",
                       lambda n: fashion_mnist("train", sample=n)),
     "fashion_mnist_test": ("Fashion-MNIST test images (10,000)", lambda n: fashion_mnist("test", sample=n)),
