@@ -21,7 +21,7 @@
 # and small-text's LeastConfidence and BreakingTies.
 # Environment: SEEDS (20), WORKERS (1), PY (.venv/bin/python), RESUME=1 (keep finished runs),
 # LEARNERS (replaces every scenario's learners above, e.g. for a shorter run; the first `ours:`
-# learner is the replay's).
+# learner is the replay's), REPLAY_HEADS (our head variants also replayed, `--replay-heads`).
 # Writes bench/results/peer/<scenario>/{runs.jsonl,summary.json,stdout.txt}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +33,7 @@ WORKERS=${WORKERS:-1}
 export HF_HUB_OFFLINE=1
 common=(--seeds "$SEEDS" --workers "$WORKERS" --replay)
 if [[ "${RESUME:-0}" == 1 ]]; then common+=(--resume); fi
+if [[ -n "${REPLAY_HEADS:-}" ]]; then common+=(--replay-heads "$REPLAY_HEADS"); fi
 multi_class=ours:margin,ours:least_confidence,ours:entropy,ours:least_confidence:mlp,smalltext:LeastConfidence,smalltext:BreakingTies,smalltext:EmbeddingKMeans
 # Two classes: fewer learners, for time (EmbeddingKMeans was far behind on three classes).
 two_class=ours:least_confidence,ours:least_confidence:mlp,smalltext:LeastConfidence

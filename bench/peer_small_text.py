@@ -64,6 +64,9 @@ DEFAULT_LEARNERS = ("ours:margin,ours:least_confidence,ours:least_confidence:mlp
 # baseline is not limited to our choices.
 REPLAY_C_GRID = tuple(float(c) for c in np.logspace(-2, 4, 13))
 REPLAY_BASELINES = ("lr_cv_balanced", "lr_cv")
+# `--replay-heads`: our own head variants (`head_settings` texts) replayed on the same labeled
+# sets, named "head:<text>": a head's effect apart from the picks it would make.
+REPLAY_HEADS: list[str] = []
 
 
 def small_text_strategy(name: str):
@@ -253,6 +256,9 @@ def replay_baselines(plan, picked: list[int], labels_used: list[int]) -> dict:
                 predicted = baseline_predict(specs, x, [np.asarray(t[rows]) for t in targets], test_x,
                                              balanced=name.endswith("_balanced"), seed=plan.seed)
                 out[name].append(simulate.score_controls(specs, predicted, test_targets)["accuracy"])
+            for text in REPLAY_HEADS:
+                heads, _ = simulate.train_round(rows, plan.seed, {"kind": "linear", **head_settings(text)})
+                out.setdefault(f"head:{text}", []).append(simulate._evaluate(heads, plan.test)["accuracy"])
     return out
 
 
@@ -283,7 +289,7 @@ def summarise_replay(result_runs: dict[int, dict], report_at: list[int]) -> tupl
     x = result_runs[seeds[0]]["labels_used"]
     points = [p for p in dict.fromkeys([x[0], *report_at]) if p in x]
     rows, behind = [], []
-    for name in REPLAY_BASELINES:
+    for name in result_runs[seeds[0]]["replay"]:  # REPLAY_BASELINES, then any REPLAY_HEADS
         ours = 100 * np.array([result_runs[s]["accuracy"] for s in seeds])
         theirs = 100 * np.array([result_runs[s]["replay"][name] for s in seeds])
         for k, point in enumerate(x):
@@ -359,12 +365,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", action="store_true", help="keep the finished runs in OUT/runs.jsonl")
+    parser.add_argument("--replay-heads", default="",
+                        help="with --replay: our head variants (HeadConfig fields as in a learner's head part, "
+                             "e.g. c_objective=scaled_log_loss), separated by commas, also replayed")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     learners = [name.strip() for name in args.learners.split(",") if name.strip()]
+    REPLAY_HEADS[:] = [text.strip() for text in args.replay_heads.split(",") if text.strip()]
     report_at = [int(p) for p in args.report_at.split(",") if p.strip()]
     record = Run("peer_small_text", argv=argv, out=args.out / "summary.json")
     config = simulate.SimulationConfig(
