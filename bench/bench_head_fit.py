@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     run = Run("bench_head_fit", argv=argv, out=args.out)
     config = simulate.SimulationConfig(data=args.data, orderings=[], seeds=[0], pool_size=max(sizes),
                                        test_size=10)
-    table_ = simulate.build_table(simulate.load_source(config.data))
+    table_ = simulate.table_from_config(config)
     plan = simulate.plan_seed(table_, config, 0)
     features, _, _ = simulate.encode_table(table_, [plan], config, all_layers=False)
     spec = table_.specs[0]

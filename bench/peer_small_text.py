@@ -381,13 +381,7 @@ def main(argv=None) -> int:
         data=args.data, orderings=[], seeds=list(range(args.seeds)), initial=args.initial,
         batch_size=args.batch_size, budget=args.budget, pool_size=args.pool_size, test_size=args.test_size,
         seed_data=args.seed_data, test=args.test, rare_class=args.rare_class)
-    data = simulate.load_source(config.data)
-    if config.rare_class:
-        data = simulate.thin_class(data, config.rare_class)
-    columns = None if isinstance(data, simulate.LabeledImages) else [c.name for c in data.columns]
-    seed_data = simulate.load_source(config.seed_data, columns) if config.seed_data else None
-    test = simulate.load_source(config.test, columns) if config.test else None
-    table_ = simulate.build_table(data, seed_data, test)
+    table_ = simulate.table_from_config(config)
     if len(table_.specs) > 1 and any(name.startswith("smalltext:") for name in learners):
         raise SystemExit("small-text's learner answers one question per task; this data has "
                          f"{len(table_.specs)} controls: run ours and --replay only")

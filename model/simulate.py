@@ -358,6 +358,20 @@ def build_table(data, seed_data=None, test=None) -> TextTable:
     )
 
 
+def table_from_config(config: SimulationConfig) -> TextTable:
+    """The table of `config`'s data (its rare class thinned), seed data and test data; the
+    seed and test data answer the data's questions."""
+    columns, multi = config.label_columns, config.multi_label
+    data = load_source(config.data, columns, multi)
+    if config.rare_class:
+        data = thin_class(data, config.rare_class)
+    if columns is None and not isinstance(data, LabeledImages):
+        columns = [c.name for c in data.columns]
+    seed_data = load_source(config.seed_data, columns, multi) if config.seed_data else None
+    test = load_source(config.test, columns, multi) if config.test else None
+    return build_table(data, seed_data, test)
+
+
 def plan_seed(table: TextTable, config: SimulationConfig, seed: int) -> SeedPlan:
     """Draw one seed's test set, pool and initial labeled set."""
     rng = np.random.default_rng([seed, 6])
@@ -1363,15 +1377,7 @@ def simulate(config: SimulationConfig, out_dir: Path, report_at: list[int] | Non
         except ValueError as exc:
             raise SystemExit(str(exc)) from None
 
-    columns, multi = config.label_columns, config.multi_label
-    data = load_source(config.data, columns, multi)
-    if config.rare_class:
-        data = thin_class(data, config.rare_class)
-    if columns is None and not isinstance(data, LabeledImages):
-        columns = [c.name for c in data.columns]  # seed and test data answer the same questions
-    seed_data = load_source(config.seed_data, columns, multi) if config.seed_data else None
-    test = load_source(config.test, columns, multi) if config.test else None
-    table = build_table(data, seed_data, test)
+    table = table_from_config(config)
     plans = [plan_seed(table, config, s) for s in config.seeds]
     check_plans(config, plans)
 
