@@ -257,7 +257,8 @@ def replay_baselines(plan, picked: list[int], labels_used: list[int]) -> dict:
                                              balanced=name.endswith("_balanced"), seed=plan.seed)
                 out[name].append(simulate.score_controls(specs, predicted, test_targets)["accuracy"])
             for text in REPLAY_HEADS:
-                heads, _ = simulate.train_round(rows, plan.seed, {"kind": "linear", **head_settings(text)})
+                heads, _ = simulate.train_round(rows, plan.seed, {"kind": "linear", **head_settings(text)},
+                                                pool_rows=np.setdiff1d(plan.pool, rows))
                 out.setdefault(f"head:{text}", []).append(simulate._evaluate(heads, plan.test)["accuracy"])
     return out
 

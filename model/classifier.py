@@ -78,6 +78,17 @@ CLASS_WEIGHTS = ("auto", "balanced", None)
 CHOICE_WEIGHTS = (None, "balanced", "auto")
 C_FOLDS = 5
 C_OBJECTIVES = ("log_loss", "accuracy", "scaled_log_loss")
+# How the out-of-fold scores that choose C (and an "auto" weighting) count each label
+# (`HeadConfig.c_weighting`): "uniform" alike; "pool" by how like the project's unlabeled
+# tasks it is (`pool_importance`).
+C_WEIGHTINGS = ("uniform", "pool")
+# `pool_importance`: at most this many unlabeled tasks (a random sample) stand for the pool,
+# the cross-fitting folds over the labels, the L2 strength of the labeled-vs-pool
+# classifier, and the range its density ratios are clipped to before they are normalised.
+IMPORTANCE_POOL_SAMPLE = 2000
+IMPORTANCE_FOLDS = 3
+IMPORTANCE_C = 1.0
+IMPORTANCE_CLIP = (0.01, 100.0)
 # By accuracy, balanced heads on few labels of many classes chose the grid's strongest
 # penalty (0.1) most often (a nearly class-centroid rule), so its grid reaches lower.
 ACCURACY_C_GRID = (0.01, 0.03) + C_GRID
@@ -136,6 +147,15 @@ class HeadConfig:
     # out-of-fold log loss each C has at its best temperature; it also searches with a
     # single-label class.
     c_objective: str = "log_loss"
+    # Linear heads with C None: how the out-of-fold scores that choose C (and an "auto" class
+    # or choice weighting) count each label. "uniform": alike. "pool": importance-weighted
+    # cross-validation (Sugiyama, Krauledat and Mueller 2007), each label by how like the
+    # project's unlabeled tasks it is (`pool_importance`), so that the C chosen is the one
+    # for the tasks still to predict, not for the labels an ordering bought near the
+    # boundary or that came free from another domain. Needs the unlabeled tasks' vectors:
+    # `fit(..., pool=...)` (`ControlHeads.fit` passes every task that does not answer the
+    # control); without them it scores uniformly. Log-loss objectives only.
+    c_weighting: str = "uniform"
     # mlp only, below (seed also orders the linear head's folds).
     hidden_dim: int = 128
     epochs: int = 150
@@ -164,11 +184,18 @@ class _TwoLayerHead:
             raise ValueError(f"unknown choice weighting {config.choice_weight!r}; choose one of {CHOICE_WEIGHTS}")
         if config.c_objective not in C_OBJECTIVES:
             raise ValueError(f"unknown C objective {config.c_objective!r}; choose one of {C_OBJECTIVES}")
+        if config.c_weighting not in C_WEIGHTINGS:
+            raise ValueError(f"unknown C weighting {config.c_weighting!r}; choose one of {C_WEIGHTINGS}")
+        if config.c_weighting == "pool" and config.c_objective == "accuracy":
+            raise ValueError("c_weighting='pool' weights a log loss; use it with c_objective "
+                             "'log_loss' or 'scaled_log_loss'")
         self.C_: float | None = None  # the linear head's chosen C, once fitted
         # The accuracy-chosen single-choice linear head's logit scale (None: not scaled).
         self.temperature_: float | None = None
         # The single-choice linear head's class weighting ("auto": not chosen yet).
         self.class_weight_: str | None = config.class_weight
+        # c_weighting="pool": the labels' importance weights of the last fit (None: uniform).
+        self.importance_: np.ndarray | None = None
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)
         if config.kind == "linear":
@@ -220,14 +247,20 @@ class _TwoLayerHead:
         """(weights (n_choices, dim), biases (n_choices,), C) of the linear head."""
         raise NotImplementedError
 
-    def fit(self, features: np.ndarray, y) -> _TwoLayerHead:
-        """Train on (features, targets); see the subclass for the targets."""
+    def fit(self, features: np.ndarray, y, pool: np.ndarray | None = None) -> _TwoLayerHead:
+        """Train on (features, targets); see the subclass for the targets. `pool`: the
+        unlabeled tasks' vectors, read only by a linear head with `c_weighting="pool"`."""
         import torch
 
         y = self._as_targets(y)
         if len(y) == 0:
             raise ValueError("cannot train a classifier on zero labeled examples")
         if self.config.kind == "linear":
+            self.importance_ = None
+            if self.config.c_weighting == "pool" and self.config.C is None and pool is not None and len(pool):
+                with one_thread():
+                    self.importance_ = pool_importance(np.asarray(features, dtype=np.float64),
+                                                       np.asarray(pool, dtype=np.float64), seed=self.config.seed)
             with one_thread():
                 weights, biases, self.C_ = self._fit_linear(np.asarray(features, dtype=np.float64), y)
             with torch.no_grad():
@@ -374,7 +407,7 @@ class ClassifierHead(_TwoLayerHead):
         for class_weight in candidates:  # ties go to the first, balanced
             model, chosen, loss, temperature = _logistic_regression(
                 features, targets, class_weight, self.config.C, self.config.seed, smallest,
-                self.config.c_objective, self.config.extra.get("temperature"))
+                self.config.c_objective, self.config.extra.get("temperature"), self.importance_)
             if best is None or loss < best[2] - 1e-12:
                 best = (model, chosen, loss, temperature)
                 self.class_weight_ = class_weight
@@ -387,9 +420,9 @@ class ClassifierHead(_TwoLayerHead):
             weights[classes], biases[classes] = model.coef_, model.intercept_
         return weights, biases, chosen
 
-    def fit(self, features: np.ndarray, y: Sequence[int]) -> ClassifierHead:
+    def fit(self, features: np.ndarray, y: Sequence[int], pool: np.ndarray | None = None) -> ClassifierHead:
         """Train with classes weighted by inverse frequency. `y` are label indices."""
-        return super().fit(features, y)
+        return super().fit(features, y, pool=pool)
 
     def predict(self, probabilities: np.ndarray) -> np.ndarray:
         """The chosen label index per row of `predict_proba`'s output."""
@@ -413,7 +446,7 @@ def _accuracy_then_log_loss(estimator, features, targets) -> float:
 
 def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight, C: float | None,
                          seed: int, smallest_class: int, objective: str = "log_loss",
-                         temperature: float | None = None):
+                         temperature: float | None = None, score_weights: np.ndarray | None = None):
     """(a fitted scikit-learn logistic regression, its C, its out-of-fold score, lower is
     better, the temperature its logits were scaled by or None): `C` if given, else the best
     of the objective's grid by stratified out-of-fold `objective` (C_OBJECTIVES;
@@ -424,7 +457,9 @@ def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight
     unweighted (the labels' own class mix) whatever the weighting, and nan where no
     out-of-fold pass ran. With "accuracy", the chosen model's logits are scaled by
     `temperature`, or when none is given by the one of TEMPERATURES with the lowest log loss
-    on out-of-fold probabilities at the chosen C (five more fits)."""
+    on out-of-fold probabilities at the chosen C (five more fits). `score_weights` (one per
+    label, `pool_importance`): the log-loss objectives' out-of-fold mean is weighted by them
+    (`_c_and_temperature_by_log_loss`'s search instead of `LogisticRegressionCV`'s)."""
     import warnings
 
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
@@ -451,11 +486,19 @@ def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight
     folds = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
     if objective == "scaled_log_loss":
         chosen, temperature, loss = _c_and_temperature_by_log_loss(
-            features, targets, class_weight, folds, ACCURACY_C_GRID)
+            features, targets, class_weight, folds, ACCURACY_C_GRID, score_weights)
         model = LogisticRegression(C=chosen, class_weight=class_weight, max_iter=1000, l1_ratio=0.0)
         model.fit(features, targets)
         _scale_logits(model, temperature)
         return model, chosen, loss, temperature
+    if score_weights is not None and not by_accuracy:
+        # LogisticRegressionCV scores every held-out label alike; the weighted mean needs the
+        # out-of-fold probabilities themselves.
+        chosen, _, loss = _c_and_temperature_by_log_loss(
+            features, targets, class_weight, folds, C_GRID, score_weights, temperatures=(1.0,))
+        model = LogisticRegression(C=chosen, class_weight=class_weight, max_iter=1000, l1_ratio=0.0)
+        model.fit(features, targets)
+        return model, chosen, loss, None
     scoring = _accuracy_then_log_loss if by_accuracy else "neg_log_loss"
     model = LogisticRegressionCV(Cs=list(ACCURACY_C_GRID if by_accuracy else C_GRID), cv=folds,
                                  scoring=scoring, class_weight=class_weight, max_iter=1000,
@@ -476,9 +519,12 @@ def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight
     return model, chosen, 1.0 - best, temperature
 
 
-def _c_and_temperature_by_log_loss(features, targets, class_weight, folds, grid) -> tuple[float, float, float]:
-    """(C, temperature, mean log loss): the pair of `grid` x TEMPERATURES whose scaled
-    out-of-fold probabilities have the lowest mean log loss (`c_objective="scaled_log_loss"`).
+def _c_and_temperature_by_log_loss(features, targets, class_weight, folds, grid, score_weights=None,
+                                   temperatures=TEMPERATURES) -> tuple[float, float, float]:
+    """(C, temperature, mean log loss): the pair of `grid` x `temperatures` whose scaled
+    out-of-fold probabilities have the lowest mean log loss (`c_objective="scaled_log_loss"`;
+    with `temperatures=(1.0,)`, C alone by its plain out-of-fold log loss). The mean is
+    weighted by `score_weights` (one per label) where given.
 
     scikit-learn's `LogisticRegressionCV` scores each C as it is; here every C is first
     given its best logit scale, so a strong penalty (whose probabilities are underconfident
@@ -510,15 +556,48 @@ def _c_and_temperature_by_log_loss(features, targets, class_weight, folds, grid)
                 full[:, columns] = model.predict_proba(features[test])
                 log_p[i, test] = np.log(np.clip(full, 1e-12, 1.0))
     rows = np.flatnonzero(scored)
+    weights = np.ones(len(rows)) if score_weights is None else np.asarray(score_weights, dtype=np.float64)[rows]
     best = (float("inf"), float(grid[0]), 1.0)
     for i, C in enumerate(grid):  # ties go to the first: the stronger penalty
         lp = log_p[i, rows]
         right = lp[np.arange(len(rows)), truth[rows]]
-        for t in TEMPERATURES:
-            loss = float(np.mean(logsumexp(t * lp, axis=1) - t * right))
+        for t in temperatures:
+            loss = float(np.average(logsumexp(t * lp, axis=1) - t * right, weights=weights))
             if loss < best[0] - 1e-12:
                 best = (loss, float(C), float(t))
     return best[1], best[2], best[0]
+
+
+def pool_importance(labeled: np.ndarray, pool: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Per labeled row, an estimate of how much more often its like occurs among the
+    unlabeled tasks than among the labels (the density ratio p_pool(x) / p_labeled(x)),
+    normalised to mean 1: importance-weighted cross-validation's weights (Sugiyama,
+    Krauledat and Mueller 2007) for `c_weighting="pool"`.
+
+    By probabilistic classification: a logistic regression (IMPORTANCE_C, classes balanced,
+    so its odds are the density ratio) tells the labels from at most IMPORTANCE_POOL_SAMPLE
+    unlabeled tasks. Each label's odds come from a fit that did not see it
+    (IMPORTANCE_FOLDS folds over the labels; every fit sees the whole pool sample), or a
+    label would always look labeled. Clipped to IMPORTANCE_CLIP, so that no single label
+    decides the score and none counts for nothing. Uniform (all 1) with fewer labels or
+    unlabeled tasks than folds. scikit-learn has no density-ratio estimator, hence this."""
+    from sklearn.linear_model import LogisticRegression
+
+    n = len(labeled)
+    rng = np.random.default_rng(seed)
+    if len(pool) > IMPORTANCE_POOL_SAMPLE:
+        pool = pool[np.sort(rng.choice(len(pool), IMPORTANCE_POOL_SAMPLE, replace=False))]
+    if n < IMPORTANCE_FOLDS or len(pool) < IMPORTANCE_FOLDS:
+        return np.ones(n)
+    odds = np.empty(n)
+    for held in np.array_split(rng.permutation(n), IMPORTANCE_FOLDS):
+        kept = np.setdiff1d(np.arange(n), held)
+        x = np.vstack([labeled[kept], pool])
+        is_pool = np.r_[np.zeros(len(kept)), np.ones(len(pool))]
+        model = LogisticRegression(C=IMPORTANCE_C, class_weight="balanced", max_iter=1000).fit(x, is_pool)
+        odds[held] = np.exp(np.clip(model.decision_function(labeled[held]), -50, 50))
+    weights = np.clip(odds, *IMPORTANCE_CLIP)
+    return weights / weights.mean()
 
 
 def _best_temperature(features, targets, class_weight, C: float, folds) -> float:
@@ -660,7 +739,7 @@ class MultiLabelHead(_TwoLayerHead):
             for candidate in candidates:  # ties go to the first, balanced
                 fitted = _logistic_regression(features, truth, balanced if candidate == "balanced" else None,
                                               given[j], self.config.seed, rarer, self.config.c_objective,
-                                              temperatures[j])
+                                              temperatures[j], self.importance_)
                 if best is None or fitted[2] < best[1][2] - 1e-12:
                     best = (candidate, fitted)
             weighting[j], (model, C, _, scale) = best

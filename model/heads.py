@@ -187,11 +187,17 @@ class ControlHeads:
         return [spec.name for spec in self.specs]
 
     def fit(self, features: list[np.ndarray], targets: list[np.ndarray]) -> ControlHeads:
-        """Train each head on the tasks that answer its control (a head with none stays untrained)."""
+        """Train each head on the tasks that answer its control (a head with none stays
+        untrained). A head whose C is chosen with the pool's importance weights
+        (`HeadConfig.c_weighting="pool"`) also gets the tasks that do not answer it."""
         for head, x, t in zip(self.heads, features, targets):
             rows = answered(t)
             if rows.any():
-                head.fit(np.asarray(x)[rows], np.asarray(t)[rows])
+                x = np.asarray(x)
+                if getattr(getattr(head, "config", None), "c_weighting", "uniform") == "pool":
+                    head.fit(x[rows], np.asarray(t)[rows], pool=x[~rows])
+                else:
+                    head.fit(x[rows], np.asarray(t)[rows])
         return self
 
     def predict_proba(self, features: list[np.ndarray]) -> list[np.ndarray]:

@@ -649,8 +649,11 @@ def _retrain_head_settings() -> dict:
     return {"kind": RETRAIN_HEAD_KIND, **_CONTEXT.get("head_settings", {})}
 
 
-def train_round(rows: np.ndarray, seed: int, head_settings: dict | None = None):
-    """(heads, out-of-fold pass or None) trained on the table rows `rows`.
+def train_round(rows: np.ndarray, seed: int, head_settings: dict | None = None,
+                pool_rows: np.ndarray | None = None):
+    """(heads, out-of-fold pass or None) trained on the table rows `rows`; `pool_rows`, the
+    pool's unlabeled rows, reach a head that chooses its C with their importance weights
+    (`c_weighting="pool"`), as the service's heads get the project's unlabeled tasks.
 
     One single-choice control: the single `ClassifierHead` as before (an ordering that needs
     an out-of-fold pass runs its own). Otherwise the retrain's own step,
@@ -664,10 +667,17 @@ def train_round(rows: np.ndarray, seed: int, head_settings: dict | None = None):
 
     features, targets, specs = _CONTEXT["features"], _CONTEXT["targets"], _CONTEXT["specs"]
     x = np.asarray(features[rows], dtype=np.float32)
+    wants_pool = (head_settings or {}).get("c_weighting") == "pool" and pool_rows is not None
     if _one_single_choice():
-        head = _head(features.shape[1], seed, head_settings or {}).fit(x, targets[0][rows])
+        pool = np.asarray(features[pool_rows], dtype=np.float32) if wants_pool else None
+        head = _head(features.shape[1], seed, head_settings or {}).fit(x, targets[0][rows], pool=pool)
         return ControlHeads.single(head, specs[0].name), None
-    return train_heads(specs, [x] * len(specs), [np.asarray(t[rows]) for t in targets],
+    task_targets = [np.asarray(t[rows]) for t in targets]
+    if wants_pool:  # the unlabeled rows answer no control: `answered` leaves them out of every fit
+        x = np.concatenate([x, np.asarray(features[pool_rows], dtype=np.float32)])
+        task_targets = [np.concatenate([t, np.full((len(pool_rows),) + t.shape[1:], -1, dtype=t.dtype)])
+                        for t in task_targets]
+    return train_heads(specs, [x] * len(specs), task_targets,
                        labeled=np.arange(len(rows)), folds=MISLABELING_FOLDS, seed=seed,
                        **(head_settings or {}))
 
@@ -786,7 +796,7 @@ def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
                         bought_counts(spec, t[plan.pool[chosen]]))
         train_rows = np.concatenate([plan.seed_rows, plan.pool[np.asarray(labeled, dtype=np.int64)]])
         started = time.perf_counter()
-        heads, oof = train_round(train_rows, plan.seed, head_settings)
+        heads, oof = train_round(train_rows, plan.seed, head_settings, pool_rows=plan.pool[~is_labeled])
         out["seconds_train"] += time.perf_counter() - started
         scores = _evaluate(heads, plan.test)
         out["labels_used"].append(len(labeled))
