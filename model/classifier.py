@@ -81,7 +81,7 @@ C_OBJECTIVES = ("log_loss", "accuracy", "scaled_log_loss")
 # How the out-of-fold scores that choose C (and an "auto" weighting) count each label
 # (`HeadConfig.c_weighting`): "uniform" alike; "pool" by how like the project's unlabeled
 # tasks it is (`pool_importance`).
-C_WEIGHTINGS = ("uniform", "pool")
+C_WEIGHTINGS = ("uniform", "pool", "pool_fit")
 # `pool_importance`: at most this many unlabeled tasks (a random sample) stand for the pool,
 # the cross-fitting folds over the labels, the L2 strength of the labeled-vs-pool
 # classifier, and the range its density ratios are clipped to before they are normalised.
@@ -154,7 +154,9 @@ class HeadConfig:
     # for the tasks still to predict, not for the labels an ordering bought near the
     # boundary or that came free from another domain. Needs the unlabeled tasks' vectors:
     # `fit(..., pool=...)` (`ControlHeads.fit` passes every task that does not answer the
-    # control); without them it scores uniformly. Log-loss objectives only.
+    # control); without them it scores uniformly. Log-loss objectives only. "pool_fit" also
+    # weights each label's loss in the fits themselves by it (covariate-shift adaptation,
+    # Shimodaira 2000), a balanced weighting then balancing the weighted class counts.
     c_weighting: str = "uniform"
     # mlp only, below (seed also orders the linear head's folds).
     hidden_dim: int = 128
@@ -186,7 +188,7 @@ class _TwoLayerHead:
             raise ValueError(f"unknown C objective {config.c_objective!r}; choose one of {C_OBJECTIVES}")
         if config.c_weighting not in C_WEIGHTINGS:
             raise ValueError(f"unknown C weighting {config.c_weighting!r}; choose one of {C_WEIGHTINGS}")
-        if config.c_weighting == "pool" and config.c_objective == "accuracy":
+        if config.c_weighting != "uniform" and config.c_objective == "accuracy":
             raise ValueError("c_weighting='pool' weights a log loss; use it with c_objective "
                              "'log_loss' or 'scaled_log_loss'")
         self.C_: float | None = None  # the linear head's chosen C, once fitted
@@ -230,6 +232,11 @@ class _TwoLayerHead:
     def labels(self) -> list[str]:
         return self.config.labels
 
+    def _fit_weights(self) -> np.ndarray | None:
+        """The labels' weights in the fits themselves: the importance weights with
+        `c_weighting="pool_fit"`, else None."""
+        return self.importance_ if self.config.c_weighting == "pool_fit" else None
+
     def parameters(self) -> list:
         """The trainable tensors (for an optimiser that also tunes the encoder)."""
         return list(self.body.parameters()) + list(self.out.parameters())
@@ -257,7 +264,9 @@ class _TwoLayerHead:
             raise ValueError("cannot train a classifier on zero labeled examples")
         if self.config.kind == "linear":
             self.importance_ = None
-            if self.config.c_weighting == "pool" and self.config.C is None and pool is not None and len(pool):
+            weighting = self.config.c_weighting
+            if weighting != "uniform" and (self.config.C is None or weighting == "pool_fit") \
+                    and pool is not None and len(pool):
                 with one_thread():
                     self.importance_ = pool_importance(np.asarray(features, dtype=np.float64),
                                                        np.asarray(pool, dtype=np.float64), seed=self.config.seed)
@@ -407,7 +416,8 @@ class ClassifierHead(_TwoLayerHead):
         for class_weight in candidates:  # ties go to the first, balanced
             model, chosen, loss, temperature = _logistic_regression(
                 features, targets, class_weight, self.config.C, self.config.seed, smallest,
-                self.config.c_objective, self.config.extra.get("temperature"), self.importance_)
+                self.config.c_objective, self.config.extra.get("temperature"), self.importance_,
+                self._fit_weights())
             if best is None or loss < best[2] - 1e-12:
                 best = (model, chosen, loss, temperature)
                 self.class_weight_ = class_weight
@@ -446,7 +456,8 @@ def _accuracy_then_log_loss(estimator, features, targets) -> float:
 
 def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight, C: float | None,
                          seed: int, smallest_class: int, objective: str = "log_loss",
-                         temperature: float | None = None, score_weights: np.ndarray | None = None):
+                         temperature: float | None = None, score_weights: np.ndarray | None = None,
+                         fit_weights: np.ndarray | None = None):
     """(a fitted scikit-learn logistic regression, its C, its out-of-fold score, lower is
     better, the temperature its logits were scaled by or None): `C` if given, else the best
     of the objective's grid by stratified out-of-fold `objective` (C_OBJECTIVES;
@@ -459,7 +470,8 @@ def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight
     `temperature`, or when none is given by the one of TEMPERATURES with the lowest log loss
     on out-of-fold probabilities at the chosen C (five more fits). `score_weights` (one per
     label, `pool_importance`): the log-loss objectives' out-of-fold mean is weighted by them
-    (`_c_and_temperature_by_log_loss`'s search instead of `LogisticRegressionCV`'s)."""
+    (`_c_and_temperature_by_log_loss`'s search instead of `LogisticRegressionCV`'s);
+    `fit_weights` (the same, `c_weighting="pool_fit"`) weight every fit's labels too."""
     import warnings
 
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
@@ -476,28 +488,34 @@ def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight
         n_folds = min(C_FOLDS, int(usable.min()))
     else:
         n_folds = min(C_FOLDS, int(smallest_class))
+    if fit_weights is not None and class_weight == "balanced":
+        # "balanced" over the weighted counts: the classes as the weights see them.
+        mass = np.bincount(targets, weights=fit_weights)
+        class_weight = {int(c): float(mass.sum() / (np.count_nonzero(mass) * mass[c]))
+                        for c in np.flatnonzero(mass)}
     if C is not None or n_folds < 2:
         C = float(C if C is not None else FALLBACK_C)
         model = LogisticRegression(C=C, class_weight=class_weight, max_iter=1000, l1_ratio=0.0)
-        model.fit(features, targets)
+        model.fit(features, targets, sample_weight=fit_weights)
         if scaled and temperature is not None:
             _scale_logits(model, temperature)
         return model, C, float("nan"), temperature if scaled else None
     folds = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
     if objective == "scaled_log_loss":
         chosen, temperature, loss = _c_and_temperature_by_log_loss(
-            features, targets, class_weight, folds, ACCURACY_C_GRID, score_weights)
+            features, targets, class_weight, folds, ACCURACY_C_GRID, score_weights, fit_weights=fit_weights)
         model = LogisticRegression(C=chosen, class_weight=class_weight, max_iter=1000, l1_ratio=0.0)
-        model.fit(features, targets)
+        model.fit(features, targets, sample_weight=fit_weights)
         _scale_logits(model, temperature)
         return model, chosen, loss, temperature
     if score_weights is not None and not by_accuracy:
         # LogisticRegressionCV scores every held-out label alike; the weighted mean needs the
         # out-of-fold probabilities themselves.
         chosen, _, loss = _c_and_temperature_by_log_loss(
-            features, targets, class_weight, folds, C_GRID, score_weights, temperatures=(1.0,))
+            features, targets, class_weight, folds, C_GRID, score_weights, temperatures=(1.0,),
+            fit_weights=fit_weights)
         model = LogisticRegression(C=chosen, class_weight=class_weight, max_iter=1000, l1_ratio=0.0)
-        model.fit(features, targets)
+        model.fit(features, targets, sample_weight=fit_weights)
         return model, chosen, loss, None
     scoring = _accuracy_then_log_loss if by_accuracy else "neg_log_loss"
     model = LogisticRegressionCV(Cs=list(ACCURACY_C_GRID if by_accuracy else C_GRID), cv=folds,
@@ -520,7 +538,7 @@ def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight
 
 
 def _c_and_temperature_by_log_loss(features, targets, class_weight, folds, grid, score_weights=None,
-                                   temperatures=TEMPERATURES) -> tuple[float, float, float]:
+                                   temperatures=TEMPERATURES, fit_weights=None) -> tuple[float, float, float]:
     """(C, temperature, mean log loss): the pair of `grid` x `temperatures` whose scaled
     out-of-fold probabilities have the lowest mean log loss (`c_objective="scaled_log_loss"`;
     with `temperatures=(1.0,)`, C alone by its plain out-of-fold log loss). The mean is
@@ -551,7 +569,8 @@ def _c_and_temperature_by_log_loss(features, targets, class_weight, folds, grid,
                                        warm_start=True)
             for i, C in enumerate(grid):
                 model.set_params(C=C)
-                model.fit(features[train], targets[train])
+                model.fit(features[train], targets[train],
+                          sample_weight=None if fit_weights is None else fit_weights[train])
                 full = np.zeros((len(test), len(classes)))
                 full[:, columns] = model.predict_proba(features[test])
                 log_p[i, test] = np.log(np.clip(full, 1e-12, 1.0))
@@ -739,7 +758,7 @@ class MultiLabelHead(_TwoLayerHead):
             for candidate in candidates:  # ties go to the first, balanced
                 fitted = _logistic_regression(features, truth, balanced if candidate == "balanced" else None,
                                               given[j], self.config.seed, rarer, self.config.c_objective,
-                                              temperatures[j], self.importance_)
+                                              temperatures[j], self.importance_, self._fit_weights())
                 if best is None or fitted[2] < best[1][2] - 1e-12:
                     best = (candidate, fitted)
             weighting[j], (model, C, _, scale) = best

@@ -194,7 +194,7 @@ class ControlHeads:
             rows = answered(t)
             if rows.any():
                 x = np.asarray(x)
-                if getattr(getattr(head, "config", None), "c_weighting", "uniform") == "pool":
+                if getattr(getattr(head, "config", None), "c_weighting", "uniform") != "uniform":
                     head.fit(x[rows], np.asarray(t)[rows], pool=x[~rows])
                 else:
                     head.fit(x[rows], np.asarray(t)[rows])

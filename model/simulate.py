@@ -667,7 +667,7 @@ def train_round(rows: np.ndarray, seed: int, head_settings: dict | None = None,
 
     features, targets, specs = _CONTEXT["features"], _CONTEXT["targets"], _CONTEXT["specs"]
     x = np.asarray(features[rows], dtype=np.float32)
-    wants_pool = (head_settings or {}).get("c_weighting") == "pool" and pool_rows is not None
+    wants_pool = (head_settings or {}).get("c_weighting", "uniform") != "uniform" and pool_rows is not None
     if _one_single_choice():
         pool = np.asarray(features[pool_rows], dtype=np.float32) if wants_pool else None
         head = _head(features.shape[1], seed, head_settings or {}).fit(x, targets[0][rows], pool=pool)

@@ -377,3 +377,75 @@ def test_multi_label_auto_weighting_is_chosen_per_choice_out_of_fold_and_kept_in
     assert np.allclose(copy.fit(x, targets).predict_proba(x), head.predict_proba(x), atol=1e-3)
     loaded = MultiLabelHead.from_config_dict(json.loads(json.dumps(head.config_dict())))
     assert loaded.choice_weight_ == head.choice_weight_
+
+
+def test_pool_importance_weights_the_labels_like_the_unlabeled_tasks_most():
+    """`pool_importance`: the labels' density ratio pool / labeled, cross-fitted, mean 1."""
+    from model.classifier import IMPORTANCE_CLIP, pool_importance
+
+    rng = np.random.default_rng(4)
+    labeled = rng.normal(size=(300, 8))
+    shift = np.zeros(8)
+    shift[0] = 1.5
+    pool = rng.normal(size=(2500, 8)) + shift  # the unlabeled tasks sit further along axis 0
+    w = pool_importance(labeled, pool, seed=1)
+    assert w.shape == (300,) and np.isclose(w.mean(), 1.0)
+    # For two unit Gaussians the true log ratio is linear in x0: the estimate must follow it.
+    assert np.corrcoef(np.log(w), labeled[:, 0])[0, 1] > 0.9
+    assert w.max() / w.min() <= IMPORTANCE_CLIP[1] / IMPORTANCE_CLIP[0] + 1e-9
+    # The same distribution on both sides: no label counts much more than another.
+    same = pool_importance(labeled, rng.normal(size=(2500, 8)), seed=1)
+    assert np.percentile(same, 95) / np.percentile(same, 5) < 3
+    assert np.array_equal(pool_importance(labeled, pool[:2]), np.ones(300))  # too few unlabeled tasks
+
+
+def test_pool_weighting_chooses_C_by_importance_weighted_out_of_fold_log_loss():
+    """`c_weighting="pool"`: the C of C_GRID with the lowest out-of-fold log loss weighted
+    by `pool_importance` (the head's folds), recomputed fold by fold with plain
+    scikit-learn; without unlabeled tasks the head is the default one. `ControlHeads.fit`
+    hands every task that does not answer the control over as the pool."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    from model.classifier import pool_importance
+
+    x, y = _blobs(150, dim=12, classes=3, spread=1.4, seed=5)
+    x = x.astype(np.float64)
+    rng = np.random.default_rng(6)
+    pool = x[rng.choice(150, 400)] + 0.8 * rng.normal(size=(400, 12))
+    pool[:, 0] += 1.0
+    head = _head("abc", 12, c_weighting="pool", seed=7).fit(x, y, pool=pool)
+    w = pool_importance(x, pool, seed=7)
+    assert np.allclose(head.importance_, w)
+    folds = list(StratifiedKFold(5, shuffle=True, random_state=7).split(x, y))
+    losses = []
+    for C in C_GRID:
+        p = np.zeros((len(y), 3))
+        for train, test in folds:
+            p[test] = LogisticRegression(C=C, class_weight="balanced", max_iter=1000).fit(
+                x[train], y[train]).predict_proba(x[test])
+        losses.append(np.average(-np.log(p[np.arange(len(y)), y]), weights=w))
+    assert head.C_ == C_GRID[int(np.argmin(losses))], losses
+    reference = LogisticRegression(C=head.C_, class_weight="balanced", max_iter=1000).fit(x, y)
+    assert np.allclose(head.predict_proba(x), reference.predict_proba(x), atol=2e-3)
+    # No pool given: uniform scores, the default head's C.
+    plain = _head("abc", 12, c_weighting="pool", seed=7).fit(x, y)
+    assert plain.importance_ is None and plain.C_ == _head("abc", 12, seed=7).fit(x, y).C_
+    # Through ControlHeads: the unanswered rows are the pool, for single- and multi-label heads.
+    specs = [ControlSpec(name="one", labels=list("abc")),
+             ControlSpec(name="many", labels=["p", "q"], multi_label=True)]
+    features = np.vstack([x, pool])
+    single = np.r_[y, np.full(len(pool), -1)]
+    multi = np.vstack([np.column_stack([y == 0, x[:, 1] > 0]).astype(np.int64), np.full((len(pool), 2), -1)])
+    heads = ControlHeads.build(specs, [12, 12], kind="linear", c_weighting="pool", seed=7)
+    heads.fit([features, features], [single, multi])
+    for trained in heads.heads:
+        assert np.allclose(trained.importance_, w)
+    assert heads.heads[0].C_ == head.C_
+
+
+def test_pool_weighting_is_refused_with_the_accuracy_objective_and_unknown_names():
+    with pytest.raises(ValueError, match="log loss"):
+        _head("ab", 4, c_weighting="pool", c_objective="accuracy")
+    with pytest.raises(ValueError, match="unknown C weighting"):
+        _head("ab", 4, c_weighting="labels")
