@@ -409,7 +409,7 @@ def test_pool_weighting_chooses_C_by_importance_weighted_out_of_fold_log_loss():
 
     from model.classifier import pool_importance
 
-    x, y = _blobs(150, dim=12, classes=3, spread=1.4, seed=5)
+    x, y = _blobs(150, dim=12, classes=3, spread=1.0, seed=5)
     x = x.astype(np.float64)
     rng = np.random.default_rng(6)
     pool = x[rng.choice(150, 400)] + 0.8 * rng.normal(size=(400, 12))
@@ -426,6 +426,7 @@ def test_pool_weighting_chooses_C_by_importance_weighted_out_of_fold_log_loss():
                 x[train], y[train]).predict_proba(x[test])
         losses.append(np.average(-np.log(p[np.arange(len(y)), y]), weights=w))
     assert head.C_ == C_GRID[int(np.argmin(losses))], losses
+    assert head.C_ != _head("abc", 12, seed=7).fit(x, y).C_  # here the weights change the choice
     reference = LogisticRegression(C=head.C_, class_weight="balanced", max_iter=1000).fit(x, y)
     assert np.allclose(head.predict_proba(x), reference.predict_proba(x), atol=2e-3)
     # No pool given: uniform scores, the default head's C.
@@ -444,8 +445,32 @@ def test_pool_weighting_chooses_C_by_importance_weighted_out_of_fold_log_loss():
     assert heads.heads[0].C_ == head.C_
 
 
+def test_pool_fit_weights_the_fit_too_and_balances_the_weighted_class_counts():
+    """`c_weighting="pool_fit"`: the chosen C's final fit is scikit-learn's with the
+    importance weights as sample weights and classes balanced over the weighted counts."""
+    from sklearn.linear_model import LogisticRegression
+
+    from model.classifier import pool_importance
+
+    x, y = _blobs(150, dim=12, classes=3, spread=1.0, seed=5)
+    x = x.astype(np.float64)
+    rng = np.random.default_rng(6)
+    pool = x[rng.choice(150, 400)] + 0.8 * rng.normal(size=(400, 12))
+    pool[:, 0] += 1.0
+    head = _head("abc", 12, c_weighting="pool_fit", seed=7).fit(x, y, pool=pool)
+    w = pool_importance(x, pool, seed=7)
+    mass = np.bincount(y, weights=w)
+    reference = LogisticRegression(C=head.C_, class_weight={c: mass.sum() / (3 * mass[c]) for c in range(3)},
+                                   max_iter=1000).fit(x, y, sample_weight=w)
+    assert np.allclose(head.predict_proba(x), reference.predict_proba(x), atol=2e-3)
+    unweighted = LogisticRegression(C=head.C_, class_weight="balanced", max_iter=1000).fit(x, y)
+    assert not np.allclose(head.predict_proba(x), unweighted.predict_proba(x), atol=2e-3)
+
+
 def test_pool_weighting_is_refused_with_the_accuracy_objective_and_unknown_names():
     with pytest.raises(ValueError, match="log loss"):
         _head("ab", 4, c_weighting="pool", c_objective="accuracy")
+    with pytest.raises(ValueError, match="log loss"):
+        _head("ab", 4, c_weighting="pool_fit", c_objective="accuracy")
     with pytest.raises(ValueError, match="unknown C weighting"):
         _head("ab", 4, c_weighting="labels")
