@@ -157,6 +157,8 @@ class HeadConfig:
     # control); without them it scores uniformly. Log-loss objectives only. "pool_fit" also
     # weights each label's loss in the fits themselves by it (covariate-shift adaptation,
     # Shimodaira 2000), a balanced weighting then balancing the weighted class counts.
+    # Not the default: after the reverse domain shift both cost the loop 1.3-1.8 AULC
+    # (BENCHMARKS.md, "C chosen for the pool").
     c_weighting: str = "uniform"
     # mlp only, below (seed also orders the linear head's folds).
     hidden_dim: int = 128
