@@ -191,8 +191,8 @@ class _TwoLayerHead:
         if config.c_weighting not in C_WEIGHTINGS:
             raise ValueError(f"unknown C weighting {config.c_weighting!r}; choose one of {C_WEIGHTINGS}")
         if config.c_weighting != "uniform" and config.c_objective == "accuracy":
-            raise ValueError("c_weighting='pool' weights a log loss; use it with c_objective "
-                             "'log_loss' or 'scaled_log_loss'")
+            raise ValueError(f"c_weighting={config.c_weighting!r} weights a log loss; use it with "
+                             "c_objective 'log_loss' or 'scaled_log_loss'")
         self.C_: float | None = None  # the linear head's chosen C, once fitted
         # The accuracy-chosen single-choice linear head's logit scale (None: not scaled).
         self.temperature_: float | None = None
@@ -258,7 +258,7 @@ class _TwoLayerHead:
 
     def fit(self, features: np.ndarray, y, pool: np.ndarray | None = None) -> _TwoLayerHead:
         """Train on (features, targets); see the subclass for the targets. `pool`: the
-        unlabeled tasks' vectors, read only by a linear head with `c_weighting="pool"`."""
+        unlabeled tasks' vectors, read only by a linear head with `c_weighting` "pool" or "pool_fit"."""
         import torch
 
         y = self._as_targets(y)

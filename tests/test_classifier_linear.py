@@ -399,6 +399,16 @@ def test_pool_importance_weights_the_labels_like_the_unlabeled_tasks_most():
     assert np.array_equal(pool_importance(labeled, pool[:2]), np.ones(300))  # too few unlabeled tasks
 
 
+def _labels_and_a_shifted_pool():
+    """Three noisy classes in 12 dimensions, and 400 unlabeled tasks near them, moved along axis 0."""
+    x, y = _blobs(150, dim=12, classes=3, spread=1.0, seed=5)
+    x = x.astype(np.float64)
+    rng = np.random.default_rng(6)
+    pool = x[rng.choice(150, 400)] + 0.8 * rng.normal(size=(400, 12))
+    pool[:, 0] += 1.0
+    return x, y, pool
+
+
 def test_pool_weighting_chooses_C_by_importance_weighted_out_of_fold_log_loss():
     """`c_weighting="pool"`: the C of C_GRID with the lowest out-of-fold log loss weighted
     by `pool_importance` (the head's folds), recomputed fold by fold with plain
@@ -409,11 +419,7 @@ def test_pool_weighting_chooses_C_by_importance_weighted_out_of_fold_log_loss():
 
     from model.classifier import pool_importance
 
-    x, y = _blobs(150, dim=12, classes=3, spread=1.0, seed=5)
-    x = x.astype(np.float64)
-    rng = np.random.default_rng(6)
-    pool = x[rng.choice(150, 400)] + 0.8 * rng.normal(size=(400, 12))
-    pool[:, 0] += 1.0
+    x, y, pool = _labels_and_a_shifted_pool()
     head = _head("abc", 12, c_weighting="pool", seed=7).fit(x, y, pool=pool)
     w = pool_importance(x, pool, seed=7)
     assert np.allclose(head.importance_, w)
@@ -452,11 +458,7 @@ def test_pool_fit_weights_the_fit_too_and_balances_the_weighted_class_counts():
 
     from model.classifier import pool_importance
 
-    x, y = _blobs(150, dim=12, classes=3, spread=1.0, seed=5)
-    x = x.astype(np.float64)
-    rng = np.random.default_rng(6)
-    pool = x[rng.choice(150, 400)] + 0.8 * rng.normal(size=(400, 12))
-    pool[:, 0] += 1.0
+    x, y, pool = _labels_and_a_shifted_pool()
     head = _head("abc", 12, c_weighting="pool_fit", seed=7).fit(x, y, pool=pool)
     w = pool_importance(x, pool, seed=7)
     mass = np.bincount(y, weights=w)
