@@ -76,6 +76,11 @@ for scenario in "${scenarios[@]}"; do
         multi_label_500 | two_controls_500 | fashion_mnist_500) extra=(--learners "ours:margin") ;;
         *) echo "no peer learners for scenario $scenario" >&2; exit 2 ;;
     esac
-    if [[ -n "${LEARNERS:-}" ]]; then extra+=(--learners "$LEARNERS"); fi  # the last --learners wins
+    if [[ -n "${LEARNERS:-}" ]]; then  # LEARNERS replaces the scenario's own learners
+        for i in "${!extra[@]}"; do
+            if [[ ${extra[$i]} == --learners ]]; then extra[i + 1]=$LEARNERS; fi
+        done
+        if [[ " ${extra[*]} " != *" --learners "* ]]; then extra+=(--learners "$LEARNERS"); fi
+    fi
     run "$scenario" "${SCENARIO_ARGS[@]}" "${extra[@]}"
 done
