@@ -21,8 +21,10 @@
 # and small-text's LeastConfidence and BreakingTies.
 # Environment: SEEDS (20), WORKERS (1), PY (.venv/bin/python), RESUME=1 (keep finished runs),
 # LEARNERS (replaces every scenario's learners above, e.g. for a shorter run; the first `ours:`
-# learner is the replay's), REPLAY_HEADS (our head variants also replayed, `--replay-heads`).
-# Writes bench/results/peer/<scenario>/{runs.jsonl,summary.json,stdout.txt}.
+# learner is the replay's), REPLAY_HEADS (our head variants also replayed, `--replay-heads`),
+# REPLAY=0 (no head-only replay: for comparing orderings, in less time), OUT_SUFFIX (appended
+# to the output folder's name, so that a second comparison keeps the first).
+# Writes bench/results/peer/<scenario><OUT_SUFFIX>/{runs.jsonl,summary.json,stdout.txt}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/scenarios.sh  # scenario_args: the simulator scenarios' data and sizes
@@ -31,7 +33,8 @@ PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-20}
 WORKERS=${WORKERS:-1}
 export HF_HUB_OFFLINE=1
-common=(--seeds "$SEEDS" --workers "$WORKERS" --replay)
+common=(--seeds "$SEEDS" --workers "$WORKERS")
+if [[ "${REPLAY:-1}" == 1 ]]; then common+=(--replay); fi
 if [[ "${RESUME:-0}" == 1 ]]; then common+=(--resume); fi
 if [[ -n "${REPLAY_HEADS:-}" ]]; then common+=(--replay-heads "$REPLAY_HEADS"); fi
 multi_class=ours:margin,ours:least_confidence,ours:entropy,ours:least_confidence:mlp,smalltext:LeastConfidence,smalltext:BreakingTies,smalltext:EmbeddingKMeans
@@ -47,7 +50,7 @@ old_thresholds=ours:least_confidence:threshold_objective=f1
 
 run() {
     local scenario=$1; shift
-    local out=bench/results/peer/$scenario
+    local out=bench/results/peer/$scenario${OUT_SUFFIX:-}
     mkdir -p "$out"
     echo "== $scenario: $(date -u +%H:%M:%S) $PY bench/peer_small_text.py ${common[*]} $*"
     local started=$SECONDS

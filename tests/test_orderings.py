@@ -98,6 +98,36 @@ def test_uncertainty_baselines_serve_the_least_certain_first():
         assert list(result.top(2)) == [1, 3]
 
 
+def test_a_diverse_batch_takes_the_least_certain_task_of_each_group_of_near_duplicates():
+    # 12 groups of 4 near-duplicate tasks, far apart; the lower a group's index, the less
+    # certain its tasks. With batches of 6 plain margin serves groups 0 and 1; the diverse
+    # batch chooses among the 4 x 6 = 24 least certain (groups 0-5) one task per group, the
+    # least certain of each, served least certain first (class guard off: one class here).
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(12), 4)
+    centres = rng.normal(size=(12, 16)) * 10
+    features = centres[groups] + rng.normal(scale=0.01, size=(len(groups), 16))
+    p_top = 0.5 + 0.04 * groups + rng.uniform(0, 0.005, len(groups))
+    probabilities = np.column_stack([p_top, 1 - p_top])
+    data = OrderingInput(features_labeled=features[:2], labels=np.array([0, 1]), features_unlabeled=features,
+                         classifier=None, probabilities_unlabeled=probabilities, batch_size=6,
+                         params={"class_guard": False})
+    assert set(groups[get_ordering("margin").score(data).top(6)]) == {0, 1}
+    result = get_ordering("margin", diverse_batch=True).score(data)
+    batch = result.top(6)
+    assert list(groups[batch]) == [0, 1, 2, 3, 4, 5]
+    margins = margin_score(probabilities)
+    for task in batch:
+        assert margins[task] == margins[groups == groups[task]].min()
+    assert list(np.argsort(result.scores, kind="stable")[:6]) == list(batch)
+    assert result.info["diverse_batch"] is True and result.info["diverse_batch_outside_top"] == 4
+    # Nothing to choose when the pool is no larger than the batch: plain margin's batch.
+    small = OrderingInput(features_labeled=features[:2], labels=np.array([0, 1]), features_unlabeled=features[:6],
+                          classifier=None, probabilities_unlabeled=probabilities[:6], batch_size=6,
+                          params={"class_guard": False, "diverse_batch": True})
+    assert sorted(get_ordering("margin").score(small).top(6)) == list(range(6))
+
+
 def test_random_order_is_seeded():
     data = _baseline_input([[0.6, 0.4]] * 30, batch_size=5)
     first = get_ordering("random").score(data).scores

@@ -415,19 +415,61 @@ class ConfidenceOrdering(Ordering):
 
     @classmethod
     def known_params(cls) -> dict:
-        return {**super().known_params(), "decisions": "least_certain"}
+        # `diverse_batch`: the batch is spread over the task vectors instead of being the
+        # `batch_size` least certain tasks (`diverse_batch`, below); `diversity_candidates`:
+        # how many times the batch size of the least certain tasks it is chosen from.
+        return {**super().known_params(), "decisions": "least_certain", "diverse_batch": False,
+                "diversity_candidates": 4}
 
     @classmethod
     def param_rules(cls) -> dict:
-        return {**super().param_rules(), "decisions": one_of(*DECISION_RULES)}
+        return {**super().param_rules(), "decisions": one_of(*DECISION_RULES), "diverse_batch": flag(),
+                "diversity_candidates": integer(1, 50)}
 
     def score(self, data: OrderingInput) -> OrderingResult:
         views = data.pool_heads()
-        if self.settings(data)["decisions"] == "joint":
+        settings = self.settings(data)
+        if settings["decisions"] == "joint":
             scores = joint_score(type(self).joint_confidence, type(self).confidence, views)
         else:
             scores = combined_score(type(self).confidence, views)
-        return self.finish(data, scores, views)
+        if not settings["diverse_batch"]:
+            return self.finish(data, scores, views)
+        batch, info = diverse_batch(scores, data.features_unlabeled, data.batch_size,
+                                    settings["diversity_candidates"], data.seed)
+        return self.finish(data, scores, views, info=info, batch=batch)
+
+
+def diverse_batch(scores: np.ndarray, features: np.ndarray, batch_size: int, candidates: int,
+                  seed: int = 0) -> tuple[np.ndarray | None, dict]:
+    """(the batch, info): the `candidates` x `batch_size` lowest scores (least certain
+    tasks), clustered into `batch_size` groups by k-means on their vectors, each group's
+    least certain task, in score order. Diverse mini-batch active learning (Zhdanov 2019):
+    the least certain tasks of a round are often near-duplicates of one another, and a
+    batch of 50 of them teaches the head about as much as a few; one per cluster spreads the
+    labels over the uncertain region. k-means is weighted by uncertainty (1 - score), so the
+    centres sit where the head is least sure. (None, ...) when the pool is no larger than
+    the batch: there is nothing to choose."""
+    from sklearn.cluster import KMeans
+
+    scores = np.asarray(scores, dtype=np.float64)
+    size = min(batch_size, len(scores))
+    pool = min(len(scores), max(size, candidates * size))
+    if size < 2 or pool <= size:
+        return None, {"diverse_batch": False}
+    order = np.argsort(scores, kind="stable")[:pool]
+    x = np.asarray(features, dtype=np.float64)[order]
+    weights = np.clip(1.0 - scores[order], 1e-6, None)
+    clusters = KMeans(n_clusters=size, n_init=1, random_state=seed, max_iter=100).fit(
+        x, sample_weight=weights).labels_
+    # `order` is by score, so each cluster's first member is its least certain task.
+    _, first = np.unique(clusters, return_index=True)
+    picked = np.sort(first)
+    if len(picked) < size:  # k-means left a cluster empty: the next least certain fill it
+        picked = np.sort(np.concatenate([picked, np.setdiff1d(np.arange(pool), picked)[: size - len(picked)]]))
+    batch = order[picked]
+    return batch, {"diverse_batch": True, "diversity_candidates": int(pool),
+                   "diverse_batch_outside_top": int(np.count_nonzero(picked >= size))}
 
 
 def jsonable(value):
