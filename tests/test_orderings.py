@@ -100,9 +100,10 @@ def test_uncertainty_baselines_serve_the_least_certain_first():
 
 def test_a_diverse_batch_takes_the_least_certain_task_of_each_group_of_near_duplicates():
     # 12 groups of 4 near-duplicate tasks, far apart; the lower a group's index, the less
-    # certain its tasks. With batches of 6 plain margin serves groups 0 and 1; the diverse
-    # batch chooses among the 4 x 6 = 24 least certain (groups 0-5) one task per group, the
-    # least certain of each, served least certain first (class guard off: one class here).
+    # certain its tasks. With batches of 6 plain margin serves groups 0 and 1; margin's
+    # default diverse batch, here from the 4 x 6 = 24 least certain (groups 0-5), one task
+    # per group, the least certain of each, served least certain first (class guard off:
+    # one predicted class here). Least confidence stays plain unless asked.
     rng = np.random.default_rng(0)
     groups = np.repeat(np.arange(12), 4)
     centres = rng.normal(size=(12, 16)) * 10
@@ -112,8 +113,12 @@ def test_a_diverse_batch_takes_the_least_certain_task_of_each_group_of_near_dupl
     data = OrderingInput(features_labeled=features[:2], labels=np.array([0, 1]), features_unlabeled=features,
                          classifier=None, probabilities_unlabeled=probabilities, batch_size=6,
                          params={"class_guard": False})
-    assert set(groups[get_ordering("margin").score(data).top(6)]) == {0, 1}
-    result = get_ordering("margin", diverse_batch=True).score(data)
+    assert set(groups[get_ordering("margin", diverse_batch=False).score(data).top(6)]) == {0, 1}
+    assert set(groups[get_ordering("least_confidence").score(data).top(6)]) == {0, 1}
+    result = get_ordering("margin", diversity_candidates=4).score(data)
+    # On two choices least confidence ranks as margin does, so asked for it, its batch is the same.
+    same = get_ordering("least_confidence", diverse_batch=True, diversity_candidates=4).score(data)
+    assert list(same.top(6)) == list(result.top(6))
     batch = result.top(6)
     assert list(groups[batch]) == [0, 1, 2, 3, 4, 5]
     margins = margin_score(probabilities)
@@ -124,7 +129,7 @@ def test_a_diverse_batch_takes_the_least_certain_task_of_each_group_of_near_dupl
     # Nothing to choose when the pool is no larger than the batch: plain margin's batch.
     small = OrderingInput(features_labeled=features[:2], labels=np.array([0, 1]), features_unlabeled=features[:6],
                           classifier=None, probabilities_unlabeled=probabilities[:6], batch_size=6,
-                          params={"class_guard": False, "diverse_batch": True})
+                          params={"class_guard": False})
     assert sorted(get_ordering("margin").score(small).top(6)) == list(range(6))
 
 

@@ -27,7 +27,8 @@ from model.orderings.random_order import RandomOrder
 # The queue's ordering when neither the project's extra params nor ORDERING name one. Margin:
 # on two choices (and on each yes/no of a multi-label control) it ranks as least confidence
 # does; with more choices it was ahead of least confidence beyond noise on both many-class
-# scenarios and tied on three classes (BENCHMARKS.md, "Margin as the default").
+# scenarios and tied on three classes (BENCHMARKS.md, "Margin as the default"). Its batch is
+# diverse by default (`Margin.diverse_by_default`; BENCHMARKS.md, "A diverse batch").
 DEFAULT_ORDERING = "margin"
 
 ORDERINGS: dict[str, type[Ordering]] = {

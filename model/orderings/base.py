@@ -413,13 +413,18 @@ class ConfidenceOrdering(Ordering):
     def joint_confidence(decisions: list[np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 
+    # `diverse_batch` unless a project's params say otherwise: on for margin, the default
+    # ordering (BENCHMARKS.md, "A diverse batch"); off for least confidence and entropy, the
+    # plain baselines the Active Transfer Learning orderings are measured against.
+    diverse_by_default = False
+
     @classmethod
     def known_params(cls) -> dict:
         # `diverse_batch`: the batch is spread over the task vectors instead of being the
         # `batch_size` least certain tasks (`diverse_batch`, below); `diversity_candidates`:
         # how many times the batch size of the least certain tasks it is chosen from.
-        return {**super().known_params(), "decisions": "least_certain", "diverse_batch": False,
-                "diversity_candidates": 4}
+        return {**super().known_params(), "decisions": "least_certain", "diverse_batch": cls.diverse_by_default,
+                "diversity_candidates": 10}
 
     @classmethod
     def param_rules(cls) -> dict:
@@ -437,6 +442,8 @@ class ConfidenceOrdering(Ordering):
             return self.finish(data, scores, views)
         batch, info = diverse_batch(scores, data.features_unlabeled, data.batch_size,
                                     settings["diversity_candidates"], data.seed)
+        if not info.get("diverse_batch_outside_top"):
+            batch = None  # the least certain tasks are the batch already: the scores serve it
         return self.finish(data, scores, views, info=info, batch=batch)
 
 
@@ -450,7 +457,10 @@ def diverse_batch(scores: np.ndarray, features: np.ndarray, batch_size: int, can
     labels over the uncertain region. k-means is weighted by uncertainty (1 - score), so the
     centres sit where the head is least sure. (None, ...) when the pool is no larger than
     the batch: there is nothing to choose."""
+    import warnings
+
     from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
 
     scores = np.asarray(scores, dtype=np.float64)
     size = min(batch_size, len(scores))
@@ -460,8 +470,11 @@ def diverse_batch(scores: np.ndarray, features: np.ndarray, batch_size: int, can
     order = np.argsort(scores, kind="stable")[:pool]
     x = np.asarray(features, dtype=np.float64)[order]
     weights = np.clip(1.0 - scores[order], 1e-6, None)
-    clusters = KMeans(n_clusters=size, n_init=1, random_state=seed, max_iter=100).fit(
-        x, sample_weight=weights).labels_
+    with warnings.catch_warnings():
+        # Fewer distinct vectors than clusters (duplicate tasks): the fill below covers it.
+        warnings.filterwarnings("ignore", message="Number of distinct clusters", category=ConvergenceWarning)
+        clusters = KMeans(n_clusters=size, n_init=1, random_state=seed, max_iter=100).fit(
+            x, sample_weight=weights).labels_
     # `order` is by score, so each cluster's first member is its least certain task.
     _, first = np.unique(clusters, return_index=True)
     picked = np.sort(first)

@@ -7,6 +7,9 @@ Lower = the classifier hesitates between two classes = label sooner.
 
 Several controls: the lowest margin over every head's decisions (`base.combined_score`);
 with `decisions="joint"`, the margin between the two most probable whole answers.
+
+The batch served first is diverse (`base.diverse_batch`: one task per k-means cluster of the
+10 x batch-size lowest margins), unless the project's params say `"diverse_batch": false`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def joint_margin_score(decisions: list[np.ndarray]) -> np.ndarray:
 
 class Margin(ConfidenceOrdering):
     name = "margin"
+    diverse_by_default = True
     defaults: dict = {}
     confidence = staticmethod(margin_score)
     joint_confidence = staticmethod(joint_margin_score)
