@@ -1257,8 +1257,8 @@ def _f1_table(agg: dict, names: list[str], points: list[int], grid: list[int], w
 
 def identical_groups(results: dict) -> list[list[str]]:
     """Orderings whose runs bought the same labels and scored the same in every seed (e.g.
-    least confidence, margin and entropy with two classes): one line on the plot, noted in
-    the summary."""
+    least confidence and entropy with two classes, and margin with `diverse_batch` off): one
+    line on the plot, noted in the summary."""
     def picks(name: str) -> dict:
         # The order within a batch does not change what the head learns.
         return {seed: (sorted(run["picked"]), run["accuracy"], run["macro_f1"])
