@@ -8,8 +8,8 @@
 # Learners: our default (margin with the retrain's head; on two classes and on multi-label
 # controls it ranks as least confidence does, so those scenarios name it least_confidence, as
 # in the runs measured before margin became the default; since margin serves a diverse batch
-# by default, `ours:margin` differs from it there, BENCHMARKS.md "A diverse batch") first, as the reference of the
-# paired differences; our other uncertainty orderings where they differ from it; the head before issue 17 (MLP)
+# by default, `ours:margin` differs from it there, BENCHMARKS.md "A diverse batch") first,
+# as the reference of the paired differences; our other uncertainty orderings where they differ from it; the head before issue 17 (MLP)
 # in the three scenarios measured before; the multi-label thresholds before issue 17;
 # small-text's LeastConfidence, BreakingTies (multi-class only: on two classes it is
 # LeastConfidence), and its embedding strategy EmbeddingKMeans on the vectors; on the
@@ -84,7 +84,6 @@ for scenario in "${scenarios[@]}"; do
         for i in "${!extra[@]}"; do
             if [[ ${extra[$i]} == --learners ]]; then extra[i + 1]=$LEARNERS; fi
         done
-        if [[ " ${extra[*]} " != *" --learners "* ]]; then extra+=(--learners "$LEARNERS"); fi
     fi
     run "$scenario" "${SCENARIO_ARGS[@]}" "${extra[@]}"
 done

@@ -442,9 +442,17 @@ class ConfidenceOrdering(Ordering):
             return self.finish(data, scores, views)
         batch, info = diverse_batch(scores, data.features_unlabeled, data.batch_size,
                                     settings["diversity_candidates"], data.seed)
-        if not info.get("diverse_batch_outside_top"):
-            batch = None  # the least certain tasks are the batch already: the scores serve it
         return self.finish(data, scores, views, info=info, batch=batch)
+
+
+def lowest_per_cluster(clusters: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """From each cluster (a label per task) the task with the lowest score, ties to the
+    lower index; the picks in score order. What a one-per-cluster batch serves."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(scores, kind="stable")
+    _, first = np.unique(np.asarray(clusters)[order], return_index=True)
+    picked = order[first]
+    return picked[np.argsort(scores[picked], kind="stable")]
 
 
 def diverse_batch(scores: np.ndarray, features: np.ndarray, batch_size: int, candidates: int,
@@ -456,7 +464,8 @@ def diverse_batch(scores: np.ndarray, features: np.ndarray, batch_size: int, can
     batch of 50 of them teaches the head about as much as a few; one per cluster spreads the
     labels over the uncertain region. k-means is weighted by uncertainty (1 - score), so the
     centres sit where the head is least sure. (None, ...) when the pool is no larger than
-    the batch: there is nothing to choose."""
+    the batch, or when the picks are the least certain tasks anyway: the scores serve that
+    batch as they are."""
     import warnings
 
     from sklearn.cluster import KMeans
@@ -475,14 +484,13 @@ def diverse_batch(scores: np.ndarray, features: np.ndarray, batch_size: int, can
         warnings.filterwarnings("ignore", message="Number of distinct clusters", category=ConvergenceWarning)
         clusters = KMeans(n_clusters=size, n_init=1, random_state=seed, max_iter=100).fit(
             x, sample_weight=weights).labels_
-    # `order` is by score, so each cluster's first member is its least certain task.
-    _, first = np.unique(clusters, return_index=True)
-    picked = np.sort(first)
+    # Positions in `order`, which is by score: sorted, they are the batch in score order.
+    picked = np.sort(lowest_per_cluster(clusters, scores[order]))
     if len(picked) < size:  # k-means left a cluster empty: the next least certain fill it
         picked = np.sort(np.concatenate([picked, np.setdiff1d(np.arange(pool), picked)[: size - len(picked)]]))
-    batch = order[picked]
-    return batch, {"diverse_batch": True, "diversity_candidates": int(pool),
-                   "diverse_batch_outside_top": int(np.count_nonzero(picked >= size))}
+    outside = int(np.count_nonzero(picked >= size))
+    info = {"diverse_batch": True, "diversity_candidates": int(pool), "diverse_batch_outside_top": outside}
+    return (order[picked] if outside else None), info
 
 
 def jsonable(value):

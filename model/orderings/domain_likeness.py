@@ -40,6 +40,7 @@ from model.orderings.base import (
     combined_score,
     flag,
     integer,
+    lowest_per_cluster,
     number,
 )
 from model.orderings.least_confidence import least_confidence_score
@@ -83,12 +84,7 @@ def cluster_batch(features: np.ndarray, p_training: np.ndarray, size: int, seed:
         return np.argsort(p_training, kind="stable")[:size]
     clusters = MiniBatchKMeans(n_clusters=size, random_state=seed, n_init=1,
                                batch_size=1024).fit_predict(np.asarray(features, dtype=np.float32))
-    picked = []
-    for cluster in np.unique(clusters):
-        members = np.flatnonzero(clusters == cluster)
-        picked.append(int(members[np.argmin(p_training[members])]))
-    picked = np.array(picked, dtype=int)
-    return picked[np.argsort(p_training[picked], kind="stable")]
+    return lowest_per_cluster(clusters, p_training)
 
 
 def uncertainty_first(confidence: np.ndarray, p_training: np.ndarray, candidates: int) -> np.ndarray:
