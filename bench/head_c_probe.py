@@ -12,8 +12,15 @@ each rule reads: the mean log loss (`c_objective="log_loss"`, grid from 0.1), th
 the grid from 0.01, the log loss at the best temperature (`"scaled_log_loss"`) and the
 accuracy (`"accuracy"`, log loss breaking ties). The table: per labeled-set size, each rule's
 test accuracy at the C it picks, minus the best C's in hindsight (the oracle), mean over
-seeds, and the median C it picks. Random labeled sets, not active-learning ones: a probe of
-the rules, not of the loop.
+seeds, and the median C it picks. Random labeled sets by default; `--picks ORDERING` takes
+instead the labeled sets that ordering's loop bought with the retrain's head
+(`model.simulate.run_ordering`, the same plans): the rules on the boundary-heavy sets the
+loop trains on, which is where they were seen to differ (BENCHMARKS.md, "C and a
+temperature chosen together").
+
+Two rules are not one C but a blend of two: "blend" averages the logits of the log-loss
+pick (as it is) and the scaled pick (at its temperature), "blend prob" their
+probabilities.
 """
 
 from __future__ import annotations
@@ -33,11 +40,13 @@ from bench.run_record import Run, table  # noqa: E402
 from model import simulate  # noqa: E402
 from model.classifier import ACCURACY_C_GRID, C_FOLDS, C_GRID, TEMPERATURES  # noqa: E402
 
-RULES = ("log_loss", "log_loss from 0.01", "scaled_log_loss", "accuracy")
+RULES = ("log_loss", "log_loss from 0.01", "scaled_log_loss", "scaled from 0.1", "accuracy")
+BLENDS = ("blend", "blend prob")
 
 
 def out_of_fold_scores(x, y, seed):
-    """Per C of ACCURACY_C_GRID: (mean log loss, best-temperature log loss, accuracy)."""
+    """Per C of ACCURACY_C_GRID: (mean log loss, best-temperature log loss, accuracy, that
+    temperature)."""
     from scipy.special import logsumexp
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
@@ -59,9 +68,10 @@ def out_of_fold_scores(x, y, seed):
     for i in range(len(ACCURACY_C_GRID)):
         right = log_p[i][rows, truth]
         raw = float(-right.mean())
-        scaled = min(float(np.mean(logsumexp(t * log_p[i], axis=1) - t * right)) for t in TEMPERATURES)
+        scaled, temperature = min((float(np.mean(logsumexp(t * log_p[i], axis=1) - t * right)), t)
+                                  for t in TEMPERATURES)
         accuracy = float(np.mean(log_p[i].argmax(axis=1) == truth))
-        scores.append((raw, scaled, accuracy))
+        scores.append((raw, scaled, accuracy, temperature))
     return scores
 
 
@@ -74,6 +84,9 @@ def pick(rule: str, scores) -> int:
         return min(range(len(grid)), key=lambda i: scores[i][0])
     if rule == "scaled_log_loss":
         return min(range(len(grid)), key=lambda i: scores[i][1])
+    if rule == "scaled from 0.1":
+        allowed = [i for i, C in enumerate(grid) if C in C_GRID]
+        return min(allowed, key=lambda i: scores[i][1])
     return max(range(len(grid)), key=lambda i: (scores[i][2], -scores[i][0]))
 
 
@@ -88,49 +101,70 @@ def main(argv=None) -> int:
     parser.add_argument("--initial", type=int, default=50)
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--labels", default="50,100,200,500")
+    parser.add_argument("--picks", default=None,
+                        help="an ordering: its loop's labeled sets (at the --labels sizes) instead of random ones")
+    parser.add_argument("--budget", type=int, default=None, help="the loop's budget (default: the largest size)")
+    parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     sizes = [int(n) for n in args.labels.split(",")]
     record = Run("head_c_probe", argv=argv, out=args.out / "summary.json")
     config = simulate.SimulationConfig(
-        data=args.data, orderings=[], seeds=list(range(args.seeds)), initial=args.initial, batch_size=50,
-        budget=max(sizes), pool_size=args.pool_size, test_size=args.test_size, seed_data=args.seed_data,
-        test=args.test, rare_class=args.rare_class)
+        data=args.data, orderings=[], seeds=list(range(args.seeds)), initial=args.initial,
+        batch_size=args.batch_size, budget=args.budget or max(sizes), pool_size=args.pool_size,
+        test_size=args.test_size, seed_data=args.seed_data, test=args.test, rare_class=args.rare_class)
     table_ = simulate.table_from_config(config)
     if len(table_.specs) != 1 or table_.specs[0].multi_label:
         raise SystemExit("one single-choice control only")
     plans = [simulate.plan_seed(table_, config, s) for s in config.seeds]
     features, _, _ = simulate.encode_table(table_, plans, config, all_layers=False)
     targets = np.asarray(table_.targets[0])
+    if args.picks:
+        simulate._set_context(features, None, table_.targets, table_.specs, threads=1)
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
-    results = {rule: {n: [] for n in sizes} for rule in RULES}
-    chosen = {rule: {n: [] for n in sizes} for rule in RULES}
+    results = {rule: {n: [] for n in sizes} for rule in RULES + BLENDS}
+    chosen = {rule: {n: [] for n in sizes} for rule in RULES + BLENDS}
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore", UserWarning)
         for plan in plans:
-            rng = np.random.default_rng(1000 + plan.seed)
-            order = rng.permutation(len(plan.pool))
+            if args.picks:
+                loop = simulate.run_ordering(plan, args.picks, config)
+                bought = np.r_[plan.pool[plan.initial], np.asarray(loop["picked"], dtype=np.int64)]
+                order = None
+            else:
+                rng = np.random.default_rng(1000 + plan.seed)
+                order = rng.permutation(len(plan.pool))
             test_x = np.asarray(features[plan.test], dtype=np.float64)
             for n in sizes:
-                rows = np.concatenate([plan.seed_rows, plan.pool[order[:n]]]).astype(np.int64)
+                taken = plan.pool[order[:n]] if order is not None else bought[:n]
+                rows = np.concatenate([plan.seed_rows, taken]).astype(np.int64)
                 x, y = np.asarray(features[rows], dtype=np.float64), targets[rows]
                 if np.bincount(y)[np.unique(y)].min() < 2:
                     continue
                 scores = out_of_fold_scores(x, y, plan.seed)
-                accuracy = [float(np.mean(LogisticRegression(C=C, class_weight="balanced", max_iter=1000)
-                                          .fit(x, y).predict(test_x) == targets[plan.test]))
-                            for C in ACCURACY_C_GRID]
+                models = [LogisticRegression(C=C, class_weight="balanced", max_iter=1000).fit(x, y)
+                          for C in ACCURACY_C_GRID]
+                truth = np.searchsorted(models[0].classes_, targets[plan.test])
+                logits = [np.atleast_2d(m.decision_function(test_x)) for m in models]
+                logits = [np.c_[-z.T / 2, z.T / 2] if z.shape[0] == 1 else z for z in logits]
+                accuracy = [float(np.mean(z.argmax(axis=1) == truth)) for z in logits]
                 for rule in RULES:
                     i = pick(rule, scores)
                     results[rule][n].append(100 * (accuracy[i] - max(accuracy)))
                     chosen[rule][n].append(ACCURACY_C_GRID[i])
+                i, j = pick("log_loss", scores), pick("scaled_log_loss", scores)
+                zi, zj = logits[i], scores[j][3] * logits[j]
+                from scipy.special import softmax
+                for rule, z in (("blend", zi + zj), ("blend prob", softmax(zi, axis=1) + softmax(zj, axis=1))):
+                    results[rule][n].append(100 * (float(np.mean(z.argmax(axis=1) == truth)) - max(accuracy)))
+                    chosen[rule][n].append(float(np.sqrt(ACCURACY_C_GRID[i] * ACCURACY_C_GRID[j])))
                 results.setdefault("oracle C", {m: [] for m in sizes})[n].append(
                     ACCURACY_C_GRID[int(np.argmax(accuracy))])
             print(f"seed {plan.seed} done", flush=True)
     rows_out = []
-    for rule in RULES:
+    for rule in RULES + BLENDS:
         row = {"rule": rule}
         for n in sizes:
             values = np.asarray(results[rule][n])
