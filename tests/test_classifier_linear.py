@@ -10,6 +10,7 @@ from model.classifier import (
     ACCURACY_C_GRID,
     C_GRID,
     FALLBACK_C,
+    SHARPENING,
     TEMPERATURES,
     ClassifierHead,
     HeadConfig,
@@ -275,29 +276,43 @@ def test_multi_label_c_by_accuracy_keeps_each_choices_temperature_in_copies(tmp_
     assert MultiLabelHead.load(tmp_path).choice_temperature_ == head.choice_temperature_
 
 
-def test_scaled_log_loss_chooses_C_and_temperature_together_out_of_fold(tmp_path):
-    """`c_objective="scaled_log_loss"`: the (C, temperature) of ACCURACY_C_GRID x
-    TEMPERATURES whose scaled out-of-fold probabilities (the head's folds) have the lowest
-    mean log loss; the head is the logistic regression at that C, its logits scaled.
-    Recomputed here fold by fold with plain scikit-learn."""
+def _best_scaled_pair(x, y, temperatures, seed):
+    """(mean log loss, C, temperature): the pair of ACCURACY_C_GRID x `temperatures` whose
+    scaled out-of-fold probabilities (the head's folds: stratified, 5, `seed`) have the
+    lowest mean log loss, fold by fold with plain scikit-learn."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
-    x, y = _blobs(90, dim=24, classes=3, spread=1.6, seed=3)
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float64)
-    head = _head("abc", x.shape[1], c_objective="scaled_log_loss", seed=7).fit(x, y)
-    folds = list(StratifiedKFold(5, shuffle=True, random_state=7).split(x, y))
+    folds = list(StratifiedKFold(5, shuffle=True, random_state=seed).split(x, y))
+    classes = len(np.unique(y))
     best = (np.inf, None, None)
     for C in ACCURACY_C_GRID:
-        p = np.zeros((len(y), 3))
+        p = np.zeros((len(y), classes))
         for train, test in folds:
             p[test] = LogisticRegression(C=C, class_weight="balanced", max_iter=1000).fit(
                 x[train], y[train]).predict_proba(x[test])
-        for t in TEMPERATURES:
+        for t in temperatures:
             q = p ** t / (p ** t).sum(axis=1, keepdims=True)
             loss = -np.mean(np.log(q[np.arange(len(y)), y]))
             if loss < best[0] - 1e-9:
                 best = (loss, C, t)
+    return best
+
+
+@pytest.mark.parametrize("objective, temperatures", [("scaled_log_loss", TEMPERATURES),
+                                                     ("sharpened_log_loss", SHARPENING)])
+def test_scaled_log_loss_chooses_C_and_temperature_together_out_of_fold(tmp_path, objective, temperatures):
+    """`c_objective="scaled_log_loss"`: the (C, temperature) of ACCURACY_C_GRID x
+    TEMPERATURES whose scaled out-of-fold probabilities (the head's folds) have the lowest
+    mean log loss; the head is the logistic regression at that C, its logits scaled.
+    "sharpened_log_loss": the same over the temperatures of at least 1 (SHARPENING).
+    Recomputed here fold by fold with plain scikit-learn."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _blobs(90, dim=24, classes=3, spread=1.6, seed=3)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float64)
+    head = _head("abc", x.shape[1], c_objective=objective, seed=7).fit(x, y)
+    best = _best_scaled_pair(x, y, temperatures, seed=7)
     assert head.C_ == best[1]
     assert head.temperature_ == pytest.approx(best[2])
     unscaled = LogisticRegression(C=best[1], class_weight="balanced", max_iter=1000).fit(x, y)
@@ -313,8 +328,31 @@ def test_scaled_log_loss_chooses_C_and_temperature_together_out_of_fold(tmp_path
     y1 = y.copy()
     y1[y1 == 2] = 0
     y1[0] = 2
-    single = _head("abc", x.shape[1], c_objective="scaled_log_loss").fit(x, y1)
-    assert single.C_ in ACCURACY_C_GRID and single.temperature_ in TEMPERATURES
+    single = _head("abc", x.shape[1], c_objective=objective).fit(x, y1)
+    assert single.C_ in ACCURACY_C_GRID and single.temperature_ in temperatures
+
+
+def test_sharpened_log_loss_never_softens_a_weak_penalty_on_boundary_labels():
+    """Labels bunched at the class boundary, one in ten flipped (what an uncertainty ordering
+    buys): the scaled rule picks an almost unpenalised C with its logits softened (a
+    temperature below 1); the sharpened rule may not soften, and takes its own best pair
+    over SHARPENING instead (recomputed with plain scikit-learn)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=8)
+    w /= np.linalg.norm(w)
+    x = rng.normal(size=(90, 8))
+    x -= np.outer(0.9 * (x @ w), w)  # pulled towards the boundary x @ w = 0
+    y = (x @ w > 0).astype(np.int64)
+    flipped = rng.random(90) < 0.1
+    y[flipped] = 1 - y[flipped]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    scaled = _head("ab", 8, c_objective="scaled_log_loss", seed=7).fit(x, y)
+    sharpened = _head("ab", 8, c_objective="sharpened_log_loss", seed=7).fit(x, y)
+    assert scaled.temperature_ < 1.0
+    assert sharpened.temperature_ >= 1.0
+    _, C, t = _best_scaled_pair(x, y, SHARPENING, seed=7)
+    assert (sharpened.C_, sharpened.temperature_) == (C, pytest.approx(t))
+    assert (sharpened.C_, sharpened.temperature_) != (scaled.C_, scaled.temperature_)
 
 
 def test_multi_label_choices_are_weighted_as_asked_and_old_versions_stay_weighted():
