@@ -36,7 +36,9 @@ def test_linear_head_fits_separable_data():
     x, y = _blobs(90)
     head = _head("abc", x.shape[1]).fit(x, y)
     assert (head.predict(head.predict_proba(x)) == y).all()
-    assert head.C_ in C_GRID
+    # The default rule: C from ACCURACY_C_GRID, its logits only ever sharpened.
+    assert head.config.c_objective == "sharpened_log_loss"
+    assert head.C_ in ACCURACY_C_GRID and head.temperature_ in SHARPENING
     p = head.predict_proba(x)
     assert np.allclose(p.sum(axis=1), 1, atol=1e-5)
     # No hidden layer: the "last hidden layer" the ATL orderings read is the input itself.
@@ -58,10 +60,10 @@ def test_regularisation_is_chosen_out_of_fold():
     # prefer a stronger one than on clean, separable data.
     rng = np.random.default_rng(1)
     x_clean, y_clean = _blobs(200, dim=40, classes=2, spread=0.05)
-    clean = _head("ab", 40).fit(x_clean, y_clean)
+    clean = _head("ab", 40, c_objective="log_loss").fit(x_clean, y_clean)
     x_noise = rng.normal(size=(200, 40)).astype(np.float32)
     y_noise = rng.integers(0, 2, 200)
-    noisy = _head("ab", 40).fit(x_noise, y_noise)
+    noisy = _head("ab", 40, c_objective="log_loss").fit(x_noise, y_noise)
     assert noisy.C_ < clean.C_
     assert noisy.C_ <= 1.0  # pure noise: the strongest penalties win on held-out log loss
 
@@ -72,10 +74,12 @@ def test_fold_copies_keep_the_chosen_C_and_unseen_classes_get_no_probability():
     assert head.predict_proba(x)[:, 3].max() < 1e-6
     copy = fresh_copy(head)
     assert copy.config.C == head.C_ and copy.C_ is None
-    # A class with a single example: no out-of-fold choice is possible, the fallback C is used.
+    # A class with a single example: by log loss no out-of-fold choice is made, the fallback
+    # C is used; the default still searches on the other classes' folds.
     y_one = y.copy()
     y_one[0] = 3
-    assert _head("abcd", x.shape[1]).fit(x, y_one).C_ == FALLBACK_C
+    assert _head("abcd", x.shape[1], c_objective="log_loss").fit(x, y_one).C_ == FALLBACK_C
+    assert _head("abcd", x.shape[1]).fit(x, y_one).C_ in ACCURACY_C_GRID
     # One class only: a constant prediction of it.
     single = _head("abc", x.shape[1]).fit(x[:5], np.zeros(5, dtype=int))
     assert (single.predict(single.predict_proba(x)) == 0).all()
@@ -182,6 +186,21 @@ def test_versions_saved_before_kind_load_as_the_mlp(tmp_path):
     assert loaded.hidden(x).shape == (30, old.config.hidden_dim)
 
 
+def test_versions_saved_before_the_sharpened_default_keep_choosing_C_by_log_loss(tmp_path):
+    """A linear head saved without `c_objective` (before it existed) chose C by log loss: its
+    fold copies, which refit on the labels, must go on doing so."""
+    x, y = _blobs(60)
+    head = _head("abc", x.shape[1], c_objective="log_loss").fit(x, y)
+    head.save(tmp_path)
+    config = json.loads((tmp_path / "classifier.json").read_text())
+    config.pop("c_objective")
+    (tmp_path / "classifier.json").write_text(json.dumps(config))
+    loaded = ClassifierHead.load(tmp_path)
+    assert loaded.config.c_objective == "log_loss" and loaded.temperature_ is None
+    assert np.array_equal(loaded.predict_proba(x), head.predict_proba(x))
+    assert HeadConfig(labels=["a"], input_dim=1).c_objective == "sharpened_log_loss"  # new heads
+
+
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="unknown head kind"):
         _head("ab", 4, kind="forest")
@@ -222,7 +241,7 @@ def test_c_by_accuracy_takes_the_most_accurate_C_and_calibrates_its_probabilitie
     tied = [C for C in ACCURACY_C_GRID if abs(scores[C][0] - best) < 1e-9]
     chosen = max(tied, key=lambda C: scores[C][1])
     assert head.C_ == chosen
-    by_log_loss = _head("abc", x.shape[1], seed=7).fit(x, y)
+    by_log_loss = _head("abc", x.shape[1], c_objective="log_loss", seed=7).fit(x, y)
     assert by_log_loss.C_ == max(C_GRID, key=lambda C: scores[C][1]) != chosen
     assert by_log_loss.temperature_ is None
 
@@ -255,7 +274,7 @@ def test_c_by_accuracy_still_searches_when_a_class_has_one_label():
     y = y.copy()
     y[y == 2] = 0
     y[0] = 2  # one label of class 2
-    by_log_loss = _head("abc", 16).fit(x, y)
+    by_log_loss = _head("abc", 16, c_objective="log_loss").fit(x, y)
     assert by_log_loss.C_ == FALLBACK_C and by_log_loss.temperature_ is None
     by_accuracy = _head("abc", 16, c_objective="accuracy").fit(x, y)
     assert by_accuracy.C_ in ACCURACY_C_GRID and by_accuracy.temperature_ in TEMPERATURES
@@ -400,7 +419,7 @@ def test_multi_label_auto_weighting_is_chosen_per_choice_out_of_fold_and_kept_in
                                x[:, 1] + 0.7 * rng.normal(size=160) > 0.0,
                                np.arange(160) == 3]).astype(np.float32)  # one positive only
     head = MultiLabelHead(HeadConfig(labels=["rare", "even", "once"], input_dim=10, kind="linear",
-                                     choice_weight="auto")).fit(x, targets)
+                                     c_objective="log_loss", choice_weight="auto")).fit(x, targets)
     for j in range(2):
         truth = targets[:, j].astype(np.int64)
         rarer = int(min(truth.sum(), len(truth) - truth.sum()))
@@ -458,7 +477,7 @@ def test_pool_weighting_chooses_C_by_importance_weighted_out_of_fold_log_loss():
     from model.classifier import pool_importance
 
     x, y, pool = _labels_and_a_shifted_pool()
-    head = _head("abc", 12, c_weighting="pool", seed=7).fit(x, y, pool=pool)
+    head = _head("abc", 12, c_weighting="pool", c_objective="log_loss", seed=7).fit(x, y, pool=pool)
     w = pool_importance(x, pool, seed=7)
     assert np.allclose(head.importance_, w)
     folds = list(StratifiedKFold(5, shuffle=True, random_state=7).split(x, y))
@@ -470,19 +489,20 @@ def test_pool_weighting_chooses_C_by_importance_weighted_out_of_fold_log_loss():
                 x[train], y[train]).predict_proba(x[test])
         losses.append(np.average(-np.log(p[np.arange(len(y)), y]), weights=w))
     assert head.C_ == C_GRID[int(np.argmin(losses))], losses
-    assert head.C_ != _head("abc", 12, seed=7).fit(x, y).C_  # here the weights change the choice
+    # Here the weights change the choice.
+    assert head.C_ != _head("abc", 12, c_objective="log_loss", seed=7).fit(x, y).C_
     reference = LogisticRegression(C=head.C_, class_weight="balanced", max_iter=1000).fit(x, y)
     assert np.allclose(head.predict_proba(x), reference.predict_proba(x), atol=2e-3)
     # No pool given: uniform scores, the default head's C.
-    plain = _head("abc", 12, c_weighting="pool", seed=7).fit(x, y)
-    assert plain.importance_ is None and plain.C_ == _head("abc", 12, seed=7).fit(x, y).C_
+    plain = _head("abc", 12, c_weighting="pool", c_objective="log_loss", seed=7).fit(x, y)
+    assert plain.importance_ is None and plain.C_ == _head("abc", 12, c_objective="log_loss", seed=7).fit(x, y).C_
     # Through ControlHeads: the unanswered rows are the pool, for single- and multi-label heads.
     specs = [ControlSpec(name="one", labels=list("abc")),
              ControlSpec(name="many", labels=["p", "q"], multi_label=True)]
     features = np.vstack([x, pool])
     single = np.r_[y, np.full(len(pool), -1)]
     multi = np.vstack([np.column_stack([y == 0, x[:, 1] > 0]).astype(np.int64), np.full((len(pool), 2), -1)])
-    heads = ControlHeads.build(specs, [12, 12], kind="linear", c_weighting="pool", seed=7)
+    heads = ControlHeads.build(specs, [12, 12], kind="linear", c_weighting="pool", c_objective="log_loss", seed=7)
     heads.fit([features, features], [single, multi])
     for trained in heads.heads:
         assert np.allclose(trained.importance_, w)
@@ -497,7 +517,7 @@ def test_pool_fit_weights_the_fit_too_and_balances_the_weighted_class_counts():
     from model.classifier import pool_importance
 
     x, y, pool = _labels_and_a_shifted_pool()
-    head = _head("abc", 12, c_weighting="pool_fit", seed=7).fit(x, y, pool=pool)
+    head = _head("abc", 12, c_weighting="pool_fit", c_objective="log_loss", seed=7).fit(x, y, pool=pool)
     w = pool_importance(x, pool, seed=7)
     mass = np.bincount(y, weights=w)
     reference = LogisticRegression(C=head.C_, class_weight={c: mass.sum() / (3 * mass[c]) for c in range(3)},
