@@ -4,13 +4,15 @@
 
 On cached MiniLM vectors of airline tweets (three classes), interleaved per repeat:
 `model.heads.train_heads` (one single-choice control: the head's fit on every label, then
-the retrain's 5-fold out-of-fold pass) for the linear head (balanced classes, C chosen by
-out-of-fold log loss, then fold copies with that C), the linear head with its class weighting
-chosen with C (`class_weight="auto"`: two C searches, balanced and unweighted), the linear
-head with C and a temperature chosen together (`c_objective="scaled_log_loss"`) and the MLP
-(150 epochs), on one thread, as an RQ worker runs it. With a multi-label `--data` (Debian's
-`use::` tags), the multi-label linear heads instead: the per-choice weighting chosen
-out-of-fold (the default) against every choice weighted and none. Prints a Markdown table (median and range
+the retrain's 5-fold out-of-fold pass) for the linear head (the default: balanced classes,
+C and a sharpening temperature chosen together by out-of-fold log loss, then fold copies
+with them), the same with C by plain out-of-fold log loss (the default before 2026-12-03),
+the linear head with its class weighting chosen with C (`class_weight="auto"`: two C
+searches, balanced and unweighted), the linear head with C and any temperature
+(`c_objective="scaled_log_loss"`) and the MLP (150 epochs), on one thread, as an RQ worker
+runs it. With a multi-label `--data` (Debian's `use::` tags), the multi-label linear heads
+instead: the per-choice weighting chosen out-of-fold (the default) against every choice
+weighted and none, and the default with C by plain log loss. Prints a Markdown table (median and range
 of the repeats) with the load.
 """
 
@@ -33,8 +35,10 @@ from bench.run_record import Run, spread_text, table  # noqa: E402
 # out-of-fold (the default, two fits per choice) against each fixed rule.
 MULTI_LABEL_HEADS = {"linear, weighting chosen per choice": {"kind": "linear"},
                      "linear, every choice weighted": {"kind": "linear", "choice_weight": "balanced"},
-                     "linear, unweighted": {"kind": "linear", "choice_weight": None}}
-HEADS = {"linear": {"kind": "linear"}, "linear, weighting chosen": {"kind": "linear", "class_weight": "auto"},
+                     "linear, unweighted": {"kind": "linear", "choice_weight": None},
+                     "linear, weighting chosen, C by log loss": {"kind": "linear", "c_objective": "log_loss"}}
+HEADS = {"linear": {"kind": "linear"}, "linear, C by log loss": {"kind": "linear", "c_objective": "log_loss"},
+         "linear, weighting chosen": {"kind": "linear", "class_weight": "auto"},
          "linear, C and temperature by log loss": {"kind": "linear", "c_objective": "scaled_log_loss"},
          "mlp": {"kind": "mlp"}}
 
