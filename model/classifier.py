@@ -735,7 +735,9 @@ class MultiLabelHead(_TwoLayerHead):
         super().__init__(config, device=device)
         self.thresholds_ = np.full(len(config.labels), 0.5)
         self.choice_C_: list[float] | None = None  # the linear head's C per choice, once fitted
-        self.choice_temperature_: list[float | None] | None = None  # c_objective="accuracy" only
+        # Per choice, its logit scale (the objectives with a temperature: the default
+        # "sharpened_log_loss", "scaled_log_loss", "accuracy"); None: not scaled.
+        self.choice_temperature_: list[float | None] | None = None
         self.choice_weight_: list[str | None] | None = None  # choice_weight="auto" only, once fitted
 
     def _as_targets(self, y) -> np.ndarray:
@@ -753,7 +755,7 @@ class MultiLabelHead(_TwoLayerHead):
         biases = np.zeros(n_labels)
         # Each choice has its own C: given (a fold copy's, `fresh_copy`) or chosen here.
         given = self.config.extra.get("choice_C") or [self.config.C] * n_labels
-        # With c_objective="accuracy", each choice's logit scale is chosen with its C (a fold
+        # With a temperature objective, each choice's logit scale is chosen with its C (a fold
         # copy gets them given, as its C); otherwise 1.
         temperatures = self.config.extra.get("choice_temperature") or [None] * n_labels
         # With choice_weight="auto", each choice's weighting is chosen with its C (a fold copy
