@@ -3,9 +3,11 @@
 
 For each data set and seed: a few hundred labeled texts drawn at random (the simulator's
 loading, split and encoding cache: `model.simulate`), a share of their labels flipped to
-another class at random (0 %, 5 %, 10 %), one out-of-fold pass of the service's head over
-them (`ControlHeads.out_of_fold` with the retrain's folds), and then three rules on the
-same out-of-fold probabilities:
+another class at random (0 %, 5 %, 10 %), the service's head (`RETRAIN_HEAD_KIND`, its
+default settings, or `--head` for another kind or `--c-objective` for another C rule)
+fitted on them and its one out-of-fold pass over them (`ControlHeads.out_of_fold` with the
+retrain's folds, as `model.heads.train_heads` runs it), and then three rules on the same
+out-of-fold probabilities:
 
 * **old**: the rule before confident learning: flag where the out-of-fold argmax differs
   from the given label;
@@ -70,8 +72,9 @@ def score(flags: np.ndarray, flipped: np.ndarray) -> dict:
     return {"flagged": int(flags.sum()), "hits": hits, "flipped": int(flipped.sum())}
 
 
-def run(record: Run, data: str, labels: int, seeds: int, folds: int, cache: str | None) -> list[dict]:
-    from model.classifier import ClassifierHead, HeadConfig
+def run(record: Run, data: str, labels: int, seeds: int, folds: int, cache: str | None,
+        head: dict | None = None) -> list[dict]:
+    from model.classifier import RETRAIN_HEAD_KIND, ClassifierHead, HeadConfig
     from model.heads import ControlHeads
 
     config = SimulationConfig(data=data, orderings=[], seeds=list(range(seeds)), pool_size=labels,
@@ -85,9 +88,11 @@ def run(record: Run, data: str, labels: int, seeds: int, folds: int, cache: str 
         for rate in RATES:
             rng = np.random.default_rng([plan.seed, int(rate * 1000), 17])
             y, flipped = flip(truth, rate, len(table.labels), rng)
+            settings = {"kind": RETRAIN_HEAD_KIND, **(head or {})}
             heads = ControlHeads.single(ClassifierHead(HeadConfig(labels=list(table.labels),
-                                                                  input_dim=x.shape[1], seed=plan.seed)))
+                                                                  input_dim=x.shape[1], seed=plan.seed, **settings)))
             with record.measure(data=data, seed=plan.seed, rate=rate, labels=len(y)) as row:
+                heads.fit([x], [y])  # the retrain's order: fit, then its fold copies
                 p = heads.out_of_fold([x], [y], folds=folds, seed=plan.seed).probabilities[0]
             row.update(oof_accuracy_vs_given=float((p.argmax(axis=1) == y).mean()),
                        old=score(old_rule(p, y), flipped),
@@ -133,13 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=MISLABELING_FOLDS,
                         help="folds of the out-of-fold pass (the retrain's default)")
     parser.add_argument("--cache", default=None, help="encoding cache (default: the simulator's)")
+    parser.add_argument("--head", default=None, help="head kind (default: the retrain's, RETRAIN_HEAD_KIND)")
+    parser.add_argument("--c-objective", default=None, help="the linear head's C rule (default: HeadConfig's)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "mislabeling_check.json")
     args = parser.parse_args(argv)
     record = Run("mislabeling_check", argv=argv, out=args.out)
-    record["settings"] = {"data": args.data, "labels": args.labels, "seeds": args.seeds,
+    head = {**({"kind": args.head} if args.head else {}),
+            **({"c_objective": args.c_objective} if args.c_objective else {})}
+    record["settings"] = {"data": args.data, "labels": args.labels, "seeds": args.seeds, "head": head,
                           "folds": args.folds, "rates": RATES, "min_class_labels": mislabeling.MIN_CLASS_LABELS}
     rows = [row for data in args.data for n in args.labels
-            for row in run(record, data, n, args.seeds, args.folds, args.cache)]
+            for row in run(record, data, n, args.seeds, args.folds, args.cache, head)]
     table = summarise(rows)
     record["table"] = table
     print("\n".join(table))
