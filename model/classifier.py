@@ -97,8 +97,9 @@ IMPORTANCE_CLIP = (0.01, 100.0)
 # By accuracy, balanced heads on few labels of many classes chose the grid's strongest
 # penalty (0.1) most often (a nearly class-centroid rule), so its grid reaches lower.
 ACCURACY_C_GRID = (0.01, 0.03) + C_GRID
-# The temperatures an accuracy-chosen head's logits may be scaled by, for the lowest
-# out-of-fold log loss: a strong penalty leaves its probabilities underconfident.
+# The temperatures a head's logits may be scaled by (c_objective "accuracy" and
+# "scaled_log_loss"), for the lowest out-of-fold log loss: a strong penalty leaves its
+# probabilities underconfident.
 TEMPERATURES = tuple(float(t) for t in np.logspace(-1, 2, 31))
 # `c_objective="sharpened_log_loss"`'s temperatures: those of at least 1, which can only make
 # a model more confident. A strong penalty shrinks the logits, and sharpening undoes that;
@@ -210,7 +211,8 @@ class _TwoLayerHead:
             raise ValueError(f"c_weighting={config.c_weighting!r} weights a log loss; use it with "
                              "c_objective 'log_loss', 'scaled_log_loss' or 'sharpened_log_loss'")
         self.C_: float | None = None  # the linear head's chosen C, once fitted
-        # The accuracy-chosen single-choice linear head's logit scale (None: not scaled).
+        # The single-choice linear head's logit scale, chosen with C by a temperature
+        # objective (the default among them); None: not scaled.
         self.temperature_: float | None = None
         # The single-choice linear head's class weighting ("auto": not chosen yet).
         self.class_weight_: str | None = config.class_weight
