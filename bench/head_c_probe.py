@@ -40,7 +40,7 @@ if __package__ in (None, ""):
 
 from bench.run_record import Run, table  # noqa: E402
 from model import simulate  # noqa: E402
-from model.classifier import ACCURACY_C_GRID, C_FOLDS, C_GRID, TEMPERATURES  # noqa: E402
+from model.classifier import ACCURACY_C_GRID, C_FOLDS, C_GRID, SHARPENING, TEMPERATURES  # noqa: E402
 
 RULES = ("log_loss", "log_loss from 0.01", "scaled_log_loss", "scaled from 0.1", "sharpened_log_loss", "accuracy")
 BLENDS = ("blend", "blend prob")
@@ -72,7 +72,7 @@ def out_of_fold_scores(x, y, seed):
         raw = float(-right.mean())
         losses = [(float(np.mean(logsumexp(t * log_p[i], axis=1) - t * right)), t) for t in TEMPERATURES]
         scaled, temperature = min(losses)
-        sharpened, sharpening = min((loss, t) for loss, t in losses if t >= 1.0)
+        sharpened, sharpening = min((loss, t) for loss, t in losses if t in SHARPENING)
         accuracy = float(np.mean(log_p[i].argmax(axis=1) == truth))
         scores.append((raw, scaled, accuracy, temperature, sharpened, sharpening))
     return scores
@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     targets = np.asarray(table_.targets[0])
     if args.picks:
         simulate._set_context(features, None, table_.targets, table_.specs, threads=1)
+    from scipy.special import softmax
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
@@ -161,7 +162,6 @@ def main(argv=None) -> int:
                     chosen[rule][n].append(ACCURACY_C_GRID[i])
                 i, j = pick("log_loss", scores), pick("scaled_log_loss", scores)  # the blends' two
                 zi, zj = logits[i], scores[j][3] * logits[j]
-                from scipy.special import softmax
                 for rule, z in (("blend", zi + zj), ("blend prob", softmax(zi, axis=1) + softmax(zj, axis=1))):
                     results[rule][n].append(100 * (float(np.mean(z.argmax(axis=1) == truth)) - max(accuracy)))
                     chosen[rule][n].append(float(np.sqrt(ACCURACY_C_GRID[i] * ACCURACY_C_GRID[j])))

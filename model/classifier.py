@@ -107,6 +107,8 @@ TEMPERATURES = tuple(float(t) for t in np.logspace(-1, 2, 31))
 # cases an ordering buys, win the log loss while deciding worse (BENCHMARKS.md, "C and a
 # sharpening temperature").
 SHARPENING = tuple(t for t in TEMPERATURES if t >= 1.0)
+# The objectives that choose C and a temperature together, and the temperatures each may use.
+JOINT_TEMPERATURES = {"scaled_log_loss": TEMPERATURES, "sharpened_log_loss": SHARPENING}
 HEAD_KINDS = ("linear", "mlp")
 # What every retrain trains, for every ordering alike (so the simulator's seeds stay paired):
 # chosen by the simulator scenarios, BENCHMARKS.md "Issue 17, point 1".
@@ -500,7 +502,7 @@ def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight
 
     by_accuracy = objective == "accuracy"
     # Objectives whose chosen model's logits are scaled by a temperature.
-    scaled = objective in ("accuracy", "scaled_log_loss", "sharpened_log_loss")
+    scaled = by_accuracy or objective in JOINT_TEMPERATURES
     counts = np.bincount(targets)
     usable = counts[counts >= 2]
     if scaled and smallest_class < 2 and len(usable) >= 2:
@@ -522,11 +524,10 @@ def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight
             _scale_logits(model, temperature)
         return model, C, float("nan"), temperature if scaled else None
     folds = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
-    if objective in ("scaled_log_loss", "sharpened_log_loss"):
+    if objective in JOINT_TEMPERATURES:
         chosen, temperature, loss = _c_and_temperature_by_log_loss(
             features, targets, class_weight, folds, ACCURACY_C_GRID, score_weights,
-            temperatures=SHARPENING if objective == "sharpened_log_loss" else TEMPERATURES,
-            fit_weights=fit_weights)
+            temperatures=JOINT_TEMPERATURES[objective], fit_weights=fit_weights)
         model = LogisticRegression(C=chosen, class_weight=class_weight, max_iter=1000, l1_ratio=0.0)
         model.fit(features, targets, sample_weight=fit_weights)
         _scale_logits(model, temperature)
