@@ -95,8 +95,10 @@ def pick(rule: str, scores) -> int:
     return max(range(len(grid)), key=lambda i: (scores[i][2], -scores[i][0]))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def scenario_parser(description: str) -> argparse.ArgumentParser:
+    """The options that name a scenario (as `bench/scenarios.sh` gives them to the simulator),
+    the labeled-set sizes and where they come from; shared with `bench/weighting_probe.py`."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", required=True)
     parser.add_argument("--seed-data", default=None)
     parser.add_argument("--test", default=None)
@@ -105,19 +107,26 @@ def main(argv=None) -> int:
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--initial", type=int, default=50)
     parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--labels", default="50,100,200,500")
     parser.add_argument("--picks", default=None,
                         help="an ordering: its loop's labeled sets (at the --labels sizes) instead of random ones")
     parser.add_argument("--budget", type=int, default=None, help="the loop's budget (default: the largest size)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    sizes = [int(n) for n in args.labels.split(",")]
-    record = Run("head_c_probe", argv=argv, out=args.out / "summary.json")
+    return parser
+
+
+def labeled_sets(args, sizes: list[int]):
+    """Per seed plan and size n: (plan, n, the labeled rows, all features, the targets).
+    The rows are the plan's free seed rows plus the first n pool tasks of a random order of
+    the pool, or with `args.picks` of what that ordering's loop bought (the initial random
+    labels first). Sets where a class has a single label are skipped (no stratified folds)."""
     config = simulate.SimulationConfig(
-        data=args.data, orderings=[], seeds=list(range(args.seeds)), initial=args.initial,
-        batch_size=args.batch_size, budget=args.budget or max(sizes), pool_size=args.pool_size,
-        test_size=args.test_size, seed_data=args.seed_data, test=args.test, rare_class=args.rare_class)
+        data=args.data, orderings=[], seeds=list(range(args.first_seed, args.first_seed + args.seeds)),
+        initial=args.initial, batch_size=args.batch_size, budget=args.budget or max(sizes),
+        pool_size=args.pool_size, test_size=args.test_size, seed_data=args.seed_data, test=args.test,
+        rare_class=args.rare_class)
     table_ = simulate.table_from_config(config)
     if len(table_.specs) != 1 or table_.specs[0].multi_label:
         raise SystemExit("one single-choice control only")
@@ -126,6 +135,24 @@ def main(argv=None) -> int:
     targets = np.asarray(table_.targets[0])
     if args.picks:
         simulate._set_context(features, None, table_.targets, table_.specs, threads=1)
+    for plan in plans:
+        if args.picks:
+            loop = simulate.run_ordering(plan, args.picks, config)
+            taken_in_order = np.r_[plan.pool[plan.initial], np.asarray(loop["picked"], dtype=np.int64)]
+        else:
+            taken_in_order = plan.pool[np.random.default_rng(1000 + plan.seed).permutation(len(plan.pool))]
+        for n in sizes:
+            rows = np.concatenate([plan.seed_rows, taken_in_order[:n]]).astype(np.int64)
+            if len(rows) == 0 or np.bincount(targets[rows])[np.unique(targets[rows])].min() < 2:
+                continue
+            yield plan, n, rows, features, targets
+        print(f"seed {plan.seed} done", flush=True)
+
+
+def main(argv=None) -> int:
+    args = scenario_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    sizes = [int(n) for n in args.labels.split(",")]
+    record = Run("head_c_probe", argv=argv, out=args.out / "summary.json")
     from scipy.special import softmax
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
@@ -134,40 +161,27 @@ def main(argv=None) -> int:
     chosen = {rule: {n: [] for n in sizes} for rule in RULES + BLENDS}
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore", UserWarning)
-        for plan in plans:
-            if args.picks:
-                loop = simulate.run_ordering(plan, args.picks, config)
-                bought = np.r_[plan.pool[plan.initial], np.asarray(loop["picked"], dtype=np.int64)]
-                order = None
-            else:
-                rng = np.random.default_rng(1000 + plan.seed)
-                order = rng.permutation(len(plan.pool))
+        for plan, n, rows, features, targets in labeled_sets(args, sizes):
             test_x = np.asarray(features[plan.test], dtype=np.float64)
-            for n in sizes:
-                taken = plan.pool[order[:n]] if order is not None else bought[:n]
-                rows = np.concatenate([plan.seed_rows, taken]).astype(np.int64)
-                x, y = np.asarray(features[rows], dtype=np.float64), targets[rows]
-                if np.bincount(y)[np.unique(y)].min() < 2:
-                    continue
-                scores = out_of_fold_scores(x, y, plan.seed)
-                models = [LogisticRegression(C=C, class_weight="balanced", max_iter=1000).fit(x, y)
-                          for C in ACCURACY_C_GRID]
-                truth = np.searchsorted(models[0].classes_, targets[plan.test])
-                logits = [np.atleast_2d(m.decision_function(test_x)) for m in models]
-                logits = [np.c_[-z.T / 2, z.T / 2] if z.shape[0] == 1 else z for z in logits]
-                accuracy = [float(np.mean(z.argmax(axis=1) == truth)) for z in logits]
-                for rule in RULES:
-                    i = pick(rule, scores)
-                    results[rule][n].append(100 * (accuracy[i] - max(accuracy)))
-                    chosen[rule][n].append(ACCURACY_C_GRID[i])
-                i, j = pick("log_loss", scores), pick("scaled_log_loss", scores)  # the blends' two
-                zi, zj = logits[i], scores[j][3] * logits[j]
-                for rule, z in (("blend", zi + zj), ("blend prob", softmax(zi, axis=1) + softmax(zj, axis=1))):
-                    results[rule][n].append(100 * (float(np.mean(z.argmax(axis=1) == truth)) - max(accuracy)))
-                    chosen[rule][n].append(float(np.sqrt(ACCURACY_C_GRID[i] * ACCURACY_C_GRID[j])))
-                results.setdefault("oracle C", {m: [] for m in sizes})[n].append(
-                    ACCURACY_C_GRID[int(np.argmax(accuracy))])
-            print(f"seed {plan.seed} done", flush=True)
+            x, y = np.asarray(features[rows], dtype=np.float64), targets[rows]
+            scores = out_of_fold_scores(x, y, plan.seed)
+            models = [LogisticRegression(C=C, class_weight="balanced", max_iter=1000).fit(x, y)
+                      for C in ACCURACY_C_GRID]
+            truth = np.searchsorted(models[0].classes_, targets[plan.test])
+            logits = [np.atleast_2d(m.decision_function(test_x)) for m in models]
+            logits = [np.c_[-z.T / 2, z.T / 2] if z.shape[0] == 1 else z for z in logits]
+            accuracy = [float(np.mean(z.argmax(axis=1) == truth)) for z in logits]
+            for rule in RULES:
+                i = pick(rule, scores)
+                results[rule][n].append(100 * (accuracy[i] - max(accuracy)))
+                chosen[rule][n].append(ACCURACY_C_GRID[i])
+            i, j = pick("log_loss", scores), pick("scaled_log_loss", scores)  # the blends' two
+            zi, zj = logits[i], scores[j][3] * logits[j]
+            for rule, z in (("blend", zi + zj), ("blend prob", softmax(zi, axis=1) + softmax(zj, axis=1))):
+                results[rule][n].append(100 * (float(np.mean(z.argmax(axis=1) == truth)) - max(accuracy)))
+                chosen[rule][n].append(float(np.sqrt(ACCURACY_C_GRID[i] * ACCURACY_C_GRID[j])))
+            results.setdefault("oracle C", {m: [] for m in sizes})[n].append(
+                ACCURACY_C_GRID[int(np.argmax(accuracy))])
     rows_out = []
     for rule in RULES + BLENDS:
         row = {"rule": rule}

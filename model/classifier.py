@@ -562,11 +562,13 @@ def _logistic_regression(features: np.ndarray, targets: np.ndarray, class_weight
 
 
 def _c_and_temperature_by_log_loss(features, targets, class_weight, folds, grid, score_weights=None,
-                                   temperatures=TEMPERATURES, fit_weights=None) -> tuple[float, float, float]:
+                                   temperatures=TEMPERATURES, fit_weights=None, per_label: bool = False) -> tuple:
     """(C, temperature, mean log loss): the pair of `grid` x `temperatures` whose scaled
     out-of-fold probabilities have the lowest mean log loss (`c_objective="scaled_log_loss"`;
     with `temperatures=(1.0,)`, C alone by its plain out-of-fold log loss). The mean is
-    weighted by `score_weights` (one per label) where given.
+    weighted by `score_weights` (one per label) where given. With `per_label`, a fourth
+    value: each label's out-of-fold log loss at that pair (nan for a label whose class its
+    fold never saw), for `bench/weighting_probe.py`.
 
     scikit-learn's `LogisticRegressionCV` scores each C as it is; here every C is first
     given its best logit scale, so a strong penalty (whose probabilities are underconfident
@@ -600,15 +602,23 @@ def _c_and_temperature_by_log_loss(features, targets, class_weight, folds, grid,
                 log_p[i, test] = np.log(np.clip(full, 1e-12, 1.0))
     rows = np.flatnonzero(scored)
     weights = np.ones(len(rows)) if score_weights is None else np.asarray(score_weights, dtype=np.float64)[rows]
-    best = (float("inf"), float(grid[0]), 1.0)
-    for i, C in enumerate(grid):  # ties go to the first: the stronger penalty
+    best = (float("inf"), 0, 1.0)
+
+    def losses(i: int, t: float) -> np.ndarray:
         lp = log_p[i, rows]
-        right = lp[np.arange(len(rows)), truth[rows]]
+        return logsumexp(t * lp, axis=1) - t * lp[np.arange(len(rows)), truth[rows]]
+
+    for i in range(len(grid)):  # ties go to the first: the stronger penalty
         for t in temperatures:
-            loss = float(np.average(logsumexp(t * lp, axis=1) - t * right, weights=weights))
+            loss = float(np.average(losses(i, t), weights=weights))
             if loss < best[0] - 1e-12:
-                best = (loss, float(C), float(t))
-    return best[1], best[2], best[0]
+                best = (loss, i, float(t))
+    chosen = (float(grid[best[1]]), best[2], best[0])
+    if not per_label:
+        return chosen
+    each = np.full(len(targets), np.nan)
+    each[rows] = losses(best[1], best[2])
+    return (*chosen, each)
 
 
 def pool_importance(labeled: np.ndarray, pool: np.ndarray, seed: int = 0) -> np.ndarray:
