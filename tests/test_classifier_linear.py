@@ -15,6 +15,7 @@ from model.classifier import (
     ClassifierHead,
     HeadConfig,
     MultiLabelHead,
+    _c_and_temperature_by_log_loss,
     positive_weights,
 )
 from model.heads import ControlHeads, ControlSpec, fresh_copy, train_heads
@@ -304,7 +305,7 @@ def _best_scaled_pair(x, y, temperatures, seed):
 
     folds = list(StratifiedKFold(5, shuffle=True, random_state=seed).split(x, y))
     classes = len(np.unique(y))
-    best = (np.inf, None, None)
+    best = (np.inf, None, None, None)
     for C in ACCURACY_C_GRID:
         p = np.zeros((len(y), classes))
         for train, test in folds:
@@ -312,9 +313,9 @@ def _best_scaled_pair(x, y, temperatures, seed):
                 x[train], y[train]).predict_proba(x[test])
         for t in temperatures:
             q = p ** t / (p ** t).sum(axis=1, keepdims=True)
-            loss = -np.mean(np.log(q[np.arange(len(y)), y]))
-            if loss < best[0] - 1e-9:
-                best = (loss, C, t)
+            each = -np.log(q[np.arange(len(y)), y])
+            if each.mean() < best[0] - 1e-9:
+                best = (each.mean(), C, t, each)
     return best
 
 
@@ -338,6 +339,16 @@ def test_scaled_log_loss_chooses_C_and_temperature_together_out_of_fold(tmp_path
     logits = unscaled.decision_function(x) * best[2]
     expected = np.exp(logits - logits.max(axis=1, keepdims=True))
     assert np.allclose(head.predict_proba(x), expected / expected.sum(axis=1, keepdims=True), atol=5e-3)
+    # The search itself, asked for each label's loss at the pair (bench/weighting_probe.py):
+    # the same pair, and the losses whose mean it minimised.
+    from sklearn.model_selection import StratifiedKFold
+
+    C, t, loss, each = _c_and_temperature_by_log_loss(
+        x, y.astype(np.int64), "balanced", StratifiedKFold(5, shuffle=True, random_state=7), ACCURACY_C_GRID,
+        temperatures=temperatures, per_label=True)
+    assert (C, t) == (best[1], pytest.approx(best[2]))
+    assert loss == pytest.approx(best[0], abs=1e-3) and loss == pytest.approx(each.mean())
+    assert np.allclose(each, best[3], atol=5e-3)
     copy = fresh_copy(head)  # a fold copy: no second search
     assert copy.config.C == head.C_ and copy.config.extra["temperature"] == head.temperature_
     head.save(tmp_path)
@@ -369,7 +380,7 @@ def test_sharpened_log_loss_never_softens_a_weak_penalty_on_boundary_labels():
     sharpened = _head("ab", 8, c_objective="sharpened_log_loss", seed=7).fit(x, y)
     assert scaled.temperature_ < 1.0
     assert sharpened.temperature_ >= 1.0
-    _, C, t = _best_scaled_pair(x, y, SHARPENING, seed=7)
+    _, C, t, _ = _best_scaled_pair(x, y, SHARPENING, seed=7)
     assert (sharpened.C_, sharpened.temperature_) == (C, pytest.approx(t))
     assert (sharpened.C_, sharpened.temperature_) != (scaled.C_, scaled.temperature_)
 
