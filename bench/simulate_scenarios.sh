@@ -48,9 +48,10 @@
 # default runs were measured, which the default list reproduces.
 #
 # Usage: bench/simulate_scenarios.sh [scenario ...]      (default: all eight)
-# Environment: SEEDS (20), WORKERS (2 processes), ORDERINGS (all), RESUME=1 to reuse the
-# finished runs of an interrupted benchmark (the simulator refuses runs made by other model/
-# code),
+# Environment: SEEDS (20, or a list of seeds like 20,21,22 for a replication on fresh seeds),
+# WORKERS (2 processes), ORDERINGS (all), RESUME=1 to reuse the finished runs of an
+# interrupted benchmark (the simulator refuses runs made by other model/ code), OUT_SUFFIX
+# (appended to the output directory, so a replication does not overwrite the run it checks),
 # PY (.venv/bin/python). Encodings come from the shared cache (~/.cache/atl-backend), so
 # only the first run of a machine encodes the corpora (images: keyed by file content, as
 # the service caches a project's images).
@@ -73,13 +74,13 @@ if [[ "${RESUME:-0}" == 1 ]]; then common+=(--resume); fi
 
 run() {
     local scenario=$1; shift
-    local out=bench/results/$scenario
+    local out=bench/results/$scenario${OUT_SUFFIX:-}
     echo "== $scenario: $PY -m model.simulate ${common[*]} $* --out $out"
     local started=$SECONDS
-    "$PY" bench/run_record.py "$scenario" start
+    "$PY" bench/run_record.py "$scenario${OUT_SUFFIX:-}" start
     # The scenario's own options come last, so they override the common sizes.
     "$PY" -m model.simulate "${common[@]}" "$@" --out "$out" >/dev/null
-    "$PY" bench/run_record.py "$scenario" end
+    "$PY" bench/run_record.py "$scenario${OUT_SUFFIX:-}" end
     echo "== $scenario: $((SECONDS - started)) s; summary in $out/summary.md"
 }
 
