@@ -2,7 +2,7 @@
 
 Two kinds (`HeadConfig.kind`), with one interface (fit, predict_proba, hidden, save/load):
 
-* `"linear"` (what a retrain trains for the default ordering): a logistic regression on the
+* `"linear"` (what every retrain trains, whatever the ordering): a logistic regression on the
   encoder's vectors, fitted by scikit-learn, class-weighted as below. Its L2 strength `C`
   (0.01-1,000) and a temperature of at least 1 that its logits are multiplied by are chosen
   together, by the out-of-fold log loss on the labels (stratified folds;
