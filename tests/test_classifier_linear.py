@@ -545,3 +545,22 @@ def test_pool_weighting_is_refused_with_the_accuracy_objective_and_unknown_names
         _head("ab", 4, c_weighting="pool_fit", c_objective="accuracy")
     with pytest.raises(ValueError, match="unknown C weighting"):
         _head("ab", 4, c_weighting="labels")
+
+
+def test_balanced_within_balances_each_source_as_scikit_learn_balances_a_whole_set():
+    """`bench/weighting_probe.py --per-source`: the weights of each group are scikit-learn's
+    "balanced" sample weights computed on that group alone (plain numpy labels)."""
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    from bench.weighting_probe import balanced_within
+
+    y = np.array([0] * 80 + [1] * 20 + [0] * 10 + [1] * 30)  # a skewed free set, then a pool set
+    groups = np.r_[np.zeros(100), np.ones(40)].astype(int)
+    weights = balanced_within(y, groups)
+    for g in (0, 1):
+        member = groups == g
+        assert np.allclose(weights[member], compute_sample_weight("balanced", y[member]))
+        # each class carries the same total weight within its group
+        totals = [weights[member & (y == c)].sum() for c in (0, 1)]
+        assert totals[0] == pytest.approx(totals[1])
+    assert not np.allclose(weights, compute_sample_weight("balanced", y))  # not the global weights
