@@ -38,9 +38,11 @@ as the service caches a project's images. `builtin:NAME:N` keeps a fixed subset 
 
 Honest statistics (issue 6): seeds are paired (in one seed every ordering starts from the
 same initial labeled set and is scored on the same test set, with the same head
-initialisation), the x axis counts only labels bought from the pool (a `--seed-data`
-set is free: it is the data the team already has), and `summary.md` reports each
-ordering's difference from random per seed, not only the means.
+initialisation; with `--initial-order kmeans` every ordering but the control starts from
+the service's k-means cold start instead, the same set for each of them), the x axis
+counts only labels bought from the pool (a `--seed-data` set is free: it is the data the
+team already has), and `summary.md` reports each ordering's difference from random per
+seed, not only the means.
 
 Random is the control: it runs without the class guard (`CONTROL_PARAMS`), a team
 labeling in a uniformly random order.
@@ -188,6 +190,12 @@ class SimulationConfig:
     label_columns: list[str] | None = None  # None: `label` (or `labels`), or the built-in's columns
     multi_label: list[str] = field(default_factory=list)
     rare_class: str | None = None  # "LABEL:SHARE": thin that class of --data (thin_class)
+    # How the orderings other than the control get their initial pool labels: "random" (the
+    # paired random set, every ordering alike) or "kmeans", the service's cold start
+    # (COLD_START_ORDER's default; `model.cold_start.representative_order`), which is how a
+    # text project connected before its first annotation starts. The control always starts
+    # from the random set: it is a team labeling without the backend.
+    initial_order: str = "random"
 
     def __post_init__(self) -> None:
         # The control is a team labeling in a uniformly random order, with no help from the
@@ -204,6 +212,8 @@ class SimulationConfig:
         }
         if self.rare_class:  # only when set, so the keys of earlier runs stay valid
             relevant["rare_class"] = self.rare_class
+        if self.initial_order != "random" and ordering != "random":
+            relevant["initial_order"] = self.initial_order
         relevant["params"] = self.ordering_params.get(ordering, {})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -729,6 +739,24 @@ def bought_counts(spec, targets: np.ndarray) -> list[int]:
     return np.bincount(targets[targets >= 0], minlength=len(spec.labels)).astype(int).tolist()
 
 
+INITIAL_ORDERS = ("random", "kmeans")
+
+
+def initial_positions(plan: SeedPlan, name: str, config: SimulationConfig, features: np.ndarray) -> np.ndarray:
+    """The pool positions an ordering's loop starts labeled: the plan's random set, or with
+    `initial_order="kmeans"` (every ordering but the control) as many tasks from the head
+    of the service's cold-start order over the pool's vectors. No class is swapped in: the
+    service does not know the labels either (a class the first picks miss is bought later)."""
+    if config.initial_order == "random" or name == "random" or not len(plan.initial):
+        return plan.initial
+    if config.initial_order != "kmeans":
+        raise SystemExit(f"--initial-order must be one of {', '.join(INITIAL_ORDERS)}, got {config.initial_order!r}")
+    from model.cold_start import representative_order
+
+    order = representative_order(np.asarray(features[plan.pool], dtype=np.float32), seed=plan.seed).order
+    return np.asarray(order[: len(plan.initial)], dtype=np.int64)
+
+
 def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
     """Replay the labeling loop for one ordering on one seed's paired setup."""
     from model.orderings import OrderingInput, get_ordering
@@ -742,7 +770,7 @@ def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
     head_settings = _retrain_head_settings()
     # The heads' pass serves the ordering only where it asks for the same number of folds.
     shares_pass = out_of_fold_folds(name, params) == MISLABELING_FOLDS
-    labeled = [int(i) for i in plan.initial]  # positions in the pool
+    labeled = [int(i) for i in initial_positions(plan, name, config, features)]  # positions in the pool
     is_labeled = np.zeros(len(plan.pool), dtype=bool)
     is_labeled[labeled] = True
     grid = label_grid(config, plan)
@@ -807,6 +835,8 @@ def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
                 out["per_control"][control]["accuracy"].append(values["accuracy"])
                 out["per_control"][control]["macro_f1"].append(values["macro_f1"])
     out["picked"] = [int(plan.pool[i]) for i in labeled[len(plan.initial):]]
+    if config.initial_order != "random" and name != "random":
+        out["initial"] = [int(plan.pool[i]) for i in labeled[:len(plan.initial)]]
     return out
 
 
@@ -1099,7 +1129,9 @@ def write_summary(path: Path, results: dict, report_at: list[int] | None) -> Non
         "",
         f"- data: `{meta['data']}`"
         + (f", initial labeled set from `{meta['seed_data']}` ({meta['initial']} examples, not counted as labels used)"
-           if meta.get("seed_data") else f", initial labeled set: {meta['initial']} random pool tasks")
+           if meta.get("seed_data") else f", initial labeled set: {meta['initial']} random pool tasks"
+           + ("; every ordering but random starts from the head of the service's k-means cold start instead"
+              if meta.get("initial_order") == "kmeans" else ""))
         + (f", test: `{meta['test']}`" if meta.get("test") else ""),
     ]
     several = bool(results.get("aggregate_per_control"))
@@ -1560,6 +1592,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--initial", type=int, default=50,
                         help="initial labeled set: random pool tasks (counted as labels used), or "
                              "examples from --seed-data (not counted) (default 50)")
+    parser.add_argument("--initial-order", choices=INITIAL_ORDERS, default="random",
+                        help="how every ordering but the random control picks the --initial pool labels: "
+                             "the same random set (default), or kmeans, the service's cold start "
+                             "(COLD_START_ORDER's default) for a text project before its first annotation")
     parser.add_argument("--batch-size", type=int, default=50, help="labels per round (default 50)")
     parser.add_argument("--budget", type=int, default=500, help="pool labels to spend (default 500)")
     parser.add_argument("--pool-size", type=int, default=None,
@@ -1625,7 +1661,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         ordering_params=params, encoder=args.encoder, image_encoder=args.image_encoder, cache=args.cache,
         workers=args.workers, threads=args.threads,
         label_columns=_names(args.label_columns) or None, multi_label=_names(args.multi_label),
-        rare_class=args.rare_class,
+        rare_class=args.rare_class, initial_order=args.initial_order,
     )
 
 

@@ -593,3 +593,38 @@ def test_a_rarer_minority_class_is_a_fixed_thinned_subset():
     for bad in ("Positive", "Positive:2", "Neutral:0.1", "Positive:0.5"):
         with pytest.raises(SystemExit, match="rare-class"):
             thin_class(data, bad)
+
+
+def test_initial_order_kmeans_starts_every_ordering_but_the_control_from_the_cold_start(workdir):
+    """`--initial-order kmeans`: least confidence starts from the head of the service's
+    k-means cold-start order over its seed's pool (recomputed here from the same cached
+    vectors), random from the paired random set; the grid and budget are unchanged and the
+    run key differs, so `--resume` never mixes the two starts."""
+    from model.cold_start import representative_order
+    from model.simulate import config_from_args, encode_table, parse_args, plan_seed, table_from_config
+
+    out = workdir / "kmeans_start"
+    argv = [*in_domain_args(workdir, out), "--seeds", "1", "--orderings", "least_confidence",
+            "--initial-order", "kmeans", "--quiet"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["initial_order"] == "kmeans"
+    config = config_from_args(parse_args(argv))
+    table = table_from_config(config)
+    plan = plan_seed(table, config, 0)
+    features, _, _ = encode_table(table, [plan], config, all_layers=False, progress=False)
+    cold = representative_order(features[plan.pool], seed=0).order[:INITIAL]
+    lc, control = results["runs"]["least_confidence"]["0"], results["runs"]["random"]["0"]
+    assert lc["initial"] == [int(plan.pool[i]) for i in cold]
+    assert set(lc["initial"]) != set(int(plan.pool[i]) for i in plan.initial)
+    assert "initial" not in control  # the control keeps the random set
+    assert not set(control["picked"]) & set(int(plan.pool[i]) for i in plan.initial)
+    assert lc["labels_used"] == control["labels_used"] == [20, 40, 60]
+    assert len(set(lc["initial"]) | set(lc["picked"])) == BUDGET  # no task bought twice
+    assert config.run_key("least_confidence") != SimulationConfig(
+        **{**results["config"], "initial_order": "random"}).run_key("least_confidence")
+    assert config.run_key("random") == SimulationConfig(
+        **{**results["config"], "initial_order": "random"}).run_key("random")
+    assert "k-means cold start" in (out / "summary.md").read_text()
+    with pytest.raises(SystemExit):
+        parse_args([*in_domain_args(workdir, out), "--initial-order", "zero_shot"])
