@@ -52,7 +52,9 @@
 # WORKERS (2 processes), ORDERINGS (all), RESUME=1 to reuse the finished runs of an
 # interrupted benchmark (the simulator refuses runs made by other model/ code), OUT_SUFFIX
 # (appended to the output directory, so a replication does not overwrite the run it checks),
-# PY (.venv/bin/python). Encodings come from the shared cache (~/.cache/atl-backend), so
+# PY (.venv/bin/python), INITIAL_ORDER=kmeans (every ordering but random starts from the
+# service's k-means cold start instead of the scenario's random labels, `--initial-order`;
+# no effect on the two shift scenarios, whose start is the free set). Encodings come from the shared cache (~/.cache/atl-backend), so
 # only the first run of a machine encodes the corpora (images: keyed by file content, as
 # the service caches a project's images).
 #
@@ -71,6 +73,7 @@ export HF_HUB_OFFLINE=1
 
 common=(--seeds "$SEEDS" --orderings "$ORDERINGS" --workers "$WORKERS")
 if [[ "${RESUME:-0}" == 1 ]]; then common+=(--resume); fi
+if [[ -n "${INITIAL_ORDER:-}" ]]; then common+=(--initial-order "$INITIAL_ORDER"); fi
 
 run() {
     local scenario=$1; shift
