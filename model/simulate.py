@@ -1225,19 +1225,27 @@ def write_summary(path: Path, results: dict, report_at: list[int] | None) -> Non
             + f"): accuracy {c['accuracy_mean']:.1f} ± {c['accuracy_std']:.1f}, "
             f"macro-F1 {c['macro_f1_mean']:.1f} ± {c['macro_f1_std']:.1f}."
         )
+    cold_start = meta.get("initial_order") == "kmeans" and not meta.get("seed_data")
     if grid[0] != grid[-1]:
         start = agg[names[0]]["accuracy_mean"][0]
-        lines.append(f"**Start** (initial labeled set only, {grid[0]} pool labels): accuracy {start:.1f}.")
+        line = f"**Start** (initial labeled set only, {grid[0]} pool labels): accuracy {start:.1f}"
+        others = [n for n in names if n != "random"]
+        if cold_start and others:
+            line += f" (random's set); {agg[others[0]]['accuracy_mean'][0]:.1f} (the k-means cold start's)"
+        lines.append(line + ".")
+    same = ("same test set and head initialisation; every ordering but random starts from the k-means "
+            "cold start, random from the random set" if cold_start
+            else "same initial set, test set and head initialisation")
     lines += [
         "",
         "How to read it: AULC is the mean accuracy over the learning curve "
         f"({grid[0]}–{grid[-1]} labels, trapezoids), in points. ΔAULC is each ordering's AULC "
-        "minus random's **in the same seed** (same initial set, test set and head "
-        "initialisation), averaged over seeds; an interval that contains 0 means the ordering is "
-        "not distinguishable from random at this number of seeds. *Seeds won*: seeds where "
-        "the ordering's AULC is above random's. *Labels to reach*: the first budget where the "
-        "mean accuracy reaches random's mean accuracy at the full budget. *Labels bought*: "
-        "class mix of the labels the ordering picked beyond the initial set.",
+        f"minus random's **in the same seed** ({same}), averaged over seeds; an interval that "
+        "contains 0 means the ordering is not distinguishable from random at this number of "
+        "seeds. *Seeds won*: seeds where the ordering's AULC is above random's. *Labels to "
+        "reach*: the first budget where the mean accuracy reaches random's mean accuracy at "
+        "the full budget. *Labels bought*: class mix of the labels the ordering picked beyond "
+        "the initial set.",
         "",
         "Seconds per run (one ordering, one seed): "
         + ", ".join(f"{n} {agg[n]['seconds_ordering_per_run']:.1f} ordering + "
