@@ -7,7 +7,13 @@ BreakingTies ahead) the per-seed difference at each report point is needed too. 
 accuracy at each report point and its AULC, and the paired difference from the reference in
 the same seed (mean, 95 % t interval, the simulator's own `_t95`), and seeds won on AULC.
 
-Usage: python bench/paired_points.py [--reference least_confidence] [--metric accuracy] DIR
+`--merge NAME=DIR2:ORDERING` adds ORDERING's runs of another simulator output (same
+scenario and seeds, e.g. another `--initial-order`) as the ordering NAME, so two settings of
+one ordering are paired per seed; it is refused unless both outputs hold the same random
+control runs (the same pools, test sets and start).
+
+Usage: python bench/paired_points.py [--reference least_confidence] [--metric accuracy]
+       [--merge NAME=DIR2:ORDERING ...] DIR
 """
 
 from __future__ import annotations
@@ -56,13 +62,34 @@ def table(results: dict, reference: str, metric: str) -> list[str]:
     return lines
 
 
+def merge(results: dict, spec: str) -> None:
+    """Add `NAME=DIR:ORDERING` (see the module docstring) to `results` in place."""
+    name, _, source = spec.partition("=")
+    directory, _, ordering = source.rpartition(":")
+    if not name or not directory or not ordering:
+        raise SystemExit(f"--merge wants NAME=DIR:ORDERING, got {spec!r}")
+    other = json.loads((Path(directory) / "results.json").read_text(encoding="utf-8"))
+    if ordering not in other["runs"]:
+        raise SystemExit(f"{directory} has no runs of {ordering!r} (it has {', '.join(other['runs'])})")
+    mine, theirs = results["runs"].get("random", {}), other["runs"].get("random", {})
+    shared = set(mine) & set(theirs)
+    if not shared or any(mine[s]["accuracy"] != theirs[s]["accuracy"] for s in shared):
+        raise SystemExit(f"{directory}'s random runs are not this output's: not the same scenario and seeds")
+    results["runs"][name] = other["runs"][ordering]
+    results["orderings"] = [*results["orderings"], name]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", default="least_confidence")
     parser.add_argument("--metric", default="accuracy", choices=("accuracy", "macro_f1"))
+    parser.add_argument("--merge", action="append", default=[], metavar="NAME=DIR:ORDERING",
+                        help="pair another output's ordering with this one's, under NAME")
     parser.add_argument("directory", type=Path)
     args = parser.parse_args(argv)
     results = json.loads((args.directory / "results.json").read_text(encoding="utf-8"))
+    for spec in args.merge:
+        merge(results, spec)
     print("\n".join(table(results, args.reference, args.metric)))
 
 

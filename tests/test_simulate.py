@@ -629,3 +629,34 @@ def test_initial_order_kmeans_starts_every_ordering_but_the_control_from_the_col
     assert "k-means cold start" in summary and "(the k-means cold start's)" in summary
     with pytest.raises(SystemExit):
         parse_args([*in_domain_args(workdir, out), "--initial-order", "zero_shot"])
+
+
+def test_paired_points_merges_another_outputs_ordering_only_over_the_same_control(tmp_path):
+    """`bench/paired_points.py --merge`: margin of a second output joins the first as its own
+    ordering, paired per seed; an output whose random runs differ (another scenario or
+    seeds) is refused."""
+    from bench.paired_points import merge, table
+
+    def run(values):
+        return {"labels_used": [50, 100], "accuracy": values, "macro_f1": values}
+
+    def output(name, margin, control=(0.5, 0.6)):
+        results = {"orderings": ["random", "margin"], "report_at": [100],
+                   "runs": {"random": {s: run(list(control)) for s in ("0", "1")},
+                            "margin": {s: run(margin[int(s)]) for s in ("0", "1")}}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+        return results
+
+    first = output("a", [[0.6, 0.70], [0.6, 0.72]])
+    output("b", [[0.6, 0.68], [0.6, 0.69]])
+    merge(first, f"other={tmp_path / 'b'}:margin")
+    assert first["orderings"] == ["random", "margin", "other"]
+    lines = table(first, "other", "accuracy")
+    row = next(line for line in lines if line.startswith("| margin |"))
+    assert "+2.5" in row  # (2 + 3) / 2 points ahead of the other setting at 100 labels
+    output("c", [[0.6, 0.7], [0.6, 0.7]], control=(0.5, 0.61))
+    with pytest.raises(SystemExit, match="not the same scenario"):
+        merge(first, f"x={tmp_path / 'c'}:margin")
+    with pytest.raises(SystemExit, match="no runs of"):
+        merge(first, f"x={tmp_path / 'b'}:atlas")
