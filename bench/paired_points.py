@@ -31,8 +31,8 @@ from bench.peer_small_text import _interval as _paired  # noqa: E402
 from model.simulate import aulc  # noqa: E402
 
 
-def table(results: dict, reference: str, metric: str) -> list[str]:
-    points = results["report_at"]
+def table(results: dict, reference: str, metric: str, points: list[int] | None = None) -> list[str]:
+    points = points or results["report_at"]
     runs = results["runs"]
     seeds = sorted(set.intersection(*(set(runs[o]) for o in runs)), key=int)
 
@@ -85,12 +85,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", default="accuracy", choices=("accuracy", "macro_f1"))
     parser.add_argument("--merge", action="append", default=[], metavar="NAME=DIR:ORDERING",
                         help="pair another output's ordering with this one's, under NAME")
+    parser.add_argument("--points", default=None, help="report points, e.g. 100,150,200 (default: the run's)")
     parser.add_argument("directory", type=Path)
     args = parser.parse_args(argv)
     results = json.loads((args.directory / "results.json").read_text(encoding="utf-8"))
     for spec in args.merge:
         merge(results, spec)
-    print("\n".join(table(results, args.reference, args.metric)))
+    points = [int(p) for p in args.points.split(",")] if args.points else None
+    print("\n".join(table(results, args.reference, args.metric, points)))
 
 
 if __name__ == "__main__":
