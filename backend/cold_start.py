@@ -12,6 +12,12 @@ serves the order of `model.cold_start` instead of id order:
   (multi-label: the one likeliest choice; there is no threshold to learn yet); with no such
   control the predictions carry scores only (an empty result).
 
+Image projects get the same order over their image vectors (the image encoder's, which the
+encoding job has just computed and cached), with no guess: a choice name goes through the
+text encoder, whose vectors cannot be compared with an image network's. A task whose image
+could not be fetched or decoded gets no cold-start prediction (as it gets none from a
+retrain); /jobs reports it under `image_errors`.
+
 The order itself is `COLD_START_ORDER` (BENCHMARKS.md, "Issue 15, point 3"). Another import
 before the first annotation publishes `cold-start-<n+1>` for every task and deletes the
 older cold-start predictions; the first real model version supersedes them all
@@ -27,6 +33,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -82,7 +89,7 @@ def plan(config: LabelConfig, data: ProjectData, object_vectors: dict[str, np.nd
          name_vectors: dict[str, np.ndarray], order: str, seed: int = 0) -> tuple[np.ndarray, dict]:
     """(rank per task, control name -> guessed choice index per task) for `order`.
 
-    `object_vectors`: each text object's vectors (n_tasks, dim); `name_vectors`: for each
+    `object_vectors`: each object's vectors (n_tasks, dim), text or image; `name_vectors`: for each
     control whose names are words, its choices' vectors (`cold_start.name_vectors`).
     """
     n = len(data.task_ids)
@@ -113,11 +120,24 @@ def plan(config: LabelConfig, data: ProjectData, object_vectors: dict[str, np.nd
     return ranks, guesses
 
 
-def publish(settings: Settings, ls: LabelStudioProject, store: ModelStore, cache: EncodingCache, encoder,
-            config: LabelConfig, data: ProjectData) -> dict:
+def guessable(config: LabelConfig) -> list:
+    """The controls a zero-shot guess can pre-fill: choice names that are words, read from
+    text objects only (an image's vector and a name's text vector are not comparable)."""
+    texts = {obj.name for obj in config.text_objects}
+    return [c for c in config.controls
+            if cold_start.names_are_words(c.choices) and set(c.to_names) <= texts]
+
+
+def publish(settings: Settings, ls: LabelStudioProject, store: ModelStore, cache: EncodingCache,
+            load_encoder: Callable[[], object], config: LabelConfig, data: ProjectData,
+            image_vectors: dict[str, np.ndarray] | None = None) -> dict:
     """Publish the cold-start predictions of a project whose tasks are encoded (the caller
     holds the project's training lock and has checked `why_not`). Returns what was done,
-    for the encoding job's result."""
+    for the encoding job's result.
+
+    `image_vectors`: each `<Image>` object's vectors, one row per task of `data` (the tasks
+    whose images could be used). `load_encoder` gives the text encoder, asked for only
+    when there are texts or choice names to encode (an image project does not load it)."""
     from backend.publish import first_sampling, remove_superseded
 
     ids_hash = hashlib.sha256(json.dumps(sorted(data.task_ids)).encode()).hexdigest()[:16]
@@ -125,9 +145,16 @@ def publish(settings: Settings, ls: LabelStudioProject, store: ModelStore, cache
     if previous.get("tasks_hash") == ids_hash and previous.get("order") == settings.cold_start_order:
         return {"skipped": "already published for these tasks", "model_version": previous.get("model_version")}
     started = time.perf_counter()
+    images = {obj.name for obj in config.image_objects}
     object_texts = data.object_texts or {config.objects[0].name: data.texts}
-    object_vectors = {name: encode_with_cache(encoder, cache, texts)[0] for name, texts in object_texts.items()}
-    worded = [c for c in config.controls if cold_start.names_are_words(c.choices)]
+    object_vectors = dict(image_vectors or {})
+    if images - set(object_vectors):
+        raise ValueError(f"no vectors for the image objects {sorted(images - set(object_vectors))}")
+    worded = guessable(config)
+    texts = {name: t for name, t in object_texts.items() if name not in images}
+    encoder = load_encoder() if texts or worded else None
+    for name, object_text in texts.items():
+        object_vectors[name] = encode_with_cache(encoder, cache, object_text)[0]
     name_vectors = {}
     for control in worded:
         encoded, _ = encode_with_cache(encoder, cache, cold_start.sentences_for(control.choices))

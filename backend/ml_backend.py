@@ -543,13 +543,15 @@ class ActiveLearningBackend:
         # Images first, in this job (their fetching is the slow part, and per-task errors are
         # reported here already); then every text object a control reads (title and body
         # both), one text per object and task.
-        images = self._images_of(data, config, progress, ls)[0]
+        with_images = self._images_of(data, config, progress, ls)
+        images = with_images[0]
         image_errors, error_examples = _image_errors(images) if images is not None else (None, None)
         image_encoded = images.encoded if images is not None else 0
         texts = [text for obj in config.text_objects for text in data.object_texts[obj.name]]
         if not texts:
             return EncodeResult(Status.FINISHED, tasks=len(data.task_ids), encoded=image_encoded, sync=sync,
                                 image_errors=image_errors, image_error_examples=error_examples,
+                                cold_start=self.cold_start(ls, config, data, progress, with_images),
                                 duration=round(time.perf_counter() - started, 3))
         encoder = get_encoder(self.settings)
         limit = self.settings.fanout_tasks
@@ -572,27 +574,36 @@ class ActiveLearningBackend:
                                        progress=lambda done, total: progress("encoding", done, total))
         return EncodeResult(Status.FINISHED, tasks=len(data.task_ids), encoded=encoded + image_encoded, sync=sync,
                             image_errors=image_errors, image_error_examples=error_examples,
-                            cold_start=self.cold_start(ls, config, data, progress),
+                            cold_start=self.cold_start(ls, config, data, progress, with_images),
                             duration=round(time.perf_counter() - started, 3))
 
     def cold_start(self, ls: LabelStudioProject | None = None, config: LabelConfig | None = None,
-                   data: ProjectData | None = None, progress: Progress = no_progress) -> dict:
+                   data: ProjectData | None = None, progress: Progress = no_progress, images=None) -> dict:
         """Once a project's tasks are encoded: publish the cold-start order (and zero-shot
         guess) when it has no model and no annotation (`backend.cold_start`). Reads the
-        project unless given it. Never fails the encoding: an error is reported instead."""
+        project unless given it. `images`: what `_images_of` returned for it in the same
+        job (an image project's vectors; its broken tasks get no cold-start prediction).
+        Never fails the encoding: an error is reported instead."""
         from backend import cold_start
 
         try:
             if data is None:
                 ls, _, config, data, _ = self._read_project(progress)
-            if config.image_objects:
-                return {"skipped": "the cold start orders text projects; an image project waits for its first model"}
             reason = cold_start.why_not(self.settings, self.store, self.project_id, data)
             if reason is not None:
                 return {"skipped": reason}
+            image_vectors = None
+            if config.image_objects:
+                if images is None:  # texts encoded in slices: the images are not at hand here
+                    return {"skipped": "an image project's cold start is published by the job that encodes "
+                                       "its images; this one encoded texts only"}
+                _, data, vectors = images
+                if not data.task_ids:
+                    return {"skipped": "no task has an image that could be used"}
+                image_vectors = {name: v.features for name, v in vectors.items()}
             progress("publishing the cold-start order", 0, len(data.task_ids))
-            return cold_start.publish(self.settings, ls, self.store, self.cache, get_encoder(self.settings),
-                                      config, data)
+            return cold_start.publish(self.settings, ls, self.store, self.cache,
+                                      lambda: get_encoder(self.settings), config, data, image_vectors)
         except Exception as exc:  # the texts are cached either way; the first retrain orders the queue
             log.warning("project=%s cold start failed: %s", self.project_id, exc)
             return {"error": f"publishing the cold-start order failed: {exc}"}

@@ -195,3 +195,48 @@ def test_an_unknown_cold_start_order_stops_the_backend_with_the_choices():
 
     with pytest.raises(SystemExit, match="COLD_START_ORDER.*kmeans, zero_shot"):
         Settings.from_env(cold_start_order="clever")
+
+
+IMAGE_AND_TEXT = """<View>
+  <Image name="photo" value="$photo"/>
+  <Text name="caption" value="$caption"/>
+  <Choices name="kind" toName="photo"><Choice value="Shirt"/><Choice value="Sandal"/></Choices>
+  <Choices name="tone" toName="caption"><Choice value="Positive"/><Choice value="Negative"/></Choices>
+  <Choices name="both" toName="photo,caption"><Choice value="Keep"/><Choice value="Drop"/></Choices>
+</View>"""
+
+
+def test_an_image_project_is_ordered_by_its_image_vectors_and_only_text_controls_are_guessed():
+    """A choice name's text vector cannot be compared with an image network's vector: only
+    `tone`, which reads the caption alone, gets a zero-shot guess. The order is k-means over
+    every object's vectors, the image's included; an image-only project is ordered by its
+    images' vectors alone."""
+    from backend.cold_start import guessable, plan
+    from backend.label_config import parse_label_config
+    from backend.training_data import project_data
+
+    def ranks_of(order):
+        ranks = np.empty(len(order), dtype=np.int64)
+        ranks[order] = np.arange(len(order))
+        return ranks
+
+    config = parse_label_config(IMAGE_AND_TEXT)
+    assert [c.name for c in guessable(config)] == ["tone"]
+    n = 40
+    tasks = [{"id": 500 + i, "data": {"photo": f"/data/upload/1/{i}.jpg", "caption": f"c{i}"}} for i in range(n)]
+    data = project_data(tasks, config)
+    rng = np.random.default_rng(5)
+    photos, captions = rng.normal(size=(n, 8)), rng.normal(size=(n, 6))
+    ranks, guesses = plan(config, data, {"photo": photos, "caption": captions}, {"tone": np.eye(6)[:2]},
+                          "kmeans", seed=2)
+    both = np.c_[cold_start.normalise(photos), cold_start.normalise(captions)]
+    assert list(ranks) == list(ranks_of(cold_start.representative_order(both, seed=2).order))
+    assert sorted(guesses) == ["tone"]
+    image_only = parse_label_config("""<View><Image name="photo" value="$photo"/>
+      <Choices name="kind" toName="photo"><Choice value="Shirt"/><Choice value="Sandal"/></Choices></View>""")
+    assert guessable(image_only) == []
+    only = project_data([{"id": t["id"], "data": {"photo": t["data"]["photo"]}} for t in tasks], image_only)
+    ranks, guesses = plan(image_only, only, {"photo": photos}, {}, "kmeans", seed=2)
+    assert guesses == {}
+    assert list(ranks) == list(ranks_of(cold_start.representative_order(photos, seed=2).order))
+    assert list(ranks) != list(range(n))  # not id order

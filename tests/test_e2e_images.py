@@ -108,6 +108,27 @@ def test_an_image_project_learns_from_uploaded_images_and_reports_a_broken_one(l
 
     client.ml.create(url=services.url, project=project.id, title="Active Transfer Learning",
                      is_interactive=False, extra_params={"batch_size": 4})
+    # Before the first annotation: the encoding at connection publishes the cold start, the
+    # k-means order over the image vectors, with no guess (a choice name's text vector says
+    # nothing about an image network's) and no prediction for the broken task.
+    deadline = time.monotonic() + 300
+    while not ((encode := jobs_of(services, project.id).get("last_encode")) and encode.get("status") == "finished"):
+        assert time.monotonic() < deadline, f"no encoding finished: {jobs_of(services, project.id)}"
+        time.sleep(1)
+    cold = encode["cold_start"]
+    assert cold["model_version"] == "cold-start-1" and cold["prefilled_controls"] == [], cold
+    assert cold["tasks"] == len(files) and cold["order"] == "kmeans", cold
+    assert client.projects.get(id=project.id).model_version == "cold-start-1"
+    cold_scores = {}
+    for task in client.tasks.list(project=project.id, fields="all", page_size=100):
+        task = task.model_dump(mode="json")
+        mine = [p for p in task["predictions"] if p["model_version"] == "cold-start-1"]
+        assert len(mine) == (0 if task["id"] == broken else 1), (task["id"], task["predictions"])
+        if mine:
+            assert mine[0]["result"] == [] and 0 <= mine[0]["score"] < 0.9, mine
+            cold_scores[task["id"]] = mine[0]["score"]
+    assert len(set(cold_scores.values())) == len(files)
+    assert sorted(cold_scores, key=cold_scores.get) != sorted(cold_scores), "the cold start is id order"
     # The first variant of each sample image is annotated, the mirrored and cropped ones not.
     labeled = sorted(i for i in tasks if i != broken and truth(i)[2] == 0)
     assert len(labeled) == len(PHOTOS) + len(TEXTURES)
