@@ -10,7 +10,9 @@ the same seed (mean, 95 % t interval, the simulator's own `_t95`), and seeds won
 `--merge NAME=DIR2:ORDERING` adds ORDERING's runs of another simulator output (same
 scenario and seeds, e.g. another `--initial-order`) as the ordering NAME, so two settings of
 one ordering are paired per seed; it is refused unless both outputs hold the same random
-control runs (the same pools, test sets and start).
+control runs (the same pools, test sets and start). `--by-config` checks instead that the
+settings that draw each seed's pool and test set are the same (data, sizes, seeds), for two
+outputs that differ in `--initial` (so their controls start from other random sets).
 
 Usage: python bench/paired_points.py [--reference least_confidence] [--metric accuracy]
        [--merge NAME=DIR2:ORDERING ...] DIR
@@ -36,10 +38,15 @@ def table(results: dict, reference: str, metric: str, points: list[int] | None =
     runs = results["runs"]
     seeds = sorted(set.intersection(*(set(runs[o]) for o in runs)), key=int)
 
+    # AULC over the label counts every ordering's curve has (all of them, unless a merged
+    # output starts from another --initial: then from the later start on).
+    common = sorted(set.intersection(*(set(runs[o][s]["labels_used"]) for o in runs for s in seeds)))
+
     def at(ordering: str, seed: str) -> tuple[list[float], float]:
         run = runs[ordering][seed]
         x, y = run["labels_used"], run[metric]
-        return [100 * y[x.index(p)] for p in points], aulc(x, y)
+        shared = [i for i, n in enumerate(x) if n in common]
+        return [100 * y[x.index(p)] for p in points], aulc([x[i] for i in shared], [y[i] for i in shared])
 
     head = "| ordering | " + " | ".join(f"@{p}" for p in points) + " | AULC | " + \
         " | ".join(f"Δ@{p} [95% CI]" for p in points) + " | ΔAULC [95% CI] | seeds won |"
@@ -62,7 +69,12 @@ def table(results: dict, reference: str, metric: str, points: list[int] | None =
     return lines
 
 
-def merge(results: dict, spec: str) -> None:
+# What `model.simulate.plan_seed` draws a seed's pool and test set from (not `initial`).
+SPLIT_SETTINGS = ("data", "seed_data", "test", "test_size", "pool_size", "rare_class", "label_columns",
+                  "multi_label")
+
+
+def merge(results: dict, spec: str, by_config: bool = False) -> None:
     """Add `NAME=DIR:ORDERING` (see the module docstring) to `results` in place."""
     name, _, source = spec.partition("=")
     directory, _, ordering = source.rpartition(":")
@@ -71,10 +83,15 @@ def merge(results: dict, spec: str) -> None:
     other = json.loads((Path(directory) / "results.json").read_text(encoding="utf-8"))
     if ordering not in other["runs"]:
         raise SystemExit(f"{directory} has no runs of {ordering!r} (it has {', '.join(other['runs'])})")
-    mine, theirs = results["runs"].get("random", {}), other["runs"].get("random", {})
-    shared = set(mine) & set(theirs)
-    if not shared or any(mine[s]["accuracy"] != theirs[s]["accuracy"] for s in shared):
-        raise SystemExit(f"{directory}'s random runs are not this output's: not the same scenario and seeds")
+    if by_config:
+        differ = [k for k in SPLIT_SETTINGS if results["config"].get(k) != other["config"].get(k)]
+        if differ:
+            raise SystemExit(f"{directory} draws its pools and test sets otherwise: {', '.join(differ)} differ")
+    else:
+        mine, theirs = results["runs"].get("random", {}), other["runs"].get("random", {})
+        shared = set(mine) & set(theirs)
+        if not shared or any(mine[s]["accuracy"] != theirs[s]["accuracy"] for s in shared):
+            raise SystemExit(f"{directory}'s random runs are not this output's: not the same scenario and seeds")
     results["runs"][name] = other["runs"][ordering]
     results["orderings"] = [*results["orderings"], name]
 
@@ -85,12 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", default="accuracy", choices=("accuracy", "macro_f1"))
     parser.add_argument("--merge", action="append", default=[], metavar="NAME=DIR:ORDERING",
                         help="pair another output's ordering with this one's, under NAME")
+    parser.add_argument("--by-config", action="store_true",
+                        help="--merge checks the pool and test settings instead of the random runs")
     parser.add_argument("--points", default=None, help="report points, e.g. 100,150,200 (default: the run's)")
     parser.add_argument("directory", type=Path)
     args = parser.parse_args(argv)
     results = json.loads((args.directory / "results.json").read_text(encoding="utf-8"))
     for spec in args.merge:
-        merge(results, spec)
+        merge(results, spec, by_config=args.by_config)
     points = [int(p) for p in args.points.split(",")] if args.points else None
     print("\n".join(table(results, args.reference, args.metric, points)))
 

@@ -640,8 +640,9 @@ def test_paired_points_merges_another_outputs_ordering_only_over_the_same_contro
     def run(values):
         return {"labels_used": [50, 100], "accuracy": values, "macro_f1": values}
 
-    def output(name, margin, control=(0.5, 0.6)):
+    def output(name, margin, control=(0.5, 0.6), pool_size=3000):
         results = {"orderings": ["random", "margin"], "report_at": [100],
+                   "config": {"data": "builtin:airline", "pool_size": pool_size, "initial": 50},
                    "runs": {"random": {s: run(list(control)) for s in ("0", "1")},
                             "margin": {s: run(margin[int(s)]) for s in ("0", "1")}}}
         (tmp_path / name).mkdir()
@@ -660,3 +661,10 @@ def test_paired_points_merges_another_outputs_ordering_only_over_the_same_contro
         merge(first, f"x={tmp_path / 'c'}:margin")
     with pytest.raises(SystemExit, match="no runs of"):
         merge(first, f"x={tmp_path / 'b'}:atlas")
+    # --by-config: another start (other control runs) over the same pools is accepted,
+    # other pools are not.
+    merge(first, f"other_start={tmp_path / 'c'}:margin", by_config=True)
+    assert first["orderings"][-1] == "other_start"
+    output("d", [[0.6, 0.7], [0.6, 0.7]], pool_size=1000)
+    with pytest.raises(SystemExit, match="pool_size"):
+        merge(first, f"y={tmp_path / 'd'}:margin", by_config=True)
