@@ -54,9 +54,9 @@
 # (appended to the output directory, so a replication does not overwrite the run it checks),
 # PY (.venv/bin/python), INITIAL_ORDER=kmeans (every ordering but random starts from the
 # service's k-means cold start instead of the scenario's random labels, `--initial-order`;
-# no effect on the two shift scenarios, whose start is the free set). Encodings come from the shared cache (~/.cache/atl-backend), so
-# only the first run of a machine encodes the corpora (images: keyed by file content, as
-# the service caches a project's images).
+# no effect on the two shift scenarios, whose start is the free set). Encodings come from
+# the shared cache (~/.cache/atl-backend), so only the first run of a machine encodes the
+# corpora (images: keyed by file content, as the service caches a project's images).
 #
 # Random runs with the class guard off (the simulator's default for the control, see
 # model/simulate.py CONTROL_PARAMS): what a team gets by labeling tasks in a uniformly random

@@ -193,7 +193,7 @@ class SimulationConfig:
     # How the orderings other than the control get their initial pool labels: "random" (the
     # paired random set, every ordering alike) or "kmeans", the service's cold start
     # (COLD_START_ORDER's default; `model.cold_start.representative_order`), which is how a
-    # text project connected before its first annotation starts. The control always starts
+    # project connected before its first annotation starts. The control always starts
     # from the random set: it is a team labeling without the backend.
     initial_order: str = "random"
 
@@ -740,6 +740,9 @@ def bought_counts(spec, targets: np.ndarray) -> list[int]:
 
 
 INITIAL_ORDERS = ("random", "kmeans")
+# This process's cold-start orders, by seed and pool: every ordering of a seed starts from
+# the same one, so its k-means runs once per seed, not once per ordering.
+_COLD_START_ORDERS: dict[tuple[int, str], np.ndarray] = {}
 
 
 def initial_positions(plan: SeedPlan, name: str, config: SimulationConfig, features: np.ndarray) -> np.ndarray:
@@ -751,10 +754,13 @@ def initial_positions(plan: SeedPlan, name: str, config: SimulationConfig, featu
         return plan.initial
     if config.initial_order != "kmeans":
         raise SystemExit(f"--initial-order must be one of {', '.join(INITIAL_ORDERS)}, got {config.initial_order!r}")
-    from model.cold_start import representative_order
+    key = (plan.seed, hashlib.sha256(np.asarray(plan.pool, dtype=np.int64).tobytes()).hexdigest())
+    if key not in _COLD_START_ORDERS:
+        from model.cold_start import representative_order
 
-    order = representative_order(np.asarray(features[plan.pool], dtype=np.float32), seed=plan.seed).order
-    return np.asarray(order[: len(plan.initial)], dtype=np.int64)
+        pool_x = np.asarray(features[plan.pool], dtype=np.float32)
+        _COLD_START_ORDERS[key] = representative_order(pool_x, seed=plan.seed).order
+    return np.asarray(_COLD_START_ORDERS[key][: len(plan.initial)], dtype=np.int64)
 
 
 def run_ordering(plan: SeedPlan, name: str, config: SimulationConfig) -> dict:
@@ -1603,7 +1609,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--initial-order", choices=INITIAL_ORDERS, default="random",
                         help="how every ordering but the random control picks the --initial pool labels: "
                              "the same random set (default), or kmeans, the service's cold start "
-                             "(COLD_START_ORDER's default) for a text project before its first annotation")
+                             "(COLD_START_ORDER's default) for a project before its first annotation")
     parser.add_argument("--batch-size", type=int, default=50, help="labels per round (default 50)")
     parser.add_argument("--budget", type=int, default=500, help="pool labels to spend (default 500)")
     parser.add_argument("--pool-size", type=int, default=None,
