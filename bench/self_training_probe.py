@@ -15,7 +15,12 @@ classic adaptation by self-labeling). The labels keep their balanced weights.
 - "confident p": every unlabeled pool task whose top probability is at least p, weight 1.
 - "soft a": every unlabeled pool task, weight a x its top probability.
 - "top per class": per class, the unlabeled tasks the head is surest of for that class, as many
-  as the labels of the commonest class (the pseudo-labels keep the labels' class balance).
+  as the labels of the commonest class (as many pseudo-labels of every class).
+- "top by label share": as many pseudo-labels as labels, per class as many as it has labels
+  (the pseudo-labels keep the labels' class mix).
+- "top by pool estimate": as many pseudo-labels as labels, per class in proportion to the
+  head's mean probability for it over the unlabeled tasks (the pool's class mix as the head
+  sees it).
 - each with "x2": the same step once more from the refitted model.
 
 The table: per labeled-set size, each variant's test accuracy minus the head's, mean over the
@@ -39,7 +44,14 @@ from bench.run_record import Run, table  # noqa: E402
 from model.classifier import ClassifierHead, HeadConfig, class_weights  # noqa: E402
 
 
-def pseudo_labels(probabilities: np.ndarray, rule: str, labels_per_class: int) -> tuple:
+def top_of_each(probabilities: np.ndarray, per_class) -> np.ndarray:
+    """Per class c, the per_class[c] unlabeled tasks most probably of c; a task chosen for two
+    classes counts once, for its most probable."""
+    keep = np.concatenate([np.argsort(-probabilities[:, c])[:int(k)] for c, k in enumerate(per_class)])
+    return np.unique(keep.astype(np.int64))
+
+
+def pseudo_labels(probabilities: np.ndarray, rule: str, y: np.ndarray) -> tuple:
     """(the chosen unlabeled rows' positions, their pseudo-labels, their weights)."""
     top = probabilities.max(axis=1)
     guess = probabilities.argmax(axis=1)
@@ -48,21 +60,27 @@ def pseudo_labels(probabilities: np.ndarray, rule: str, labels_per_class: int) -
         return keep, guess[keep], np.ones(len(keep))
     if rule.startswith("soft"):
         return np.arange(len(top)), guess, float(rule.split()[1]) * top
+    n_classes = probabilities.shape[1]
+    counts = np.bincount(y, minlength=n_classes)
     if rule == "top per class":
-        keep = np.concatenate([np.argsort(-probabilities[:, c])[:labels_per_class]
-                               for c in range(probabilities.shape[1])])
-        keep = np.unique(keep)
-        return keep, guess[keep], np.ones(len(keep))
-    raise ValueError(rule)
+        per_class = np.full(n_classes, counts.max())
+    elif rule == "top by label share":
+        per_class = counts
+    elif rule == "top by pool estimate":
+        per_class = np.rint(len(y) * probabilities.mean(axis=0))
+    else:
+        raise ValueError(rule)
+    keep = top_of_each(probabilities, np.minimum(per_class, len(probabilities)))
+    return keep, guess[keep], np.ones(len(keep))
 
 
-RULES = ["confident 0.9", "confident 0.97", "soft 0.5", "soft 1", "top per class"]
+RULES = ["confident 0.9", "soft 1", "top per class", "top by label share", "top by pool estimate"]
 
 
 def refit(x, y, weights, pool_x, probabilities, rule: str, C: float, n_classes: int):
     from sklearn.linear_model import LogisticRegression
 
-    keep, guess, w = pseudo_labels(probabilities, rule, int(np.bincount(y).max()))
+    keep, guess, w = pseudo_labels(probabilities, rule, y)
     features = np.vstack([x, pool_x[keep]])
     targets = np.r_[y, guess]
     sample = np.r_[weights, w]
