@@ -20,7 +20,8 @@ classic adaptation by self-labeling). The labels keep their balanced weights.
   (the pseudo-labels keep the labels' class mix).
 - "top by pool estimate": as many pseudo-labels as labels, per class in proportion to the
   head's mean probability for it over the unlabeled tasks (the pool's class mix as the head
-  sees it).
+  sees it); "top by pool estimate f": f times as many; "..., pool f": f times the unlabeled
+  tasks.
 - each with "x2": the same step once more from the refitted model.
 
 The table: per labeled-set size, each variant's test accuracy minus the head's, mean over the
@@ -66,15 +67,19 @@ def pseudo_labels(probabilities: np.ndarray, rule: str, y: np.ndarray) -> tuple:
         per_class = np.full(n_classes, counts.max())
     elif rule == "top by label share":
         per_class = counts
-    elif rule == "top by pool estimate":
-        per_class = np.rint(len(y) * probabilities.mean(axis=0))
+    elif rule.startswith("top by pool estimate"):
+        # As many as the labels, f times as many ("... f"), or f times the unlabeled tasks.
+        factor = rule.removeprefix("top by pool estimate").removeprefix(", pool").strip()
+        how_many = (len(probabilities) if ", pool" in rule else len(y)) * float(factor or 1)
+        per_class = np.rint(how_many * probabilities.mean(axis=0))
     else:
         raise ValueError(rule)
     keep = top_of_each(probabilities, np.minimum(per_class, len(probabilities)))
     return keep, guess[keep], np.ones(len(keep))
 
 
-RULES = ["confident 0.9", "soft 1", "top per class", "top by label share", "top by pool estimate"]
+RULES = ["confident 0.9", "soft 1", "top per class", "top by label share", "top by pool estimate",
+         "top by pool estimate 0.5", "top by pool estimate 2", "top by pool estimate, pool 0.25"]
 
 
 def refit(x, y, weights, pool_x, probabilities, rule: str, C: float, n_classes: int):
@@ -103,6 +108,8 @@ def main(argv=None) -> int:
         warnings.simplefilter("ignore", UserWarning)
         for plan, n, rows, features, targets in labeled_sets(args, sizes):
             x, y = np.asarray(features[rows], dtype=np.float64), targets[rows]
+            if len(np.unique(y)) < 2:  # a rare class not labeled yet: nothing to refit
+                continue
             unlabeled = np.setdiff1d(plan.pool, rows)
             pool_x = np.asarray(features[unlabeled], dtype=np.float64)
             test_x, test_y = np.asarray(features[plan.test], dtype=np.float64), targets[plan.test]
